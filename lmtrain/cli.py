@@ -1,0 +1,43 @@
+"""The `lmtrain` command: a thin dispatcher to one module per subcommand."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# subcommand -> (module with a `main(argv) -> int`, one-line help)
+COMMANDS = {
+    "train": ("lmtrain.train.trainer", "train or resume a model in a WORKDIR"),
+    "import": ("lmtrain.interop.hf_import", "import a Hugging Face checkpoint into a WORKDIR"),
+    "export": ("lmtrain.interop.hf_export", "export a WORKDIR checkpoint to a Hugging Face directory"),
+    "generate": ("lmtrain.generate", "generate text from a WORKDIR with a KV cache"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lmtrain COMMAND [options]   (lmtrain COMMAND --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"lmtrain: unknown command '{name}'.\n\n{_usage()}", file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("lmtrain"):
+            print(f"lmtrain: command '{name}' is not available in this build ({e.name} missing).", file=sys.stderr)
+            return 2
+        raise
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

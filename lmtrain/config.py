@@ -1,0 +1,327 @@
+"""Default configuration, config loading, command-line overrides and start-up validation.
+
+Every experiment in `configs/` starts from `base_config()` and changes what it needs.
+The returned ConfigDict is locked, so a mistyped key fails loudly.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import pathlib
+
+import ml_collections
+
+OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
+SCHEDULES = ("cosine", "linear", "constant", "wsd")
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the key and says what to do."""
+
+
+# Logical axis -> mesh axis (or axes). Model code names only the logical axes.
+# Parameters use `embed`, `mlp`, `heads`, `kv_heads`, `head_dim`, `vocab`, `layers`;
+# activations use `batch`, `length`, `act_embed`, `act_mlp`, `act_heads`, `act_kv_heads`, `act_vocab`.
+DEFAULT_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by every experiment; each field says what it does."""
+    c = ml_collections.ConfigDict()
+
+    c.model = m = ml_collections.ConfigDict()
+    m.vocab_size = 4096  # tokens the tokenizer emits; the embedding is padded up to vocab_pad_multiple
+    m.vocab_pad_multiple = 128  # pad the embedding rows so the vocab dim shards evenly and tiles well
+    m.d_model = 256  # residual stream width
+    m.n_layers = 4  # transformer blocks
+    m.n_heads = 4  # query heads
+    m.n_kv_heads = 4  # key/value heads; fewer than n_heads gives grouped-query attention
+    m.head_dim = 0  # 0 means d_model // n_heads
+    m.d_ff = 1024  # hidden width of the MLP
+    m.max_seq_len = 256  # positions the model has (learned table size; RoPE has no table)
+    m.pos_embedding = "rope"  # 'learned' (GPT-2) or 'rope' (Llama)
+    m.rope_theta = 10000.0  # RoPE base frequency
+    m.rope_scaling = ()  # () or ('llama3', factor, low_freq_factor, high_freq_factor, original_max_positions)
+    m.norm = "rmsnorm"  # 'layernorm' (GPT-2) or 'rmsnorm' (Llama)
+    m.norm_eps = 1e-5  # epsilon inside the norms
+    m.mlp = "swiglu"  # 'gelu' (GPT-2) or 'swiglu' (Llama)
+    m.use_bias = False  # biases on every projection and norm (GPT-2)
+    m.qkv_bias = False  # biases on q/k/v only (Qwen2)
+    m.tie_embeddings = False  # share the token embedding with the output head (GPT-2)
+    m.init_std = 0.02  # normal init std; output projections use init_std / sqrt(2 * n_layers)
+    m.dropout = 0.0  # dropout on attention output, MLP output and embeddings (training only)
+    m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
+    m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
+    m.scan_layers = False  # lax.scan over the blocks: compile time independent of depth
+    m.remat = "none"  # activation checkpointing: 'none', 'full' or 'save_dots'
+    m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU) or 'auto' (cudnn on GPU with bf16)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "builtin"  # 'builtin': text that ships with Python, no download; 'shards': tools/shard_data.py output
+    d.shards_dir = ""  # directory written by tools/shard_data.py (data.source='shards')
+    d.seq_len = 128  # tokens per training example
+    d.batch_size = 16  # global batch, in sequences, summed over all hosts
+    d.val_fraction = 0.05  # share of documents held out for validation (builtin source)
+    d.max_docs = 0  # cap on builtin documents, 0 for all
+    d.tokenizer_dir = ""  # existing tokenizer directory; empty trains one into WORKDIR/tokenizer
+    d.seed = 0  # shuffle seed of the training data
+
+    c.optimizer = o = ml_collections.ConfigDict()
+    o.name = "adamw"  # 'adamw', 'adafactor', 'lion' or 'sgd' (with momentum)
+    o.lr = 3e-4  # peak learning rate
+    o.b1 = 0.9  # Adam/Lion first-moment decay
+    o.b2 = 0.95  # Adam/Lion second-moment decay
+    o.eps = 1e-8  # Adam epsilon
+    o.momentum = 0.9  # SGD momentum
+    o.weight_decay = 0.1  # decoupled weight decay
+    o.decay_norms_biases_embeddings = False  # False: weight decay skips norms, biases and embeddings
+    o.clip_norm = 1.0  # global-norm gradient clipping, 0 to disable
+    o.schedule = "cosine"  # 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay)
+    o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.min_lr_ratio = 0.1  # final lr as a fraction of lr (cosine, linear, wsd)
+    o.wsd_decay_fraction = 0.2  # wsd: share of the steps spent in the final decay
+
+    c.train = t = ml_collections.ConfigDict()
+    t.steps = 1000  # optimizer steps
+    t.grad_accum = 1  # micro-batches per step; batch_size must divide by it
+    t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1
+    t.seed = 0  # parameter init and dropout seed
+    t.init_from = ""  # parameters to start from when WORKDIR has no checkpoint (e.g. written by `lmtrain import`)
+    t.log_every = 10  # steps between metric logs
+    t.eval_every = 200  # steps between validation runs (0 disables)
+    t.eval_batches = 8  # validation batches per evaluation (0 means the whole split)
+    t.sample_tokens = 48  # tokens to sample from the model at the end (0 disables)
+    t.sample_prompt = "The "  # prompt for the final sample
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.every = 200  # steps between checkpoints (the final step is always saved)
+    k.keep = 2  # latest checkpoints kept; the best by validation loss is kept as well
+    k.async_save = True  # save in the background while training continues
+
+    c.mesh = mm = ml_collections.ConfigDict()
+    mm.data = -1  # data-parallel size; -1 takes the devices the other axes leave
+    mm.fsdp = 1  # parameter/optimizer-state sharding (ZeRO-3) size
+    mm.tensor = 1  # Megatron tensor-parallel size over heads and MLP
+    mm.axis_rules = DEFAULT_AXIS_RULES  # logical axis -> mesh axes
+
+    c.logging = lg = ml_collections.ConfigDict()
+    lg.tensorboard = True  # write TensorBoard event files under WORKDIR/tensorboard
+    lg.progress_bar = True  # console progress bar (off when stdout is not a terminal is fine too)
+    lg.loss_curve_png = True  # draw WORKDIR/loss_curve.png at the end
+    return c
+
+
+def _as_tuples(value):
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def config_from_dict(values: dict, source: str = "dict") -> ml_collections.ConfigDict:
+    """A locked config: the defaults updated with `values` (as written by `to_json`). Unknown keys are errors."""
+    cfg = base_config()
+
+    def merge(node, update, prefix):
+        for key, value in update.items():
+            dotted = f"{prefix}{key}"
+            if key not in node:
+                raise ConfigError(f"{source}: unknown config key 'config.{dotted}'.")
+            if isinstance(node[key], ml_collections.ConfigDict):
+                merge(node[key], value, dotted + ".")
+            elif isinstance(node[key], tuple):
+                node[key] = _as_tuples(value)
+            else:
+                node[key] = value
+
+    merge(cfg, values, "")
+    cfg.lock()
+    return cfg
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """Load `NAME`, `NAME:ARG`, `path/to/config.py`, `path.py:ARG` or a resolved `config.json`; return it locked."""
+    name, _, arg = spec.partition(":")
+    path = pathlib.Path(name)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"config '{spec}': no file {path}.")
+        try:
+            values = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path}: not valid JSON ({e}).") from None
+        return config_from_dict(values, str(path))
+    if not path.suffix:
+        path = CONFIGS_DIR / f"{name}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+        raise ConfigError(f"config '{spec}': no file {path}. Known configs: {', '.join(known)}.")
+    module_spec = importlib.util.spec_from_file_location(f"lmtrain_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} has no get_config() function.")
+    cfg = module.get_config(arg) if arg else module.get_config()
+    cfg.lock()
+    return cfg
+
+
+def _parse_value(raw: str, current):
+    if isinstance(current, bool):
+        low = raw.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {raw!r}")
+    if isinstance(current, int):
+        return int(float(raw)) if "e" in raw.lower() else int(raw)
+    if isinstance(current, float):
+        return float(raw)
+    if isinstance(current, str):
+        return raw
+    return ast.literal_eval(raw)
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -> None:
+    """Apply `{'optimizer.lr': '1e-3'}` style overrides; an unknown key is an error naming it."""
+    for dotted, raw in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = cfg
+        for i, part in enumerate(parents):
+            if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+                _unknown_key(".".join(parents[: i + 1]), node, part)
+            node = node[part]
+        if leaf not in node:
+            _unknown_key(dotted, node, leaf)
+        try:
+            value = _parse_value(raw, node[leaf])
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"--config.{dotted}={raw}: cannot parse as {type(node[leaf]).__name__} ({e}).") from None
+        with cfg.unlocked():
+            node[leaf] = value
+
+
+def _unknown_key(dotted: str, node: ml_collections.ConfigDict, part: str) -> None:
+    close = difflib.get_close_matches(part, list(node.keys()), n=3)
+    hint = f" Did you mean: {', '.join(close)}?" if close else f" Valid keys here: {', '.join(sorted(node.keys()))}."
+    raise ConfigError(f"unknown config key 'config.{dotted}'.{hint}")
+
+
+def resolve_mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); at most one -1, which takes the remaining devices."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    names = ["data", "fsdp", "tensor"]
+    if sizes.count(-1) > 1:
+        raise ConfigError("mesh: only one of mesh.data, mesh.fsdp, mesh.tensor may be -1.")
+    for name, size in zip(names, sizes):
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{name}={size}: a mesh axis size must be positive or -1.")
+    fixed = 1
+    for s in sizes:
+        if s != -1:
+            fixed *= s
+    if -1 in sizes:
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh: the fixed axes ({' x '.join(f'{n}={s}' for n, s in zip(names, sizes) if s != -1)}) "
+                f"do not divide the {n_devices} devices present."
+            )
+        sizes[sizes.index(-1)] = n_devices // fixed
+    total = sizes[0] * sizes[1] * sizes[2]
+    if total > n_devices:
+        raise ConfigError(
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {total} devices, "
+            f"but only {n_devices} are present. Lower mesh.* or set one axis to -1."
+        )
+    if total < n_devices:
+        raise ConfigError(
+            f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} uses {total} of {n_devices} devices. "
+            "Set one axis to -1 to use them all."
+        )
+    return tuple(sizes)
+
+
+def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
+    """Check the config against itself and the devices; return the resolved mesh shape."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
+    batch_shards = data * fsdp
+    if d.batch_size % batch_shards:
+        raise ConfigError(
+            f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
+            f"mesh.data x mesh.fsdp = {batch_shards}. Use a multiple of {batch_shards}."
+        )
+    if t.grad_accum < 1 or d.batch_size % t.grad_accum or (d.batch_size // t.grad_accum) % batch_shards:
+        raise ConfigError(
+            f"train.grad_accum={t.grad_accum}: data.batch_size={d.batch_size} must split into grad_accum "
+            f"micro-batches that are each divisible by the data-parallel size {batch_shards}."
+        )
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={m.n_kv_heads} "
+            "(n_heads % n_kv_heads != 0); grouped-query attention needs whole groups."
+        )
+    if m.n_heads % tensor:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by the tensor-parallel size mesh.tensor={tensor}.")
+    if m.n_kv_heads % tensor:
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} is not divisible by the tensor-parallel size mesh.tensor={tensor}."
+        )
+    if m.d_ff % tensor:
+        raise ConfigError(f"model.d_ff={m.d_ff} is not divisible by the tensor-parallel size mesh.tensor={tensor}.")
+    if m.d_model % fsdp:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by the FSDP size mesh.fsdp={fsdp}.")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; set model.head_dim.")
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is larger than the model's positions model.max_seq_len={m.max_seq_len}."
+        )
+    if o.name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.name='{o.name}' is unknown. Choose one of: {', '.join(OPTIMIZERS)}.")
+    if o.schedule not in SCHEDULES:
+        raise ConfigError(f"optimizer.schedule='{o.schedule}' is unknown. Choose one of: {', '.join(SCHEDULES)}.")
+    choices = {
+        "model.pos_embedding": (m.pos_embedding, ("learned", "rope")),
+        "model.norm": (m.norm, ("layernorm", "rmsnorm")),
+        "model.mlp": (m.mlp, ("gelu", "swiglu")),
+        "model.remat": (m.remat, REMAT_POLICIES),
+        "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
+        "model.dtype": (m.dtype, DTYPES),
+        "model.param_dtype": (m.param_dtype, DTYPES),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{key}='{value}' is unknown. Choose one of: {', '.join(allowed)}.")
+    if t.steps < 1:
+        raise ConfigError(f"train.steps={t.steps} must be at least 1.")
+    if o.warmup_steps > t.steps:
+        raise ConfigError(f"optimizer.warmup_steps={o.warmup_steps} is longer than train.steps={t.steps}.")
+    if cfg.checkpoint.every < 1:
+        raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be at least 1.")
+    return data, fsdp, tensor
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=list)

@@ -1,0 +1,1 @@
+"""Where the training data comes from: corpora, tokenizers, packing and the batch iterators."""
