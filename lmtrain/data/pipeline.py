@@ -1,0 +1,158 @@
+"""The trainer's data interface: a resumable per-host train iterator and deterministic validation batches.
+
+Every source yields batch dicts from `packing.rows_to_batch` (inputs, targets, loss_mask,
+segment_ids, positions), holding this host's rows of the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from lmtrain.config import ConfigError
+from lmtrain.data import packing
+from lmtrain.data.tokenizer import eos_id, load_tokenizer, train_bpe_tokenizer
+
+
+@dataclasses.dataclass
+class DataBundle:
+    train: Iterator[dict]  # with get_state() / set_state(dict)
+    eval_batches: Callable[[int], Iterator[dict]]  # max_batches (0 = all) -> batches
+    tokenizer: object
+
+
+def is_validation_doc(text: str, val_fraction: float) -> bool:
+    """Deterministic split by content hash: a document never changes side when the data is re-run."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    return (h % 1_000_000) < val_fraction * 1_000_000
+
+
+class PackedRowsIterator:
+    """Endless, shuffled batches over in-memory packed rows; the state is the number of batches served.
+
+    Epoch e visits the rows in the permutation drawn from (seed, e). Host p of P takes rows
+    [p * B/P, (p + 1) * B/P) of each global batch, matching jax.make_array_from_process_local_data.
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, seed: int, process_index: int, process_count: int):
+        self.rows = rows
+        self.n_rows = len(rows["tokens"])
+        if self.n_rows < global_batch:
+            raise ConfigError(
+                f"data: only {self.n_rows} training sequences, fewer than data.batch_size={global_batch}. "
+                "Lower data.batch_size or data.seq_len, or add data."
+            )
+        self.global_batch, self.seed = global_batch, seed
+        self.local_batch = global_batch // process_count
+        self.host_offset = process_index * self.local_batch
+        self.batches_per_epoch = self.n_rows // global_batch
+        self.step = 0
+        self._perm_epoch, self._perm = -1, None
+
+    @property
+    def epoch(self) -> int:
+        return self.step // self.batches_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        epoch, i = divmod(self.step, self.batches_per_epoch)
+        start = i * self.global_batch + self.host_offset
+        idx = self._permutation(epoch)[start : start + self.local_batch]
+        self.step += 1
+        return packing.rows_to_batch(self.rows["tokens"][idx], self.rows["segment_ids"][idx], self.rows["positions"][idx])
+
+    def get_state(self) -> dict:
+        return {"kind": "packed_rows", "step": self.step, "seed": self.seed, "n_rows": self.n_rows}
+
+    def set_state(self, state: dict) -> None:
+        if state.get("n_rows") != self.n_rows or state.get("seed") != self.seed:
+            raise ConfigError(
+                f"data: the checkpoint's data iterator state {state} does not match this data "
+                f"({self.n_rows} rows, seed {self.seed}); the corpus or data.seq_len changed since the run started."
+            )
+        self.step = int(state["step"])
+
+
+def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, process_index: int, process_count: int):
+    local = global_batch // process_count
+    n_batches = len(rows["tokens"]) // global_batch
+
+    def batches(max_batches: int = 0) -> Iterator[dict]:
+        count = n_batches if not max_batches else min(max_batches, n_batches)
+        for b in range(count):
+            s = b * global_batch + process_index * local
+            yield packing.rows_to_batch(
+                rows["tokens"][s : s + local], rows["segment_ids"][s : s + local], rows["positions"][s : s + local]
+            )
+
+    return batches
+
+
+def _builtin_data(cfg, workdir: pathlib.Path, process_index: int, process_count: int) -> DataBundle:
+    from lmtrain.data.builtin_corpus import builtin_documents
+
+    d = cfg.data
+    docs = builtin_documents(d.max_docs)
+    train_docs = [t for t in docs if not is_validation_doc(t, d.val_fraction)]
+    val_docs = [t for t in docs if is_validation_doc(t, d.val_fraction)]
+    tok_dir = pathlib.Path(d.tokenizer_dir) if d.tokenizer_dir else workdir / "tokenizer"
+    if tok_dir.exists():
+        tokenizer = load_tokenizer(tok_dir)
+    else:
+        tokenizer = train_bpe_tokenizer(train_docs, cfg.model.vocab_size, tok_dir)
+    check_vocab(tokenizer, cfg.model.vocab_size, tok_dir)
+    eos = eos_id(tokenizer)
+
+    def pack(texts, keep_partial):
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return packing.pack_documents((np.array([*x, eos], np.int32) for x in ids), d.seq_len, keep_partial)
+
+    train_rows, val_rows = pack(train_docs, False), pack(val_docs, True)
+    train = PackedRowsIterator(train_rows, d.batch_size, d.seed, process_index, process_count)
+    return DataBundle(train, _eval_batches_fn(val_rows, d.batch_size, process_index, process_count), tokenizer)
+
+
+def check_vocab(tokenizer, model_vocab: int, tok_dir) -> None:
+    if len(tokenizer) > model_vocab:
+        raise ConfigError(
+            f"tokenizer {tok_dir} has {len(tokenizer)} tokens but model.vocab_size={model_vocab}. "
+            f"Set model.vocab_size to at least {len(tokenizer)}."
+        )
+
+
+def _shards_data(cfg, workdir: pathlib.Path, process_index: int, process_count: int) -> DataBundle:
+    from lmtrain.data import shards
+
+    d = cfg.data
+    if not d.shards_dir or not d.tokenizer_dir:
+        raise ConfigError("data.source='shards' needs data.shards_dir and data.tokenizer_dir.")
+    shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
+    shards.verify_shards(d.shards_dir)
+    tokenizer = load_tokenizer(d.tokenizer_dir)
+    train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, process_index, process_count)
+
+    def eval_batches(max_batches: int = 0):
+        return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, process_index, process_count, max_batches)
+
+    return DataBundle(train, eval_batches, tokenizer)
+
+
+SOURCES = {"builtin": _builtin_data, "shards": _shards_data}
+
+
+def make_data(cfg, workdir: str | pathlib.Path, process_index: int = 0, process_count: int = 1) -> DataBundle:
+    if cfg.data.source not in SOURCES:
+        raise ConfigError(f"data.source='{cfg.data.source}' is unknown. Choose one of: {', '.join(SOURCES)}.")
+    return SOURCES[cfg.data.source](cfg, pathlib.Path(workdir), process_index, process_count)

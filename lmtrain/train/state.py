@@ -1,0 +1,83 @@
+"""The train state (params, optimizer state, step, RNG), its shardings, and its sharded initialisation.
+
+Shapes are worked out abstractly first; the jitted init then writes each shard straight to its
+device, so a model is never materialised whole on one device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lmtrain.model import ModelDef
+from lmtrain.parallel.partitioning import AxisRules, param_shardings
+
+
+def init_state_fn(model_def: ModelDef, tx: optax.GradientTransformation, seed: int):
+    def init() -> dict:
+        key = jax.random.key(seed)
+        params = model_def.init(jax.random.fold_in(key, 0))
+        return {
+            "params": params,
+            "opt_state": tx.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
+        }
+
+    return init
+
+
+def _path_keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def state_shardings(abstract_state: dict, model_def: ModelDef, mesh: Mesh, rules: AxisRules) -> dict:
+    """Shardings for every leaf of the state.
+
+    Optimizer-state leaves that mirror a parameter (Adam moments, momentum) take that parameter's
+    sharding, found by the longest matching path suffix and equal shape; anything else (factored
+    Adafactor statistics, counters) is replicated.
+    """
+    p_shardings = param_shardings(model_def.logical_axes, mesh, rules, model_def.shapes)
+    by_path = {}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(p_shardings)[0]:
+        by_path[_path_keys(path)] = (sharding, _lookup_shape(model_def.shapes, path))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def opt_leaf(path, leaf):
+        keys = _path_keys(path)
+        for start in range(len(keys)):
+            hit = by_path.get(keys[start:])
+            if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
+                return hit[0]
+        return replicated
+
+    return {
+        "params": p_shardings,
+        "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"]),
+        "step": replicated,
+        "rng": replicated,
+    }
+
+
+def _lookup_shape(tree, path):
+    node = tree
+    for k in path:
+        node = node[getattr(k, "key", k)]
+    return node.shape
+
+
+def create_sharded_state(model_def: ModelDef, tx, seed: int, mesh: Mesh, rules: AxisRules):
+    """(state, shardings, abstract_state): the state initialised directly into its shards."""
+    init = init_state_fn(model_def, tx, seed)
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(abstract, model_def, mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return state, shardings, abstract
+
+
+def abstract_with_shardings(abstract: dict, shardings: dict) -> dict:
+    """ShapeDtypeStructs carrying shardings: the restore target for Orbax."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
