@@ -1,0 +1,77 @@
+"""Every shipped config loads and validates; each start-up error says what is wrong."""
+
+import pathlib
+
+import jax
+import pytest
+
+from lmtrain.config import CONFIGS_DIR, ConfigError, apply_overrides, load_config, validate
+from lmtrain.model import ModelConfig, ModelDef
+from tests.helpers import small_config
+
+CONFIG_NAMES = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
+EXPECTED_PARAMS_M = {"gpt2_small": (124, 125), "gpt2_medium": (354, 356), "llama_1b": (1200, 1300),
+                     "llama2_7b": (6700, 6800)}
+
+
+def test_all_five_configs_ship():
+    assert {"tiny", "gpt2_small", "gpt2_medium", "llama_1b", "llama2_7b"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_loads_validates_and_builds_abstractly(name):
+    cfg = load_config(name)
+    validate(cfg, 8)  # as on an 8-device host
+    model_def = ModelDef(ModelConfig.from_config(cfg.model))  # shapes only, nothing allocated
+    millions = model_def.num_params() / 1e6
+    lo, hi = EXPECTED_PARAMS_M.get(name, (0.1, 50))
+    assert lo <= millions <= hi, f"{name}: {millions:.1f}M parameters"
+    with pytest.raises(AttributeError):  # locked: a typo cannot add a field
+        cfg.model.d_modle = 3
+    runlocal = load_config(f"{name}:runlocal") if name != "tiny" else load_config("tiny:smoke")
+    validate(runlocal, 1)
+
+
+def test_unknown_override_is_an_error_naming_it():
+    cfg = load_config("tiny")
+    with pytest.raises(ConfigError, match=r"config\.optimizer\.lrr.*Did you mean: lr"):
+        apply_overrides(cfg, {"optimizer.lrr": "1e-3"})
+    with pytest.raises(ConfigError, match=r"config\.optimiser"):
+        apply_overrides(cfg, {"optimiser.lr": "1e-3"})
+    apply_overrides(cfg, {"optimizer.lr": "1e-3", "model.scan_layers": "true", "train.steps": "7"})
+    assert (cfg.optimizer.lr, cfg.model.scan_layers, cfg.train.steps) == (1e-3, True, 7)
+
+
+def test_unknown_config_name_lists_known_ones():
+    with pytest.raises(ConfigError, match="Known configs: .*gpt2_small"):
+        load_config("gpt3_huge")
+
+
+def _cfg(**kw):
+    return small_config("llama", **kw)
+
+
+@pytest.mark.parametrize("overrides, devices, message", [
+    ({"data.batch_size": 12}, 8, r"data\.batch_size=12 is not divisible by the data-parallel size .* = 8"),
+    ({"mesh.data": 1, "mesh.tensor": 8, "model.n_heads": 4}, 8, r"model\.n_heads=4 is not divisible by .*mesh\.tensor=8"),
+    ({"model.n_kv_heads": 3}, 1, r"n_heads % n_kv_heads != 0"),
+    ({"optimizer.name": "adam_w"}, 1, r"optimizer\.name='adam_w' is unknown.*adamw"),
+    ({"optimizer.schedule": "cosine_restart"}, 1, r"optimizer\.schedule='cosine_restart' is unknown.*wsd"),
+    ({"data.seq_len": 64}, 1, r"data\.seq_len=64 is larger than .*model\.max_seq_len=32"),
+    ({"mesh.data": 4, "mesh.fsdp": 4}, 8, r"needs 16 devices, but only 8 are present"),
+    ({"train.grad_accum": 3}, 1, r"train\.grad_accum=3"),
+])
+def test_validation_errors(overrides, devices, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(_cfg(**overrides), devices)
+
+
+def test_cli_reports_config_errors(tmp_path):
+    from lmtrain.train.trainer import main
+
+    assert main(["--config=tiny", f"--workdir={tmp_path}", "--config.optimizer.name=adamm"]) == 2
+    assert not (pathlib.Path(tmp_path) / "checkpoints").exists()
+
+
+def test_device_count_matches_conftest():
+    assert jax.device_count() == 8
