@@ -78,10 +78,12 @@ def base_config() -> ml_collections.ConfigDict:
     m.scan_layers = False  # lax.scan over the blocks: compile time independent of depth
     m.remat = "none"  # activation checkpointing: 'none', 'full' or 'save_dots'
     m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU) or 'auto' (cudnn on GPU with bf16)
+    m.logits_dtype = "float32"  # dtype of the [batch, length, vocab] logits; the loss is always reduced in float32
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "builtin"  # 'builtin': text that ships with Python, no download; 'shards': tools/shard_data.py output
     d.shards_dir = ""  # directory written by tools/shard_data.py (data.source='shards')
+    d.verify_shards = True  # check every shard's sha256 against the manifest at start-up (hosts split the work)
     d.seq_len = 128  # tokens per training example
     d.batch_size = 16  # global batch, in sequences, summed over all hosts
     d.val_fraction = 0.05  # share of documents held out for validation (builtin source)
@@ -310,6 +312,7 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, 
         "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
         "model.dtype": (m.dtype, DTYPES),
         "model.param_dtype": (m.param_dtype, DTYPES),
+        "model.logits_dtype": (m.logits_dtype, DTYPES),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -41,8 +41,9 @@ def tokenizer_dir(tmp_path_factory):
 
 def _train_cfg(steps=8, tokenizer_dir="", **kw):
     return small_config(
-        "llama", **{"model.vocab_size": 512, "optimizer.lr": 3e-3, "data.max_docs": 60, "data.tokenizer_dir": tokenizer_dir, "train.steps": steps,
-                    "train.log_every": 1, "train.eval_every": 4, "train.eval_batches": 2,
+        "llama", **{"model.vocab_size": 512, "optimizer.lr": 3e-3, "data.max_docs": 60,
+                    "data.tokenizer_dir": tokenizer_dir, "train.steps": steps, "train.log_every": 1,
+                    "train.eval_every": 4, "train.eval_batches": 2,
                     "checkpoint.every": 2, "checkpoint.keep": 2, "train.z_loss": 1e-4, **kw})
 
 

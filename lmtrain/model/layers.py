@@ -44,6 +44,7 @@ class ModelConfig:
     scan_layers: bool = False
     remat: str = "none"
     attention_impl: str = "auto"
+    logits_dtype: str = "float32"
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelConfig:

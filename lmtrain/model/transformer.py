@@ -37,7 +37,7 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 class Transformer(nnx.Module):
-    """Token ids in, next-token logits (over the padded vocab, float32) out."""
+    """Token ids in, next-token logits (over the padded vocab, in `logits_dtype`) out."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -69,7 +69,7 @@ class Transformer(nnx.Module):
             w_DxV = self.embed[...].astype(dtype).T
         else:
             w_DxV = self.lm_head[...].astype(dtype)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.float32)
+        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.dtype(self.cfg.logits_dtype))
         return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
 
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
