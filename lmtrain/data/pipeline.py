@@ -139,7 +139,8 @@ def _shards_data(cfg, workdir: pathlib.Path, process_index: int, process_count: 
     if not d.shards_dir or not d.tokenizer_dir:
         raise ConfigError("data.source='shards' needs data.shards_dir and data.tokenizer_dir.")
     shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
-    shards.verify_shards(d.shards_dir)
+    if d.verify_shards:
+        shards.verify_shards(d.shards_dir, process_index, process_count)
     tokenizer = load_tokenizer(d.tokenizer_dir)
     train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, process_index, process_count)
 

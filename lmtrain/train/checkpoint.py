@@ -9,14 +9,59 @@ was killed half-way is never listed as a step and never chosen for resume.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 ITEMS = ("state", "data", "meta")
+
+
+class ProcessDataStateHandler(ocp.CheckpointHandler):
+    """Each process writes its own data-iterator state, `process_I-of-N.json`, into the `data` item.
+
+    Hosts read disjoint data, so their iterator positions differ; resuming with another
+    process count is refused with a message rather than silently re-reading data.
+    """
+
+    def save(self, directory: epath.Path, args: ProcessDataStateSave) -> None:
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        (directory / name).write_text(json.dumps(args.state))
+
+    def restore(self, directory: epath.Path, args: ProcessDataStateRestore | None = None) -> dict:
+        path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if not path.exists():
+            found = sorted(p.name for p in directory.iterdir())
+            raise FileNotFoundError(
+                f"{path} does not exist: the checkpoint's data positions were saved by {found}. "
+                "Resume with the same number of processes."
+            )
+        return json.loads(path.read_text())
+
+    def metadata(self, directory: epath.Path):
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(ProcessDataStateHandler, for_save=True)
+@dataclasses.dataclass
+class ProcessDataStateSave(ocp.args.CheckpointArgs):
+    state: dict
+
+
+@ocp.args.register_with_handler(ProcessDataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class ProcessDataStateRestore(ocp.args.CheckpointArgs):
+    pass
 
 
 def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -43,14 +88,14 @@ class Checkpointer:
 
     def save(self, step: int, state: dict, data_state: dict, meta: dict, val_loss: float | None = None) -> None:
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)
+            state=ocp.args.StandardSave(state), data=ProcessDataStateSave(data_state), meta=ocp.args.JsonSave(meta)
         )
         metrics = None if val_loss is None else {"val_loss": float(val_loss)}
         self.manager.save(step, args=args, metrics=metrics, force=True)
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict, dict]:
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(abstract_state), data=ProcessDataStateRestore(), meta=ocp.args.JsonRestore()
         )
         out = self.manager.restore(step, args=args)
         return out["state"], out["data"], out["meta"]

@@ -247,6 +247,8 @@ def _loop(cfg, workdir, state, step_fn, eval_fn, data, batch_sharding, ckpt, tok
         bar.close()
         ckpt.close()
         writer.close()
+        if hasattr(data.train, "close"):
+            data.train.close()
 
     sample = ""
     if stopped_by is not None:
