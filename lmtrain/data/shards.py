@@ -1,0 +1,392 @@
+"""Token shards on disk: the crash-safe shard writer, the manifest, and the training and eval loaders.
+
+A shard directory (written by tools/shard_data.py) holds ArrayRecord files of tokenized documents,
+one record per document (EOS included) stored as little-endian uint16 or uint32, and a
+manifest.json written last. The training loader is a Grain pipeline:
+
+    ArrayRecordDataSource -> global shuffle, reseeded every epoch -> repeat -> this host's stride
+    -> pack into rows of seq_len + 1 (lmtrain.data.packing.RowPacker) -> batch -> thread prefetch
+
+Its state is the position of the next row to emit: (index of the document in this host's
+stream, token offset inside it). Packing is a pure function of the document stream, so
+restoring that position reproduces the following batches exactly, whatever was in the buffers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from lmtrain.config import ConfigError
+from lmtrain.data.packing import RowPacker, rows_to_batch
+
+MANIFEST = "manifest.json"
+FORMAT = "lmtrain-shards-v1"
+SPLITS = ("train", "validation")
+WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads a single document
+
+
+class ShardError(ConfigError):
+    """A shard directory is missing, incomplete or corrupt; the message names the file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files: crash-safe writes, hashes, fingerprints
+# ---------------------------------------------------------------------------------------------
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    """Write JSON under a temporary name, fsync, then rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
+    """sha256 of the tokenizer's tokenizer.json, re-serialized canonically (formatting does not count)."""
+    path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError(f"tokenizer directory {tokenizer_dir} has no tokenizer.json.")
+    canonical = json.dumps(json.loads(path.read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int:
+    """Number of token ids the tokenizer can emit, added special tokens included."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+
+
+class ShardFileWriter:
+    """Write one shard under a temporary name; `finish` fsyncs, hashes and renames it into place.
+
+    A shard under its final name is therefore always complete, whenever the process is killed.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        self.path = path
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self._writer = ArrayRecordWriter(str(self.tmp_path), WRITER_OPTIONS)
+        self.documents = 0
+        self.tokens = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        self._writer.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+        self.documents += 1
+        self.tokens += len(tokens)
+
+    @property
+    def token_bytes(self) -> int:
+        return self.tokens * self.dtype.itemsize
+
+    def finish(self) -> dict:
+        """Close, fsync and rename; return the manifest entry of the shard."""
+        self._writer.close()
+        with open(self.tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(self.tmp_path)
+        size = self.tmp_path.stat().st_size
+        os.replace(self.tmp_path, self.path)
+        fsync_dir(self.path.parent)
+        return {"file": self.path.name, "documents": self.documents, "tokens": self.tokens, "bytes": size,
+                "sha256": digest}
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - best effort on an error path
+            pass
+        self.tmp_path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest and start-up checks
+# ---------------------------------------------------------------------------------------------
+
+
+def load_manifest(shards_dir: str | os.PathLike) -> dict:
+    path = Path(shards_dir) / MANIFEST
+    if not path.is_file():
+        hint = " (tools/shard_data.py was interrupted; re-run it to finish)" if Path(shards_dir).is_dir() else ""
+        raise ShardError(f"shard directory {shards_dir} has no {MANIFEST}{hint}.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path} is not valid JSON ({e}).") from None
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: format '{manifest.get('format')}' is not '{FORMAT}'.")
+    return manifest
+
+
+def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[Path]:
+    manifest = manifest or load_manifest(shards_dir)
+    return [Path(shards_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+
+
+def verify_shards(shards_dir: str | os.PathLike, process_index: int = 0, process_count: int = 1) -> None:
+    """Check every shard's size and sha256 against the manifest; raise ShardError naming the bad shard.
+
+    With process_count > 1 each process checks a disjoint 1/process_count of the shards, so a pod
+    verifies the whole directory in the time one host takes for its share.
+    """
+    manifest = load_manifest(shards_dir)
+    entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    for entry in entries[process_index::process_count]:
+        path = Path(shards_dir) / entry["file"]
+        if not path.is_file():
+            raise ShardError(f"shard {path} is listed in the manifest but missing.")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise ShardError(f"shard {path} is {size} bytes, the manifest says {entry['bytes']} (truncated?).")
+        if sha256_file(path) != entry["sha256"]:
+            raise ShardError(f"shard {path}: sha256 does not match the manifest; the file is corrupt.")
+
+
+def check_compatibility(shards_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, model_vocab_size: int) -> None:
+    """Fail at start-up when the shards were made with another tokenizer or the model's vocab is too small."""
+    manifest = load_manifest(shards_dir)
+    fingerprint = tokenizer_fingerprint(tokenizer_dir)
+    made_with = manifest["tokenizer"]
+    if made_with["fingerprint"] != fingerprint:
+        raise ConfigError(
+            f"the shards in {shards_dir} were tokenized with another tokenizer (made with {made_with['dir']}, "
+            f"fingerprint {made_with['fingerprint'][:12]}) than {tokenizer_dir} (fingerprint {fingerprint[:12]}). "
+            "Re-run tools/shard_data.py with this tokenizer, or point data.tokenizer_dir at the one used."
+        )
+    vocab = tokenizer_vocab_size(tokenizer_dir)
+    if vocab > model_vocab_size:
+        raise ConfigError(
+            f"the tokenizer in {tokenizer_dir} (used for the shards in {shards_dir}) has {vocab} tokens, more than "
+            f"the model's model.vocab_size={model_vocab_size}. Set model.vocab_size >= {vocab}."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Training loader
+# ---------------------------------------------------------------------------------------------
+
+
+def _document_source(shards_dir, split: str, manifest: dict):
+    paths = shard_paths(shards_dir, split, manifest)
+    for path in paths:
+        if not path.is_file():
+            raise ShardError(f"shard {path} is listed in the manifest but missing.")
+    return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+
+
+class _PackedBatchIterator(grain.DatasetIterator):
+    """Packs a host's endless document stream into batches; its state is the next row's start.
+
+    `docs[k]` is the k-th document (raw bytes) of this host's stream. Rows are produced lazily, so
+    a document split over two rows, or over two batches, is resumed mid-document.
+    """
+
+    def __init__(self, docs: grain.MapDataset, dtype: np.dtype, rows_per_batch: int, row_len: int, identity: dict):
+        super().__init__()
+        self._docs, self._dtype = docs, dtype
+        self._rows_per_batch, self._row_len = rows_per_batch, row_len
+        self._identity = identity  # what a state must match to be restored here
+        self._reset(0, 0)
+
+    def _reset(self, doc: int, offset: int) -> None:
+        self._row_doc, self._row_offset = doc, offset  # where the next row to emit starts
+        self._read_doc = doc  # next document to feed the packer
+        self._first_offset = offset  # tokens of the first document already consumed before this start
+        self._skip = offset  # still to drop from the next document fed
+        self._fixup_rows = 0  # rows still to emit whose segment 1 is the first, resumed document
+        self._packer = RowPacker(self._row_len, np.int32)
+        self._filled = 0
+        self._rows: list[tuple[dict, int, int]] = []  # (row, start doc and offset of the row after it)
+
+    def _feed_one_document(self) -> None:
+        tokens = np.frombuffer(self._docs[self._read_doc], dtype=self._dtype)
+        skip, self._skip = self._skip, 0
+        if skip:
+            # RowPacker numbers positions from 0 within what it is given; the resumed document
+            # really starts at `skip`, and it is segment 1 of every row it reaches.
+            self._fixup_rows = math.ceil((len(tokens) - skip) / self._row_len)
+        consumed = skip + (self._row_len - self._filled)
+        for row in self._packer.add(tokens[skip:]):
+            if consumed >= len(tokens):
+                nxt = (self._read_doc + 1, 0)
+            else:
+                nxt = (self._read_doc, consumed)
+            self._rows.append((row, *nxt))
+            consumed += self._row_len
+        self._filled = (self._filled + len(tokens) - skip) % self._row_len
+        self._read_doc += 1
+
+    def _next_row(self) -> dict:
+        while not self._rows:
+            self._feed_one_document()
+        row, self._row_doc, self._row_offset = self._rows.pop(0)
+        if self._fixup_rows:
+            row["positions"] = np.where(row["segment_ids"] == 1, row["positions"] + self._first_offset,
+                                        row["positions"])
+            self._fixup_rows -= 1
+        return row
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        rows = [self._next_row() for _ in range(self._rows_per_batch)]
+        return rows_to_batch(*(np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")))
+
+    def get_state(self) -> dict:
+        return {"doc": int(self._row_doc), "offset": int(self._row_offset), **self._identity}
+
+    def set_state(self, state: dict) -> None:
+        for key, value in self._identity.items():
+            if state.get(key) != value:
+                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this run has {value!r}; "
+                                 "the data order would differ, so it cannot resume exactly.")
+        self._reset(int(state["doc"]), int(state["offset"]))
+
+
+class _PackedBatchDataset(grain.IterDataset):
+    def __init__(self, docs: grain.MapDataset, **kwargs):
+        super().__init__()
+        self._docs, self._kwargs = docs, kwargs
+
+    def __iter__(self) -> _PackedBatchIterator:
+        return _PackedBatchIterator(self._docs, **self._kwargs)
+
+
+class ShardedTrainIterator:
+    """This host's training batches from a shard directory, endless, exactly resumable.
+
+    Documents are shuffled globally (all shards, reseeded each epoch) and strided over processes,
+    so the hosts read disjoint documents that together are the whole split. Each batch is this
+    host's slice: [global_batch_size // process_count, seq_len] arrays keyed as rows_to_batch.
+    """
+
+    def __init__(self, shards_dir, seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, prefetch: int = 4):
+        if global_batch_size % process_count:
+            raise ConfigError(f"batch size {global_batch_size} is not divisible by the {process_count} processes.")
+        manifest = load_manifest(shards_dir)
+        self.num_documents = manifest["splits"]["train"]["documents"]
+        if not self.num_documents:
+            raise ShardError(f"shard directory {shards_dir} has no training documents.")
+        self._process_index, self._process_count = process_index, process_count
+        docs = (grain.MapDataset.source(_document_source(shards_dir, "train", manifest))
+                .shuffle(seed=seed % 2**32)  # per-epoch reseeding happens inside: seed + epoch
+                .repeat()
+                .slice(slice(process_index, None, process_count)))
+        identity = {"seed": seed, "seq_len": seq_len, "process_index": process_index,
+                    "process_count": process_count, "num_documents": self.num_documents}
+        dataset = _PackedBatchDataset(docs, dtype=np.dtype(manifest["token_dtype"]).newbyteorder("<"),
+                                      rows_per_batch=global_batch_size // process_count, row_len=seq_len + 1,
+                                      identity=identity)
+        if prefetch:
+            dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
+        # Only the holder references the grain iterator: closing it at exit (or on close()) drops it
+        # while the interpreter is intact, before grain's own __del__ would run during teardown.
+        self._holder = [iter(dataset)]
+        self._finalizer = weakref.finalize(self, _close_held, self._holder)
+
+    @property
+    def _iterator(self):
+        if not self._holder:
+            raise RuntimeError("the iterator is closed.")
+        return self._holder[0]
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return next(self._iterator)
+
+    def get_state(self) -> dict:
+        return dict(self._iterator.get_state())
+
+    def set_state(self, state: dict) -> None:
+        self._iterator.set_state(dict(state))
+
+    @property
+    def epoch(self) -> int:
+        """Completed passes over the training split, counted at the next unread row."""
+        doc = self.get_state()["doc"]
+        return (self._process_index + doc * self._process_count) // self.num_documents
+
+
+def _close_held(holder: list) -> None:
+    if holder:
+        holder.pop().close()
+
+
+def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, process_index: int = 0,
+                       process_count: int = 1, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Deterministic validation batches: the split in file order, packed, cut into global batches.
+
+    Every process packs the same stream and takes its slice of each global batch, so all processes
+    yield the same number of batches. The last batch is filled with padding rows (loss_mask 0).
+    """
+    if global_batch_size % process_count:
+        raise ConfigError(f"batch size {global_batch_size} is not divisible by the {process_count} processes.")
+    manifest = load_manifest(shards_dir)
+    dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
+    source = _document_source(shards_dir, "validation", manifest) if manifest["splits"]["validation"]["shards"] else []
+    per_host = global_batch_size // process_count
+    lo, hi = process_index * per_host, (process_index + 1) * per_host
+    packer = RowPacker(seq_len + 1, np.int32)
+    pending: list[dict] = []
+    emitted = 0
+
+    def batch_of(rows):
+        while len(rows) < global_batch_size:
+            rows.append({k: np.zeros(seq_len + 1, np.int32) for k in ("tokens", "segment_ids", "positions")})
+        mine = rows[lo:hi]
+        return rows_to_batch(*(np.stack([r[k] for r in mine]) for k in ("tokens", "segment_ids", "positions")))
+
+    for start in range(0, len(source), 256):
+        for record in source.__getitems__(list(range(start, min(start + 256, len(source))))):
+            pending.extend(packer.add(np.frombuffer(record, dtype=dtype)))
+            while len(pending) >= global_batch_size:
+                yield batch_of(pending[:global_batch_size])
+                pending = pending[global_batch_size:]
+                emitted += 1
+                if max_batches and emitted >= max_batches:
+                    return
+    pending.extend(packer.finish())
+    if pending:
+        yield batch_of(pending)

@@ -1,0 +1,291 @@
+"""Read raw text documents from files, Hugging Face datasets, TFDS or the built-in corpus.
+
+Both data tools (tools/train_tokenizer.py and tools/shard_data.py) read their input through
+`iter_documents`, so one set of flags and one set of error messages covers both. Every source is
+streamed: a corpus is never held in memory. Malformed input stops the run with an error that
+names the file and line, because silently skipping it would change the corpus without notice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import glob
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+FILE_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
+                ".csv": "csv"}
+TXT_UNITS = ("paragraph", "line", "file")
+
+
+class SourceError(ValueError):
+    """The input corpus cannot be read as asked; the message names the file (and line) at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSpec:
+    """Where the documents come from; exactly one of files, hf_dataset, tfds_name, builtin is set."""
+
+    files: tuple[str, ...] = ()  # paths or glob patterns of .txt/.jsonl/.parquet/.csv files
+    text_field: str = "text"  # field holding the text in jsonl/parquet/csv rows and dataset records
+    txt_unit: str = "paragraph"  # .txt documents: 'paragraph' (blank-line separated), 'line' or 'file'
+    hf_dataset: str = ""  # Hugging Face dataset name or local dataset directory (streamed)
+    hf_config: str = ""  # its configuration name, if any
+    hf_split: str = "train"
+    tfds_name: str = ""  # TFDS dataset name, e.g. 'wiki40b/en' (prepared as array_record)
+    tfds_split: str = "train"
+    tfds_data_dir: str = ""  # TFDS data directory; empty for the TFDS default
+    builtin: bool = False  # text that ships with Python (lmtrain.data.builtin_corpus), no download
+    max_docs: int = 0  # stop after this many documents, 0 for all
+
+    def describe(self) -> dict:
+        """The fields that identify the corpus, for manifests and tokenizer metadata."""
+        if self.files:
+            return {"files": list(self.files), "text_field": self.text_field, "txt_unit": self.txt_unit,
+                    "max_docs": self.max_docs}
+        if self.hf_dataset:
+            return {"hf_dataset": self.hf_dataset, "hf_config": self.hf_config, "hf_split": self.hf_split,
+                    "text_field": self.text_field, "max_docs": self.max_docs}
+        if self.tfds_name:
+            return {"tfds": self.tfds_name, "tfds_split": self.tfds_split, "tfds_data_dir": self.tfds_data_dir,
+                    "text_field": self.text_field, "max_docs": self.max_docs}
+        return {"builtin": True, "max_docs": self.max_docs}
+
+
+def add_corpus_args(parser: argparse.ArgumentParser) -> None:
+    """Add the input flags shared by the data tools."""
+    g = parser.add_argument_group("input corpus (choose one source)")
+    g.add_argument("--input", nargs="+", default=[], metavar="PATH_OR_GLOB",
+                   help="local .txt, .jsonl, .parquet or .csv files or glob patterns of them")
+    g.add_argument("--text-field", default="text", help="field holding the text (jsonl/parquet/csv/datasets)")
+    g.add_argument("--txt-unit", default="paragraph", choices=TXT_UNITS,
+                   help="what one document is in a .txt file (default: blank-line separated paragraph)")
+    g.add_argument("--hf-dataset", default="", help="Hugging Face dataset name or local directory, streamed")
+    g.add_argument("--hf-config", default="", help="Hugging Face dataset configuration")
+    g.add_argument("--hf-split", default="train", help="Hugging Face dataset split")
+    g.add_argument("--tfds", default="", help="TFDS dataset name (needs array_record files, no tensorflow)")
+    g.add_argument("--tfds-split", default="train")
+    g.add_argument("--tfds-data-dir", default="", help="TFDS data directory")
+    g.add_argument("--builtin", action="store_true", help="the corpus that ships with Python (no download)")
+    g.add_argument("--max-docs", type=int, default=0, help="read at most this many documents (0: all)")
+
+
+def corpus_from_args(args: argparse.Namespace) -> CorpusSpec:
+    """Build a CorpusSpec from parsed flags; raise SourceError unless exactly one source is given."""
+    chosen = [name for name, on in (("--input", args.input), ("--hf-dataset", args.hf_dataset),
+                                    ("--tfds", args.tfds), ("--builtin", args.builtin)) if on]
+    if len(chosen) != 1:
+        raise SourceError(f"give exactly one input source (--input, --hf-dataset, --tfds or --builtin); got "
+                          f"{', '.join(chosen) if chosen else 'none'}.")
+    return CorpusSpec(files=tuple(args.input), text_field=args.text_field, txt_unit=args.txt_unit,
+                      hf_dataset=args.hf_dataset, hf_config=args.hf_config, hf_split=args.hf_split,
+                      tfds_name=args.tfds, tfds_split=args.tfds_split, tfds_data_dir=args.tfds_data_dir,
+                      builtin=args.builtin, max_docs=args.max_docs)
+
+
+def expand_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
+    """Resolve paths and globs to a sorted, de-duplicated file list; every pattern must match a readable file."""
+    files: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise SourceError(f"input pattern '{pattern}' matches no file.")
+        else:
+            path = Path(pattern)
+            if not path.exists():
+                raise SourceError(f"input file {path} does not exist.")
+            if path.is_dir():
+                raise SourceError(f"input {path} is a directory; give files or a glob such as '{path}/*.jsonl'.")
+            matches = [path]
+        for path in matches:
+            if path.suffix.lower() not in FILE_FORMATS:
+                raise SourceError(f"input file {path}: unsupported extension '{path.suffix}'. "
+                                  f"Use one of {', '.join(sorted(FILE_FORMATS))}.")
+            if not os.access(path, os.R_OK):
+                raise SourceError(f"input file {path} is not readable.")
+            if path not in files:
+                files.append(path)
+    return files
+
+
+def check_spec(spec: CorpusSpec) -> None:
+    """Fail fast on inputs that cannot be read at all, before any output is written."""
+    if spec.files:
+        expand_files(spec.files)
+    if spec.txt_unit not in TXT_UNITS:
+        raise SourceError(f"txt_unit='{spec.txt_unit}' is unknown; choose one of {', '.join(TXT_UNITS)}.")
+
+
+def iter_documents(spec: CorpusSpec) -> Iterator[str]:
+    """Yield the corpus's documents, in a fixed order, as str."""
+    if spec.files:
+        docs = _iter_files(expand_files(spec.files), spec.text_field, spec.txt_unit)
+    elif spec.hf_dataset:
+        docs = _iter_hf_dataset(spec)
+    elif spec.tfds_name:
+        docs = _iter_tfds(spec)
+    elif spec.builtin:
+        docs = _iter_builtin(spec.max_docs)
+    else:
+        raise SourceError("no input source given.")
+    for count, doc in enumerate(docs, 1):
+        yield doc
+        if spec.max_docs and count >= spec.max_docs:
+            return
+
+
+def _iter_files(files: list[Path], text_field: str, txt_unit: str) -> Iterator[str]:
+    readers = {"txt": lambda p: _iter_txt(p, txt_unit), "jsonl": lambda p: _iter_jsonl(p, text_field),
+               "parquet": lambda p: _iter_parquet(p, text_field), "csv": lambda p: _iter_csv(p, text_field)}
+    for path in files:
+        yield from readers[FILE_FORMATS[path.suffix.lower()]](path)
+
+
+def _open_text(path: Path):
+    return open(path, encoding="utf-8", errors="strict", newline="")
+
+
+def _decode_guard(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, str]]:
+    """Number lines from 1 and turn a decoding failure into an error naming the file and line."""
+    number = 0
+    try:
+        for number, line in enumerate(lines, 1):  # noqa: B007 - number is read after the loop
+            yield number, line
+    except UnicodeDecodeError as e:
+        raise SourceError(f"{path}:{number + 1}: not valid UTF-8 ({e.reason} at byte {e.start}).") from None
+
+
+def _iter_txt(path: Path, unit: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        if unit == "file":
+            try:
+                yield f.read()
+            except UnicodeDecodeError as e:
+                raise SourceError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}).") from None
+            return
+        paragraph: list[str] = []
+        for _, line in _decode_guard(path, f):
+            if unit == "line":
+                if line.strip():
+                    yield line.rstrip("\r\n")
+                continue
+            if line.strip():
+                paragraph.append(line)
+            elif paragraph:
+                yield "".join(paragraph).rstrip("\r\n")
+                paragraph = []
+        if paragraph:
+            yield "".join(paragraph).rstrip("\r\n")
+
+
+def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with _open_text(path) as f:
+        for number, line in _decode_guard(path, f):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno}).") from None
+            yield _text_of(record, text_field, f"{path}:{number}")
+
+
+def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise SourceError(f"{path}: not a readable parquet file ({e}).") from None
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise SourceError(f"{path}: no column '{text_field}' (columns: {', '.join(names)}). Set --text-field.")
+    row = 0
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            if not isinstance(value, str):
+                raise SourceError(f"{path}: row {row}: column '{text_field}' is {type(value).__name__}, not text.")
+            yield value
+
+
+def _iter_csv(path: Path, text_field: str) -> Iterator[str]:
+    csv.field_size_limit(sys.maxsize)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        try:
+            header = reader.fieldnames or []
+        except UnicodeDecodeError as e:
+            raise SourceError(f"{path}:1: not valid UTF-8 ({e.reason}).") from None
+        if text_field not in header:
+            raise SourceError(f"{path}: no column '{text_field}' in the header ({', '.join(header)}). "
+                              "Set --text-field.")
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except (UnicodeDecodeError, csv.Error) as e:
+                raise SourceError(f"{path}:{reader.line_num + 1}: cannot parse CSV ({e}).") from None
+            value = row.get(text_field)
+            if value is None:
+                raise SourceError(f"{path}:{reader.line_num}: row has no value for column '{text_field}'.")
+            yield value
+
+
+def _text_of(record, text_field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise SourceError(f"{where}: expected a JSON object with a '{text_field}' field, got {type(record).__name__}.")
+    if text_field not in record:
+        keys = ", ".join(list(record)[:10])
+        raise SourceError(f"{where}: no field '{text_field}' (fields: {keys}). Set --text-field.")
+    value = record[text_field]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if not isinstance(value, str):
+        raise SourceError(f"{where}: field '{text_field}' is {type(value).__name__}, not text.")
+    return value
+
+
+def _iter_hf_dataset(spec: CorpusSpec) -> Iterator[str]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config or None, split=spec.hf_split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        raise SourceError(f"Hugging Face dataset '{spec.hf_dataset}' (config '{spec.hf_config}', split "
+                          f"'{spec.hf_split}') cannot be opened: {e}") from None
+    for index, record in enumerate(ds):
+        yield _text_of(record, spec.text_field, f"dataset {spec.hf_dataset} split {spec.hf_split} record {index}")
+
+
+def _iter_tfds(spec: CorpusSpec) -> Iterator[str]:
+    """Read a prepared TFDS dataset through tfds.data_source (array_record files; tensorflow not needed)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(spec.tfds_name, data_dir=spec.tfds_data_dir or None)
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"TFDS dataset '{spec.tfds_name}' cannot be found: {e}") from None
+    if not builder.is_prepared():
+        raise SourceError(f"TFDS dataset '{spec.tfds_name}' is not prepared in {builder.data_dir}. Prepare it first "
+                          "(e.g. `tfds build --file_format=array_record`).")
+    try:
+        source = builder.as_data_source(split=spec.tfds_split)
+    except Exception as e:  # noqa: BLE001
+        raise SourceError(f"TFDS dataset '{spec.tfds_name}' split '{spec.tfds_split}' cannot be read without "
+                          f"tensorflow ({e}). Prepare it with file_format=array_record.") from None
+    for index in range(len(source)):
+        yield _text_of(source[index], spec.text_field, f"TFDS {spec.tfds_name} split {spec.tfds_split} record {index}")
+
+
+def _iter_builtin(max_docs: int) -> Iterator[str]:
+    from lmtrain.data.builtin_corpus import builtin_documents
+
+    yield from builtin_documents(max_docs=max_docs)

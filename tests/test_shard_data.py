@@ -1,0 +1,229 @@
+"""tools/shard_data.py: token accounting against the manifest, deterministic split, dedup, crash-safe
+resume, and clear errors on bad input that leave an existing output untouched."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # tools/ is not a package of the install; import it from the checkout
+    sys.path.insert(0, str(ROOT))
+
+from lmtrain.data.cleaning import CleaningOptions, clean_document, minhash_signature, normalize_text  # noqa: E402
+from lmtrain.data.shards import MANIFEST, ShardFileWriter, token_dtype, verify_shards  # noqa: E402
+from tools import shard_data, train_tokenizer  # noqa: E402
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega the of and to in is for on with as by at from train model token data").split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"Document {i}: " + " ".join(rng.choice(WORDS, size=int(rng.integers(30, 120)))) + "."
+            for i in range(n)]
+
+
+def write_jsonl(path: Path, docs: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tok")
+    corpus = write_jsonl(root / "corpus.jsonl", make_docs(200))
+    assert train_tokenizer.main(["--input", str(corpus), "--vocab-size", "300", "--output", str(root / "tok")]) == 0
+    return root / "tok"
+
+
+def shard(tokenizer_dir: Path, inputs: list[Path] | Path, out: Path, *extra: str) -> int:
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    return shard_data.main(["--input", *map(str, inputs), "--tokenizer", str(tokenizer_dir), "--output", str(out),
+                            "--workers", "1", "--quiet", *extra])
+
+
+def read_shard(path: Path, dtype) -> list[np.ndarray]:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    records = [np.frombuffer(r, dtype=dtype) for r in reader.read_all()]
+    reader.close()
+    return records
+
+
+def read_split(out: Path, split: str) -> list[np.ndarray]:
+    manifest = json.loads((out / MANIFEST).read_text())
+    docs = []
+    for entry in manifest["splits"][split]["shards"]:
+        docs.extend(read_shard(out / entry["file"], manifest["token_dtype"]))
+    return docs
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_every_token_is_in_exactly_one_shard_and_totals_match_the_manifest(tokenizer_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    docs = make_docs(150, seed=1)
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs)
+    out = tmp_path / "shards"
+    assert shard(tokenizer_dir, corpus, out, "--no-clean", "--shard-mb", "0.002", "--val-fraction", "0.2") == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    eos = manifest["eos_id"]
+    expected = Counter(tuple(tok.encode(d, add_special_tokens=False).ids) + (eos,) for d in docs)
+    got = Counter()
+    for split in ("train", "validation"):
+        info = manifest["splits"][split]
+        assert len(info["shards"]) > 1  # the tiny --shard-mb forces several shards per split
+        records = []
+        for entry in info["shards"]:
+            shard_docs = read_shard(out / entry["file"], manifest["token_dtype"])
+            assert entry["documents"] == len(shard_docs)
+            assert entry["tokens"] == sum(len(d) for d in shard_docs)
+            records.extend(shard_docs)
+        assert info["documents"] == len(records) and info["tokens"] == sum(len(d) for d in records)
+        assert all(d[-1] == eos and eos not in d[:-1] for d in records)
+        got.update(tuple(int(t) for t in d) for d in records)
+    assert got == expected  # each document once, in one shard of one split, nothing lost or added
+    assert manifest["token_dtype"] == "uint16"
+    assert manifest["cleaning"]["kept"] == 150
+    verify_shards(out)
+
+
+def test_split_is_a_function_of_the_document_only(tokenizer_dir, tmp_path):
+    docs = make_docs(120, seed=2)
+    a = shard(tokenizer_dir, write_jsonl(tmp_path / "a.jsonl", docs), tmp_path / "a", "--val-fraction", "0.25")
+    b = shard(tokenizer_dir, write_jsonl(tmp_path / "b.jsonl", docs[::-1] + make_docs(30, seed=9)),
+              tmp_path / "b", "--val-fraction", "0.25")
+    assert a == b == 0
+    val_a = {tuple(d) for d in read_split(tmp_path / "a", "validation")}
+    val_b = {tuple(d) for d in read_split(tmp_path / "b", "validation")}
+    assert 10 < len(val_a) < 60
+    assert val_a <= val_b  # reordering and adding documents never moves one across the split
+    assert not val_a & {tuple(d) for d in read_split(tmp_path / "b", "train")}
+
+
+def test_dedup_removes_exact_and_near_duplicates_and_keeps_distinct(tokenizer_dir, tmp_path):
+    docs = make_docs(40, seed=3)
+    words = docs[5].split()
+    near = " ".join(words[:-3] + ["omega", "omega", "omega."])  # 3 of ~80 words changed: Jaccard ~0.9
+    corpus = docs + [docs[0], "  " + docs[1].replace(" ", "   ") + "\n\n", near, "", "tiny"]
+    out = tmp_path / "shards"
+    assert shard(tokenizer_dir, write_jsonl(tmp_path / "c.jsonl", corpus), out, "--val-fraction", "0") == 0
+    report = json.loads((out / MANIFEST).read_text())["cleaning"]
+    assert report == {"read": 45, "kept": 40, "removed_empty": 1, "removed_too_short": 1, "removed_exact_dup": 2,
+                      "removed_near_dup": 1}
+    assert len(read_split(out, "train")) == 40
+
+
+def test_minhash_estimates_jaccard():
+    a = " ".join(f"w{i}" for i in range(400))
+    b = " ".join(f"w{i}" for i in range(40, 440))  # 356 of 444 shingles shared: Jaccard ~0.80
+    c = " ".join(f"v{i}" for i in range(400))
+    sa, sb, sc = (minhash_signature(t, 256, 5) for t in (a, b, c))
+    assert abs(np.mean(sa == sb) - 356 / 444) < 0.08
+    assert np.mean(sa == sc) < 0.05
+    assert normalize_text("a\u00a0 b\t\tc \r\n\n\n\nd\x07 ", "NFKC") == "a b c\n\nd"
+    assert clean_document("   \n\t", CleaningOptions()).reason == "empty"
+
+
+def test_parallel_cleaning_gives_the_same_shards(tokenizer_dir, tmp_path):
+    docs = make_docs(100, seed=4)
+    corpus = write_jsonl(tmp_path / "c.jsonl", docs + docs[:10])
+    assert shard(tokenizer_dir, corpus, tmp_path / "one", "--batch-docs", "16") == 0
+    assert shard(tokenizer_dir, corpus, tmp_path / "two", "--batch-docs", "16", "--workers", "2") == 0
+    one, two = (json.loads((tmp_path / d / MANIFEST).read_text()) for d in ("one", "two"))
+    assert one["splits"] == two["splits"] and one["cleaning"] == two["cleaning"]
+
+
+def test_kill_mid_way_leaves_no_false_shard_and_rerun_skips_finished_ones(tokenizer_dir, tmp_path, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(200, seed=5))
+    args = ("--shard-mb", "0.004", "--val-fraction", "0.1")
+    assert shard(tokenizer_dir, corpus, tmp_path / "clean_run", *args) == 0
+    reference = json.loads((tmp_path / "clean_run" / MANIFEST).read_text())["splits"]
+
+    out = tmp_path / "killed"
+    finish = ShardFileWriter.finish
+    calls = []
+
+    def dying_finish(self):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the process is stopped while a fourth shard is being written
+        calls.append(self.path.name)
+        return finish(self)
+
+    monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
+    with pytest.raises(KeyboardInterrupt):
+        shard(tokenizer_dir, corpus, out, *args)
+    monkeypatch.setattr(ShardFileWriter, "finish", finish)
+    assert not (out / MANIFEST).exists()
+    assert sorted(p.name for p in out.glob("*.array_record")) == sorted(calls)  # no partial shard under a real name
+    assert not list(out.glob(".*.tmp-*"))
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in calls}
+
+    rewritten = []
+    monkeypatch.setattr(ShardFileWriter, "finish", lambda self: rewritten.append(self.path.name) or finish(self))
+    assert shard(tokenizer_dir, corpus, out, *args) == 0
+    assert not set(rewritten) & set(calls)  # finished shards were skipped ...
+    assert all((out / n).stat().st_mtime_ns == t for n, t in mtimes.items())  # ... and not touched
+    assert json.loads((out / MANIFEST).read_text())["splits"] == reference  # same bytes as an uninterrupted run
+    verify_shards(out)
+    assert not (out / shard_data.PROGRESS).exists()
+
+
+def test_rerun_of_a_complete_output_does_nothing(tokenizer_dir, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(30, seed=6))
+    out = tmp_path / "shards"
+    assert shard(tokenizer_dir, corpus, out) == 0
+    before = snapshot(out)
+    assert shard(tokenizer_dir, corpus, out) == 0
+    assert "already complete" in capsys.readouterr().out
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "missing_field", "malformed_json", "other_options"])
+def test_bad_input_is_a_clear_error_and_leaves_existing_output_intact(tokenizer_dir, tmp_path, capsys, case):
+    good = write_jsonl(tmp_path / "good.jsonl", make_docs(30, seed=7))
+    out = tmp_path / "shards"
+    assert shard(tokenizer_dir, good, out) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    extra: tuple[str, ...] = ()
+    if case == "missing_file":
+        bad, message = tmp_path / "absent.jsonl", f"input file {tmp_path / 'absent.jsonl'} does not exist"
+    elif case == "empty_corpus":
+        write_jsonl(bad, ["", "  ", "short"])
+        message = "corpus is empty after cleaning: 3 read, kept 0"
+    elif case == "missing_field":
+        bad.write_text('{"text": "a fine first document here"}\n{"title": "x"}\n', encoding="utf-8")
+        message = f"{bad}:2: no field 'text'"
+    elif case == "malformed_json":
+        bad.write_text('{"text": "a fine first document here"}\n{"text": "unterminated\n', encoding="utf-8")
+        message = f"{bad}:2: malformed JSON"
+    else:
+        bad, extra, message = good, ("--val-fraction", "0.5"), "holds shards made from other inputs or options"
+    inputs = bad if case in ("empty_corpus", "other_options") else [good, bad]
+    assert shard(tokenizer_dir, inputs, out, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert snapshot(out) == before
+    verify_shards(out)
+
+
+def test_wide_vocab_uses_uint32_and_round_trips(tmp_path):
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
+    writer = ShardFileWriter(tmp_path / "x.array_record", token_dtype(100_000))
+    writer.write(np.array([1, 70_000, 99_999]))
+    entry = writer.finish()
+    assert entry["tokens"] == 3 and os.path.getsize(tmp_path / "x.array_record") == entry["bytes"]
+    assert read_shard(tmp_path / "x.array_record", "<u4")[0].tolist() == [1, 70_000, 99_999]

@@ -1,0 +1,406 @@
+"""Clean, tokenize and write a corpus as ArrayRecord token shards with a manifest, for lmtrain's loader.
+
+    python tools/shard_data.py --input 'data/*.jsonl' --tokenizer tok/ --output shards/
+    python tools/shard_data.py --builtin --tokenizer workdir/tokenizer --output workdir/shards   # no download
+
+Stages: read (lmtrain.data.text_sources) -> clean in worker processes (normalize, filter, hash,
+MinHash) -> dedup in corpus order -> split train/validation by a hash of the document's text ->
+tokenize in batches (the tokenizers library uses every core) with EOS after each document ->
+shards of about --shard-mb of tokens, each written to a temporary name, fsynced and renamed.
+
+Re-running with the same inputs and options skips the shards already finished (their sha256 is
+checked); manifest.json is written last, so a directory without it is unfinished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import json
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from lmtrain.config import ConfigError
+from lmtrain.data.cleaning import CleanedDocument, CleaningOptions, CleaningReport, Deduplicator, clean_batch
+from lmtrain.data.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    ShardError,
+    ShardFileWriter,
+    atomic_write_json,
+    sha256_file,
+    token_dtype,
+    tokenizer_fingerprint,
+)
+from lmtrain.data.text_sources import (
+    CorpusSpec,
+    SourceError,
+    add_corpus_args,
+    check_spec,
+    corpus_from_args,
+    expand_files,
+    iter_documents,
+)
+
+PROGRESS = ".progress.json"  # finished shards of an unfinished run, rewritten after each shard
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_corpus_args(p)
+    p.add_argument("--tokenizer", required=True, help="tokenizer directory (tools/train_tokenizer.py or any HF one)")
+    p.add_argument("--output", required=True, help="shard directory to write")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
+    p.add_argument("--shard-mb", type=float, default=128, help="target size of a shard's token data, in MiB")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cleaning processes (1: in-process)")
+    p.add_argument("--batch-docs", type=int, default=512, help="documents per cleaning/tokenizing batch")
+    p.add_argument("--no-clean", action="store_true", help="turn every cleaning rule off")
+    p.add_argument("--unicode", default="NFC", choices=("NFC", "NFKC", "none"), help="Unicode normalization")
+    p.add_argument("--no-whitespace", action="store_true", help="keep whitespace as it is")
+    p.add_argument("--min-chars", type=int, default=20, help="drop documents shorter than this after normalization")
+    p.add_argument("--no-exact-dedup", action="store_true")
+    p.add_argument("--no-near-dedup", action="store_true")
+    p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard estimate that drops")
+    p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def cleaning_options(args: argparse.Namespace) -> CleaningOptions:
+    if args.no_clean:
+        return CleaningOptions(unicode_form="", normalize_whitespace=False, min_chars=1, exact_dedup=False,
+                               near_dedup=False)
+    return CleaningOptions(unicode_form="" if args.unicode == "none" else args.unicode,
+                           normalize_whitespace=not args.no_whitespace, min_chars=args.min_chars,
+                           exact_dedup=not args.no_exact_dedup, near_dedup=not args.no_near_dedup,
+                           near_dup_threshold=args.near_dup_threshold, num_perm=args.num_perm)
+
+
+def split_of(text: str, val_fraction: float) -> str:
+    """The document's split, a function of its (cleaned) text alone: stable across re-runs and orderings."""
+    return "validation" if xxhash.xxh64_intdigest(text.encode("utf-8")) < val_fraction * 2**64 else "train"
+
+
+def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def cleaned_batches(spec: CorpusSpec, opts: CleaningOptions, workers: int, batch_docs: int
+                    ) -> Iterator[list[CleanedDocument]]:
+    """Cleaned batches in corpus order; at most 2 * workers batches in flight, so memory stays bounded."""
+    batches = _batches(iter_documents(spec), batch_docs)
+    if workers <= 1 or not opts.enabled():
+        for batch in batches:
+            yield clean_batch(batch, opts) if opts.enabled() else [CleanedDocument(t) for t in batch]
+        return
+    # spawn: the parent may hold threads (JAX, the tokenizer's pool) that fork would copy in a bad state.
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        in_flight: collections.deque = collections.deque()
+        for batch in batches:
+            in_flight.append(pool.apply_async(clean_batch, (batch, opts)))
+            if len(in_flight) >= 2 * workers:
+                yield in_flight.popleft().get()
+        while in_flight:
+            yield in_flight.popleft().get()
+
+
+def read_ahead(batches: Iterator, depth: int = 4) -> Iterator:
+    """Run the reading and cleaning generator in a thread, so it overlaps tokenization (which
+    releases the GIL); errors are re-raised here, in order."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put((batch, None)):
+                    return
+            put((done, None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((None, e))
+        finally:
+            batches.close()  # stops a cleaning pool when the consumer gave up early
+
+    thread = threading.Thread(target=produce, name="shard_data-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            batch, error = items.get()
+            if error is not None:
+                raise error
+            if batch is done:
+                return
+            yield batch
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def run_fingerprint(args: argparse.Namespace, spec: CorpusSpec, opts: CleaningOptions, tokenizer_fp: str) -> dict:
+    """Everything that determines the shards' content; a resumed run must match it exactly."""
+    inputs = spec.describe()
+    if spec.files:  # a changed input file must not be mixed with shards of the old one
+        inputs["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+    return {"corpus": inputs, "cleaning": dataclasses.asdict(opts), "val_fraction": args.val_fraction,
+            "shard_mb": args.shard_mb, "tokenizer_fingerprint": tokenizer_fp}
+
+
+class SplitWriter:
+    """Appends documents to one split's shards; skips the documents of shards finished by an earlier run."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_bytes: int, finished: list[dict], claim):
+        self.out, self.split, self.dtype, self.shard_bytes = out, split, dtype, shard_bytes
+        self.finished = list(finished)
+        self.skip_documents = sum(s["documents"] for s in finished)
+        self.documents_seen = 0
+        self._claim = claim  # called before a shard is renamed into place (output directory checks)
+        self._current: ShardFileWriter | None = None
+
+    def wants(self) -> bool:
+        """Count a document of this split; False when an earlier run already wrote it."""
+        self.documents_seen += 1
+        return self.documents_seen > self.skip_documents
+
+    def write(self, tokens: np.ndarray) -> dict | None:
+        if self._current is None:
+            self._current = ShardFileWriter(self.out / f"{self.split}-{len(self.finished):05d}.array_record",
+                                            self.dtype)
+        self._current.write(tokens)
+        if self._current.token_bytes >= self.shard_bytes:
+            return self.close()
+        return None
+
+    def close(self) -> dict | None:
+        if self._current is None:
+            return None
+        self._claim()
+        entry = self._current.finish()
+        self._current = None
+        self.finished.append(entry)
+        return entry
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.abort()
+
+
+def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
+    """The finished shards of an earlier run that are still intact on disk, up to the first bad one."""
+    good = []
+    for entry in shards:
+        path = out / entry["file"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            break
+        good.append(entry)
+    return good
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def load_tokenizer(tokenizer_dir: str):
+    """(tokenizers.Tokenizer, eos id, vocab size, fingerprint) of a Hugging Face tokenizer directory.
+
+    Reads tokenizer.json and the EOS token from tokenizer_config.json or special_tokens_map.json
+    directly: importing transformers would cost seconds at every start for nothing.
+    """
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer_dir)
+    if not (path / "tokenizer.json").is_file():
+        raise SourceError(f"tokenizer directory {path} has no tokenizer.json (make one with tools/train_tokenizer.py).")
+    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    eos = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        eos = eos or (_read_json(path / name) or {}).get("eos_token")
+    if isinstance(eos, dict):  # older files store {"content": "</s>", ...}
+        eos = eos.get("content")
+    eos_id = tokenizer.token_to_id(eos) if eos else None
+    if eos_id is None:
+        raise SourceError(f"tokenizer {path} has no EOS token; shard_data.py ends every document with it.")
+    return tokenizer, int(eos_id), tokenizer.get_vocab_size(with_added_tokens=True), tokenizer_fingerprint(path)
+
+
+def shard_corpus(args: argparse.Namespace) -> dict:
+    """Run the whole pipeline; return the manifest."""
+    spec = corpus_from_args(args)
+    check_spec(spec)  # missing or unreadable inputs fail before anything is written
+    if not 0 <= args.val_fraction < 1:
+        raise SourceError(f"--val-fraction {args.val_fraction} must be in [0, 1).")
+    opts = cleaning_options(args)
+    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
+    dtype = token_dtype(vocab_size)
+    out = Path(args.output)
+    fingerprint = run_fingerprint(args, spec, opts, tokenizer_fp)
+
+    existing = _read_json(out / MANIFEST)
+    if existing is not None and existing.get("fingerprint") == fingerprint:
+        print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
+        return existing
+    progress = _read_json(out / PROGRESS)
+    resumed = progress if progress is not None and progress.get("fingerprint") == fingerprint else None
+    finished = {s: _verified_prefix(out, resumed["shards"][s]) if resumed else [] for s in SPLITS}
+
+    claimed = False
+
+    def claim_output() -> None:
+        """Checked only when the first shard is about to be renamed into place: input errors found
+        before that point leave the output directory exactly as it was."""
+        nonlocal claimed
+        if claimed:
+            return
+        other = existing if existing is not None else (progress if resumed is None else None)
+        if other is not None:
+            raise ShardError(f"output {out} holds shards made from other inputs or options; delete it or choose "
+                             "another --output (nothing was changed).")
+        for stale in out.glob(".*.tmp-*"):  # left by a killed run; ours are still open under other names
+            if not stale.name.endswith(f".tmp-{os.getpid()}"):
+                stale.unlink(missing_ok=True)
+        claimed = True
+
+    shard_bytes = max(1, int(args.shard_mb * 2**20))
+    writers = {s: SplitWriter(out, s, dtype, shard_bytes, finished[s], claim_output) for s in SPLITS}
+    report = CleaningReport()
+    dedup = Deduplicator(opts)
+    tokens_total = {s: sum(e["tokens"] for e in finished[s]) for s in SPLITS}
+    documents_total = {s: 0 for s in SPLITS}
+    start = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    bar = _progress_bar(args.quiet)
+    try:
+        for batch in read_ahead(cleaned_batches(spec, opts, args.workers, args.batch_docs)):
+            to_tokenize: list[tuple[str, str]] = []
+            for doc in batch:
+                report["read"] += 1
+                if doc.text is None:
+                    report[doc.reason] += 1
+                    continue
+                if opts.exact_dedup or opts.near_dedup:
+                    reason = dedup.is_duplicate(doc)
+                    if reason:
+                        report[reason] += 1
+                        continue
+                report["kept"] += 1
+                split = split_of(doc.text, args.val_fraction)
+                documents_total[split] += 1
+                if writers[split].wants():
+                    to_tokenize.append((split, doc.text))
+            if to_tokenize:
+                encodings = tokenizer.encode_batch([t for _, t in to_tokenize], add_special_tokens=False)
+                for (split, _), enc in zip(to_tokenize, encodings, strict=True):
+                    ids = np.fromiter(enc.ids, np.int64, len(enc.ids))
+                    tokens = np.append(ids, eos_id)
+                    tokens_total[split] += len(tokens)
+                    if writers[split].write(tokens) is not None:
+                        _save_progress(out, fingerprint, writers)
+            bar.update(len(batch))
+            seconds = max(time.time() - start, 1e-9)
+            bar.set_postfix_str(f"{sum(tokens_total.values()) / seconds:,.0f} tok/s", refresh=False)
+        bar.close()
+        if not report["kept"]:
+            raise SourceError(f"the corpus is empty after cleaning: {_removed_text(report.summary())}.")
+        if not documents_total["train"]:
+            raise SourceError(f"no training documents: all {report['kept']} kept documents fell into validation "
+                              f"(--val-fraction {args.val_fraction}).")
+        for s in SPLITS:
+            writers[s].close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    claim_output()  # also when every shard was finished by an earlier run
+
+    manifest = {
+        "format": FORMAT,
+        "token_dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "tokenizer": {"dir": str(Path(args.tokenizer).resolve()), "fingerprint": tokenizer_fp},
+        "fingerprint": fingerprint,
+        "options": {k: v for k, v in vars(args).items() if k not in ("quiet",)},
+        "cleaning": report.summary(),
+        "splits": {s: {"documents": documents_total[s], "tokens": tokens_total[s], "shards": writers[s].finished}
+                   for s in SPLITS},
+        "seconds": round(time.time() - start, 2),
+    }
+    _check_totals(manifest)
+    atomic_write_json(out / MANIFEST, manifest)
+    (out / PROGRESS).unlink(missing_ok=True)
+    return manifest
+
+
+def _check_totals(manifest: dict) -> None:
+    for split, info in manifest["splits"].items():
+        docs = sum(s["documents"] for s in info["shards"])
+        tokens = sum(s["tokens"] for s in info["shards"])
+        if (docs, tokens) != (info["documents"], info["tokens"]):
+            raise ShardError(f"{split}: shards hold {docs} documents / {tokens} tokens but the corpus gave "
+                             f"{info['documents']} / {info['tokens']}; the input changed since the finished shards "
+                             "were written. Delete the output and run again.")
+
+
+def _save_progress(out: Path, fingerprint: dict, writers: dict[str, SplitWriter]) -> None:
+    shards = {s: w.finished for s, w in writers.items()}
+    atomic_write_json(out / PROGRESS, {"fingerprint": fingerprint, "shards": shards})
+
+
+def _removed_text(summary: dict[str, int]) -> str:
+    removed = ", ".join(f"{k.removeprefix('removed_')} {v}" for k, v in summary.items() if k.startswith("removed_"))
+    return f"{summary['read']} read, kept {summary['kept']}, removed: {removed}"
+
+
+def _progress_bar(quiet: bool):
+    from tqdm import tqdm
+
+    return tqdm(unit=" docs", disable=quiet, dynamic_ncols=True, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        manifest = shard_corpus(args)
+    except (SourceError, ConfigError) as e:
+        print(f"shard_data: error: {e}", file=sys.stderr)
+        return 2
+    print(f"cleaning: {_removed_text(manifest['cleaning'])}")
+    for split, info in manifest["splits"].items():
+        print(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards "
+              f"({manifest['token_dtype']})")
+    print(f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Train a tokenizer (byte-level BPE, Unigram or WordPiece) on a corpus and save it as a Hugging Face directory.
+
+    python tools/train_tokenizer.py --input 'data/*.jsonl' --algorithm bpe --vocab-size 32000 --output tok/
+    python tools/train_tokenizer.py --hf-dataset wikitext --hf-config wikitext-103-raw-v1 --max-chars 2e9 ...
+    python tools/train_tokenizer.py --builtin --vocab-size 4096 --output workdir/tokenizer   # no download
+
+The output loads with transformers.AutoTokenizer.from_pretrained(output). A small share of the
+documents (chosen by a hash of their text, so the same ones every run) is held out of training
+and used to report the compression ratio in bytes per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import xxhash
+
+from lmtrain.data.text_sources import SourceError, add_corpus_args, check_spec, corpus_from_args, iter_documents
+
+ALGORITHMS = ("bpe", "unigram", "wordpiece")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_corpus_args(p)
+    p.add_argument("--output", required=True, help="directory to write (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--algorithm", default="bpe", choices=ALGORITHMS, help="bpe is byte-level (never unknown)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="target vocabulary size, special tokens included")
+    p.add_argument("--min-frequency", type=int, default=2, help="BPE/WordPiece: least count of a merge")
+    p.add_argument("--bos-token", default="<s>", help="'' for none")
+    p.add_argument("--eos-token", default="</s>", help="appended after every document by shard_data.py")
+    p.add_argument("--pad-token", default="<pad>", help="'' for none")
+    p.add_argument("--unk-token", default="<unk>", help="'' for none (not allowed for unigram/wordpiece)")
+    p.add_argument("--special-tokens", nargs="*", default=[], help="more special tokens, kept whole")
+    p.add_argument("--nfkc", action="store_true", help="NFKC-normalize text inside the tokenizer")
+    p.add_argument("--lowercase", action="store_true", help="lowercase text inside the tokenizer")
+    p.add_argument("--max-chars", type=float, default=0, help="stop after this many training characters (0: all)")
+    p.add_argument("--holdout-fraction", type=float, default=0.01, help="share of documents held out for the summary")
+    p.add_argument("--holdout-max-docs", type=int, default=2000, help="cap on held-out documents kept in memory")
+    return p.parse_args(argv)
+
+
+def is_held_out(text: str, fraction: float) -> bool:
+    """Deterministic by content, so the held-out sample is the same on every run and machine."""
+    return xxhash.xxh64_intdigest(text.encode("utf-8"), seed=1) < fraction * 2**64
+
+
+def build_tokenizer(algorithm: str, vocab_size: int, special_tokens: list[str], unk_token: str, nfkc: bool,
+                    lowercase: bool, min_frequency: int):
+    """An untrained tokenizers.Tokenizer and its trainer for the chosen algorithm."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if algorithm == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, min_frequency=min_frequency,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    elif algorithm == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special_tokens, unk_token=unk_token,
+                                          show_progress=False)
+    elif algorithm == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token=unk_token))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
+                                            min_frequency=min_frequency, show_progress=False)
+    else:
+        raise ValueError(f"unknown algorithm '{algorithm}'; choose one of {', '.join(ALGORITHMS)}.")
+    steps = ([normalizers.NFKC()] if nfkc else []) + ([normalizers.Lowercase()] if lowercase else [])
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
+    return tok, trainer
+
+
+def train_tokenizer(args: argparse.Namespace) -> dict:
+    """Train, save atomically, and return the summary."""
+    spec = corpus_from_args(args)
+    check_spec(spec)
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        raise SourceError(f"output {output} exists; pass --overwrite to replace it.")
+    if args.algorithm in ("unigram", "wordpiece") and not args.unk_token:
+        raise SourceError(f"--algorithm {args.algorithm} needs an --unk-token.")
+    if not args.eos_token:
+        raise SourceError("--eos-token is required: shard_data.py ends every document with it.")
+    named = {"bos_token": args.bos_token, "eos_token": args.eos_token, "pad_token": args.pad_token,
+             "unk_token": args.unk_token}
+    special = list(dict.fromkeys([t for t in named.values() if t] + list(args.special_tokens)))
+    if args.vocab_size <= len(special):
+        raise SourceError(f"--vocab-size {args.vocab_size} leaves no room beside {len(special)} special tokens.")
+
+    stats = {"documents": 0, "chars": 0, "held_out_documents": 0}
+    held_out: list[str] = []
+
+    def training_text() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for doc in iter_documents(spec):
+            if args.holdout_fraction and is_held_out(doc, args.holdout_fraction):
+                stats["held_out_documents"] += 1
+                if len(held_out) < args.holdout_max_docs:
+                    held_out.append(doc)
+                continue
+            stats["documents"] += 1
+            stats["chars"] += len(doc)
+            batch.append(doc)
+            if len(batch) == 1000:
+                yield batch
+                batch = []
+            if args.max_chars and stats["chars"] >= args.max_chars:
+                break
+        if batch:
+            yield batch
+
+    tok, trainer = build_tokenizer(args.algorithm, args.vocab_size, special, args.unk_token, args.nfkc,
+                                   args.lowercase, args.min_frequency)
+    start = time.time()
+    tok.train_from_iterator(training_text(), trainer=trainer)
+    if not stats["documents"]:
+        raise SourceError("the corpus is empty: no training documents were read.")
+    sample, sample_name = (held_out, "held-out") if held_out else (None, "")
+    summary = {
+        "algorithm": args.algorithm,
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "special_tokens": special,
+        "normalization": {"nfkc": args.nfkc, "lowercase": args.lowercase},
+        "corpus": spec.describe(),
+        "training_documents": stats["documents"],
+        "training_chars": stats["chars"],
+        "held_out_documents": stats["held_out_documents"],
+        "train_seconds": round(time.time() - start, 2),
+    }
+    if sample:
+        encoded = tok.encode_batch(sample, add_special_tokens=False)
+        n_tokens = sum(len(e.ids) for e in encoded)
+        n_bytes = sum(len(t.encode("utf-8")) for t in sample)
+        summary["compression_bytes_per_token"] = round(n_bytes / max(1, n_tokens), 4)
+        summary["compression_sample"] = f"{len(sample)} {sample_name} documents, {n_bytes} bytes"
+    else:
+        summary["compression_bytes_per_token"] = None
+        summary["compression_sample"] = "none held out (corpus too small for --holdout-fraction)"
+    _save(tok, named, list(args.special_tokens), summary, output)
+    return summary
+
+
+def _save(tok, named: dict, extra: list[str], summary: dict, output: Path) -> None:
+    """Write next to the output and rename, so a failed run never leaves a half tokenizer in place."""
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = {k: v for k, v in named.items() if v}
+    extra = [t for t in extra if t not in kwargs.values()]
+    if extra:
+        kwargs["extra_special_tokens"] = extra
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fast.save_pretrained(str(tmp))
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    if output.exists():
+        old = output.with_name(f".{output.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        output.rename(old)
+        tmp.rename(output)
+        shutil.rmtree(old)
+    else:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = train_tokenizer(args)
+    except SourceError as e:
+        print(f"train_tokenizer: error: {e}", file=sys.stderr)
+        return 2
+    ratio = summary["compression_bytes_per_token"]
+    print(f"tokenizer: {args.algorithm}, vocab {summary['vocab_size']}, trained on {summary['training_documents']} "
+          f"documents ({summary['training_chars']} chars) in {summary['train_seconds']}s -> {args.output}")
+    print(f"compression: {ratio} bytes/token on {summary['compression_sample']}" if ratio else
+          f"compression: {summary['compression_sample']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
