@@ -1,0 +1,316 @@
+"""`lmtrain generate`: sample text from a WORKDIR or a Hugging Face directory, with a KV cache.
+
+Decoding reuses the training model's own modules (ModelDef.bind: embed_tokens, each block's norms,
+attn.project_qkv / project_out and mlp, then logits); only the attention over the cache is written
+here. Prompts of different lengths are left-padded into one batch: each row's positions start at its
+first real token, and padding slots are masked out of attention. The prefill and the whole decode
+loop (a lax.while_loop over a fixed-size cache) are one jitted function. Without the cache each step
+runs the full forward pass over the fixed-size token buffer, which is the baseline the cache is
+measured against.
+
+Launch:  lmtrain generate WORKDIR --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lmtrain.model.layers import ModelConfig
+from lmtrain.model.transformer import ModelDef
+
+
+class GenerationError(ValueError):
+    """A generation request that cannot run; the message says what to change."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 64  # tokens generated per prompt (fewer when EOS comes first)
+    temperature: float = 0.0  # 0 is greedy; otherwise logits are divided by it before sampling
+    top_k: int = 0  # keep the k most likely tokens (0: all)
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1.0: all)
+    eos_id: int | None = None  # stop a row once it emits this token (None: never stop early)
+    pad_id: int = 0  # fills the left padding and the slots after a row stopped
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    tokens: list[list[int]]  # new tokens per prompt, up to and including EOS
+    seconds: float  # prefill + decode, after compilation
+    compile_seconds: float
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / max(self.seconds, 1e-9)
+
+
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
+    """Next token per row: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
+    if temperature <= 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if top_p < 1.0:
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        kept_BxV = jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf)  # the top token is always kept
+        logits_BxV = jnp.where(logits_BxV < kept_BxV.min(axis=-1, keepdims=True), -jnp.inf, logits_BxV)
+    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens_BxP, pad_B): prompts right-aligned in one array, and how many padding slots each row has."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise GenerationError("every prompt needs at least one token.")
+    width = max(len(p) for p in prompts)
+    tokens_BxP = np.full((len(prompts), width), pad_id, np.int32)
+    for row, p in enumerate(prompts):
+        tokens_BxP[row, width - len(p):] = p
+    return tokens_BxP, np.asarray([width - len(p) for p in prompts], np.int32)
+
+
+def _forward_with_cache(model, tokens_BxS, positions_BxS, slot, pad_B, cache):
+    """Logits for S new tokens written at cache slots [slot, slot + S), and the updated cache."""
+    block_def, block_state = nnx.split(model.blocks)
+    k_cache_LxBxTxKxH, v_cache_LxBxTxKxH = cache
+    S, T = tokens_BxS.shape[1], k_cache_LxBxTxKxH.shape[2]
+    query_slots_S = slot + jnp.arange(S)
+    key_slots_T = jnp.arange(T)
+    is_real_BxT = key_slots_T[None, :] >= pad_B[:, None]
+    # A padding query sees only itself, so that no softmax row is empty; real queries never see padding.
+    mask_BxSxT = (key_slots_T[None, None, :] <= query_slots_S[None, :, None]) & (
+        is_real_BxT[:, None, :] | (key_slots_T[None, None, :] == query_slots_S[None, :, None])
+    )
+
+    def layer(x_BxSxD, xs):
+        layer_state, k_BxTxKxH, v_BxTxKxH = xs
+        block = nnx.merge(block_def, layer_state)
+        q, k, v = block.attn.project_qkv(block.attn_norm(x_BxSxD), positions_BxS)
+        k_BxTxKxH = jax.lax.dynamic_update_slice(k_BxTxKxH, k.astype(k_BxTxKxH.dtype), (0, slot, 0, 0))
+        v_BxTxKxH = jax.lax.dynamic_update_slice(v_BxTxKxH, v.astype(v_BxTxKxH.dtype), (0, slot, 0, 0))
+        out_BxSxNxH = jax.nn.dot_product_attention(q, k_BxTxKxH.astype(q.dtype), v_BxTxKxH.astype(q.dtype),
+                                                   mask=mask_BxSxT[:, None])
+        x_BxSxD = x_BxSxD + block.attn.project_out(out_BxSxNxH)
+        x_BxSxD = x_BxSxD + block.mlp(block.mlp_norm(x_BxSxD))
+        return x_BxSxD, (k_BxTxKxH, v_BxTxKxH)
+
+    x_BxSxD = model.embed_tokens(tokens_BxS, positions_BxS)
+    x_BxSxD, cache = jax.lax.scan(layer, x_BxSxD, (block_state, k_cache_LxBxTxKxH, v_cache_LxBxTxKxH))
+    return model.logits(x_BxSxD), cache
+
+
+def make_generate_fn(model_def: ModelDef, sampling: SamplingConfig, use_cache: bool = True):
+    """fn(params, tokens_BxP, pad_B, key) -> new_tokens_BxN, one jitted prefill + decode loop."""
+    cfg, s = model_def.cfg, sampling
+    vocab, n_new = cfg.vocab_size, s.max_new_tokens
+
+    def generate_fn(params, prompt_BxP, pad_B, key):
+        model = model_def.bind(params)
+        B, P = prompt_BxP.shape
+        T = P + n_new
+        slots_T = jnp.arange(T)
+        positions_BxT = jnp.maximum(slots_T[None, :] - pad_B[:, None], 0)
+        segments_BxT = (slots_T[None, :] >= pad_B[:, None]).astype(jnp.int32)  # 0 marks left padding
+        tokens_BxT = jnp.full((B, T), s.pad_id, jnp.int32).at[:, :P].set(prompt_BxP)
+
+        if use_cache:
+            shape = (cfg.n_layers, B, T, cfg.n_kv_heads, cfg.resolved_head_dim)
+            cache = (jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+            logits_BxPxV, cache = _forward_with_cache(model, prompt_BxP, positions_BxT[:, :P], 0, pad_B, cache)
+            logits_BxV = logits_BxPxV[:, -1]
+        else:
+            cache = ()
+            logits_BxV = model(tokens_BxT, positions_BxT, segments_BxT)[:, P - 1]
+
+        def keep_going(state):
+            step, _, _, _, done_B = state
+            return (step < n_new) & ~jnp.all(done_B)
+
+        def decode_step(state):
+            step, tokens_BxT, cache, logits_BxV, done_B = state
+            slot = P + step
+            step_key = jax.random.fold_in(key, step)
+            next_B = sample_logits(logits_BxV[:, :vocab], step_key, s.temperature, s.top_k, s.top_p)
+            next_B = jnp.where(done_B, s.pad_id, next_B)
+            tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, next_B[:, None], (0, slot))
+            if s.eos_id is not None:
+                done_B = done_B | (next_B == s.eos_id)
+            if use_cache:
+                position_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxT, slot, 1, axis=1)
+                logits_Bx1xV, cache = _forward_with_cache(model, next_B[:, None], position_Bx1, slot, pad_B, cache)
+                logits_BxV = logits_Bx1xV[:, 0]
+            else:
+                logits_BxTxV = model(tokens_BxT, positions_BxT, segments_BxT)
+                logits_BxV = jax.lax.dynamic_index_in_dim(logits_BxTxV, slot, axis=1, keepdims=False)
+            return step + 1, tokens_BxT, cache, logits_BxV, done_B
+
+        state = (jnp.int32(0), tokens_BxT, cache, logits_BxV, jnp.zeros((B,), bool))
+        steps, tokens_BxT, _, _, _ = jax.lax.while_loop(keep_going, decode_step, state)
+        return tokens_BxT[:, P:], steps
+
+    return jax.jit(generate_fn)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(model_def: ModelDef, sampling: SamplingConfig, use_cache: bool, signature: tuple, args):
+    """The compiled generate function for these shapes, and the seconds compiling took (0 when reused)."""
+    key = (id(model_def), sampling, use_cache, signature)
+    if key in _COMPILED and _COMPILED[key][0] is model_def:
+        return _COMPILED[key][1], 0.0
+    start = time.perf_counter()
+    compiled = make_generate_fn(model_def, sampling, use_cache).lower(*args).compile()
+    if len(_COMPILED) >= 16:
+        _COMPILED.clear()
+    _COMPILED[key] = (model_def, compiled)
+    return compiled, time.perf_counter() - start
+
+
+def generate(model_def: ModelDef, params: dict, prompts: list[list[int]], sampling: SamplingConfig,
+             seed: int = 0, use_cache: bool = True) -> GenerationResult:
+    """Generate for a batch of token-id prompts of any lengths; same seed, same tokens."""
+    cfg = model_def.cfg
+    longest = max(len(p) for p in prompts) if prompts else 0
+    if longest + sampling.max_new_tokens > cfg.max_seq_len:
+        raise GenerationError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens={sampling.max_new_tokens} exceeds the "
+            f"model's {cfg.max_seq_len} positions (model.max_seq_len). Shorten the prompt or generate fewer tokens."
+        )
+    if sampling.max_new_tokens < 1:
+        raise GenerationError("max_new_tokens must be at least 1.")
+    tokens_BxP, pad_B = left_pad(prompts, sampling.pad_id)
+    args = (params, jnp.asarray(tokens_BxP), jnp.asarray(pad_B), jax.random.key(seed))
+    signature = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(args[:3]))
+    compiled, compile_seconds = _compiled(model_def, sampling, use_cache, signature, args)
+    start = time.perf_counter()
+    new_BxN, steps = compiled(*args)
+    new_BxN = np.asarray(jax.device_get(new_BxN))[:, : int(steps)]
+    seconds = time.perf_counter() - start
+    out = []
+    for row in new_BxN.tolist():
+        if sampling.eos_id is not None and sampling.eos_id in row:
+            row = row[: row.index(sampling.eos_id) + 1]
+        out.append(row)
+    return GenerationResult(out, seconds, compile_seconds)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+class _Tokenizer:
+    """encode/decode over a transformers tokenizer directory or a bare tokenizer.json."""
+
+    def __init__(self, directory: pathlib.Path):
+        self.eos_id = None
+        try:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+            self.eos_id = self._hf.eos_token_id
+            self.pad_id = self._hf.pad_token_id
+        except Exception:  # noqa: BLE001 - lmtrain's own tokenizers are a bare tokenizer.json
+            from tokenizers import Tokenizer
+
+            from lmtrain.interop.hf_export import _EOS_NAMES
+
+            self._hf = None
+            self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
+            self.eos_id = next((i for n in _EOS_NAMES if (i := self._tok.token_to_id(n)) is not None), None)
+            self.pad_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return self._hf.encode(text) if self._hf is not None else self._tok.encode(text).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._hf.decode(ids) if self._hf is not None else self._tok.decode(ids)
+
+
+def load_model(path: str | pathlib.Path, which: str | int = "latest") -> tuple[ModelDef, dict, pathlib.Path | None]:
+    """(model, params, tokenizer dir) from a WORKDIR (checkpoint, else its imported init_params) or an HF directory."""
+    path = pathlib.Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise GenerationError(f"{path} has no config.json; give a WORKDIR or a Hugging Face model directory.")
+    raw = json.loads(config_path.read_text())
+    if "architectures" in raw or "model_type" in raw:  # a Hugging Face directory
+        from lmtrain.interop.hf_import import load_hf_model
+
+        cfg, params = load_hf_model(path)
+        return ModelDef(cfg), params, path
+    from lmtrain.config import load_config
+    from lmtrain.train import checkpoint
+
+    cfg = load_config(str(config_path))
+    model_def = ModelDef(ModelConfig.from_config(cfg.model))
+    tokenizer_dir = pathlib.Path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
+    try:
+        _, params = checkpoint.restore_params(path, which)
+    except FileNotFoundError:
+        if not cfg.train.init_from or which != "latest":
+            raise
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
+        params = checkpoint.load_init_params(cfg.train.init_from, target)
+    return model_def, params, tokenizer_dir if tokenizer_dir.is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmtrain generate", description="Generate text with a KV cache.")
+    parser.add_argument("path", help="WORKDIR (its checkpoint, or the parameters `lmtrain import` wrote) or an HF dir")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
+    parser.add_argument("--which", default="latest", help="checkpoint: 'latest', 'best' or a step number")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the full forward pass every step")
+    parser.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    which = int(args.which) if args.which.isdigit() else args.which
+    try:
+        model_def, params, tokenizer_dir = load_model(args.path, which)
+        if tokenizer_dir is None:
+            raise GenerationError(f"{args.path} has no tokenizer; generation needs one to encode the prompts.")
+        tokenizer = _Tokenizer(tokenizer_dir)
+        prompts = args.prompt or [""]
+        ids = [tokenizer.encode(p) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0] for p in prompts]
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            eos_id=None if args.ignore_eos else tokenizer.eos_id,
+            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0),
+        )
+        result = generate(model_def, params, ids, sampling, args.seed, use_cache=not args.no_cache)
+    except (GenerationError, FileNotFoundError, ValueError) as e:
+        print(f"lmtrain generate: error: {e}", file=sys.stderr)
+        return 2
+    for prompt, new in zip(prompts, result.tokens, strict=True):
+        print(f"--- {prompt!r}\n{prompt}{tokenizer.decode(new)}")
+    print(f"lmtrain generate: {result.new_tokens} tokens in {result.seconds:.2f}s ({result.tokens_per_second:.1f} "
+          f"tokens/s, KV cache {'off' if args.no_cache else 'on'}; compiled in {result.compile_seconds:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

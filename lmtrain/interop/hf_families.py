@@ -1,0 +1,451 @@
+"""How each Hugging Face model family maps onto lmtrain's parameters, in both directions.
+
+A family is a config translation (HF `config.json` <-> lmtrain `model.*` fields) and a list of
+`TensorRule`s. A rule ties one HF tensor to one or more lmtrain parameters (GPT-2's fused `c_attn`
+feeds wq, wk and wv) and carries the two conversions. Block parameters are stacked on a leading
+layers axis in lmtrain, so a rule whose parameters live under `blocks/` applies once per layer,
+with `{i}` in the HF name standing for the layer index. Import and export both read this table;
+nothing else in lmtrain knows an HF tensor name.
+
+Every family is exact: a config that the lmtrain transformer cannot reproduce (another activation,
+biases where lmtrain has none, another RoPE scaling) is refused with the setting named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+from lmtrain.model.layers import ModelConfig
+
+
+class HFInteropError(ValueError):
+    """An input that cannot be converted exactly. The message names the file, tensor or setting and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """One HF tensor <-> one or more lmtrain parameters ('blocks/attn/wq' style paths)."""
+
+    hf: str  # HF tensor name; '{i}' is the layer index for block parameters
+    lm: tuple[str, ...]
+    hf_shape: tuple[int, ...]
+    to_lm: Callable[[np.ndarray], tuple[np.ndarray, ...]]
+    to_hf: Callable[[tuple[np.ndarray, ...]], np.ndarray]
+
+    @property
+    def per_layer(self) -> bool:
+        return self.lm[0].startswith("blocks/")
+
+    def hf_name(self, layer: int | None) -> str:
+        return self.hf.format(i=layer) if self.per_layer else self.hf
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    architectures: tuple[str, ...]  # HF class names in config.json 'architectures'
+    model_type: str
+    base_prefix: str  # prefix of the base model's tensors; checkpoints of the bare base model omit it
+    config_to_lm: Callable[[dict], tuple[dict, list[str]]]  # HF config -> (lmtrain model fields, notes)
+    config_to_hf: Callable[[ModelConfig], dict]
+    rules: Callable[[ModelConfig], list[TensorRule]]
+    ignored_suffixes: tuple[str, ...] = ()  # non-parameter buffers some checkpoints carry (causal masks, inv_freq)
+    optional: tuple[str, ...] = ()  # tensors that may be present and are not used (lm_head copy of tied embeddings)
+
+
+# ---------------------------------------------------------------------------------------------- conversions
+
+
+def _c(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x)
+
+
+def _identity() -> tuple[Callable, Callable]:
+    return (lambda w: (_c(w),)), (lambda xs: _c(xs[0]))
+
+
+def _transpose() -> tuple[Callable, Callable]:
+    """torch Linear weight [out, in] <-> lmtrain [in, out]."""
+    return (lambda w: (_c(w.T),)), (lambda xs: _c(xs[0].T))
+
+
+def _linear_to_heads(d: int, n: int, h: int) -> tuple[Callable, Callable]:
+    """torch Linear [n*h, d] (q/k/v projection) <-> lmtrain [d, n, h]."""
+    return (lambda w: (_c(w.T.reshape(d, n, h)),)), (lambda xs: _c(xs[0].reshape(d, n * h).T))
+
+
+def _heads_to_linear(d: int, n: int, h: int) -> tuple[Callable, Callable]:
+    """torch Linear [d, n*h] (output projection) <-> lmtrain [n, h, d]."""
+    return (lambda w: (_c(w.T.reshape(n, h, d)),)), (lambda xs: _c(xs[0].reshape(n * h, d).T))
+
+
+def _bias_to_heads(n: int, h: int) -> tuple[Callable, Callable]:
+    return (lambda b: (_c(b.reshape(n, h)),)), (lambda xs: _c(xs[0].reshape(n * h)))
+
+
+def _vocab_rows(vocab: int, padded: int) -> tuple[Callable, Callable]:
+    """[vocab, d] <-> [padded_vocab, d]: padding rows are zero on import and dropped on export."""
+
+    def to_lm(w):
+        out = np.zeros((padded, w.shape[1]), w.dtype)
+        out[:vocab] = w
+        return (out,)
+
+    return to_lm, (lambda xs: _c(xs[0][:vocab]))
+
+
+def _vocab_head(vocab: int, padded: int) -> tuple[Callable, Callable]:
+    """torch lm_head [vocab, d] <-> lmtrain [d, padded_vocab]."""
+
+    def to_lm(w):
+        out = np.zeros((w.shape[1], padded), w.dtype)
+        out[:, :vocab] = w.T
+        return (out,)
+
+    return to_lm, (lambda xs: _c(xs[0][:, :vocab].T))
+
+
+def _rule(hf: str, lm: str | tuple[str, ...], hf_shape: tuple[int, ...], conv: tuple[Callable, Callable]) -> TensorRule:
+    lm = (lm,) if isinstance(lm, str) else lm
+    return TensorRule(hf, lm, tuple(hf_shape), conv[0], conv[1])
+
+
+# ---------------------------------------------------------------------------------------------- config helpers
+
+
+def _require(hf: dict, key: str, allowed, family: str, default=None) -> None:
+    value = hf.get(key, default)
+    if value not in allowed:
+        raise HFInteropError(
+            f"{family} config.json: {key}={value!r} is not supported (lmtrain reproduces {key} in "
+            f"{sorted(map(repr, allowed))} exactly). Convert or fine-tune a model with a supported setting."
+        )
+
+
+def _rope_from_hf(hf: dict, family: str) -> tuple[float, tuple]:
+    """RoPE theta and scaling from either the transformers>=5 `rope_parameters` or the older `rope_scaling`."""
+    merged = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    rope_type = merged.get("rope_type") or merged.get("type") or "default"
+    if rope_type == "default":
+        return theta, ()
+    if rope_type == "llama3":
+        return theta, (
+            "llama3",
+            float(merged["factor"]),
+            float(merged["low_freq_factor"]),
+            float(merged["high_freq_factor"]),
+            int(merged["original_max_position_embeddings"]),
+        )
+    raise HFInteropError(
+        f"{family} config.json: RoPE scaling type {rope_type!r} is not supported; lmtrain supports 'default' and "
+        "'llama3'."
+    )
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict:
+    """Both spellings: `rope_parameters` for transformers>=5, `rope_theta`/`rope_scaling` for older readers."""
+    params: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        _, factor, low, high, original = cfg.rope_scaling
+        params = {
+            "rope_type": "llama3",
+            "rope_theta": cfg.rope_theta,
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }
+    legacy = {k: v for k, v in params.items() if k != "rope_theta"} if cfg.rope_scaling else None
+    return {"rope_parameters": params, "rope_theta": cfg.rope_theta, "rope_scaling": legacy}
+
+
+# ---------------------------------------------------------------------------------------------- GPT-2
+
+
+def _gpt2_config_to_lm(hf: dict) -> tuple[dict, list[str]]:
+    _require(hf, "activation_function", ("gelu_new", "gelu_pytorch_tanh"), "GPT-2", "gelu_new")
+    _require(hf, "scale_attn_weights", (True,), "GPT-2", True)
+    _require(hf, "scale_attn_by_inverse_layer_idx", (False,), "GPT-2", False)
+    _require(hf, "add_cross_attention", (False,), "GPT-2", False)
+    d = hf["n_embd"]
+    fields = dict(
+        vocab_size=hf["vocab_size"],
+        d_model=d,
+        n_layers=hf["n_layer"],
+        n_heads=hf["n_head"],
+        n_kv_heads=hf["n_head"],
+        head_dim=0,
+        d_ff=hf.get("n_inner") or 4 * d,
+        max_seq_len=hf["n_positions"],
+        pos_embedding="learned",
+        norm="layernorm",
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        mlp="gelu",
+        use_bias=True,
+        qkv_bias=False,
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        rope_scaling=(),
+    )
+    return fields, []
+
+
+def _gpt2_config_to_hf(cfg: ModelConfig) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.n_layers,
+        "n_head": cfg.n_heads,
+        "n_inner": cfg.d_ff,
+        "n_positions": cfg.max_seq_len,
+        "n_ctx": cfg.max_seq_len,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "activation_function": "gelu_new",
+        "scale_attn_weights": True,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    }
+
+
+def _gpt2_rules(cfg: ModelConfig) -> list[TensorRule]:
+    d, nh, hd, f, V, Vp = cfg.d_model, cfg.n_heads, cfg.resolved_head_dim, cfg.d_ff, cfg.vocab_size, cfg.padded_vocab
+
+    def split_qkv_weight(w):  # Conv1D [d, 3*d] (in, out)
+        return tuple(_c(part.reshape(d, nh, hd)) for part in np.split(w, 3, axis=1))
+
+    def split_qkv_bias(b):
+        return tuple(_c(part.reshape(nh, hd)) for part in np.split(b, 3))
+
+    h = "transformer.h.{i}."
+    rules = [
+        _rule("transformer.wte.weight", "embed", (V, d), _vocab_rows(V, Vp)),
+        _rule("transformer.wpe.weight", "pos_embed", (cfg.max_seq_len, d), _identity()),
+        _rule(h + "ln_1.weight", "blocks/attn_norm/scale", (d,), _identity()),
+        _rule(h + "ln_1.bias", "blocks/attn_norm/bias", (d,), _identity()),
+        _rule(
+            h + "attn.c_attn.weight",
+            ("blocks/attn/wq", "blocks/attn/wk", "blocks/attn/wv"),
+            (d, 3 * nh * hd),
+            (split_qkv_weight, lambda xs: _c(np.concatenate([x.reshape(d, nh * hd) for x in xs], axis=1))),
+        ),
+        _rule(
+            h + "attn.c_attn.bias",
+            ("blocks/attn/bq", "blocks/attn/bk", "blocks/attn/bv"),
+            (3 * nh * hd,),
+            (split_qkv_bias, lambda xs: _c(np.concatenate([x.reshape(nh * hd) for x in xs]))),
+        ),
+        # Conv1D stores [in, out], which is already lmtrain's orientation.
+        _rule(
+            h + "attn.c_proj.weight",
+            "blocks/attn/wo",
+            (nh * hd, d),
+            (lambda w: (_c(w.reshape(nh, hd, d)),), lambda xs: _c(xs[0].reshape(nh * hd, d))),
+        ),
+        _rule(h + "attn.c_proj.bias", "blocks/attn/bo", (d,), _identity()),
+        _rule(h + "ln_2.weight", "blocks/mlp_norm/scale", (d,), _identity()),
+        _rule(h + "ln_2.bias", "blocks/mlp_norm/bias", (d,), _identity()),
+        _rule(h + "mlp.c_fc.weight", "blocks/mlp/w_in", (d, f), _identity()),
+        _rule(h + "mlp.c_fc.bias", "blocks/mlp/b_in", (f,), _identity()),
+        _rule(h + "mlp.c_proj.weight", "blocks/mlp/w_out", (f, d), _identity()),
+        _rule(h + "mlp.c_proj.bias", "blocks/mlp/b_out", (d,), _identity()),
+        _rule("transformer.ln_f.weight", "final_norm/scale", (d,), _identity()),
+        _rule("transformer.ln_f.bias", "final_norm/bias", (d,), _identity()),
+    ]
+    if not cfg.tie_embeddings:
+        rules.append(_rule("lm_head.weight", "lm_head", (V, d), _vocab_head(V, Vp)))
+    return rules
+
+
+# ---------------------------------------------------------------------------------------------- Llama, Mistral, Qwen2
+
+
+def _llama_like_config_to_lm(family: str, qkv_bias: bool) -> Callable[[dict], tuple[dict, list[str]]]:
+    def convert(hf: dict) -> tuple[dict, list[str]]:
+        _require(hf, "hidden_act", ("silu",), family, "silu")
+        _require(hf, "attention_bias", (False,), family, False)
+        _require(hf, "mlp_bias", (False,), family, False)
+        notes = []
+        theta, scaling = _rope_from_hf(hf, family)
+        d, nh = hf["hidden_size"], hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or d // nh
+        max_seq_len = hf.get("max_position_embeddings", 2048)
+        window = hf.get("sliding_window")
+        uses_window = hf.get("use_sliding_window", True) if family == "Qwen2" else True
+        if uses_window and window and window < max_seq_len:
+            notes.append(
+                f"{family} sliding_window={window} is smaller than max_position_embeddings={max_seq_len}; lmtrain "
+                f"attends over the full context, which equals sliding-window attention up to {window} tokens, so "
+                f"model.max_seq_len is set to {window}."
+            )
+            max_seq_len = window
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            d_model=d,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=nh,
+            n_kv_heads=hf.get("num_key_value_heads") or nh,
+            head_dim=0 if head_dim * nh == d else head_dim,
+            d_ff=hf["intermediate_size"],
+            max_seq_len=max_seq_len,
+            pos_embedding="rope",
+            rope_theta=theta,
+            rope_scaling=scaling,
+            norm="rmsnorm",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            mlp="swiglu",
+            use_bias=False,
+            qkv_bias=qkv_bias,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+        )
+        return fields, notes
+
+    return convert
+
+
+def _llama_like_config_to_hf(architecture: str, model_type: str) -> Callable[[ModelConfig], dict]:
+    def convert(cfg: ModelConfig) -> dict:
+        out = {
+            "architectures": [architecture],
+            "model_type": model_type,
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.d_ff,
+            "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads,
+            "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.resolved_head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.max_seq_len,
+            "rms_norm_eps": cfg.norm_eps,
+            "tie_word_embeddings": cfg.tie_embeddings,
+            "attention_dropout": 0.0,
+            **_rope_to_hf(cfg),
+        }
+        if model_type == "llama":
+            out.update(attention_bias=False, mlp_bias=False)
+        else:  # lmtrain attends over the full context: no sliding window
+            out.update(sliding_window=None, use_sliding_window=False)
+        return out
+
+    return convert
+
+
+def _llama_like_rules(cfg: ModelConfig) -> list[TensorRule]:
+    d, nh, nkv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.resolved_head_dim
+    f, V, Vp = cfg.d_ff, cfg.vocab_size, cfg.padded_vocab
+    a, m = "model.layers.{i}.self_attn.", "model.layers.{i}.mlp."
+    rules = [
+        _rule("model.embed_tokens.weight", "embed", (V, d), _vocab_rows(V, Vp)),
+        _rule("model.layers.{i}.input_layernorm.weight", "blocks/attn_norm/scale", (d,), _identity()),
+        _rule(a + "q_proj.weight", "blocks/attn/wq", (nh * hd, d), _linear_to_heads(d, nh, hd)),
+        _rule(a + "k_proj.weight", "blocks/attn/wk", (nkv * hd, d), _linear_to_heads(d, nkv, hd)),
+        _rule(a + "v_proj.weight", "blocks/attn/wv", (nkv * hd, d), _linear_to_heads(d, nkv, hd)),
+        _rule(a + "o_proj.weight", "blocks/attn/wo", (d, nh * hd), _heads_to_linear(d, nh, hd)),
+        _rule("model.layers.{i}.post_attention_layernorm.weight", "blocks/mlp_norm/scale", (d,), _identity()),
+        _rule(m + "gate_proj.weight", "blocks/mlp/w_gate", (f, d), _transpose()),
+        _rule(m + "up_proj.weight", "blocks/mlp/w_in", (f, d), _transpose()),
+        _rule(m + "down_proj.weight", "blocks/mlp/w_out", (d, f), _transpose()),
+        _rule("model.norm.weight", "final_norm/scale", (d,), _identity()),
+    ]
+    if cfg.qkv_bias:
+        rules += [
+            _rule(a + "q_proj.bias", "blocks/attn/bq", (nh * hd,), _bias_to_heads(nh, hd)),
+            _rule(a + "k_proj.bias", "blocks/attn/bk", (nkv * hd,), _bias_to_heads(nkv, hd)),
+            _rule(a + "v_proj.bias", "blocks/attn/bv", (nkv * hd,), _bias_to_heads(nkv, hd)),
+        ]
+    if not cfg.tie_embeddings:
+        rules.append(_rule("lm_head.weight", "lm_head", (V, d), _vocab_head(V, Vp)))
+    return rules
+
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        name="gpt2",
+        architectures=("GPT2LMHeadModel",),
+        model_type="gpt2",
+        base_prefix="transformer.",
+        config_to_lm=_gpt2_config_to_lm,
+        config_to_hf=_gpt2_config_to_hf,
+        rules=_gpt2_rules,
+        ignored_suffixes=(".attn.bias", ".attn.masked_bias"),  # causal-mask buffers of old GPT-2 checkpoints
+        optional=("lm_head.weight",),
+    ),
+    "llama": Family(
+        name="llama",
+        architectures=("LlamaForCausalLM",),
+        model_type="llama",
+        base_prefix="model.",
+        config_to_lm=_llama_like_config_to_lm("Llama", qkv_bias=False),
+        config_to_hf=_llama_like_config_to_hf("LlamaForCausalLM", "llama"),
+        rules=_llama_like_rules,
+        ignored_suffixes=(".rotary_emb.inv_freq",),
+        optional=("lm_head.weight",),
+    ),
+    "mistral": Family(
+        name="mistral",
+        architectures=("MistralForCausalLM",),
+        model_type="mistral",
+        base_prefix="model.",
+        config_to_lm=_llama_like_config_to_lm("Mistral", qkv_bias=False),
+        config_to_hf=_llama_like_config_to_hf("MistralForCausalLM", "mistral"),
+        rules=_llama_like_rules,
+        ignored_suffixes=(".rotary_emb.inv_freq",),
+        optional=("lm_head.weight",),
+    ),
+    "qwen2": Family(
+        name="qwen2",
+        architectures=("Qwen2ForCausalLM",),
+        model_type="qwen2",
+        base_prefix="model.",
+        config_to_lm=_llama_like_config_to_lm("Qwen2", qkv_bias=True),
+        config_to_hf=_llama_like_config_to_hf("Qwen2ForCausalLM", "qwen2"),
+        rules=_llama_like_rules,
+        ignored_suffixes=(".rotary_emb.inv_freq",),
+        optional=("lm_head.weight",),
+    ),
+}
+
+SUPPORTED_ARCHITECTURES = tuple(a for fam in FAMILIES.values() for a in fam.architectures)
+
+
+def family_for_hf_config(hf: dict, source: str) -> Family:
+    """The family named by config.json's `architectures` (or `model_type`); an error lists the supported ones."""
+    names = list(hf.get("architectures") or [])
+    for fam in FAMILIES.values():
+        if any(n in fam.architectures for n in names) or (not names and hf.get("model_type") == fam.model_type):
+            return fam
+    found = ", ".join(names) if names else f"model_type={hf.get('model_type')!r}"
+    raise HFInteropError(
+        f"{source}: architecture {found} is not supported. lmtrain imports: {', '.join(SUPPORTED_ARCHITECTURES)}."
+    )
+
+
+def family_for_model(cfg: ModelConfig, preferred: str | None = None) -> Family:
+    """The HF family that reproduces an lmtrain model exactly; `preferred` (the imported family) wins if it fits."""
+    fits = {
+        "gpt2": cfg.pos_embedding == "learned" and cfg.norm == "layernorm" and cfg.mlp == "gelu" and cfg.use_bias
+        and not cfg.qkv_bias and cfg.n_kv_heads == cfg.n_heads and cfg.resolved_head_dim * cfg.n_heads == cfg.d_model,
+        "llama": cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.use_bias
+        and not cfg.qkv_bias,
+        "qwen2": cfg.pos_embedding == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu" and not cfg.use_bias
+        and cfg.qkv_bias,
+    }
+    fits["mistral"] = fits["llama"]
+    if preferred in fits and fits[preferred]:
+        return FAMILIES[preferred]
+    for name in ("gpt2", "llama", "qwen2"):
+        if fits[name]:
+            return FAMILIES[name]
+    raise HFInteropError(
+        f"no Hugging Face family reproduces this lmtrain model exactly (pos_embedding={cfg.pos_embedding}, "
+        f"norm={cfg.norm}, mlp={cfg.mlp}, use_bias={cfg.use_bias}, qkv_bias={cfg.qkv_bias}). Exportable: GPT-2 "
+        "(learned, layernorm, gelu, use_bias), Llama/Mistral (rope, rmsnorm, swiglu, no biases), Qwen2 (as Llama "
+        "with qkv_bias)."
+    )

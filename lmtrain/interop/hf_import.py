@@ -1,0 +1,374 @@
+"""`lmtrain import HF_DIR WORKDIR`: a Hugging Face checkpoint becomes an lmtrain WORKDIR that `lmtrain train` continues.
+
+The weights stream tensor by tensor from safetensors into (possibly sharded) device arrays: a host holds
+one HF tensor at a time and each device receives only its slice. Pickle checkpoints (`pytorch_model.bin`)
+are refused, never opened, and no code from the model directory is ever run.
+
+Launch:  lmtrain import path/to/hf_model WORKDIR [--fsdp N] [--tensor N]
+Then:    lmtrain train --config WORKDIR/config.json --workdir WORKDIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import pathlib
+import shutil
+import struct
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from lmtrain.interop.hf_families import Family, HFInteropError, TensorRule, family_for_hf_config
+from lmtrain.model.layers import ModelConfig
+from lmtrain.model.transformer import ModelDef
+
+PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+# Written next to the checkpoint so that `lmtrain export` returns to the same family and token ids.
+SOURCE_CONFIG = "hf_config.json"
+SOURCE_GENERATION_CONFIG = "hf_generation_config.json"
+
+# safetensors dtype codes. safetensors' own numpy reader cannot return bfloat16 (the dtype of most released
+# checkpoints), so SafetensorsReader reads the documented format directly, with ml_dtypes for bfloat16.
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+class SafetensorsReader:
+    """Names, shapes and one-tensor-at-a-time reads over the files of a (possibly sharded) safetensors checkpoint."""
+
+    def __init__(self, files: list[pathlib.Path]):
+        self.entries: dict[str, tuple[pathlib.Path, str, tuple[int, ...], int, int]] = {}
+        for path in files:
+            with open(path, "rb") as f:
+                raw = f.read(8)
+                if len(raw) != 8:
+                    raise HFInteropError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
+                (header_len,) = struct.unpack("<Q", raw)
+                try:
+                    header = json.loads(f.read(header_len))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    raise HFInteropError(f"{path}: not a safetensors file (its header is not JSON).") from None
+            data_start = 8 + header_len
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                if name in self.entries:
+                    raise HFInteropError(f"tensor '{name}' is stored twice: in {self.entries[name][0]} and {path}.")
+                start, end = info["data_offsets"]
+                self.entries[name] = (path, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+
+    def names(self) -> set[str]:
+        return set(self.entries)
+
+    def file_of(self, name: str) -> pathlib.Path:
+        return self.entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][2]
+
+    def read(self, name: str) -> np.ndarray:
+        path, code, shape, offset, nbytes = self.entries[name]
+        if code not in _DTYPES:
+            raise HFInteropError(f"{path}: tensor '{name}' has dtype {code}, which lmtrain cannot read.")
+        dtype = np.dtype(_DTYPES[code])
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * dtype.itemsize != nbytes:
+            raise HFInteropError(f"{path}: tensor '{name}' has {nbytes} bytes, not {count * dtype.itemsize}.")
+        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def read_hf_config(hf_dir: pathlib.Path) -> dict:
+    path = hf_dir / "config.json"
+    if not path.is_file():
+        raise HFInteropError(f"{hf_dir} has no config.json; point lmtrain at a Hugging Face model directory.")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFInteropError(f"{path}: not valid JSON ({e}).") from None
+
+
+def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The checkpoint's safetensors files (single or sharded). Pickle checkpoints are refused unopened."""
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = [hf_dir / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise HFInteropError(f"{index} lists {f.name}, which is missing from {hf_dir}.")
+        return files
+    if (hf_dir / "model.safetensors").is_file():
+        return [hf_dir / "model.safetensors"]
+    found = sorted(hf_dir.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = [p.name for p in hf_dir.iterdir() if p.name in PICKLE_FILES or p.suffix in (".bin", ".pt", ".pth")]
+    if pickles:
+        raise HFInteropError(
+            f"{hf_dir} holds only a pickle checkpoint ({', '.join(sorted(pickles))}). lmtrain never unpickles "
+            "files, since unpickling can run arbitrary code. Convert it to safetensors first, for example in "
+            "Python with transformers: AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT) (which "
+            "writes model.safetensors), and import OUT."
+        )
+    raise HFInteropError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json.")
+
+
+def _check_tensors(reader: SafetensorsReader, family: Family, rules: list[TensorRule], n_layers: int,
+                   hf_dir: pathlib.Path) -> dict[str, str]:
+    """Map canonical HF names to the names in the files; every tensor present, none extra, every shape right."""
+    present = reader.names()
+    prefixed = any(n.startswith(family.base_prefix) for n in present)
+
+    def in_file(canonical: str) -> str:
+        return canonical if prefixed or not canonical.startswith(family.base_prefix) else \
+            canonical[len(family.base_prefix):]
+
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for rule in rules:
+        for layer in range(n_layers) if rule.per_layer else [None]:
+            canonical = rule.hf_name(layer)
+            expected[canonical] = (in_file(canonical), rule.hf_shape)
+    wanted = {name for name, _ in expected.values()}
+    missing = [c for c, (name, _) in expected.items() if name not in present]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise HFInteropError(
+            f"{hf_dir}: tensor '{missing[0]}' is missing{more}; a {family.name} model with this config.json needs "
+            f"it. Missing: {', '.join(missing[:5])}. Check that config.json belongs to these weights."
+        )
+    optional = {in_file(o) for o in family.optional}
+    extra = sorted(n for n in present - wanted - optional if not n.endswith(family.ignored_suffixes))
+    if extra:
+        raise HFInteropError(
+            f"{reader.file_of(extra[0])}: unexpected tensor '{extra[0]}'"
+            + (f" (and {len(extra) - 1} more: {', '.join(extra[1:5])})" if len(extra) > 1 else "")
+            + f". A {family.name} model with this config.json has no such weight, so importing would lose it. "
+            "Check that config.json belongs to these weights."
+        )
+    for name, shape in expected.values():
+        if reader.shape(name) != shape:
+            raise HFInteropError(
+                f"{reader.file_of(name)}: tensor '{name}' has shape {list(reader.shape(name))}, but config.json "
+                f"implies {list(shape)}. Check that config.json belongs to these weights."
+            )
+    return {c: name for c, (name, _) in expected.items()}
+
+
+@functools.cache
+def _stacker(sharding):
+    return jax.jit(lambda layers: jnp.stack(layers), out_shardings=sharding)
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    """Each device (of this host) gets only its slice of `host`."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def _layer_sharding(sharding):
+    if isinstance(sharding, NamedSharding):
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return sharding
+
+
+def _flat_paths(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(_flat_paths(value, path + "/") if isinstance(value, dict) else {path: value})
+    return out
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+def model_config_from_hf(hf_dir: str | pathlib.Path, param_dtype: str = "float32") -> tuple[
+        Family, dict, list[str]]:
+    """(family, lmtrain `model.*` fields, notes) for the HF model in `hf_dir`."""
+    hf_dir = pathlib.Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    family = family_for_hf_config(hf, str(hf_dir / "config.json"))
+    fields, notes = family.config_to_lm(hf)
+    fields["param_dtype"] = param_dtype
+    return family, fields, notes
+
+
+def load_hf_params(hf_dir: str | pathlib.Path, cfg: ModelConfig, family: Family, shardings=None) -> dict:
+    """The params dict of the HF model in `hf_dir`, streamed tensor by tensor onto `shardings` (default: one device).
+
+    Stacked block parameters are built layer by layer on the devices and stacked there, so the host never
+    holds more than one HF tensor.
+    """
+    hf_dir = pathlib.Path(hf_dir)
+    model_def = ModelDef(cfg)
+    shapes = _flat_paths(model_def.shapes)
+    if shardings is None:
+        shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), model_def.shapes)
+    flat_shardings = _flat_paths(shardings)
+    rules = family.rules(cfg)
+    covered = [p for rule in rules for p in rule.lm]
+    if sorted(covered) != sorted(shapes):  # a bug in the family table, not in the user's input
+        raise AssertionError(f"{family.name} rules cover {sorted(covered)} but the model has {sorted(shapes)}")
+    reader = SafetensorsReader(safetensors_files(hf_dir))
+    names = _check_tensors(reader, family, rules, cfg.n_layers, hf_dir)
+    dtype = cfg.weight_dtype
+
+    def convert(rule: TensorRule, layer: int | None) -> tuple[np.ndarray, ...]:
+        return tuple(x.astype(dtype) for x in rule.to_lm(reader.read(names[rule.hf_name(layer)])))
+
+    params = {}
+    for rule in rules:
+        if not rule.per_layer:
+            for path, host in zip(rule.lm, convert(rule, None), strict=True):
+                params[path] = _place(host, flat_shardings[path])
+            continue
+        layers: dict[str, list[jax.Array]] = {p: [] for p in rule.lm}
+        for i in range(cfg.n_layers):
+            for path, host in zip(rule.lm, convert(rule, i), strict=True):
+                layers[path].append(_place(host, _layer_sharding(flat_shardings[path])))
+        for path in rule.lm:
+            params[path] = _stacker(flat_shardings[path])(layers.pop(path))
+    for path, value in params.items():
+        want = shapes[path]
+        if value.shape != want.shape or value.dtype != want.dtype:
+            raise AssertionError(f"{path}: built {value.shape} {value.dtype}, model wants {want.shape} {want.dtype}")
+    return _nest(params)
+
+
+def load_hf_model(hf_dir: str | pathlib.Path, shardings_fn=None, param_dtype: str = "float32") -> tuple[
+        ModelConfig, dict]:
+    """(ModelConfig, params) straight from an HF directory, without writing a WORKDIR (used by `lmtrain generate`).
+
+    `shardings_fn(model_def)`, when given, returns the params' shardings.
+    """
+    family, fields, _ = model_config_from_hf(hf_dir, param_dtype)
+    cfg = ModelConfig.from_config(fields)
+    shardings = shardings_fn(ModelDef(cfg)) if shardings_fn else None
+    return cfg, load_hf_params(hf_dir, cfg, family, shardings)
+
+
+def _copy_tokenizer(hf_dir: pathlib.Path, out: pathlib.Path) -> bool:
+    """Copy the tokenizer files; a tokenizer without tokenizer.json is converted by transformers (no remote code)."""
+    files = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
+    if not files:
+        return False
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        shutil.copy2(f, out / f.name)
+    if not (out / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        try:
+            AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True, trust_remote_code=False).save_pretrained(
+                str(out)
+            )
+        except Exception as e:  # noqa: BLE001 - the weights are still usable; say what is missing
+            print(f"lmtrain import: warning: could not build tokenizer.json from {hf_dir} ({e}); the files were "
+                  f"copied to {out} as they are.", file=sys.stderr)
+    return True
+
+
+def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, fsdp: int = 1, tensor: int = 1,
+              param_dtype: str = "float32", overwrite: bool = False) -> pathlib.Path:
+    """Write WORKDIR/config.json, WORKDIR/init_params and WORKDIR/tokenizer from the HF model in `hf_dir`."""
+    from lmtrain.config import base_config, resolve_mesh_shape, to_json
+    from lmtrain.parallel.mesh import make_mesh
+    from lmtrain.parallel.partitioning import param_shardings
+    from lmtrain.train.checkpoint import save_init_params
+
+    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir).resolve()
+    if not hf_dir.is_dir():
+        raise HFInteropError(f"{hf_dir} is not a directory; point lmtrain at a Hugging Face model directory.")
+    if (workdir / "config.json").exists() and not overwrite:
+        raise HFInteropError(f"{workdir} already holds a config.json; choose a new WORKDIR or pass --force.")
+    family, fields, notes = model_config_from_hf(hf_dir, param_dtype)
+    for note in notes:
+        print(f"lmtrain import: note: {note}")
+
+    cfg = base_config()
+    for key, value in fields.items():
+        cfg.model[key] = value
+    cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
+    cfg.mesh.fsdp, cfg.mesh.tensor = fsdp, tensor
+    cfg.train.init_from = str(workdir / "init_params")
+    model_cfg = ModelConfig.from_config(cfg.model)
+    model_def = ModelDef(model_cfg)
+    mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
+    shardings = param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main and _copy_tokenizer(hf_dir, workdir / "tokenizer"):
+        cfg.data.tokenizer_dir = str(workdir / "tokenizer")
+    params = load_hf_params(hf_dir, model_cfg, family, shardings)
+    if (workdir / "init_params").exists() and overwrite and is_main:
+        shutil.rmtree(workdir / "init_params")
+    save_init_params(workdir, params)
+    if is_main:
+        (workdir / "config.json").write_text(to_json(cfg))
+        shutil.copy2(hf_dir / "config.json", workdir / SOURCE_CONFIG)
+        if (hf_dir / "generation_config.json").is_file():
+            shutil.copy2(hf_dir / "generation_config.json", workdir / SOURCE_GENERATION_CONFIG)
+    return workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lmtrain import",
+        description="Import a Hugging Face model directory (config.json + safetensors) into an lmtrain WORKDIR.",
+    )
+    parser.add_argument("hf_dir", help="Hugging Face model directory: config.json, model.safetensors[.index.json]")
+    parser.add_argument("workdir", help="WORKDIR to create: config.json, init_params/, tokenizer/")
+    parser.add_argument("--fsdp", type=int, default=1, help="FSDP mesh size to shard the weights over (and train with)")
+    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel mesh size (and to train with)")
+    parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="storage dtype of the imported parameters")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing WORKDIR/config.json")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    start = time.perf_counter()
+    try:
+        workdir = import_hf(args.hf_dir, args.workdir, args.fsdp, args.tensor, args.param_dtype, args.force)
+    except HFInteropError as e:
+        print(f"lmtrain import: error: {e}", file=sys.stderr)
+        return 2
+    print(f"lmtrain import: {args.hf_dir} -> {workdir} in {time.perf_counter() - start:.1f}s. Fine-tune with:\n"
+          f"  lmtrain train --config {workdir / 'config.json'} --workdir {workdir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
