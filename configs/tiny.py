@@ -1,9 +1,13 @@
 """The default job: a small Llama-style model on the built-in corpus, a few minutes on 2 CPU cores.
 
+No download: the corpus is the text that ships with Python. From the repository root:
+
+    python tools/train_tokenizer.py --builtin --vocab-size 4096 --output workdir/tokenizer
+    python tools/shard_data.py --builtin --tokenizer workdir/tokenizer --output workdir/shards
     lmtrain train --config=tiny --workdir=workdir/tiny
 
-No download: the corpus is the text that ships with Python, and a byte-level BPE tokenizer is
-trained on it at first start.
+`--config.data.source=builtin` skips the toolchain: the corpus is packed in memory and a tokenizer
+is trained into WORKDIR/tokenizer at first start.
 """
 
 from lmtrain.config import base_config
@@ -20,7 +24,10 @@ def get_config(arg: str = ""):
     c.model.max_seq_len = 128
     c.data.seq_len = 128
     c.data.batch_size = 16
-    c.data.val_fraction = 0.1  # ~40 documents held out
+    c.data.source = "shards"  # written by tools/shard_data.py (see the docstring)
+    c.data.shards_dir = "workdir/shards"
+    c.data.tokenizer_dir = "workdir/tokenizer"
+    c.data.val_fraction = 0.1  # builtin source only: ~40 documents held out
     c.optimizer.lr = 3e-3  # small models take a large step
     c.optimizer.warmup_steps = 30
     c.train.steps = 400

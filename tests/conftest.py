@@ -10,3 +10,19 @@ os.environ.setdefault("LMTRAIN_SINGLE_HOST", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def builtin_shards(tmp_path_factory):
+    """The README's default-job toolchain on a slice of the built-in corpus: (tokenizer_dir, shards_dir)."""
+    from tools import shard_data, train_tokenizer
+
+    root = tmp_path_factory.mktemp("toolchain")
+    tok, shards = root / "tokenizer", root / "shards"
+    assert train_tokenizer.main(["--builtin", "--max-docs", "150", "--vocab-size", "1024", "--output", str(tok)]) == 0
+    assert shard_data.main(["--builtin", "--max-docs", "150", "--tokenizer", str(tok), "--output", str(shards),
+                            "--val-fraction", "0.1", "--shard-mb", "0.1", "--workers", "1", "--quiet"]) == 0
+    return str(tok), str(shards)

@@ -112,10 +112,30 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def _shards_args(builtin_shards) -> list[str]:
+    tok, shards = builtin_shards
+    return [f"--config.data.tokenizer_dir={tok}", f"--config.data.shards_dir={shards}", "--config.model.vocab_size=1024"]
+
+
+def test_resume_from_shards_equals_uninterrupted_run(tmp_path, builtin_shards):
+    """The Grain shard iterator's position is in the checkpoint: a resumed run sees exactly the next batches."""
+    tok, shards = builtin_shards
+    overrides = {"data.source": "shards", "data.tokenizer_dir": tok, "data.shards_dir": shards,
+                 "model.vocab_size": 1024, "data.seq_len": 32, "model.max_seq_len": 32}
+    train(_train_cfg(6, **overrides), tmp_path / "straight")
+    train(_train_cfg(6, **overrides), tmp_path / "resumed", stop_at_step=3)
+    train(_train_cfg(6, **overrides), tmp_path / "resumed")
+    a, b = _losses(tmp_path / "straight"), _losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    assert all(a[s] == b[s] for s in a), (a, b)
+    state_files = list((tmp_path / "resumed" / "checkpoints" / "6" / "data").glob("process_0-of-1.json"))
+    assert state_files and "doc" in json.loads(state_files[0].read_text())
+
+
 @pytest.mark.slow
-def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, builtin_shards):
     workdir = tmp_path / "preempted"
-    args = ["train", "--config=tiny:smoke", f"--workdir={workdir}", "--no-progress",
+    args = ["train", "--config=tiny:smoke", f"--workdir={workdir}", "--no-progress", *_shards_args(builtin_shards),
             "--config.train.eval_every=0", "--config.checkpoint.every=100000", "--config.train.log_every=1"]
     proc = _cli([*args, "--config.train.steps=100000"])
     metrics = workdir / "metrics.jsonl"
@@ -140,9 +160,10 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_job_trains_through_the_cli_and_loss_falls(tmp_path):
+def test_default_job_trains_through_the_cli_and_loss_falls(tmp_path, builtin_shards):
     workdir = tmp_path / "tiny"
-    proc = _cli(["train", "--config=tiny:smoke", f"--workdir={workdir}", "--config.train.log_every=1"])
+    proc = _cli(["train", "--config=tiny:smoke", f"--workdir={workdir}", "--config.train.log_every=1",
+                 *_shards_args(builtin_shards)])
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     losses = _losses(workdir)
@@ -152,4 +173,14 @@ def test_default_job_trains_through_the_cli_and_loss_falls(tmp_path):
     assert (workdir / "loss_curve.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 128
-    assert (workdir / "tokenizer" / "tokenizer.json").is_file()
+    assert json.loads((workdir / "config.json").read_text())["data"]["source"] == "shards"
+
+
+def test_missing_shards_directory_says_how_to_make_it(tmp_path, capsys):
+    from lmtrain.train.trainer import main
+
+    code = main(["--config=tiny:smoke", f"--workdir={tmp_path / 'w'}", f"--config.data.shards_dir={tmp_path / 'nope'}",
+                 f"--config.data.tokenizer_dir={tmp_path}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"data.shards_dir={tmp_path / 'nope'} does not exist" in err and "tools/shard_data.py" in err

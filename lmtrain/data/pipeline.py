@@ -138,6 +138,11 @@ def _shards_data(cfg, workdir: pathlib.Path, process_index: int, process_count: 
     d = cfg.data
     if not d.shards_dir or not d.tokenizer_dir:
         raise ConfigError("data.source='shards' needs data.shards_dir and data.tokenizer_dir.")
+    for key, path, tool in (("data.tokenizer_dir", d.tokenizer_dir, "tools/train_tokenizer.py"),
+                            ("data.shards_dir", d.shards_dir, "tools/shard_data.py")):
+        if not pathlib.Path(path).exists():
+            raise ConfigError(f"{key}={path} does not exist. Create it with {tool} (see the README quickstart), "
+                              "or train on the in-memory corpus with --config.data.source=builtin.")
     shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
     if d.verify_shards:
         shards.verify_shards(d.shards_dir, process_index, process_count)

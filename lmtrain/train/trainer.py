@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -94,24 +93,15 @@ def evaluate(eval_fn, params, data, batch_sharding, max_batches: int) -> float |
     return total / count if count else None
 
 
-def sample_text(model_def: ModelDef, params, tokenizer, prompt: str, n_tokens: int, seq_len: int, seed: int) -> str:
-    """A short temperature-0.8 sample (no KV cache: the fixed-length buffer is recomputed each token)."""
+def sample_text(model_def: ModelDef, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
+    """A short temperature-0.8, top-p 0.95 sample from the trained model (KV-cache decoding)."""
+    from lmtrain.generate import SamplingConfig, generate
+
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-    length = min(len(ids) + n_tokens, seq_len)
-    buf = np.zeros((1, length), np.int32)
-    buf[0, : len(ids)] = ids[:length]
-    params = jax.device_get(params)
-    forward = jax.jit(lambda p, t: model_def.apply(p, t))
-    key = jax.random.key(seed)
-    vocab = model_def.cfg.vocab_size
-    for pos in range(len(ids), length):
-        logits = forward(params, jnp.asarray(buf))[0, pos - 1, :vocab]
-        key, sub = jax.random.split(key)
-        buf[0, pos] = int(jax.random.categorical(sub, logits / 0.8))
-        if buf[0, pos] == tokenizer.eos_token_id:
-            length = pos + 1
-            break
-    return tokenizer.decode(buf[0, :length].tolist())
+    n_tokens = min(n_tokens, model_def.cfg.max_seq_len - len(ids))
+    sampling = SamplingConfig(max_new_tokens=n_tokens, temperature=0.8, top_p=0.95, eos_id=tokenizer.eos_token_id)
+    result = generate(model_def, jax.device_get(params), [list(ids)], sampling, seed=seed)
+    return tokenizer.decode(list(ids) + result.tokens[0])
 
 
 def train(cfg, workdir: str | pathlib.Path, show_progress: bool | None = None,
@@ -261,7 +251,7 @@ def _loop(cfg, workdir, state, step_fn, eval_fn, data, batch_sharding, ckpt, tok
                   f"perplexity {math.exp(min(val_loss, 50)):.2f}")
         if t_cfg.sample_tokens:
             sample = sample_text(model_def, state["params"], data.tokenizer, t_cfg.sample_prompt, t_cfg.sample_tokens,
-                                 cfg.data.seq_len, t_cfg.seed)
+                                 t_cfg.seed)
             print(f"lmtrain: sample: {sample!r}")
         if cfg.logging.loss_curve_png:
             png = metrics_lib.plot_loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png")
