@@ -17,7 +17,7 @@ import ml_collections
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -77,7 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     m.scan_layers = False  # lax.scan over the blocks: compile time independent of depth
     m.remat = "none"  # activation checkpointing: 'none', 'full' or 'save_dots'
-    m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU) or 'auto' (cudnn on GPU with bf16)
+    m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU), 'chunked' (query blocks; fast on CPU) or 'auto'
     m.logits_dtype = "float32"  # dtype of the [batch, length, vocab] logits; the loss is always reduced in float32
 
     c.data = d = ml_collections.ConfigDict()

@@ -126,11 +126,43 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
     return out.astype(x_BxLxNxH.dtype)
 
 
-def _attention_impl(cfg: ModelConfig, dtype) -> str:
+ATTENTION_CHUNK = 256
+
+
+def _attention_impl(cfg: ModelConfig, dtype, length: int) -> str:
+    """'auto' picks cuDNN flash attention on GPU (bf16/fp16), query-chunked attention for long
+    sequences on CPU, and XLA's fused attention otherwise."""
     if cfg.attention_impl != "auto":
         return cfg.attention_impl
-    on_gpu = jax.default_backend() == "gpu"
-    return "cudnn" if on_gpu and dtype in (jnp.bfloat16, jnp.float16) else "xla"
+    backend = jax.default_backend()
+    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if backend == "cpu" and length >= 2 * ATTENTION_CHUNK and length % ATTENTION_CHUNK == 0:
+        return "chunked"
+    return "xla"
+
+
+def chunked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, chunk: int = ATTENTION_CHUNK):
+    """Causal attention computed one block of `chunk` queries at a time against only the keys at or
+    before the block: half the FLOPs of the full masked product and a [chunk, T] score tile instead
+    of [T, T]. Same result as jax.nn.dot_product_attention(is_causal=True) with the segment mask."""
+    b, t, n, h = q_BxTxNxH.shape
+    kv_heads = k_BxTxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+    outs = []
+    for start in range(0, t, chunk):
+        stop = min(start + chunk, t)
+        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH[:, start:stop], k_BxTxKxH[:, :stop],
+                            preferred_element_type=jnp.float32) / math.sqrt(h)
+        mask_TxS = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
+        if segment_ids_BxT is not None:
+            same_BxTxS = segment_ids_BxT[:, start:stop, None] == segment_ids_BxT[:, None, :stop]
+            mask = (mask_TxS & same_BxTxS)[:, None, None]
+        else:
+            mask = mask_TxS
+        probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1).astype(v_BxTxKxH.dtype)
+        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v_BxTxKxH[:, :stop]))
+    return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
 
 
 def _dropout(x, rate: float, key):
@@ -184,12 +216,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
         q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
+        impl = _attention_impl(self.cfg, q.dtype, q.shape[1])
+        if impl == "chunked":
+            return self.project_out(chunked_causal_attention(q, k, v, segment_ids_BxL))
         mask_Bx1xLxL = None
         if segment_ids_BxL is not None:
             mask_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-        out_BxLxNxH = jax.nn.dot_product_attention(
-            q, k, v, mask=mask_Bx1xLxL, is_causal=True, implementation=_attention_impl(self.cfg, q.dtype)
-        )
+        out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, is_causal=True, implementation=impl)
         return self.project_out(out_BxLxNxH)
 
 
