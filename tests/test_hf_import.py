@@ -269,3 +269,25 @@ def test_pickle_checkpoint_is_refused_without_being_opened(tmp_path, capsys):
     assert "pytorch_model.bin" in message and "never unpickles" in message and "safetensors" in message
     assert hf_import.main([str(tmp_path), str(tmp_path / "work")]) == 2
     assert "pytorch_model.bin" in capsys.readouterr().err
+
+
+def test_lmtrain_train_starts_from_the_imported_weights(tmp_path):
+    """`lmtrain train` on an imported WORKDIR begins at the imported parameters (train.init_from)."""
+    from lmtrain.config import apply_overrides
+    from lmtrain.train.checkpoint import restore_params
+    from lmtrain.train.trainer import train
+
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
+    random_hf_model("llama", hf_dir, tokenizer=True)
+    assert hf_import.main([str(hf_dir), str(workdir)]) == 0
+    cfg = load_config(str(workdir / "config.json"))
+    # One step at learning rate 0: the checkpoint then holds exactly the parameters training started from.
+    apply_overrides(cfg, {"train.steps": "1", "optimizer.lr": "0", "optimizer.warmup_steps": "0", "data.max_docs": "40",
+                          "data.batch_size": "8", "train.sample_tokens": "0", "logging.progress_bar": "false",
+                          "logging.tensorboard": "false", "logging.loss_curve_png": "false"})
+    result = train(cfg, workdir)
+    assert result.step == 1
+    _, trained = restore_params(workdir)
+    _, direct = load_hf_model(hf_dir)
+    for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(direct), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
