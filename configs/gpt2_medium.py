@@ -5,7 +5,7 @@
 """
 
 from configs.gpt2_small import gpt2_family
-from lmtrain.config import base_config
+from lmtrain.config import base_config, shrink_to_cpu
 
 
 def get_config(arg: str = ""):
@@ -24,9 +24,6 @@ def get_config(arg: str = ""):
     c.train.steps = 40000
     c.train.eval_every = 1000
     c.checkpoint.every = 1000
-    if arg == "runlocal":
-        m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 4096, 128, 2, 4, 4, 512
-        m.max_seq_len, m.dtype, m.logits_dtype = 128, "float32", "float32"
-        c.data.seq_len, c.data.batch_size = 128, 8
-        c.optimizer.warmup_steps, c.train.steps, c.train.eval_every, c.checkpoint.every = 10, 50, 25, 25
+    if arg == "runlocal":  # the same family, CPU-sized, on the built-in corpus
+        shrink_to_cpu(c)
     return c

@@ -7,7 +7,7 @@ Sized for a pod slice: FSDP over hosts, tensor parallelism inside a host.
 """
 
 from configs.llama_1b import llama_family
-from lmtrain.config import base_config
+from lmtrain.config import base_config, shrink_to_cpu
 
 
 def get_config(arg: str = ""):
@@ -29,9 +29,6 @@ def get_config(arg: str = ""):
     c.train.steps = 250000
     c.train.eval_every = 2000
     c.checkpoint.every = 500
-    if arg == "runlocal":
-        m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 4096, 128, 2, 4, 4, 384
-        m.max_seq_len, m.dtype, m.logits_dtype, m.remat = 128, "float32", "float32", "full"
-        c.data.seq_len, c.data.batch_size = 128, 8
-        c.optimizer.warmup_steps, c.train.steps, c.train.eval_every, c.checkpoint.every = 10, 50, 25, 25
+    if arg == "runlocal":  # the same family, CPU-sized, on the built-in corpus
+        shrink_to_cpu(c, d_ff=384)
     return c

@@ -4,7 +4,7 @@
         --config.data.shards_dir=DATA --config.data.tokenizer_dir=TOK --config.mesh.fsdp=-1 --config.mesh.data=1
 """
 
-from lmtrain.config import base_config
+from lmtrain.config import base_config, shrink_to_cpu
 
 
 def llama_family(c):
@@ -47,9 +47,6 @@ def get_config(arg: str = ""):
     c.train.steps = 100000
     c.train.eval_every = 2000
     c.checkpoint.every = 1000
-    if arg == "runlocal":
-        m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 4096, 128, 2, 4, 2, 384
-        m.max_seq_len, m.dtype, m.logits_dtype = 128, "float32", "float32"
-        c.data.seq_len, c.data.batch_size, c.train.grad_accum = 128, 8, 1
-        c.optimizer.warmup_steps, c.train.steps, c.train.eval_every, c.checkpoint.every = 10, 50, 25, 25
+    if arg == "runlocal":  # the same family, CPU-sized, on the built-in corpus
+        shrink_to_cpu(c, d_ff=384, n_kv_heads=2)
     return c

@@ -136,6 +136,17 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def shrink_to_cpu(c: ml_collections.ConfigDict, d_ff: int = 512, n_kv_heads: int = 4) -> ml_collections.ConfigDict:
+    """The `runlocal` switch: keep the config's family switches, shrink it to a 50-step fp32 CPU run
+    on the built-in corpus."""
+    m = c.model
+    m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads, m.d_ff = 4096, 128, 2, 4, n_kv_heads, d_ff
+    m.max_seq_len, m.dtype, m.logits_dtype = 128, "float32", "float32"
+    c.data.source, c.data.seq_len, c.data.batch_size, c.train.grad_accum = "builtin", 128, 8, 1
+    c.optimizer.warmup_steps, c.train.steps, c.train.eval_every, c.checkpoint.every = 10, 50, 25, 25
+    return c
+
+
 def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tools/ is not a package of the install; import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from lmtrain.data.cleaning import CleaningOptions, clean_document, minhash_signature, normalize_text  # noqa: E402
-from lmtrain.data.shards import MANIFEST, ShardFileWriter, token_dtype, verify_shards  # noqa: E402
-from tools import shard_data, train_tokenizer  # noqa: E402
+from lmtrain.data.cleaning import CleaningOptions, clean_document, minhash_signature, normalize_text
+from lmtrain.data.shards import MANIFEST, ShardFileWriter, token_dtype, verify_shards
+from tools import shard_data, train_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega the of and to in is for on with as by at from train model token data").split()

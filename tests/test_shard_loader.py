@@ -6,18 +6,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tools/ is not a package of the install; import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from lmtrain.config import ConfigError  # noqa: E402
-from lmtrain.data.shards import (  # noqa: E402
+from lmtrain.config import ConfigError
+from lmtrain.data.shards import (
     MANIFEST,
     ShardedTrainIterator,
     ShardError,
@@ -26,7 +21,7 @@ from lmtrain.data.shards import (  # noqa: E402
     shard_eval_batches,
     verify_shards,
 )
-from tools import shard_data, train_tokenizer  # noqa: E402
+from tools import shard_data, train_tokenizer
 
 WORDS = "the of and to in is for on with as by at from train model token data alpha beta gamma delta".split()
 SEQ_LEN = 32

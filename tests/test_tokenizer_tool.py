@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # tools/ is not a package of the install; import it from the checkout
-    sys.path.insert(0, str(ROOT))
-
-from lmtrain.data.text_sources import CorpusSpec, SourceError, iter_documents  # noqa: E402
-from tools import train_tokenizer  # noqa: E402
+from lmtrain.data.text_sources import CorpusSpec, SourceError, iter_documents
+from tools import train_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega the of and to in is for on with as by at from train model token data").split()
