@@ -174,6 +174,8 @@ def test_default_job_trains_through_the_cli_and_loss_falls(tmp_path, builtin_sha
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 128
     assert json.loads((workdir / "config.json").read_text())["data"]["source"] == "shards"
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["epoch"] >= 0 for r in records if "loss" in r)
 
 
 def test_missing_shards_directory_says_how_to_make_it(tmp_path, capsys):

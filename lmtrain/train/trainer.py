@@ -193,7 +193,7 @@ def _loop(cfg, workdir, state, step_fn, eval_fn, data, batch_sharding, ckpt, tok
             tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
             mfu = tok_s * flops_token / (peak * jax.device_count()) if peak else None
             record = {k: float(v) for k, v in m.items()}
-            record.update(tokens_seen=tokens_seen, tokens_per_s=tok_s)
+            record.update(tokens_seen=tokens_seen, tokens_per_s=tok_s, epoch=data.train.epoch)
             if mfu is not None:
                 record["mfu"] = mfu
             writer.write(at_step, record)
