@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     name, rest = argv[0], argv[1:]
+    from lmtrain.runtime import apply_xla_defaults
+
+    apply_xla_defaults()  # before any JAX backend starts
     if name not in COMMANDS:
         print(f"lmtrain: unknown command '{name}'.\n\n{_usage()}", file=sys.stderr)
         return 2

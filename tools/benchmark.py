@@ -16,18 +16,22 @@ import resource
 import sys
 import time
 
-import jax
-import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from lmtrain.runtime import apply_xla_defaults
 
-from lmtrain import config as config_lib
-from lmtrain.model import ModelConfig, ModelDef
-from lmtrain.parallel.mesh import make_mesh
-from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
-from lmtrain.train import metrics as metrics_lib
-from lmtrain.train.optimizer import make_optimizer
-from lmtrain.train.state import create_sharded_state
-from lmtrain.train.step import make_train_step
+apply_xla_defaults()  # as `lmtrain train` does, before JAX starts
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+from lmtrain import config as config_lib  # noqa: E402
+from lmtrain.model import ModelConfig, ModelDef  # noqa: E402
+from lmtrain.parallel.mesh import make_mesh  # noqa: E402
+from lmtrain.parallel.partitioning import axis_rules, logical_to_spec  # noqa: E402
+from lmtrain.train import metrics as metrics_lib  # noqa: E402
+from lmtrain.train.optimizer import make_optimizer  # noqa: E402
+from lmtrain.train.state import create_sharded_state  # noqa: E402
+from lmtrain.train.step import make_train_step  # noqa: E402
 
 
 def _batch(cfg, rng) -> dict:
