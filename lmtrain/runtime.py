@@ -8,8 +8,8 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-# XLA:CPU's YNNPACK dot fusions run the backward weight-gradient matmuls ~20% faster and a GPT-2 124M
-# train step 1.36x faster on 2 cores (BENCHMARKS.md). The flag is experimental, so it is set only on
+# XLA:CPU's YNNPACK dot fusions run an MLP's backward matmuls ~20% faster and a GPT-2 124M train step
+# 1.13x faster on 2 cores (BENCHMARKS.md). The flag is experimental, so it is set only on
 # the jaxlib line where it was measured, and never over a user's own choice.
 _CPU_DOT_FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
 _MEASURED_JAXLIB = (0, 10)
