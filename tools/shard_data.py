@@ -28,10 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import xxhash
 
 from lmtrain.config import ConfigError
-from lmtrain.data.cleaning import CleanedDocument, CleaningOptions, CleaningReport, Deduplicator, clean_batch
+from lmtrain.data.cleaning import CleanedDocument, CleaningOptions, CleaningReport, Deduplicator, clean_batch, is_validation_doc
 from lmtrain.data.shards import (
     FORMAT,
     MANIFEST,
@@ -89,7 +88,7 @@ def cleaning_options(args: argparse.Namespace) -> CleaningOptions:
 
 def split_of(text: str, val_fraction: float) -> str:
     """The document's split, a function of its (cleaned) text alone: stable across re-runs and orderings."""
-    return "validation" if xxhash.xxh64_intdigest(text.encode("utf-8")) < val_fraction * 2**64 else "train"
+    return "validation" if is_validation_doc(text, val_fraction) else "train"
 
 
 def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:

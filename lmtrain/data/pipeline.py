@@ -7,7 +7,6 @@ segment_ids, positions), holding this host's rows of the global batch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import pathlib
 from collections.abc import Callable, Iterator
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from lmtrain.config import ConfigError
 from lmtrain.data import packing
+from lmtrain.data.cleaning import is_validation_doc
 from lmtrain.data.tokenizer import eos_id, load_tokenizer, train_bpe_tokenizer
 
 
@@ -23,12 +23,6 @@ class DataBundle:
     train: Iterator[dict]  # with get_state() / set_state(dict)
     eval_batches: Callable[[int], Iterator[dict]]  # max_batches (0 = all) -> batches
     tokenizer: object
-
-
-def is_validation_doc(text: str, val_fraction: float) -> bool:
-    """Deterministic split by content hash: a document never changes side when the data is re-run."""
-    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
-    return (h % 1_000_000) < val_fraction * 1_000_000
 
 
 class PackedRowsIterator:
