@@ -22,8 +22,7 @@ from pathlib import Path
 import xxhash
 
 from lmtrain.data.text_sources import SourceError, add_corpus_args, check_spec, corpus_from_args, iter_documents
-
-ALGORITHMS = ("bpe", "unigram", "wordpiece")
+from lmtrain.data.tokenizer import ALGORITHMS, build_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,37 +49,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def is_held_out(text: str, fraction: float) -> bool:
     """Deterministic by content, so the held-out sample is the same on every run and machine."""
     return xxhash.xxh64_intdigest(text.encode("utf-8"), seed=1) < fraction * 2**64
-
-
-def build_tokenizer(algorithm: str, vocab_size: int, special_tokens: list[str], unk_token: str, nfkc: bool,
-                    lowercase: bool, min_frequency: int):
-    """An untrained tokenizers.Tokenizer and its trainer for the chosen algorithm."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    if algorithm == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, min_frequency=min_frequency,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    elif algorithm == "unigram":
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.decoder = decoders.Metaspace()
-        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=special_tokens, unk_token=unk_token,
-                                          show_progress=False)
-    elif algorithm == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token=unk_token))
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special_tokens,
-                                            min_frequency=min_frequency, show_progress=False)
-    else:
-        raise ValueError(f"unknown algorithm '{algorithm}'; choose one of {', '.join(ALGORITHMS)}.")
-    steps = ([normalizers.NFKC()] if nfkc else []) + ([normalizers.Lowercase()] if lowercase else [])
-    if steps:
-        tok.normalizer = normalizers.Sequence(steps)
-    return tok, trainer
 
 
 def train_tokenizer(args: argparse.Namespace) -> dict:
