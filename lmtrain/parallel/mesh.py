@@ -16,7 +16,7 @@ _MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SI
 
 def maybe_initialize_distributed() -> bool:
     """Call jax.distributed.initialize() when a multi-host launcher set its variables. Returns True if it ran."""
-    if jax.distributed.is_initialized() if hasattr(jax.distributed, "is_initialized") else False:
+    if jax.distributed.is_initialized():  # a second train() in the same process
         return True
     if os.environ.get("LMTRAIN_SINGLE_HOST") == "1":
         return False

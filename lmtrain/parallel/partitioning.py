@@ -59,11 +59,6 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(axes, rules, mesh)))
 
 
-def active_mesh() -> Mesh | None:
-    active = _ACTIVE.get()
-    return None if active is None else active[0]
-
-
 def param_shardings(logical_axes_tree, mesh: Mesh, rules: AxisRules, shapes_tree=None):
     """NamedShardings for a tree whose leaves are tuples of logical axis names.
 

@@ -100,9 +100,6 @@ class Checkpointer:
         out = self.manager.restore(step, args=args)
         return out["state"], out["data"], out["meta"]
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
