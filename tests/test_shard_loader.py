@@ -67,23 +67,22 @@ def documents_in_stream(tokens: np.ndarray, eos: int) -> list[tuple[int, ...]]:
 
 
 def check_packing(batches: list[dict], eos: int) -> np.ndarray:
-    """Check segment ids, positions and loss mask against the token stream; return the stream."""
+    """Check segment ids, positions and loss mask against the token stream; return the stream.
+
+    Positions count from 0 at each document start and at each row start (a row is a model input
+    of its own), so they are always < SEQ_LEN.
+    """
     stream = np.concatenate([rows_of(b).reshape(-1) for b in batches])
-    offset_in_doc = np.zeros_like(stream)
-    for i in range(1, len(stream)):
-        offset_in_doc[i] = 0 if stream[i - 1] == eos else offset_in_doc[i - 1] + 1
     row_len = SEQ_LEN + 1
     rows = 0
     for b in batches:
         for r in range(len(b["inputs"])):
-            expected_pos = offset_in_doc[(rows + r) * row_len : (rows + r + 1) * row_len]
-            # the first document in the stream may have started before it (offset unknown): skip it
-            starts_mid = rows + r == 0
+            row = stream[(rows + r) * row_len : (rows + r + 1) * row_len]
+            starts = np.concatenate([[True], row[:-1] == eos])
+            expected_pos = np.arange(row_len) - np.maximum.accumulate(np.where(starts, np.arange(row_len), 0))
             seg, pos, mask = b["segment_ids"][r], b["positions"][r], b["loss_mask"][r]
-            new_doc = np.concatenate([[True], pos[1:] == 0])  # a segment starts at each new document ...
-            assert np.array_equal(seg, np.cumsum(new_doc))  # ... and only there, counting from 1 per row
-            if not starts_mid:
-                assert np.array_equal(pos, expected_pos[:-1])
+            assert np.array_equal(seg, np.cumsum(starts[:-1]))  # a segment per document part, from 1 in each row
+            assert np.array_equal(pos, expected_pos[:-1]) and pos.max() < SEQ_LEN
             assert np.array_equal(mask, (seg == np.concatenate([seg[1:], [seg[-1] + (expected_pos[-1] == 0)]]))
                                   .astype(np.float32))
         rows += len(b["inputs"])

@@ -1,17 +1,26 @@
 """Pack tokenized documents into fixed-length rows and turn rows into model batches.
 
 A row holds seq_len + 1 tokens so that inputs and targets are both seq_len long. Every token
-carries the id of its document within the row (segment id, 0 for padding) and its position
-inside that document, so attention never crosses documents and positions restart per document.
+carries the id of its segment within the row (segment id, 0 for padding) and its position inside
+that segment, so attention never crosses documents. Positions restart at 0 in every row, also for
+a document continued from the previous row: a row is a model input of its own (attention never
+reaches the previous row), so its positions are always in [0, seq_len) and never index past a
+learned position table, on the first pass and after a resume alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from lmtrain.config import ConfigError
+
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+class DataError(ConfigError):
+    """Data that cannot be trained on; the message names the source (file, line, shard) and the fix."""
 
 
 class RowPacker:
@@ -36,7 +45,7 @@ class RowPacker:
             self._segment += 1
             self._tokens.append(doc_tokens[start : start + take])
             self._segments.append(np.full(take, self._segment, np.int32))
-            self._positions.append(np.arange(start, start + take, dtype=np.int32))
+            self._positions.append(np.arange(take, dtype=np.int32))
             self._filled += take
             start += take
             if self._filled == self.row_len:
@@ -93,3 +102,31 @@ def rows_to_batch(tokens_BxL1: np.ndarray, segment_ids_BxL1: np.ndarray, positio
         "segment_ids": seg_in.astype(np.int32),
         "positions": positions_BxL1[:, :-1].astype(np.int32),
     }
+
+
+def check_batch(batch: Mapping[str, np.ndarray], vocab_size: int, max_seq_len: int, source: str) -> None:
+    """Raise DataError, naming `source`, when a host batch holds a position >= max_seq_len (or < 0)
+    or a token id outside [0, vocab_size).
+
+    Cheap (a min and a max per array), so the trainer can run it on every batch before the device
+    sees it: an out-of-range index would otherwise become NaN (learned position table) or silently
+    clamp (token embedding) inside jit.
+    """
+    if "positions" in batch and batch["positions"].size:
+        positions = np.asarray(batch["positions"])
+        lo, hi = int(positions.min()), int(positions.max())
+        if lo < 0 or hi >= max_seq_len:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{source}: a batch holds position {bad}, outside [0, {max_seq_len}) "
+                            f"(model.max_seq_len={max_seq_len}). Set data.seq_len <= model.max_seq_len, "
+                            "or re-make the data with this version of lmtrain.")
+    for key in ("inputs", "targets"):
+        if key not in batch or not np.asarray(batch[key]).size:
+            continue
+        ids = np.asarray(batch[key])
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise DataError(f"{source}: a batch holds token id {bad} in '{key}', outside [0, {vocab_size}) "
+                            f"(model.vocab_size={vocab_size}). The data was tokenized with a larger vocabulary: "
+                            "set model.vocab_size to the tokenizer's size, or re-shard with the model's tokenizer.")

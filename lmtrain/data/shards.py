@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import weakref
 from collections.abc import Iterator
@@ -229,20 +228,16 @@ class _PackedBatchIterator(grain.DatasetIterator):
     def _reset(self, doc: int, offset: int) -> None:
         self._row_doc, self._row_offset = doc, offset  # where the next row to emit starts
         self._read_doc = doc  # next document to feed the packer
-        self._first_offset = offset  # tokens of the first document already consumed before this start
         self._skip = offset  # still to drop from the next document fed
-        self._fixup_rows = 0  # rows still to emit whose segment 1 is the first, resumed document
         self._packer = RowPacker(self._row_len, np.int32)
         self._filled = 0
         self._rows: list[tuple[dict, int, int]] = []  # (row, start doc and offset of the row after it)
 
     def _feed_one_document(self) -> None:
         tokens = np.frombuffer(self._docs[self._read_doc], dtype=self._dtype)
+        # Positions restart in every row, so the rest of a resumed document packs exactly as it did
+        # on the first pass, where it also began a row.
         skip, self._skip = self._skip, 0
-        if skip:
-            # RowPacker numbers positions from 0 within what it is given; the resumed document
-            # really starts at `skip`, and it is segment 1 of every row it reaches.
-            self._fixup_rows = math.ceil((len(tokens) - skip) / self._row_len)
         consumed = skip + (self._row_len - self._filled)
         for row in self._packer.add(tokens[skip:]):
             if consumed >= len(tokens):
@@ -258,10 +253,6 @@ class _PackedBatchIterator(grain.DatasetIterator):
         while not self._rows:
             self._feed_one_document()
         row, self._row_doc, self._row_offset = self._rows.pop(0)
-        if self._fixup_rows:
-            row["positions"] = np.where(row["segment_ids"] == 1, row["positions"] + self._first_offset,
-                                        row["positions"])
-            self._fixup_rows -= 1
         return row
 
     def __next__(self) -> dict[str, np.ndarray]:
