@@ -75,14 +75,14 @@ def test_no_loader_yields_a_position_past_seq_len_and_resume_is_exact(trial, tmp
     rows = pack_documents(docs, seq_len)
     assert rows["positions"].max() <= seq_len  # rows hold seq_len + 1 tokens; the last is only a target
     if len(rows["tokens"]) >= batch:
-        it = PackedRowsIterator(rows, batch, trial, 0, 1)
+        it = PackedRowsIterator(rows, batch, trial, data_index=0, data_count=1)
         states, batches = [], []
         for k in range(n_batches):
             states.append(it.get_state())
             batches.append(next(it))
             assert_positions_restart_per_row(batches[-1], seq_len, f"builtin trial {trial} batch {k}")
         for start in rng.integers(0, n_batches, size=3):
-            resumed = PackedRowsIterator(rows, batch, trial, 0, 1)
+            resumed = PackedRowsIterator(rows, batch, trial, data_index=0, data_count=1)
             resumed.set_state(json.loads(json.dumps(states[start])))
             for k in range(start, n_batches):
                 assert_same_batch(next(resumed), batches[k], f"builtin resume at {start}, batch {k}")
@@ -135,3 +135,24 @@ def test_check_batch_names_the_source_and_the_bad_value():
     bad = dict(batch, positions=batch["positions"] - 1)
     with pytest.raises(DataError, match="position -1"):
         check_batch(bad, vocab_size=47, max_seq_len=8, source="s")
+
+
+def test_builtin_data_slices_same_index_identical_different_disjoint_and_complete():
+    rng = np.random.default_rng(0)
+    rows = pack_documents(random_documents(rng, 8, 80), seq_len=8)
+    whole = PackedRowsIterator(rows, 8, seed=3, data_index=0, data_count=1)
+    for count in (2, 4):
+        slices = [PackedRowsIterator(rows, 8, seed=3, data_index=i, data_count=count) for i in range(count)]
+        twins = [PackedRowsIterator(rows, 8, seed=3, data_index=i, data_count=count) for i in range(count)]
+        whole.set_state({**whole.get_state(), "step": 0})
+        for step in range(2 * whole.batches_per_epoch + 1):  # across an epoch boundary (reshuffle)
+            parts = [next(s) for s in slices]
+            for i, twin in enumerate(twins):
+                assert_same_batch(next(twin), parts[i], f"slice {i} of {count}, step {step}")
+            # the slices, in order, are the global batch: disjoint rows that together are complete
+            assert_same_batch({k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, next(whole),
+                              f"{count} slices, step {step}")
+    with pytest.raises(ConfigError, match="data slice 2 of 2 does not exist"):
+        PackedRowsIterator(rows, 8, seed=3, data_index=2, data_count=2)
+    with pytest.raises(ConfigError, match="data.batch_size=8 is not divisible by the 3 data slices"):
+        PackedRowsIterator(rows, 8, seed=3, data_index=0, data_count=3)

@@ -1,5 +1,5 @@
 """lmtrain.data.shards loaders: packing loses no token and labels segments and positions correctly,
-processes read disjoint data that is complete together, resume is exact, eval is deterministic,
+data slices read disjoint data that is complete together (the same slice identical data), resume is exact, eval is deterministic,
 and start-up checks catch a foreign tokenizer, a too-small vocab and corrupt shards."""
 
 from __future__ import annotations
@@ -108,25 +108,32 @@ def test_packing_loses_no_token_and_labels_segments_and_positions(dirs):
     it.close()
 
 
-def test_processes_read_disjoint_parts_that_together_are_complete(dirs):
+def test_data_slices_read_disjoint_parts_that_together_are_complete_and_same_slices_agree(dirs):
     _, shards = dirs
     manifest = load_manifest(shards)
     train = split_documents(shards, "train")
     n, count = len(train), 4
     seen = []
     for index in range(count):
-        it = ShardedTrainIterator(shards, SEQ_LEN, 8, seed=5, process_index=index, process_count=count)
-        share = len(range(index, n, count))  # this process's documents of the first epoch
+        it = ShardedTrainIterator(shards, SEQ_LEN, 8, seed=5, data_index=index, data_count=count)
+        # a host that holds the same rows of the global batch (tensor axis across hosts) reads identical batches
+        twin = ShardedTrainIterator(shards, SEQ_LEN, 8, seed=5, data_index=index, data_count=count, prefetch=0)
+        share = len(range(index, n, count))  # this slice's documents of the first epoch
         batches = []
         while it.get_state()["doc"] <= share:
             batches.append(next(it))
+            for key, value in next(twin).items():
+                np.testing.assert_array_equal(value, batches[-1][key], err_msg=f"slice {index}, {key}")
         assert batches[0]["inputs"].shape == (2, SEQ_LEN)
         stream = check_packing(batches, manifest["eos_id"])
         seen.append(documents_in_stream(stream, manifest["eos_id"])[:share])
         it.close()
+        twin.close()
     together = [d for part in seen for d in part]
     assert sorted(together) == sorted(train)  # complete, and (with unique documents) disjoint
     assert len(set(together)) == len(train) == len(together)
+    with pytest.raises(ConfigError, match="not divisible by the 3 data slices"):
+        ShardedTrainIterator(shards, SEQ_LEN, 8, seed=5, data_index=0, data_count=3)
 
 
 def test_restoring_the_state_gives_identical_next_batches(dirs):
@@ -146,8 +153,8 @@ def test_restoring_the_state_gives_identical_next_batches(dirs):
                 np.testing.assert_array_equal(got[key], batches[k][key], err_msg=f"resume at {start}, batch {k}")
     other_seed = ShardedTrainIterator(shards, SEQ_LEN, 4, seed=8, prefetch=0)
     assert not np.array_equal(next(other_seed)["inputs"], batches[0]["inputs"])
-    with pytest.raises(ValueError, match="process_count"):
-        ShardedTrainIterator(shards, SEQ_LEN, 4, seed=7, process_count=2).set_state(states[3])
+    with pytest.raises(ValueError, match="data_count"):
+        ShardedTrainIterator(shards, SEQ_LEN, 4, seed=7, data_count=2).set_state(states[3])
     for i in (it, fresh, other_seed):
         i.close()
 
@@ -167,7 +174,7 @@ def test_epochs_are_counted_and_reshuffled(dirs):
     assert sorted(docs[:n]) == sorted(docs[n : 2 * n]) and docs[:n] != docs[n : 2 * n]
 
 
-def test_eval_batches_are_deterministic_and_split_over_processes(dirs):
+def test_eval_batches_are_deterministic_and_split_over_data_slices(dirs):
     _, shards = dirs
     manifest = load_manifest(shards)
     val = split_documents(shards, "validation")
@@ -180,7 +187,7 @@ def test_eval_batches_are_deterministic_and_split_over_processes(dirs):
     segments = np.concatenate([np.concatenate([b["segment_ids"], b["segment_ids"][:, -1:]], 1).reshape(-1)
                                for b in whole])
     assert documents_in_stream(stream[segments > 0], manifest["eos_id"]) == val  # in order, padding excluded
-    parts = [list(shard_eval_batches(shards, SEQ_LEN, 4, process_index=p, process_count=2)) for p in range(2)]
+    parts = [list(shard_eval_batches(shards, SEQ_LEN, 4, data_index=p, data_count=2)) for p in range(2)]
     assert len(parts[0]) == len(parts[1]) == len(whole)
     for k, b in enumerate(whole):
         np.testing.assert_array_equal(np.concatenate([parts[0][k]["inputs"], parts[1][k]["inputs"]]), b["inputs"])

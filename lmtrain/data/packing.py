@@ -104,6 +104,16 @@ def rows_to_batch(tokens_BxL1: np.ndarray, segment_ids_BxL1: np.ndarray, positio
     }
 
 
+def check_data_slice(global_batch_size: int, data_index: int, data_count: int) -> None:
+    """A data slice (this host's rows of the global batch, from the batch sharding) must exist and divide the batch."""
+    if data_count < 1 or not 0 <= data_index < data_count:
+        raise ConfigError(f"data slice {data_index} of {data_count} does not exist (the batch sharding gives "
+                          "data_index in [0, data_count)).")
+    if global_batch_size % data_count:
+        raise ConfigError(f"data.batch_size={global_batch_size} is not divisible by the {data_count} data slices of "
+                          f"the batch sharding; use a multiple of {data_count}.")
+
+
 def check_batch(batch: Mapping[str, np.ndarray], vocab_size: int, max_seq_len: int, source: str) -> None:
     """Raise DataError, naming `source`, when a host batch holds a position >= max_seq_len (or < 0)
     or a token id outside [0, vocab_size).

@@ -1,7 +1,9 @@
 """The trainer's data interface: a resumable per-host train iterator and deterministic validation batches.
 
 Every source yields batch dicts from `packing.rows_to_batch` (inputs, targets, loss_mask,
-segment_ids, positions), holding this host's rows of the global batch.
+segment_ids, positions), holding this host's rows of the global batch. Which rows those are is
+given by (data_index, data_count), derived by the trainer from the batch sharding: hosts that hold
+the same rows (a tensor axis across hosts) get the same data_index and read identical batches.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ class DataBundle:
 class PackedRowsIterator:
     """Endless, shuffled batches over in-memory packed rows; the state is the number of batches served.
 
-    Epoch e visits the rows in the permutation drawn from (seed, e). Host p of P takes rows
-    [p * B/P, (p + 1) * B/P) of each global batch, matching jax.make_array_from_process_local_data.
+    Epoch e visits the rows in the permutation drawn from (seed, e). Data slice d of D takes rows
+    [d * B/D, (d + 1) * B/D) of each global batch, matching jax.make_array_from_process_local_data.
     """
 
-    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, seed: int, process_index: int, process_count: int):
+    def __init__(self, rows: dict[str, np.ndarray], global_batch: int, seed: int, data_index: int, data_count: int):
+        packing.check_data_slice(global_batch, data_index, data_count)
         self.rows = rows
         self.n_rows = len(rows["tokens"])
         if self.n_rows < global_batch:
@@ -41,8 +44,8 @@ class PackedRowsIterator:
                 "Lower data.batch_size or data.seq_len, or add data."
             )
         self.global_batch, self.seed = global_batch, seed
-        self.local_batch = global_batch // process_count
-        self.host_offset = process_index * self.local_batch
+        self.local_batch = global_batch // data_count
+        self.host_offset = data_index * self.local_batch
         self.batches_per_epoch = self.n_rows // global_batch
         self.step = 0
         self._perm_epoch, self._perm = -1, None
@@ -79,14 +82,14 @@ class PackedRowsIterator:
         self.step = int(state["step"])
 
 
-def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, process_index: int, process_count: int):
-    local = global_batch // process_count
+def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, data_index: int, data_count: int):
+    local = global_batch // data_count
     n_batches = len(rows["tokens"]) // global_batch
 
     def batches(max_batches: int = 0) -> Iterator[dict]:
         count = n_batches if not max_batches else min(max_batches, n_batches)
         for b in range(count):
-            s = b * global_batch + process_index * local
+            s = b * global_batch + data_index * local
             yield packing.rows_to_batch(
                 rows["tokens"][s : s + local], rows["segment_ids"][s : s + local], rows["positions"][s : s + local]
             )
@@ -94,7 +97,7 @@ def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, process_ind
     return batches
 
 
-def _builtin_data(cfg, workdir: pathlib.Path, process_index: int, process_count: int) -> DataBundle:
+def _builtin_data(cfg, workdir: pathlib.Path, data_index: int, data_count: int) -> DataBundle:
     from lmtrain.data.builtin_corpus import builtin_documents
 
     d = cfg.data
@@ -114,8 +117,8 @@ def _builtin_data(cfg, workdir: pathlib.Path, process_index: int, process_count:
         return packing.pack_documents((np.array([*x, eos], np.int32) for x in ids), d.seq_len, keep_partial)
 
     train_rows, val_rows = pack(train_docs, False), pack(val_docs, True)
-    train = PackedRowsIterator(train_rows, d.batch_size, d.seed, process_index, process_count)
-    return DataBundle(train, _eval_batches_fn(val_rows, d.batch_size, process_index, process_count), tokenizer)
+    train = PackedRowsIterator(train_rows, d.batch_size, d.seed, data_index, data_count)
+    return DataBundle(train, _eval_batches_fn(val_rows, d.batch_size, data_index, data_count), tokenizer)
 
 
 def check_vocab(tokenizer, model_vocab: int, tok_dir) -> None:
@@ -126,7 +129,7 @@ def check_vocab(tokenizer, model_vocab: int, tok_dir) -> None:
         )
 
 
-def _shards_data(cfg, workdir: pathlib.Path, process_index: int, process_count: int) -> DataBundle:
+def _shards_data(cfg, workdir: pathlib.Path, data_index: int, data_count: int) -> DataBundle:
     from lmtrain.data import shards
 
     d = cfg.data
@@ -139,12 +142,12 @@ def _shards_data(cfg, workdir: pathlib.Path, process_index: int, process_count: 
                               "or train on the in-memory corpus with --config.data.source=builtin.")
     shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
     if d.verify_shards:
-        shards.verify_shards(d.shards_dir, process_index, process_count)
+        shards.verify_shards(d.shards_dir, data_index, data_count)
     tokenizer = load_tokenizer(d.tokenizer_dir)
-    train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, process_index, process_count)
+    train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, data_index, data_count)
 
     def eval_batches(max_batches: int = 0):
-        return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, process_index, process_count, max_batches)
+        return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, data_index, data_count, max_batches)
 
     return DataBundle(train, eval_batches, tokenizer)
 
@@ -152,7 +155,8 @@ def _shards_data(cfg, workdir: pathlib.Path, process_index: int, process_count: 
 SOURCES = {"builtin": _builtin_data, "shards": _shards_data}
 
 
-def make_data(cfg, workdir: str | pathlib.Path, process_index: int = 0, process_count: int = 1) -> DataBundle:
+def make_data(cfg, workdir: str | pathlib.Path, data_index: int = 0, data_count: int = 1) -> DataBundle:
+    """The data of `cfg.data.source` for data slice `data_index` of `data_count` of the global batch."""
     if cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source='{cfg.data.source}' is unknown. Choose one of: {', '.join(SOURCES)}.")
-    return SOURCES[cfg.data.source](cfg, pathlib.Path(workdir), process_index, process_count)
+    return SOURCES[cfg.data.source](cfg, pathlib.Path(workdir), data_index, data_count)

@@ -25,7 +25,7 @@ import grain
 import numpy as np
 
 from lmtrain.config import ConfigError
-from lmtrain.data.packing import RowPacker, rows_to_batch
+from lmtrain.data.packing import DataError, RowPacker, check_data_slice, rows_to_batch
 
 MANIFEST = "manifest.json"
 FORMAT = "lmtrain-shards-v1"
@@ -33,7 +33,7 @@ SPLITS = ("train", "validation")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads a single document
 
 
-class ShardError(ConfigError):
+class ShardError(DataError):
     """A shard directory is missing, incomplete or corrupt; the message names the file."""
 
 
@@ -160,15 +160,15 @@ def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None
     return [Path(shards_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
 
 
-def verify_shards(shards_dir: str | os.PathLike, process_index: int = 0, process_count: int = 1) -> None:
+def verify_shards(shards_dir: str | os.PathLike, data_index: int = 0, data_count: int = 1) -> None:
     """Check every shard's size and sha256 against the manifest; raise ShardError naming the bad shard.
 
-    With process_count > 1 each process checks a disjoint 1/process_count of the shards, so a pod
+    With data_count > 1 each data slice checks a disjoint 1/data_count of the shards, so a pod
     verifies the whole directory in the time one host takes for its share.
     """
     manifest = load_manifest(shards_dir)
     entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
-    for entry in entries[process_index::process_count]:
+    for entry in entries[data_index::data_count]:
         path = Path(shards_dir) / entry["file"]
         if not path.is_file():
             raise ShardError(f"shard {path} is listed in the manifest but missing.")
@@ -263,11 +263,17 @@ class _PackedBatchIterator(grain.DatasetIterator):
         return {"doc": int(self._row_doc), "offset": int(self._row_offset), **self._identity}
 
     def set_state(self, state: dict) -> None:
+        state = {_RENAMED_STATE_KEYS.get(k, k): v for k, v in state.items()}
         for key, value in self._identity.items():
             if state.get(key) != value:
-                raise ValueError(f"loader state was saved with {key}={state.get(key)!r}, this run has {value!r}; "
-                                 "the data order would differ, so it cannot resume exactly.")
+                raise DataError(f"the checkpoint's data loader state was saved with {key}={state.get(key)!r}, this "
+                                f"run has {value!r}: the data order would differ, so it cannot resume exactly. Resume "
+                                "with the same data, data.seed, data.seq_len and batch layout, or use a new WORKDIR.")
         self._reset(int(state["doc"]), int(state["offset"]))
+
+
+# States written before the data split was named after the batch sharding rather than processes.
+_RENAMED_STATE_KEYS = {"process_index": "data_index", "process_count": "data_count"}
 
 
 class _PackedBatchDataset(grain.IterDataset):
@@ -282,28 +288,30 @@ class _PackedBatchDataset(grain.IterDataset):
 class ShardedTrainIterator:
     """This host's training batches from a shard directory, endless, exactly resumable.
 
-    Documents are shuffled globally (all shards, reseeded each epoch) and strided over processes,
-    so the hosts read disjoint documents that together are the whole split. Each batch is this
-    host's slice: [global_batch_size // process_count, seq_len] arrays keyed as rows_to_batch.
+    Documents are shuffled globally (all shards, reseeded each epoch) and strided over the data
+    slices, so the slices read disjoint documents that together are the whole split. `data_index`
+    of `data_count` is this host's slice of the global batch as the batch sharding lays it out:
+    hosts that hold the same rows (a tensor axis across hosts) pass the same data_index and read
+    identical batches. Each batch is [global_batch_size // data_count, seq_len] arrays keyed as
+    rows_to_batch.
     """
 
-    def __init__(self, shards_dir, seq_len: int, global_batch_size: int, seed: int, process_index: int = 0,
-                 process_count: int = 1, prefetch: int = 4):
-        if global_batch_size % process_count:
-            raise ConfigError(f"batch size {global_batch_size} is not divisible by the {process_count} processes.")
+    def __init__(self, shards_dir, seq_len: int, global_batch_size: int, seed: int, data_index: int = 0,
+                 data_count: int = 1, prefetch: int = 4):
+        check_data_slice(global_batch_size, data_index, data_count)
         manifest = load_manifest(shards_dir)
         self.num_documents = manifest["splits"]["train"]["documents"]
         if not self.num_documents:
             raise ShardError(f"shard directory {shards_dir} has no training documents.")
-        self._process_index, self._process_count = process_index, process_count
+        self._data_index, self._data_count = data_index, data_count
         docs = (grain.MapDataset.source(_document_source(shards_dir, "train", manifest))
                 .shuffle(seed=seed % 2**32)  # per-epoch reseeding happens inside: seed + epoch
                 .repeat()
-                .slice(slice(process_index, None, process_count)))
-        identity = {"seed": seed, "seq_len": seq_len, "process_index": process_index,
-                    "process_count": process_count, "num_documents": self.num_documents}
+                .slice(slice(data_index, None, data_count)))
+        identity = {"seed": seed, "seq_len": seq_len, "data_index": data_index, "data_count": data_count,
+                    "num_documents": self.num_documents}
         dataset = _PackedBatchDataset(docs, dtype=np.dtype(manifest["token_dtype"]).newbyteorder("<"),
-                                      rows_per_batch=global_batch_size // process_count, row_len=seq_len + 1,
+                                      rows_per_batch=global_batch_size // data_count, row_len=seq_len + 1,
                                       identity=identity)
         if prefetch:
             dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
@@ -337,7 +345,7 @@ class ShardedTrainIterator:
     def epoch(self) -> int:
         """Completed passes over the training split, counted at the next unread row."""
         doc = self.get_state()["doc"]
-        return (self._process_index + doc * self._process_count) // self.num_documents
+        return (self._data_index + doc * self._data_count) // self.num_documents
 
 
 def _close_held(holder: list) -> None:
@@ -345,20 +353,19 @@ def _close_held(holder: list) -> None:
         holder.pop().close()
 
 
-def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, process_index: int = 0,
-                       process_count: int = 1, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
+def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_index: int = 0,
+                       data_count: int = 1, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic validation batches: the split in file order, packed, cut into global batches.
 
-    Every process packs the same stream and takes its slice of each global batch, so all processes
+    Every host packs the same stream and takes its data slice of each global batch, so all hosts
     yield the same number of batches. The last batch is filled with padding rows (loss_mask 0).
     """
-    if global_batch_size % process_count:
-        raise ConfigError(f"batch size {global_batch_size} is not divisible by the {process_count} processes.")
+    check_data_slice(global_batch_size, data_index, data_count)
     manifest = load_manifest(shards_dir)
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
     source = _document_source(shards_dir, "validation", manifest) if manifest["splits"]["validation"]["shards"] else []
-    per_host = global_batch_size // process_count
-    lo, hi = process_index * per_host, (process_index + 1) * per_host
+    per_host = global_batch_size // data_count
+    lo, hi = data_index * per_host, (data_index + 1) * per_host
     packer = RowPacker(seq_len + 1, np.int32)
     pending: list[dict] = []
     emitted = 0
