@@ -1,0 +1,395 @@
+"""The output of `lmtrain eval`: a JSON file and a self-contained HTML report (metrics, plots, samples next to
+their references), optionally with a baseline model side by side (for example the model before fine-tuning).
+
+The HTML has no external CSS, JS or images: plots are PNGs drawn with matplotlib's Agg canvas and embedded as
+base64, so the file can be mailed or attached to an issue as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime
+import html
+import io
+import json
+import math
+import os
+from collections.abc import Sequence
+
+from lmtrain.evaluate.metrics import METRICS, EvalError, higher_is_better, normalize_whitespace
+from lmtrain.paths import as_path, atomic_write_text
+
+REPORT_VERSION = 1
+# Keys of `metrics` that are not one number; the report draws them as tables or plots instead.
+_STRUCTURED = ("per_class", "confusion_matrix", "labels")
+_COUNTS = ("tokens", "bytes", "examples")
+_ABOUT = {
+    "loss": "mean loss per scored token (nats)",
+    "precision_macro": "precision, mean over classes",
+    "recall_macro": "recall, mean over classes",
+    "f1_macro": "F1, mean over classes",
+    "tokens": "tokens scored",
+    "bytes": "UTF-8 bytes scored",
+    "examples": "examples in the eval set",
+}
+
+
+def _about(key: str) -> str:
+    """A short description with the metric's direction, so 0-100 BLEU next to 0-1 ROUGE-L reads right."""
+    text = _ABOUT.get(key) or (METRICS[key].description if key in METRICS else "")
+    direction = higher_is_better(key)
+    arrow = "" if key in _COUNTS or direction is None else (" (higher is better)" if direction else " (lower is better)")
+    return text + arrow
+
+
+@dataclasses.dataclass
+class EvalResult:
+    """What one model scored on one eval set.
+
+    `samples` holds dicts with `prompt`, `reference` and `generation` (generative tasks) or `text`, `label` and
+    `prediction` (classify). `metrics` is what `metrics.compute_metrics` returned.
+    """
+
+    model: str
+    task: str
+    metrics: dict
+    samples: list[dict] = dataclasses.field(default_factory=list)
+    checkpoint: str = ""  # e.g. "best (step 400)"
+    data: str = ""  # the eval set, as the user named it
+    metrics_jsonl: str = ""  # the model's training log, for the loss curve; empty when it has none
+    extra: dict = dataclasses.field(default_factory=dict)  # anything else to keep in the JSON (generation settings, timing)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EvalResult:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in fields})
+
+
+def _json_safe(value):
+    """NaN and inf are not JSON; write them as null so every JSON reader takes the file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def to_json(result: EvalResult, baseline: EvalResult | None = None) -> str:
+    doc = {"report_version": REPORT_VERSION, "result": result.to_dict(),
+           "baseline": baseline.to_dict() if baseline else None}
+    return json.dumps(_json_safe(doc), indent=2, ensure_ascii=False)
+
+
+def read_json(path: str | os.PathLike) -> tuple[EvalResult, EvalResult | None]:
+    """Read a file written by `write_reports` (for example to use one run's result as another's baseline)."""
+    path = as_path(path)
+    try:
+        doc = json.loads(path.read_text())
+        result = EvalResult.from_dict(doc["result"])
+        baseline = EvalResult.from_dict(doc["baseline"]) if doc.get("baseline") else None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise EvalError(f"{path}: not an lmtrain eval JSON file ({e}).") from None
+    return result, baseline
+
+
+def write_reports(out_dir: str | os.PathLike, result: EvalResult, baseline: EvalResult | None = None,
+                  max_samples: int = 50) -> tuple[str, str]:
+    """Write OUT_DIR/eval.json and OUT_DIR/report.html (each atomically); return their paths."""
+    html_text = render_html(result, baseline, max_samples=max_samples)
+    out_dir = as_path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, html_path = out_dir / "eval.json", out_dir / "report.html"
+    atomic_write_text(json_path, to_json(result, baseline) + "\n")
+    atomic_write_text(html_path, html_text)
+    return str(json_path), str(html_path)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def _png_data_uri(fig) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Records of a training log; a line cut short by a kill is skipped, not an error."""
+    records = []
+    for line in as_path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def loss_curve_png(metrics_jsonl: str | os.PathLike, title: str) -> str | None:
+    """Train and validation loss against step (and other validation metrics in a second panel), as a data URI."""
+    from matplotlib.figure import Figure
+
+    records = read_metrics_jsonl(metrics_jsonl)
+    series: dict[str, tuple[list, list]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key == "loss" or key.startswith("val_"):
+                if isinstance(value, int | float) and math.isfinite(value):
+                    xs, ys = series.setdefault(key, ([], []))
+                    xs.append(r.get("step", len(xs)))
+                    ys.append(value)
+    losses = {k: v for k, v in series.items() if k in ("loss", "val_loss")}
+    others = {k: v for k, v in series.items() if k not in losses and k != "val_perplexity"}
+    if not losses:
+        return None
+    fig = Figure(figsize=(6.4 if not others else 10, 3.4))
+    axes = fig.subplots(1, 2 if others else 1, squeeze=False)[0]
+    for key, (xs, ys) in losses.items():
+        axes[0].plot(xs, ys, label="train loss" if key == "loss" else "validation loss",
+                     marker="o" if key == "val_loss" else None, markersize=3)
+    axes[0].set(xlabel="step", ylabel="loss (nats/token)", title=f"Loss: {title}")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend()
+    if others:
+        for key, (xs, ys) in others.items():
+            axes[1].plot(xs, ys, label=key, marker="o", markersize=3)
+        axes[1].set(xlabel="step", title="Validation metrics")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
+    fig.tight_layout()
+    return _png_data_uri(fig)
+
+
+def confusion_matrix_png(counts: Sequence[Sequence[int]], labels: Sequence[str], title: str) -> str:
+    """Heatmap of counts[true, predicted], coloured by the share of each true class so rare classes show too."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    counts_CxC = np.asarray(counts)
+    n = len(labels)
+    row_share = counts_CxC / np.maximum(counts_CxC.sum(axis=1, keepdims=True), 1)
+    side = min(2.5 + 0.55 * n, 12)
+    fig = Figure(figsize=(side + 1.2, side))
+    ax = fig.subplots()
+    im = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
+    short = [lb if len(lb) <= 14 else lb[:13] + "…" for lb in labels]
+    ax.set_xticks(range(n), short, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
+    ax.set_yticks(range(n), short)
+    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {title}")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, str(int(counts_CxC[i, j])), ha="center", va="center", fontsize=8 if n > 12 else 10,
+                        color="white" if row_share[i, j] > 0.5 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    return _png_data_uri(fig)
+
+
+# ----------------------------------------------------------------------------- HTML
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1400px;
+     padding:0 16px;color:#1f2328;line-height:1.45}
+h1{font-size:1.5em;margin-bottom:4px} h2{font-size:1.2em;margin-top:28px;border-bottom:1px solid #d0d7de;padding-bottom:4px}
+.meta{color:#57606a;font-size:.92em} .meta code{background:#f6f8fa;padding:1px 4px;border-radius:4px}
+table{border-collapse:collapse;margin:8px 0} th,td{border:1px solid #d0d7de;padding:5px 9px;text-align:left;vertical-align:top}
+th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.better{color:#1a7f37;font-weight:600} .worse{color:#cf222e;font-weight:600}
+.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start} .card h3{font-size:1em;margin:6px 0}
+img{max-width:100%;border:1px solid #eaeef2}
+table.samples{width:100%;table-layout:fixed} table.samples td{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;
+     font-size:.85em} table.samples th.idx, table.samples td.idx{width:3.2em}
+.cell{white-space:pre-wrap;word-break:break-word;max-height:14em;overflow:auto}
+.ok{background:#dafbe1} .bad{background:#ffebe9} .mark{font-family:sans-serif;font-size:.9em;color:#57606a}
+.note{color:#57606a;font-size:.9em}
+"""
+
+
+def _esc(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:.4g}" if abs(value) >= 1000 or (abs(value) < 1e-3 and value != 0) else f"{value:.4f}"
+    return _esc(value)
+
+
+def _scalar_metrics(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in _STRUCTURED and isinstance(v, int | float)}
+
+
+def _metrics_table(result: EvalResult, baseline: EvalResult | None) -> str:
+    ours = _scalar_metrics(result.metrics)
+    theirs = _scalar_metrics(baseline.metrics) if baseline else {}
+    keys = [k for k in ours if k not in _COUNTS] + [k for k in theirs if k not in ours and k not in _COUNTS]
+    keys += [k for k in _COUNTS if k in ours or k in theirs]
+    if baseline:
+        head = (f"<tr><th>metric</th><th>baseline<br><span class=note>{_esc(_short(baseline.model))}</span></th>"
+                f"<th>model<br><span class=note>{_esc(_short(result.model))}</span></th><th>change</th>"
+                "<th>what it is</th></tr>")
+    else:
+        head = "<tr><th>metric</th><th>value</th><th>what it is</th></tr>"
+    rows = []
+    for k in keys:
+        a, b = ours.get(k), theirs.get(k)
+        if not baseline:
+            rows.append(f"<tr><td>{_esc(k)}</td><td class=num>{_fmt(a)}</td><td class=note>{_esc(_about(k))}</td></tr>")
+            continue
+        change = ""
+        if isinstance(a, int | float) and isinstance(b, int | float) and k not in _COUNTS:
+            delta = a - b
+            direction = higher_is_better(k)
+            cls = "" if direction is None or delta == 0 else ("better" if (delta > 0) == direction else "worse")
+            change = f"<span class='{cls}'>{delta:+.4g}</span>" if delta else "0"
+        rows.append(f"<tr><td>{_esc(k)}</td><td class=num>{_fmt(b)}</td><td class=num>{_fmt(a)}</td>"
+                    f"<td class=num>{change}</td><td class=note>{_esc(_about(k))}</td></tr>")
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
+def _per_class_table(result: EvalResult) -> str:
+    per_class = result.metrics.get("per_class")
+    if not per_class:
+        return ""
+    rows = "".join(
+        f"<tr><td>{_esc(name)}</td><td class=num>{_fmt(s['precision'])}</td><td class=num>{_fmt(s['recall'])}</td>"
+        f"<td class=num>{_fmt(s['f1'])}</td><td class=num>{_fmt(s['support'])}</td></tr>"
+        for name, s in per_class.items()
+    )
+    return ("<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>support</th></tr>"
+            f"{rows}</table>")
+
+
+def _short(model: str) -> str:
+    return model.rstrip("/").rsplit("/", 1)[-1] or model
+
+
+def _is_classify(result: EvalResult) -> bool:
+    return result.task == "classify"
+
+
+def _sample_correct(result: EvalResult, sample: dict) -> bool | None:
+    if _is_classify(result):
+        return None if sample.get("label") is None else sample.get("prediction") == sample.get("label")
+    ref = sample.get("reference")
+    if ref is None:
+        return None
+    refs = [ref] if isinstance(ref, str) else list(ref)
+    return normalize_whitespace(str(sample.get("generation", ""))) in {normalize_whitespace(r) for r in refs}
+
+
+def _cell(value, correct: bool | None = None) -> str:
+    if isinstance(value, list | tuple):
+        value = "\n— or —\n".join(str(v) for v in value)
+    cls = "" if correct is None else (" class=ok" if correct else " class=bad")
+    mark = "" if correct is None else f"<div class=mark>{'✓ matches' if correct else '✗ differs'}</div>"
+    return f"<td{cls}><div class=cell>{_esc(value)}</div>{mark}</td>"
+
+
+def _check_same_examples(result: EvalResult, baseline: EvalResult) -> None:
+    if baseline.task != result.task:
+        raise EvalError(f"the baseline ({baseline.model}) was evaluated as task '{baseline.task}' and the model "
+                        f"({result.model}) as '{result.task}'; compare two models on the same task.")
+    key = "text" if _is_classify(result) else "prompt"
+    a = [s.get(key) for s in result.samples]
+    b = [s.get(key) for s in baseline.samples]
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            raise EvalError(f"the baseline was evaluated on other examples: sample {i}'s {key} differs "
+                            f"({_clip(y)!r} vs {_clip(x)!r}). Evaluate both models on the same --data.")
+
+
+def _clip(text, n: int = 60) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _samples_table(result: EvalResult, baseline: EvalResult | None, max_samples: int) -> str:
+    samples = result.samples[:max_samples]
+    if not samples:
+        return "<p class=note>No samples were kept.</p>"
+    classify = _is_classify(result)
+    src, ref, out = ("text", "label", "prediction") if classify else ("prompt", "reference", "generation")
+    heads = ["#", src, ref, out if not baseline else f"{out} (model)"]
+    if baseline:
+        heads.insert(3, f"{out} (baseline)")
+    rows = []
+    for i, s in enumerate(samples):
+        cells = [f"<td class=idx>{i}</td>", _cell(s.get(src)), _cell(s.get(ref))]
+        if baseline:
+            b = baseline.samples[i] if i < len(baseline.samples) else {}
+            cells.append(_cell(b.get(out), _sample_correct(baseline, b) if b else None))
+        cells.append(_cell(s.get(out), _sample_correct(result, s)))
+        rows.append(f"<tr>{''.join(cells)}</tr>")
+    head = "".join(f"<th class=idx>{h}</th>" if h == "#" else f"<th>{_esc(h)}</th>" for h in heads)
+    more = (f"<p class=note>Showing {len(samples)} of {len(result.samples)} samples; all are in the JSON file.</p>"
+            if len(result.samples) > len(samples) else "")
+    return f"{more}<table class=samples><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _plots(result: EvalResult, baseline: EvalResult | None) -> str:
+    cards = []
+    models = [("baseline", baseline), ("model", result)] if baseline else [("model", result)]
+    for role, r in models:
+        if r.metrics_jsonl and as_path(r.metrics_jsonl).exists():
+            uri = loss_curve_png(r.metrics_jsonl, _short(r.model))
+            if uri:
+                cards.append(f"<div class=card><h3>Training curve ({role})</h3><img alt='loss curve' src='{uri}'></div>")
+    for role, r in models:
+        cm, labels = r.metrics.get("confusion_matrix"), r.metrics.get("labels")
+        if cm and labels:
+            uri = confusion_matrix_png(cm, labels, _short(r.model))
+            cards.append(f"<div class=card><h3>Confusion matrix ({role})</h3><img alt='confusion matrix' src='{uri}'>"
+                         f"</div>")
+    return f"<div class=row>{''.join(cards)}</div>" if cards else ""
+
+
+def _meta(result: EvalResult, role: str) -> str:
+    parts = [f"<b>{role}</b> <code>{_esc(result.model)}</code>"]
+    if result.checkpoint:
+        parts.append(f"checkpoint {_esc(result.checkpoint)}")
+    parts.append(f"task <code>{_esc(result.task)}</code>")
+    if result.data:
+        parts.append(f"data <code>{_esc(result.data)}</code>")
+    return "<div class=meta>" + " · ".join(parts) + "</div>"
+
+
+def render_html(result: EvalResult, baseline: EvalResult | None = None, max_samples: int = 50) -> str:
+    """The report as one HTML string with everything embedded."""
+    if baseline is not None:
+        _check_same_examples(result, baseline)
+    title = f"lmtrain eval: {_short(result.model)}" + (f" vs {_short(baseline.model)}" if baseline else "")
+    when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}</title>"
+             f"<style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>", _meta(result, "model")]
+    if baseline:
+        parts.append(_meta(baseline, "baseline"))
+    parts.append(f"<div class=meta>written {_esc(when)}</div>")
+    parts += ["<h2>Metrics</h2>", _metrics_table(result, baseline)]
+    if result.metrics.get("per_class"):
+        parts.append("<h2>Per class</h2><div class=row>")
+        for role, r in ([("baseline", baseline)] if baseline else []) + [("model", result)]:
+            parts.append(f"<div class=card><h3>{role}</h3>{_per_class_table(r)}</div>")
+        parts.append("</div>")
+    plots = _plots(result, baseline)
+    if plots:
+        parts += ["<h2>Plots</h2>", plots]
+    parts += ["<h2>Samples</h2>", _samples_table(result, baseline, max_samples), "</body></html>"]
+    return "\n".join(parts)
