@@ -5,33 +5,50 @@ and the tokenizer, and loads as it is with `AutoModelForCausalLM.from_pretrained
 Tensors stream one at a time from the devices into files whose headers are written first, so the host
 never holds more than one tensor.
 
-Launch:  lmtrain export WORKDIR OUT_DIR [--which latest|best|STEP] [--dtype float32|bfloat16]
+Nothing the user had is lost and a half export never looks complete:
+- the export is written into a hidden sibling, `.OUT.export-tmp-*`, and renamed to OUT only once whole;
+- a non-empty OUT is refused without --force; with --force the old directory is moved aside, the new
+  one renamed in, and the old one removed only then (an export interrupted between the two renames is
+  undone by the next export, which moves the old directory back);
+- on object stores (gs://, s3://) there is no directory rename: the files are copied from the
+  temporary prefix with config.json last, so a directory without config.json is an unfinished export.
+
+Launch:  lmtrain export WORKDIR OUT_DIR [--which latest|best|STEP] [--dtype float32|bfloat16] [--force]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import pathlib
+import os
 import re
 import shutil
 import struct
 import sys
+import tempfile
 import time
+import uuid
 
 import jax
 import ml_dtypes
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain.interop.hf_families import Family, HFInteropError, family_for_model
 from lmtrain.interop.hf_import import SOURCE_CONFIG, SOURCE_GENERATION_CONFIG, TOKENIZER_FILES
 from lmtrain.model.layers import ModelConfig
+from lmtrain.paths import as_path, is_remote
 
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
 # Source config keys that lmtrain's model does not determine and that survive an import/export round trip.
 _CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path")
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
+# Hidden siblings of OUT: the export being written, and an old export moved aside by --force.
+_STAGING, _ASIDE = "export-tmp", "export-old"
+# Written last: an export directory without it is unfinished (the rule object stores rely on).
+_COMPLETE_MARKER = "config.json"
 
 
 def parse_size(text: str) -> int:
@@ -70,7 +87,11 @@ def _tensor_plan(cfg: ModelConfig, family: Family) -> list[tuple[str, object, in
     return plan
 
 
-def _write_safetensors(path: pathlib.Path, items: list, produce, dtype_code: str, itemsize: int) -> None:
+def _write_tensor(f, tensor: np.ndarray) -> None:
+    f.write(np.ascontiguousarray(tensor).tobytes())
+
+
+def _write_safetensors(path: epath.Path, items: list, produce, dtype_code: str, itemsize: int) -> None:
     """Write a safetensors file whose header is known up front; `produce(item)` makes one tensor at a time."""
     header: dict = {"__metadata__": {"format": "pt"}}
     offset = 0
@@ -80,14 +101,22 @@ def _write_safetensors(path: pathlib.Path, items: list, produce, dtype_code: str
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for item in items:
             tensor = produce(item)
             if tuple(tensor.shape) != item[1].hf_shape:
                 raise AssertionError(f"{item[0]}: produced {tensor.shape}, planned {item[1].hf_shape}")
-            f.write(np.ascontiguousarray(tensor).tobytes())
+            _write_tensor(f, tensor)
+        _sync(f)
+
+
+def _sync(f) -> None:
+    """Flush a local file to disk before the directory is renamed into place (no-op for object stores)."""
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _hf_config(cfg: ModelConfig, family: Family, source: dict, dtype: str, token_ids: dict) -> dict:
@@ -100,37 +129,185 @@ def _hf_config(cfg: ModelConfig, family: Family, source: dict, dtype: str, token
     return out
 
 
-def _export_tokenizer(tokenizer_dir: pathlib.Path | None, out_dir: pathlib.Path) -> dict:
+@contextlib.contextmanager
+def _local_dir(directory: epath.Path):
+    """`directory` as a local path transformers can read: itself, or a temporary copy of its tokenizer files."""
+    if not is_remote(directory):
+        yield str(directory)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in TOKENIZER_FILES:
+            if (directory / name).is_file():
+                (directory / name).copy(epath.Path(tmp) / name)
+        yield tmp
+
+
+def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path) -> dict:
     """Save the tokenizer into out_dir in the form AutoTokenizer loads; return its special token ids."""
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         return {}
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
-    except Exception:  # noqa: BLE001 - a bare tokenizer.json (as lmtrain trains) has no tokenizer_config.json
-        if not (tokenizer_dir / "tokenizer.json").is_file():
-            raise HFInteropError(
-                f"{tokenizer_dir}: neither a transformers tokenizer nor a tokenizer.json; cannot export it."
-            ) from None
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_dir / "tokenizer.json"))
-        vocab = tok.get_vocab()
-        eos = next((t for t in _EOS_NAMES if t in vocab), None)
-        if eos is not None:
-            tok.eos_token = eos
-            tok.bos_token = tok.bos_token or eos
-    tok.save_pretrained(str(out_dir))
-    for name in ("chat_template.jinja",):
-        if (tokenizer_dir / name).is_file() and not (out_dir / name).exists():
-            shutil.copy2(tokenizer_dir / name, out_dir / name)
+    with _local_dir(tokenizer_dir) as source, tempfile.TemporaryDirectory() as saved:
+        try:
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+        except Exception:  # noqa: BLE001 - a bare tokenizer.json (as lmtrain trains) has no tokenizer_config.json
+            if not os.path.isfile(os.path.join(source, "tokenizer.json")):
+                raise HFInteropError(
+                    f"{tokenizer_dir}: neither a transformers tokenizer nor a tokenizer.json; cannot export it."
+                ) from None
+            tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(source, "tokenizer.json"))
+            vocab = tok.get_vocab()
+            eos = next((t for t in _EOS_NAMES if t in vocab), None)
+            if eos is not None:
+                tok.eos_token = eos
+                tok.bos_token = tok.bos_token or eos
+        tok.save_pretrained(saved)
+        extra = os.path.join(source, "chat_template.jinja")
+        if os.path.isfile(extra) and not os.path.exists(os.path.join(saved, "chat_template.jinja")):
+            shutil.copy2(extra, os.path.join(saved, "chat_template.jinja"))
+        for name in sorted(os.listdir(saved)):
+            epath.Path(saved, name).copy(out_dir / name, overwrite=True)
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
 
 
-def export_params(cfg: ModelConfig, params: dict, out_dir: str | pathlib.Path, *, source_config: dict | None = None,
-                  generation_config: dict | None = None, tokenizer_dir: str | pathlib.Path | None = None,
-                  dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
-    """Write `params` (an lmtrain params dict) as a Hugging Face model directory."""
-    out_dir = pathlib.Path(out_dir)
+# ---------------------------------------------------------------------------------------------- the target
+
+
+def _siblings(out: epath.Path, kind: str) -> list[epath.Path]:
+    if not out.parent.exists():
+        return []
+    return sorted(p for p in out.parent.glob(f".{out.name}.{kind}-*"))
+
+
+def _new_sibling(out: epath.Path, kind: str) -> epath.Path:
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _is_complete(directory: epath.Path) -> bool:
+    return (directory / _COMPLETE_MARKER).is_file()
+
+
+def _copy_files(source: epath.Path, target: epath.Path) -> None:
+    """Copy a flat directory's files, the completion marker last (object stores: the write order is the signal)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for f in sorted(source.iterdir(), key=lambda p: p.name == _COMPLETE_MARKER):
+        f.copy(target / f.name, overwrite=True)
+
+
+def _remove_files(directory: epath.Path) -> None:
+    """Delete a directory, the completion marker first, so that a kill half-way never leaves it looking whole."""
+    if (directory / _COMPLETE_MARKER).exists():
+        (directory / _COMPLETE_MARKER).unlink()
+    directory.rmtree()
+
+
+def recover_interrupted_export(out: epath.Path) -> list[str]:
+    """Undo what a killed export left next to `out`; returns what was done, for the user.
+
+    - a staging directory is never published as it is: it is removed;
+    - an old export moved aside is moved back if `out` is not complete, and removed otherwise.
+    """
+    notes = []
+    for staging in _siblings(out, _STAGING):
+        staging.rmtree()
+        notes.append(f"removed {staging}, left by an interrupted export")
+    for aside in _siblings(out, _ASIDE):
+        if _is_complete(out) or not _is_complete(aside):
+            aside.rmtree()
+            notes.append(f"removed {aside}, the previous export kept until a replacing export finished")
+            continue
+        if out.exists():
+            _remove_files(out)
+        if is_remote(out):
+            _copy_files(aside, out)
+            aside.rmtree()
+        else:
+            os.rename(aside, out)
+        notes.append(f"restored the previous export to {out} from {aside} (an export with --force was interrupted)")
+    return notes
+
+
+def check_target(out: epath.Path, force: bool) -> None:
+    """Refuse an OUT whose contents an export would destroy: a file, a non-empty directory without --force, or
+    (even with --force) a directory that is not an earlier export."""
+    if out.exists() and not out.is_dir():
+        raise HFInteropError(f"{out} is a file; give lmtrain export a directory to create (or an empty one).")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+    if not force:
+        raise HFInteropError(
+            f"{out} is not empty ({shown}); choose a new directory, or pass --force to replace it (the old "
+            "contents are kept until the new export is complete)."
+        )
+    subdirs = [n for n in entries if (out / n).is_dir()]
+    if subdirs or _COMPLETE_MARKER not in entries:
+        why = f"it holds directories ({', '.join(subdirs[:3])})" if subdirs else "it has no config.json"
+        raise HFInteropError(
+            f"{out} does not look like an earlier model export ({why}); --force replaces only a directory of "
+            "exported files. Export into a new directory and copy what you need."
+        )
+
+
+def _publish(staging: epath.Path, out: epath.Path) -> None:
+    """Make the finished `staging` directory `out`, replacing an old export only once the new one is whole."""
+    old = out.exists() and any(out.iterdir())
+    if is_remote(out):
+        aside = _new_sibling(out, _ASIDE)
+        if old:
+            _copy_files(out, aside)
+            _remove_files(out)
+        _copy_files(staging, out)
+        staging.rmtree()
+        if old:
+            aside.rmtree()
+        return
+    if not old:
+        if out.exists():
+            out.rmdir()
+        os.rename(staging, out)
+        return
+    aside = _new_sibling(out, _ASIDE)
+    os.rename(out, aside)
+    os.rename(staging, out)  # a kill between the renames is undone by recover_interrupted_export
+    shutil.rmtree(aside)
+
+
+def _agree_on_target(out: epath.Path, force: bool) -> None:
+    """Process 0 checks the target; every process raises if it refused, before any of them starts gathering."""
+    error = ""
+    if jax.process_index() == 0:
+        for note in recover_interrupted_export(out):
+            print(f"lmtrain export: note: {note}", file=sys.stderr)
+        try:
+            check_target(out, force)
+        except HFInteropError as e:
+            error = str(e)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
+        if refused and not error:
+            error = f"process 0 refused the export target {out}; see its message."
+    if error:
+        raise HFInteropError(error)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *, source_config: dict | None = None,
+                  generation_config: dict | None = None, tokenizer_dir: str | os.PathLike | None = None,
+                  dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False) -> epath.Path:
+    """Write `params` (an lmtrain params dict, possibly sharded over hosts) as a Hugging Face model directory.
+
+    Every process must call this; process 0 writes.
+    """
+    out_dir = as_path(out_dir)
     source_config = source_config or {}
     preferred = next((f for f in ("gpt2", "llama", "mistral", "qwen2")
                       if source_config.get("model_type") == f), None)
@@ -140,7 +317,7 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | pathlib.Path, *
     np_dtype, code = DTYPES[dtype]
     itemsize = np.dtype(np_dtype).itemsize
     is_main = jax.process_index() == 0
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _agree_on_target(out_dir, force)
 
     plan = _tensor_plan(cfg, family)
     shards: list[list] = [[]]
@@ -161,64 +338,78 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | pathlib.Path, *
             parts.append(_to_host(value if layer is None else value[layer]))
         return rule.to_hf(tuple(parts)).astype(np_dtype)
 
-    for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
-        if is_main:
-            stale.unlink()
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    weight_map = {}
-    for name, items in zip(names, shards, strict=True):
-        if is_main:
-            _write_safetensors(out_dir / name, items, produce, code, itemsize)
-        else:  # the other hosts still take part in gathering arrays spread over hosts
+    if not is_main:  # the other hosts still take part in gathering arrays spread over hosts
+        for items in shards:
             for item in items:
                 produce(item)
-        weight_map.update({item[0]: name for item in items})
-
-    if not is_main:
         return out_dir
-    if len(shards) > 1:
-        total = sum(int(np.prod(item[1].hf_shape)) * itemsize for item in plan)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
-    token_ids = _export_tokenizer(pathlib.Path(tokenizer_dir) if tokenizer_dir else None, out_dir)
-    config = _hf_config(cfg, family, source_config, dtype, token_ids)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    gen = dict(generation_config or {})
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if gen.get(key) is None and config.get(key) is not None:
-            gen[key] = config[key]
-    gen = {k: v for k, v in gen.items() if v is not None}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+    staging = _new_sibling(out_dir, _STAGING)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise HFInteropError(f"cannot create {staging} next to {out_dir} ({e.strerror or e}); export into a "
+                             "directory whose parent you can write.") from None
+    try:
+        weight_map = {}
+        for name, items in zip(names, shards, strict=True):
+            _write_safetensors(staging / name, items, produce, code, itemsize)
+            weight_map.update({item[0]: name for item in items})
+        if len(shards) > 1:
+            total = sum(int(np.prod(item[1].hf_shape)) * itemsize for item in plan)
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        token_ids = _export_tokenizer(as_path(tokenizer_dir) if tokenizer_dir else None, staging)
+        config = _hf_config(cfg, family, source_config, dtype, token_ids)
+        gen = dict(generation_config or {})
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if gen.get(key) is None and config.get(key) is not None:
+                gen[key] = config[key]
+        gen = {k: v for k, v in gen.items() if v is not None}
+        (staging / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
+        (staging / _COMPLETE_MARKER).write_text(json.dumps(config, indent=2, sort_keys=True))
+        _publish(staging, out_dir)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a failed export leaves no trace; the old OUT is untouched
+            if staging.exists():
+                staging.rmtree()
+        raise
     return out_dir
 
 
-def export_workdir(workdir: str | pathlib.Path, out_dir: str | pathlib.Path, which: str | int = "latest",
-                   dtype: str = "float32", max_shard_bytes: int = 5 * 10**9) -> pathlib.Path:
+def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which: str | int = "latest",
+                   dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False) -> epath.Path:
     """Export WORKDIR's checkpoint `which` ('latest', 'best' or a step number)."""
     from lmtrain.train.checkpoint import restore_params
 
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     if not (workdir / "config.json").is_file():
         raise HFInteropError(f"{workdir} has no config.json; is it an lmtrain WORKDIR?")
+    out = as_path(out_dir)
+    if out == workdir or workdir.is_relative_to(out):
+        raise HFInteropError(f"{out} holds the WORKDIR {workdir}; export into a directory of its own "
+                             f"(for example {workdir / 'hf'}).")
+    _agree_on_target(out, force)  # before the restore, which can take minutes for a large model
     try:
-        cfg, params = restore_params(workdir, which)
+        cfg, params = restore_params(str(workdir), which)
     except FileNotFoundError as e:
         raise HFInteropError(str(e)) from None
     source = workdir / SOURCE_CONFIG
     generation = workdir / SOURCE_GENERATION_CONFIG
-    tokenizer_dir = pathlib.Path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
+    tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
     return export_params(
         ModelConfig.from_config(cfg.model),
         params,
-        out_dir,
+        out,
         source_config=json.loads(source.read_text()) if source.is_file() else None,
         generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
         tokenizer_dir=tokenizer_dir if any((tokenizer_dir / n).is_file() for n in TOKENIZER_FILES) else None,
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
+        force=force,
     )
 
 
@@ -227,17 +418,20 @@ def main(argv: list[str] | None = None) -> int:
         prog="lmtrain export", description="Export a WORKDIR checkpoint as a Hugging Face model directory."
     )
     parser.add_argument("workdir", help="lmtrain WORKDIR with checkpoints/")
-    parser.add_argument("out_dir", help="directory to write (config.json, safetensors, tokenizer)")
+    parser.add_argument("out_dir", help="directory to create (config.json, safetensors, tokenizer); must be empty")
     parser.add_argument("--which", default="latest", help="'latest', 'best' (lowest validation loss) or a step")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the written weights")
     parser.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an earlier export in OUT_DIR (only once the new one is complete)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     which = int(args.which) if args.which.isdigit() else args.which
     if which not in ("latest", "best") and not isinstance(which, int):
         parser.error(f"--which={args.which}: use 'latest', 'best' or a step number")
     start = time.perf_counter()
     try:
-        out = export_workdir(args.workdir, args.out_dir, which, args.dtype, parse_size(args.max_shard_size))
+        out = export_workdir(args.workdir, args.out_dir, which, args.dtype, parse_size(args.max_shard_size),
+                             force=args.force)
     except HFInteropError as e:
         print(f"lmtrain export: error: {e}", file=sys.stderr)
         return 2
