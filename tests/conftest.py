@@ -14,6 +14,8 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import pytest  # noqa: E402
 
+from tests.gcs_fake import _fake_gcs_server, fake_gcs  # noqa: E402, F401 - the fake_gcs fixture
+
 
 @pytest.fixture(scope="session")
 def builtin_shards(tmp_path_factory):
