@@ -1,8 +1,8 @@
 """`lmtrain generate`: sample text from a WORKDIR or a Hugging Face directory, with a KV cache.
 
-Decoding reuses the training model's own modules (ModelDef.bind: embed_tokens, each block's norms,
-attn.project_qkv / project_out and mlp, then logits); only the attention over the cache is written
-here. Prompts of different lengths are left-padded into one batch: each row's positions start at its
+Decoding runs the training model's own blocks: `Transformer.hidden` takes a KV cache, which the
+attention module writes in place, so a change to the block (an adapter, another norm) needs no
+mirror here. Prompts of different lengths are left-padded into one batch: each row's positions start at its
 first real token, and padding slots are masked out of attention. The prefill and the whole decode
 loop (a lax.while_loop over a fixed-size cache) are one jitted function. Without the cache each step
 runs the full forward pass over the fixed-size token buffer, which is the baseline the cache is
@@ -23,7 +23,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
@@ -86,34 +85,29 @@ def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndar
     return tokens_BxP, np.asarray([width - len(p) for p in prompts], np.int32)
 
 
-def _forward_with_cache(model, tokens_BxS, positions_BxS, slot, pad_B, cache):
-    """Logits for S new tokens written at cache slots [slot, slot + S), and the updated cache."""
-    block_def, block_state = nnx.split(model.blocks)
-    k_cache_LxBxTxKxH, v_cache_LxBxTxKxH = cache
-    S, T = tokens_BxS.shape[1], k_cache_LxBxTxKxH.shape[2]
-    query_slots_S = slot + jnp.arange(S)
-    key_slots_T = jnp.arange(T)
+def decode_mask(slot, n_new: int, pad_B, cache_len: int) -> jax.Array:
+    """[B, n_new, T]: which cache slots each of the n_new tokens written at `slot` may attend to.
+
+    Real queries see the real (non-padding) slots up to themselves; a padding query sees only
+    itself, so that no softmax row is empty.
+    """
+    query_slots_S = slot + jnp.arange(n_new)
+    key_slots_T = jnp.arange(cache_len)
+    causal_SxT = key_slots_T[None, :] <= query_slots_S[:, None]
     is_real_BxT = key_slots_T[None, :] >= pad_B[:, None]
-    # A padding query sees only itself, so that no softmax row is empty; real queries never see padding.
-    mask_BxSxT = (key_slots_T[None, None, :] <= query_slots_S[None, :, None]) & (
-        is_real_BxT[:, None, :] | (key_slots_T[None, None, :] == query_slots_S[None, :, None])
-    )
+    itself_SxT = key_slots_T[None, :] == query_slots_S[:, None]
+    return causal_SxT[None] & (is_real_BxT[:, None, :] | itself_SxT[None])
 
-    def layer(x_BxSxD, xs):
-        layer_state, k_BxTxKxH, v_BxTxKxH = xs
-        block = nnx.merge(block_def, layer_state)
-        q, k, v = block.attn.project_qkv(block.attn_norm(x_BxSxD), positions_BxS)
-        k_BxTxKxH = jax.lax.dynamic_update_slice(k_BxTxKxH, k.astype(k_BxTxKxH.dtype), (0, slot, 0, 0))
-        v_BxTxKxH = jax.lax.dynamic_update_slice(v_BxTxKxH, v.astype(v_BxTxKxH.dtype), (0, slot, 0, 0))
-        out_BxSxNxH = jax.nn.dot_product_attention(q, k_BxTxKxH.astype(q.dtype), v_BxTxKxH.astype(q.dtype),
-                                                   mask=mask_BxSxT[:, None])
-        x_BxSxD = x_BxSxD + block.attn.project_out(out_BxSxNxH)
-        x_BxSxD = x_BxSxD + block.mlp(block.mlp_norm(x_BxSxD))
-        return x_BxSxD, (k_BxTxKxH, v_BxTxKxH)
 
-    x_BxSxD = model.embed_tokens(tokens_BxS, positions_BxS)
-    x_BxSxD, cache = jax.lax.scan(layer, x_BxSxD, (block_state, k_cache_LxBxTxKxH, v_cache_LxBxTxKxH))
-    return model.logits(x_BxSxD), cache
+def _forward_with_cache(model, tokens_BxS, positions_BxS, slot, pad_B, cache):
+    """Logits for S new tokens written at cache slots [slot, slot + S), and the updated cache.
+
+    The model's own blocks run the step (Transformer.hidden with a cache): nothing of the block is
+    re-implemented here."""
+    k_LxBxTxKxH, v_LxBxTxKxH = cache
+    mask_BxSxT = decode_mask(slot, tokens_BxS.shape[1], pad_B, k_LxBxTxKxH.shape[2])
+    x_BxSxD, cache = model.hidden(tokens_BxS, positions_BxS, cache=(k_LxBxTxKxH, v_LxBxTxKxH, slot, mask_BxSxT))
+    return model.apply_head(x_BxSxD), cache
 
 
 def make_generate_fn(model_def: ModelDef, sampling: SamplingConfig, use_cache: bool = True):

@@ -49,7 +49,7 @@ def _assert_same_weights(imported: dict, original: dict, vocab: int) -> None:
         if name == "['embed']":
             a, b, pad = a[:vocab], b[:vocab], a[vocab:]
             assert not pad.any(), name
-        elif name == "['lm_head']":
+        elif name == "['head']['w']":
             a, b, pad = a[:, :vocab], b[:, :vocab], a[:, vocab:]
             assert not pad.any(), name
         assert a.dtype == b.dtype and a.shape == b.shape, name

@@ -121,8 +121,8 @@ def test_imported_logits_equal_transformers(tmp_path, name):
     assert ours.shape[-1] == cfg.padded_vocab > VOCAB
     assert max_diff(ours[..., :VOCAB], hf_logits(model, ids)) <= TOLERANCE
     assert not np.any(np.asarray(params["embed"])[VOCAB:]), "padding rows of the embedding must be zero"
-    if "lm_head" in params:
-        assert not np.any(np.asarray(params["lm_head"])[:, VOCAB:])
+    if "head" in params:
+        assert not np.any(np.asarray(params["head"]["w"])[:, VOCAB:])
 
 
 def test_config_translation_carries_rope_scaling_window_and_head_dim(tmp_path):

@@ -66,29 +66,32 @@ def test_scan_and_remat_give_the_same_loss_and_gradients_as_the_plain_model(chan
         np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-8)
 
 
-def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
-    model_def, params = _model("llama")
+# Measured on CPU (max |logit difference| over 3 seeds): llama 0.00303, gpt2 0.00407. The bounds sit just above.
+@pytest.mark.parametrize("family, bound", [("llama", 0.0035), ("gpt2", 0.0045)])
+def test_bfloat16_compute_keeps_float32_params_and_tracks_float32(family, bound):
+    model_def, params = _model(family)
     bf16 = ModelDef(dataclasses.replace(model_def.cfg, dtype="bfloat16"))
     tokens = np.random.default_rng(3).integers(0, 256, (2, 16)).astype(np.int32)
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
     a, b = model_def.apply(params, tokens), bf16.apply(params, tokens)
     assert b.dtype == jnp.float32  # logits are always float32
-    assert np.abs(np.asarray(a) - np.asarray(b)).max() < 0.05
+    assert 0 < np.abs(np.asarray(a) - np.asarray(b)).max() < bound
 
 
 def test_gqa_and_families_have_the_documented_parameters():
     llama, _ = _model("llama")
     gpt2, _ = _model("gpt2")
     assert llama.shapes["blocks"]["attn"]["wk"].shape == (2, 64, 2, 16)  # 2 KV heads for 4 query heads
-    assert "lm_head" in llama.shapes and "pos_embed" not in llama.shapes and "bias" not in llama.shapes["final_norm"]
-    assert "lm_head" not in gpt2.shapes and gpt2.shapes["pos_embed"].shape == (32, 64)
+    assert llama.shapes["head"]["w"].shape == (64, 256) and llama.logical_axes["head"]["w"] == ("embed", "vocab")
+    assert "pos_embed" not in llama.shapes and "bias" not in llama.shapes["final_norm"]
+    assert "head" not in gpt2.shapes and gpt2.shapes["pos_embed"].shape == (32, 64)  # tied to the embedding
     assert gpt2.shapes["blocks"]["mlp"]["b_in"].shape == (2, 128)
     assert llama.shapes["embed"].shape[0] == 256 and llama.logical_axes["embed"] == ("vocab", "embed")
 
 
 @pytest.mark.parametrize("kv_heads, segments", [(4, False), (2, True), (1, True)])
 def test_chunked_attention_equals_fused_attention(kv_heads, segments):
-    from lmtrain.model.layers import chunked_causal_attention
+    from lmtrain.model.attention import chunked_causal_attention
 
     rng = np.random.default_rng(4)
     b, t, n, h = 2, 64, 4, 8

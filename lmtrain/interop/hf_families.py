@@ -25,6 +25,50 @@ class HFInteropError(ValueError):
     """An input that cannot be converted exactly. The message names the file, tensor or setting and what to do."""
 
 
+class HFConfig(dict):
+    """A config.json's fields. A missing field, or one of the wrong type, is an HFInteropError that names the field
+    and the file, where a plain dict would give a KeyError (or a wrong model) deep inside the conversion."""
+
+    def __init__(self, values: dict, source: str = "config.json", family: str = "this"):
+        super().__init__(values)
+        self.source, self.family = source, family
+
+    def __missing__(self, key: str):
+        raise HFInteropError(
+            f"{self.source}: field '{key}' is missing; a {self.family} config.json needs it. Add it (the model's "
+            "original config.json has it) and import again."
+        )
+
+    def _bad(self, key: str, value, want: str) -> HFInteropError:
+        return HFInteropError(f"{self.source}: field '{key}' is {value!r}; it must be {want}. Fix config.json.")
+
+    def positive_int(self, key: str, default: int | None = None) -> int:
+        """A positive integer; without a default the field is required, with one a missing or null field takes it."""
+        value = self[key] if default is None else self.get(key)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self._bad(key, value, "a positive integer")
+        return value
+
+    def number(self, key: str, default: float | None = None) -> float:
+        """A non-negative number; required without a default."""
+        value = self[key] if default is None else self.get(key)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise self._bad(key, value, "a non-negative number")
+        return float(value)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise self._bad(key, value, "true or false")
+        return value
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorRule:
     """One HF tensor <-> one or more lmtrain parameters ('blocks/attn/wq' style paths)."""
@@ -116,32 +160,37 @@ def _rule(hf: str, lm: str | tuple[str, ...], hf_shape: tuple[int, ...], conv: t
 # ---------------------------------------------------------------------------------------------- config helpers
 
 
-def _require(hf: dict, key: str, allowed, family: str, default=None) -> None:
+def _require(hf: HFConfig, key: str, allowed, family: str, default=None) -> None:
     value = hf.get(key, default)
     if value not in allowed:
         raise HFInteropError(
-            f"{family} config.json: {key}={value!r} is not supported (lmtrain reproduces {key} in "
+            f"{hf.source} ({family}): {key}={value!r} is not supported (lmtrain reproduces {key} in "
             f"{sorted(map(repr, allowed))} exactly). Convert or fine-tune a model with a supported setting."
         )
 
 
-def _rope_from_hf(hf: dict, family: str) -> tuple[float, tuple]:
+def _rope_from_hf(hf: HFConfig, family: str) -> tuple[float, tuple]:
     """RoPE theta and scaling from either the transformers>=5 `rope_parameters` or the older `rope_scaling`."""
-    merged = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    theta = float(merged.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    for key in ("rope_scaling", "rope_parameters"):
+        if not isinstance(hf.get(key) or {}, dict):
+            raise hf._bad(key, hf[key], "an object (or null)")
+    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    merged = HFConfig({**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})},
+                      f"{hf.source} ({where})", family)
+    theta = merged.number("rope_theta", hf.number("rope_theta", 10000.0))
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
     if rope_type == "default":
         return theta, ()
     if rope_type == "llama3":
         return theta, (
             "llama3",
-            float(merged["factor"]),
-            float(merged["low_freq_factor"]),
-            float(merged["high_freq_factor"]),
-            int(merged["original_max_position_embeddings"]),
+            merged.number("factor"),
+            merged.number("low_freq_factor"),
+            merged.number("high_freq_factor"),
+            merged.positive_int("original_max_position_embeddings"),
         )
     raise HFInteropError(
-        f"{family} config.json: RoPE scaling type {rope_type!r} is not supported; lmtrain supports 'default' and "
+        f"{hf.source} ({family}): RoPE scaling type {rope_type!r} is not supported; lmtrain supports 'default' and "
         "'llama3'."
     )
 
@@ -171,23 +220,25 @@ def _gpt2_config_to_lm(hf: dict) -> tuple[dict, list[str]]:
     _require(hf, "scale_attn_weights", (True,), "GPT-2", True)
     _require(hf, "scale_attn_by_inverse_layer_idx", (False,), "GPT-2", False)
     _require(hf, "add_cross_attention", (False,), "GPT-2", False)
-    d = hf["n_embd"]
+    d, nh = hf.positive_int("n_embd"), hf.positive_int("n_head")
+    if d % nh:
+        raise HFInteropError(f"{hf.source}: n_embd={d} is not divisible by n_head={nh}; fix config.json.")
     fields = dict(
-        vocab_size=hf["vocab_size"],
+        vocab_size=hf.positive_int("vocab_size"),
         d_model=d,
-        n_layers=hf["n_layer"],
-        n_heads=hf["n_head"],
-        n_kv_heads=hf["n_head"],
+        n_layers=hf.positive_int("n_layer"),
+        n_heads=nh,
+        n_kv_heads=nh,
         head_dim=0,
-        d_ff=hf.get("n_inner") or 4 * d,
-        max_seq_len=hf["n_positions"],
+        d_ff=hf.positive_int("n_inner", 4 * d),
+        max_seq_len=hf.positive_int("n_positions"),
         pos_embedding="learned",
         norm="layernorm",
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        norm_eps=hf.number("layer_norm_epsilon", 1e-5),
         mlp="gelu",
         use_bias=True,
         qkv_bias=False,
-        tie_embeddings=hf.get("tie_word_embeddings", True),
+        tie_embeddings=hf.flag("tie_word_embeddings", True),
         rope_scaling=(),
     )
     return fields, []
@@ -259,7 +310,7 @@ def _gpt2_rules(cfg: ModelConfig) -> list[TensorRule]:
         _rule("transformer.ln_f.bias", "final_norm/bias", (d,), _identity()),
     ]
     if not cfg.tie_embeddings:
-        rules.append(_rule("lm_head.weight", "lm_head", (V, d), _vocab_head(V, Vp)))
+        rules.append(_rule("lm_head.weight", "head/w", (V, d), _vocab_head(V, Vp)))
     return rules
 
 
@@ -273,11 +324,20 @@ def _llama_like_config_to_lm(family: str, qkv_bias: bool) -> Callable[[dict], tu
         _require(hf, "mlp_bias", (False,), family, False)
         notes = []
         theta, scaling = _rope_from_hf(hf, family)
-        d, nh = hf["hidden_size"], hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or d // nh
-        max_seq_len = hf.get("max_position_embeddings", 2048)
+        d, nh = hf.positive_int("hidden_size"), hf.positive_int("num_attention_heads")
+        head_dim = hf.positive_int("head_dim", d // nh or 1)
+        if head_dim * nh != d and not hf.get("head_dim"):
+            raise HFInteropError(f"{hf.source}: hidden_size={d} is not divisible by num_attention_heads={nh}; set "
+                                 "head_dim in config.json.")
+        nkv = hf.positive_int("num_key_value_heads", nh)
+        if nh % nkv:
+            raise HFInteropError(f"{hf.source}: num_attention_heads={nh} is not divisible by "
+                                 f"num_key_value_heads={nkv}; fix config.json.")
+        max_seq_len = hf.positive_int("max_position_embeddings", 2048)
         window = hf.get("sliding_window")
-        uses_window = hf.get("use_sliding_window", True) if family == "Qwen2" else True
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
+            raise hf._bad("sliding_window", window, "a positive integer or null")
+        uses_window = hf.flag("use_sliding_window", True) if family == "Qwen2" else True
         if uses_window and window and window < max_seq_len:
             notes.append(
                 f"{family} sliding_window={window} is smaller than max_position_embeddings={max_seq_len}; lmtrain "
@@ -286,23 +346,23 @@ def _llama_like_config_to_lm(family: str, qkv_bias: bool) -> Callable[[dict], tu
             )
             max_seq_len = window
         fields = dict(
-            vocab_size=hf["vocab_size"],
+            vocab_size=hf.positive_int("vocab_size"),
             d_model=d,
-            n_layers=hf["num_hidden_layers"],
+            n_layers=hf.positive_int("num_hidden_layers"),
             n_heads=nh,
-            n_kv_heads=hf.get("num_key_value_heads") or nh,
+            n_kv_heads=nkv,
             head_dim=0 if head_dim * nh == d else head_dim,
-            d_ff=hf["intermediate_size"],
+            d_ff=hf.positive_int("intermediate_size"),
             max_seq_len=max_seq_len,
             pos_embedding="rope",
             rope_theta=theta,
             rope_scaling=scaling,
             norm="rmsnorm",
-            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            norm_eps=hf.number("rms_norm_eps", 1e-6),
             mlp="swiglu",
             use_bias=False,
             qkv_bias=qkv_bias,
-            tie_embeddings=hf.get("tie_word_embeddings", False),
+            tie_embeddings=hf.flag("tie_word_embeddings", False),
         )
         return fields, notes
 
@@ -361,7 +421,7 @@ def _llama_like_rules(cfg: ModelConfig) -> list[TensorRule]:
             _rule(a + "v_proj.bias", "blocks/attn/bv", (nkv * hd,), _bias_to_heads(nkv, hd)),
         ]
     if not cfg.tie_embeddings:
-        rules.append(_rule("lm_head.weight", "lm_head", (V, d), _vocab_head(V, Vp)))
+        rules.append(_rule("lm_head.weight", "head/w", (V, d), _vocab_head(V, Vp)))
     return rules
 
 
@@ -417,7 +477,11 @@ SUPPORTED_ARCHITECTURES = tuple(a for fam in FAMILIES.values() for a in fam.arch
 
 def family_for_hf_config(hf: dict, source: str) -> Family:
     """The family named by config.json's `architectures` (or `model_type`); an error lists the supported ones."""
-    names = list(hf.get("architectures") or [])
+    names = hf.get("architectures") or []
+    names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise HFInteropError(f"{source}: 'architectures' is {names!r}; it must be a list of class names such as "
+                             f"[\"{SUPPORTED_ARCHITECTURES[0]}\"]. Fix config.json.")
     for fam in FAMILIES.values():
         if any(n in fam.architectures for n in names) or (not names and hf.get("model_type") == fam.model_type):
             return fam

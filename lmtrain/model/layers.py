@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.model.attention import attend
 from lmtrain.parallel.partitioning import constrain
 
 
@@ -45,6 +46,9 @@ class ModelConfig:
     remat: str = "none"
     attention_impl: str = "auto"
     logits_dtype: str = "float32"
+    causal: bool = True  # False: bidirectional attention over non-padding tokens (encoders)
+    head: str = "lm"  # output head, a name in lmtrain.model.heads.HEADS
+    num_labels: int = 0  # classes of a classification head
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelConfig:
@@ -53,6 +57,11 @@ class ModelConfig:
         if "rope_scaling" in values:
             values["rope_scaling"] = tuple(values["rope_scaling"] or ())
         return cls(**values)
+
+    def for_training(self) -> ModelConfig:
+        """Training keeps float32 master weights (and optimizer state) whatever the storage dtype;
+        `dtype` still sets the compute precision."""
+        return dataclasses.replace(self, param_dtype="float32")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -126,45 +135,6 @@ def apply_rope(x_BxLxNxH: jax.Array, positions_BxL: jax.Array, inv_freq: jax.Arr
     return out.astype(x_BxLxNxH.dtype)
 
 
-ATTENTION_CHUNK = 256
-
-
-def _attention_impl(cfg: ModelConfig, dtype, length: int) -> str:
-    """'auto' picks cuDNN flash attention on GPU (bf16/fp16), query-chunked attention for long
-    sequences on CPU, and XLA's fused attention otherwise."""
-    if cfg.attention_impl != "auto":
-        return cfg.attention_impl
-    backend = jax.default_backend()
-    if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
-    if backend == "cpu" and length >= 2 * ATTENTION_CHUNK and length % ATTENTION_CHUNK == 0:
-        return "chunked"
-    return "xla"
-
-
-def chunked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, chunk: int = ATTENTION_CHUNK):
-    """Causal attention computed one block of `chunk` queries at a time against only the keys at or
-    before the block: half the FLOPs of the full masked product and a [chunk, T] score tile instead
-    of [T, T]. Same result as jax.nn.dot_product_attention(is_causal=True) with the segment mask."""
-    b, t, n, h = q_BxTxNxH.shape
-    kv_heads = k_BxTxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
-    outs = []
-    for start in range(0, t, chunk):
-        stop = min(start + chunk, t)
-        scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH[:, start:stop], k_BxTxKxH[:, :stop],
-                            preferred_element_type=jnp.float32) / math.sqrt(h)
-        mask_TxS = jnp.arange(start, stop)[:, None] >= jnp.arange(stop)[None, :]
-        if segment_ids_BxT is not None:
-            same_BxTxS = segment_ids_BxT[:, start:stop, None] == segment_ids_BxT[:, None, :stop]
-            mask = (mask_TxS & same_BxTxS)[:, None, None]
-        else:
-            mask = mask_TxS
-        probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1).astype(v_BxTxKxH.dtype)
-        outs.append(jnp.einsum("bkgts,bskh->btkgh", probs, v_BxTxKxH[:, :stop]))
-    return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
-
-
 def _dropout(x, rate: float, key):
     if key is None or rate <= 0.0:
         return x
@@ -172,8 +142,18 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def dense(x, kernel: nnx.Param, equation: str, dtype, bias: nnx.Param | None = None):
+    """Every projection of the model goes through here: `einsum(equation, x, kernel)` in the compute
+    dtype, plus an optional bias. Adapters (LoRA) wrap this one function, not each einsum."""
+    y = jnp.einsum(equation, x, kernel[...].astype(dtype))
+    if bias is not None:
+        y = y + bias[...].astype(dtype)
+    return y
+
+
 class Attention(nnx.Module):
-    """Multi-head causal self-attention with grouped-query heads and document (segment) masking."""
+    """Multi-head self-attention (causal, or bidirectional for encoders) with grouped-query heads,
+    document (segment) masking, and an optional KV cache for decoding."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -191,13 +171,9 @@ class Attention(nnx.Module):
 
     def project_qkv(self, x_BxLxD, positions_BxL):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        q_BxLxNxH = jnp.einsum("bld,dnh->blnh", x_BxLxD, self.wq[...].astype(dtype))
-        k_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wk[...].astype(dtype))
-        v_BxLxKxH = jnp.einsum("bld,dkh->blkh", x_BxLxD, self.wv[...].astype(dtype))
-        if self.bq is not None:
-            q_BxLxNxH = q_BxLxNxH + self.bq[...].astype(dtype)
-            k_BxLxKxH = k_BxLxKxH + self.bk[...].astype(dtype)
-            v_BxLxKxH = v_BxLxKxH + self.bv[...].astype(dtype)
+        q_BxLxNxH = dense(x_BxLxD, self.wq, "bld,dnh->blnh", dtype, self.bq)
+        k_BxLxKxH = dense(x_BxLxD, self.wk, "bld,dkh->blkh", dtype, self.bk)
+        v_BxLxKxH = dense(x_BxLxD, self.wv, "bld,dkh->blkh", dtype, self.bv)
         if cfg.pos_embedding == "rope":
             inv_freq = rope_inverse_frequencies(cfg)
             q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, inv_freq)
@@ -208,22 +184,21 @@ class Attention(nnx.Module):
         return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
     def project_out(self, out_BxLxNxH):
-        dtype = self.cfg.compute_dtype
-        y_BxLxD = jnp.einsum("blnh,nhd->bld", out_BxLxNxH, self.wo[...].astype(dtype))
-        if self.bo is not None:
-            y_BxLxD = y_BxLxD + self.bo[...].astype(dtype)
+        y_BxLxD = dense(out_BxLxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, self.bo)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, kv=None):
+        """Without `kv`: the attention output. With `kv` = (k_BxTxKxH, v_BxTxKxH, slot, mask_BxLxT), the
+        L new tokens are written into the cache at `slot` and attend over it: (output, (k, v))."""
         q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
-        impl = _attention_impl(self.cfg, q.dtype, q.shape[1])
-        if impl == "chunked":
-            return self.project_out(chunked_causal_attention(q, k, v, segment_ids_BxL))
-        mask_Bx1xLxL = None
-        if segment_ids_BxL is not None:
-            mask_Bx1xLxL = (segment_ids_BxL[:, None, :, None] == segment_ids_BxL[:, None, None, :])
-        out_BxLxNxH = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xLxL, is_causal=True, implementation=impl)
-        return self.project_out(out_BxLxNxH)
+        if kv is None:
+            out = attend(q, k, v, segment_ids_BxT=segment_ids_BxL, causal=self.cfg.causal, impl=self.cfg.attention_impl)
+            return self.project_out(out)
+        k_cache_BxTxKxH, v_cache_BxTxKxH, slot, mask_BxLxT = kv
+        k_cache_BxTxKxH = jax.lax.dynamic_update_slice(k_cache_BxTxKxH, k.astype(k_cache_BxTxKxH.dtype), (0, slot, 0, 0))
+        v_cache_BxTxKxH = jax.lax.dynamic_update_slice(v_cache_BxTxKxH, v.astype(v_cache_BxTxKxH.dtype), (0, slot, 0, 0))
+        out = attend(q, k_cache_BxTxKxH.astype(q.dtype), v_cache_BxTxKxH.astype(q.dtype), mask_BxTxS=mask_BxLxT)
+        return self.project_out(out), (k_cache_BxTxKxH, v_cache_BxTxKxH)
 
 
 class MLP(nnx.Module):
@@ -241,23 +216,22 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxLxD):
         dtype = self.cfg.compute_dtype
-        h_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_in[...].astype(dtype))
-        if self.b_in is not None:
-            h_BxLxF = h_BxLxF + self.b_in[...].astype(dtype)
+        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, self.b_in)
         if self.w_gate is not None:
-            gate_BxLxF = jnp.einsum("bld,df->blf", x_BxLxD, self.w_gate[...].astype(dtype))
+            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
-        y_BxLxD = jnp.einsum("blf,fd->bld", h_BxLxF, self.w_out[...].astype(dtype))
-        if self.b_out is not None:
-            y_BxLxD = y_BxLxD + self.b_out[...].astype(dtype)
+        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, self.b_out)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    The same code serves training (no `kv`) and cached decoding (`kv` given: returns (x, new kv)).
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -266,11 +240,14 @@ class Block(nnx.Module):
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs)
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None, kv=None):
         k1 = k2 = None
         if dropout_key is not None:
             k1, k2 = jax.random.split(dropout_key)
-        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL)
+        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv)
+        if kv is not None:
+            h, kv = h
         x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k1)
         h = self.mlp(self.mlp_norm(x_BxLxD))
-        return x_BxLxD + _dropout(h, self.cfg.dropout, k2)
+        x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k2)
+        return x_BxLxD if kv is None else (x_BxLxD, kv)

@@ -1,9 +1,10 @@
-"""The decoder-only transformer and its functional interface (`ModelDef`) used by training.
+"""The transformer and its functional interface (`ModelDef`) used by training, tasks and generation.
 
 One Transformer covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings) and
-Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied embeddings). The blocks' parameters
-are stacked along a leading `layers` axis, so the same checkpoint layout serves both the scanned
-and the unrolled forward pass.
+Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied embeddings). It returns hidden
+states; a head module (lmtrain.model.heads) turns them into logits. The blocks' parameters are
+stacked along a leading `layers` axis, so the same checkpoint layout serves both the scanned and
+the unrolled forward pass, and the KV-cache decode runs the very same blocks.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.model.heads import HEADS
 from lmtrain.model.layers import Block, ModelConfig, Norm, _dropout, _param
 from lmtrain.parallel.partitioning import constrain
 
@@ -37,7 +39,8 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs) -> Block:
 
 
 class Transformer(nnx.Module):
-    """Token ids in, next-token logits (over the padded vocab, in `logits_dtype`) out."""
+    """Token ids in, final (normed) hidden states out through `hidden`; `__call__` adds the head
+    (`model.head`: next-token logits over the padded vocab for 'lm', class logits for 'classify')."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -49,11 +52,9 @@ class Transformer(nnx.Module):
         )
         self.blocks = _stacked_blocks(cfg, rngs)
         self.final_norm = Norm(cfg)
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else _param(rngs.params(), (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, dt)
-        )
+        if cfg.head not in HEADS:
+            raise ValueError(f"model.head='{cfg.head}' is unknown. Choose one of: {', '.join(HEADS)}.")
+        self.head = HEADS[cfg.head](cfg, rngs)
 
     def embed_tokens(self, tokens_BxL, positions_BxL):
         dtype = self.cfg.compute_dtype
@@ -62,17 +63,9 @@ class Transformer(nnx.Module):
             x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0).astype(dtype)
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
-    def logits(self, x_BxLxD):
-        dtype = self.cfg.compute_dtype
-        x_BxLxD = self.final_norm(x_BxLxD)
-        if self.lm_head is None:
-            w_DxV = self.embed[...].astype(dtype).T
-        else:
-            w_DxV = self.lm_head[...].astype(dtype)
-        logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.dtype(self.cfg.logits_dtype))
-        return constrain(logits_BxLxV, ("batch", "length", "act_vocab"))
-
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
+    def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None, cache=None):
+        """Final hidden states [B, L, D]. With `cache` = (k_LxBxTxKxH, v_LxBxTxKxH, slot, mask_BxLxT), the
+        tokens are decoded against a KV cache by the same blocks: returns (hidden, (k, v))."""
         cfg = self.cfg
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
@@ -82,6 +75,16 @@ class Transformer(nnx.Module):
             x_BxLxD = _dropout(x_BxLxD, cfg.dropout, k)
 
         block_def, block_state = nnx.split(self.blocks)
+        if cache is not None:
+            k_LxBxTxKxH, v_LxBxTxKxH, slot, mask_BxLxT = cache
+
+            def cached_layer(x, xs):
+                layer_state, k_BxTxKxH, v_BxTxKxH = xs
+                block = nnx.merge(block_def, layer_state)
+                return block(x, positions_BxL, None, None, (k_BxTxKxH, v_BxTxKxH, slot, mask_BxLxT))
+
+            x_BxLxD, new_kv = jax.lax.scan(cached_layer, x_BxLxD, (block_state, k_LxBxTxKxH, v_LxBxTxKxH))
+            return self.final_norm(x_BxLxD), new_kv
 
         def layer(x_BxLxD, layer_state, layer_index):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
@@ -98,7 +101,13 @@ class Transformer(nnx.Module):
         else:
             for i in range(cfg.n_layers):
                 x_BxLxD = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], block_state), i)
-        return self.logits(x_BxLxD)
+        return self.final_norm(x_BxLxD)
+
+    def apply_head(self, x_BxLxD, segment_ids_BxL=None):
+        return self.head(x_BxLxD, embed=self.embed, segment_ids_BxL=segment_ids_BxL)
+
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
+        return self.apply_head(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key), segment_ids_BxL)
 
 
 def _nested_set(tree: dict, keys, value) -> None:
@@ -136,7 +145,11 @@ class ModelDef:
         return nnx.merge(self.graphdef, state)
 
     def apply(self, params: dict, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
+        """The head's output: logits [B, L, padded vocab] for 'lm', [B, num_labels] for 'classify'."""
         return self.bind(params)(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key)
+
+    def hidden(self, params: dict, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
+        return self.bind(params).hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         total = 0

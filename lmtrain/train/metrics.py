@@ -47,7 +47,7 @@ def matmul_params(model_def) -> int:
     shapes = model_def.shapes
     if "pos_embed" in shapes:
         total -= math.prod(shapes["pos_embed"].shape)
-    if "lm_head" in shapes:
+    if shapes.get("head", {}).get("w") is not None:  # untied: the embedding is only a lookup
         total -= math.prod(shapes["embed"].shape)
     return total
 
