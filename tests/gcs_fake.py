@@ -7,6 +7,7 @@ lmtrain reaches `gs://` through three clients, all of which honour an endpoint o
 - tensorstore's `gcs` kvstore (Orbax's array data, OCDBT): `TENSORSTORE_GCS_HTTP_URL`; a fixed bearer
   token from `GOOGLE_AUTH_TOKEN_FOR_TESTING`, so it looks for no credentials file and probes no GCE
   metadata server.
+- ArrayRecord's own GCS reader (shards on gs://): `CLOUD_STORAGE_EMULATOR_ENDPOINT` (google-cloud-cpp).
 - google-cloud-storage (Orbax's `rmtree` asks whether the bucket has a hierarchical namespace):
   `STORAGE_EMULATOR_HOST`, with which it is anonymous by itself.
 
@@ -705,6 +706,7 @@ def client_env(endpoint: str) -> dict[str, str]:
     return {
         "STORAGE_EMULATOR_HOST": endpoint,  # gcsfs and google-cloud-storage
         "TENSORSTORE_GCS_HTTP_URL": endpoint,  # tensorstore's gcs kvstore (Orbax array data)
+        "CLOUD_STORAGE_EMULATOR_ENDPOINT": endpoint,  # google-cloud-cpp: ArrayRecord reading gs:// shards
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake-gcs-token",  # tensorstore: no credential search, no GCE probe
         "FSSPEC_GCS_TOKEN": "anon",  # gcsfs in a subprocess (fsspec reads FSSPEC_<PROTOCOL>_<KWARG> at import)
         "NO_GCE_CHECK": "true",  # gcsfs/google-auth: never probe a GCE metadata server

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from lmtrain.paths import as_path, atomic_write_text, is_remote
+from lmtrain.paths import append_text, as_path, atomic_write_text, copy_tree, is_remote, local_dir
 
 pytestmark = pytest.mark.usefixtures("no_local_gs_dir")
 
@@ -177,3 +177,62 @@ def test_as_path_keeps_uris_and_makes_local_paths_absolute(tmp_path):
     assert is_remote(as_path("gs://test-bucket/a")) and not is_remote(as_path("run"))
     assert as_path("run") == epath.Path(os.getcwd()) / "run"
     assert pathlib.Path(as_path("run")).is_absolute()
+    with pytest.raises(ValueError, match="unsupported storage scheme 'http://'"):
+        as_path("http://example.com/run")
+
+
+def test_append_text_keeps_every_line_where_open_a_would_truncate(fake_gcs, tmp_path):
+    path = as_path(f"{fake_gcs.url}/run/metrics.jsonl")
+    for step in (1, 2, 3):
+        append_text(path, f'{{"step": {step}}}\n')
+    assert (fake_gcs.objects_dir / "run" / "metrics.jsonl").read_text().splitlines() == [
+        '{"step": 1}', '{"step": 2}', '{"step": 3}']
+    # Why append_text exists: gcsfs turns open("a") into open("w") with only a warning.
+    with pytest.warns(UserWarning, match="Append mode"), path.open("a") as f:
+        f.write('{"step": 4}\n')
+    assert path.read_text() == '{"step": 4}\n', "gcsfs now appends: open('a') could replace append_text on gs://"
+
+    local = tmp_path / "metrics.jsonl"
+    append_text(local, "a\n")
+    append_text(local, "b\n")
+    assert local.read_text() == "a\nb\n"
+
+
+def test_copy_tree_and_local_dir_between_local_and_gcs(fake_gcs, tmp_path):
+    src = tmp_path / "tokenizer"
+    (src / "sub").mkdir(parents=True)
+    (src / "tokenizer.json").write_text('{"model": {}}')
+    (src / "sub" / "merges.txt").write_text("a b\n")
+    (src / "manifest.json").write_text("{}")
+    remote = f"{fake_gcs.url}/run/tokenizer"
+    assert copy_tree(src, remote, last=("manifest.json",)) == ["sub/merges.txt", "tokenizer.json", "manifest.json"]
+    uploads = [p for m, p in fake_gcs.server.requests if m == "POST" and "name=" in p]
+    assert "manifest.json" in uploads[-1]  # the completion marker went last
+    assert (fake_gcs.objects_dir / "run" / "tokenizer" / "sub" / "merges.txt").read_text() == "a b\n"
+
+    with local_dir(remote) as local:
+        assert isinstance(local, pathlib.Path) and not str(local).startswith("gs:")
+        assert (local / "tokenizer.json").read_text() == '{"model": {}}'
+        assert (local / "sub" / "merges.txt").read_text() == "a b\n"
+    assert not local.exists()  # the download is temporary
+    with local_dir(src) as same:
+        assert same == src
+    with pytest.raises(FileNotFoundError), local_dir(f"{fake_gcs.url}/missing"):
+        pass
+
+
+def test_array_record_reads_shards_from_gcs(fake_gcs, tmp_path):
+    """ArrayRecord (the shard format) has its own GCS reader: CLOUD_STORAGE_EMULATOR_ENDPOINT points it at the fake."""
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    records = [f"doc-{i}-".encode() * 50 for i in range(40)]
+    writer = ArrayRecordWriter(str(tmp_path / "train-00000.arecord"), "group_size:1")
+    for r in records:
+        writer.write(r)
+    writer.close()
+    copy_tree(tmp_path, f"{fake_gcs.url}/shards")
+    fake_gcs.server.requests.clear()
+    source = ArrayRecordDataSource([f"{fake_gcs.url}/shards/train-00000.arecord"])
+    assert len(source) == 40 and source[0] == records[0] and source[39] == records[39]
+    assert any(m == "GET" and "train-00000.arecord" in p and "alt=media" in p for m, p in fake_gcs.server.requests)
