@@ -155,9 +155,17 @@ def test_orbax_ignores_a_gcs_step_without_commit_success(fake_gcs):
         if src.name != "commit_success.txt" and src.is_file():
             src.copy(directory / "6" / src.name)
     (directory / "6" / "state" / "_METADATA").write_text((directory / "4" / "state" / "_METADATA").read_text())
+    (directory / "6" / "state" / "stale").write_text("from the killed save")
     assert "ckpts/6/state/_METADATA" in fake_gcs.object_names()
     with ocp.CheckpointManager(directory, item_names=("state",)) as mgr:
         assert mgr.all_steps() == [4] and mgr.latest_step() == 4
+        # Resuming from 4 and reaching step 6 again: the save replaces the partial directory whole.
+        tree["step"] = jnp.asarray(6, jnp.int32)
+        mgr.save(6, args=ocp.args.Composite(state=ocp.args.StandardSave(tree)))
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [4, 6]
+    names = fake_gcs.object_names()
+    assert "ckpts/6/commit_success.txt" in names and "ckpts/6/state/stale" not in names
 
 
 def test_atomic_write_text_on_gcs(fake_gcs):
