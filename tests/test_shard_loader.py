@@ -231,3 +231,58 @@ def test_corrupt_or_truncated_shard_is_named(dirs, tmp_path):
     (copy / MANIFEST).unlink()
     with pytest.raises(ShardError, match="no manifest.json"):
         verify_shards(copy)
+
+
+@pytest.mark.parametrize("damage", ["missing_key", "wrong_type", "missing_shard_key", "outside_file"])
+def test_a_manifest_without_a_key_is_an_error_naming_the_key(dirs, tmp_path, damage):
+    _, shards = dirs
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    if damage == "missing_key":
+        del manifest["eos_id"]
+        message = "key 'eos_id' is missing"
+    elif damage == "wrong_type":
+        manifest["splits"]["validation"]["documents"] = "12"
+        message = "key 'splits.validation.documents' is a str, not a int"
+    elif damage == "missing_shard_key":
+        del manifest["splits"]["train"]["shards"][1]["sha256"]
+        message = r"key 'splits.train.shards\[1\].sha256' is missing"
+    else:
+        manifest["splits"]["train"]["shards"][0]["file"] = "../x.array_record"
+        message = r"key 'splits.train.shards\[0\].file' is '../x.array_record', not a file name inside the shard"
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ShardError, match=f"{copy / MANIFEST}: {message}"):
+        ShardedTrainIterator(copy, SEQ_LEN, 4, seed=0)
+
+
+def test_a_damaged_shard_is_named_when_read_without_verification(dirs, tmp_path, monkeypatch):
+    _, shards = dirs
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    entry = load_manifest(copy)["splits"]["train"]["shards"][2]
+    path = copy / entry["file"]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])  # truncated: array_record fails when it opens the file
+    with pytest.raises(ShardError, match=f"shard {path} cannot be read.*truncated or corrupt.*verify_shards"):
+        ShardedTrainIterator(copy, SEQ_LEN, 4, seed=0)
+    path.write_bytes(data)
+
+    # a block that fails its checksum only when read: the bare RuntimeError becomes an error naming the shard
+    import grain
+
+    real_getitem = grain.sources.ArrayRecordDataSource.__getitem__
+    first, count = sum(e["documents"] for e in load_manifest(copy)["splits"]["train"]["shards"][:2]), entry["documents"]
+
+    def failing_getitem(self, index):
+        if first <= index < first + count:
+            raise RuntimeError("Corrupted Riegeli/records file: block header hash mismatch")
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(grain.sources.ArrayRecordDataSource, "__getitem__", failing_getitem)
+    for prefetch in (0, 2):
+        it = ShardedTrainIterator(copy, SEQ_LEN, 4, seed=0, prefetch=prefetch)
+        with pytest.raises(ShardError, match=f"shard {path}: document \\d+ cannot be read.*hash mismatch"):
+            for _ in range(200):
+                next(it)
+        it.close()

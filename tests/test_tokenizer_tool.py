@@ -187,3 +187,22 @@ def test_bad_jsonl_names_file_and_line_and_keeps_existing_output(corpus, tmp_pat
 def test_exactly_one_source_is_required(tmp_path, corpus, capsys):
     rc, _ = train(tmp_path, "--input", str(corpus), "--builtin")
     assert rc == 2 and "exactly one input source" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "txt-line", "txt-paragraph", "txt-file", "csv"])
+def test_non_utf8_error_names_the_line_that_holds_the_bad_byte(tmp_path, fmt):
+    # The text reader decodes kilobytes ahead of the line it yields: a bad byte on line 400 used to
+    # be reported on whatever line the reader had reached (line 1 for a .txt file read whole).
+    from lmtrain.data.text_sources import CorpusSpec, SourceError, iter_documents
+
+    ext, unit = (fmt.split("-") + ["paragraph"])[:2]
+    lines = [json.dumps({"text": f"document number {i} is fine"}) if ext == "jsonl" else f"line {i} is fine"
+             for i in range(1, 700)]
+    if ext == "csv":
+        lines = ["text"] + lines[:-1]
+    raw = "\n".join(lines).encode("utf-8") + b"\n"
+    at = [i for i, byte in enumerate(raw) if byte == ord("\n")][398] + 1  # where the 400th line starts
+    path = tmp_path / f"c.{ext}"
+    path.write_bytes(raw[: at + 5] + b"\xff\xfe" + raw[at + 5 :])  # the 400th line of the file
+    with pytest.raises(SourceError, match=f"{path}:400: not valid UTF-8 .*at byte 6 of the line"):
+        list(iter_documents(CorpusSpec(files=(str(path),), txt_unit=unit)))

@@ -14,6 +14,7 @@ restoring that position reproduces the following batches exactly, whatever was i
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -63,9 +64,9 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
+def atomic_write_json(path: Path, obj: dict, tmp_tag: str = "") -> None:
     """Write JSON under a temporary name, fsync, then rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{tmp_tag or os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
         f.write("\n")
@@ -97,12 +98,12 @@ class ShardFileWriter:
     A shard under its final name is therefore always complete, whenever the process is killed.
     """
 
-    def __init__(self, path: Path, dtype: np.dtype):
+    def __init__(self, path: Path, dtype: np.dtype, tmp_tag: str = ""):
         from array_record.python.array_record_module import ArrayRecordWriter
 
         self.path = path
         self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.tmp_path = path.with_name(f".{path.name}.tmp-{tmp_tag or os.getpid()}")
         self._writer = ArrayRecordWriter(str(self.tmp_path), WRITER_OPTIONS)
         self.documents = 0
         self.tokens = 0
@@ -148,11 +149,52 @@ def load_manifest(shards_dir: str | os.PathLike) -> dict:
         raise ShardError(f"shard directory {shards_dir} has no {MANIFEST}{hint}.")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ShardError(f"{path} is not valid JSON ({e}).") from None
-    if manifest.get("format") != FORMAT:
-        raise ShardError(f"{path}: format '{manifest.get('format')}' is not '{FORMAT}'.")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path} is not valid JSON ({e}). Re-run tools/shard_data.py into a new --output.") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(f"{path}: format '{found}' is not '{FORMAT}'; point data.shards_dir at a directory "
+                         "written by tools/shard_data.py.")
+    _check_manifest_keys(path, manifest)
     return manifest
+
+
+# What every reader relies on: key path -> type. A shard entry's keys are checked for each shard.
+_MANIFEST_KEYS = {"token_dtype": str, "eos_id": int, "vocab_size": int, "tokenizer": dict,
+                  "tokenizer.fingerprint": str, "splits": dict}
+_SPLIT_KEYS = {"documents": int, "tokens": int, "shards": list}
+_SHARD_KEYS = {"file": str, "documents": int, "tokens": int, "bytes": int, "sha256": str}
+
+
+def _check_manifest_keys(path: Path, manifest: dict) -> None:
+    """Raise ShardError naming the first missing or mistyped key, so a damaged manifest never becomes a KeyError."""
+
+    def need(obj, key: str, kind: type, where: str):
+        value = obj.get(key) if isinstance(obj, dict) else None
+        if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            problem = "is missing" if value is None else f"is a {type(value).__name__}, not a {kind.__name__}"
+            raise ShardError(f"{path}: key '{where}' {problem}; the manifest is damaged or was not written by "
+                             "tools/shard_data.py. Re-run tools/shard_data.py into a new --output.")
+        return value
+
+    for key, kind in _MANIFEST_KEYS.items():
+        node = manifest
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        need(node, leaf, kind, key)
+    if manifest["token_dtype"] not in ("uint16", "uint32"):
+        raise ShardError(f"{path}: key 'token_dtype' is '{manifest['token_dtype']}', not uint16 or uint32.")
+    for split in SPLITS:
+        info = need(manifest["splits"], split, dict, f"splits.{split}")
+        for key, kind in _SPLIT_KEYS.items():
+            need(info, key, kind, f"splits.{split}.{key}")
+        for i, entry in enumerate(info["shards"]):
+            for key, kind in _SHARD_KEYS.items():
+                need(entry, key, kind, f"splits.{split}.shards[{i}].{key}")
+            if Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
+                raise ShardError(f"{path}: key 'splits.{split}.shards[{i}].file' is '{entry['file']}', not a file "
+                                 "name inside the shard directory.")
 
 
 def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[Path]:
@@ -203,12 +245,70 @@ def check_compatibility(shards_dir: str | os.PathLike, tokenizer_dir: str | os.P
 # ---------------------------------------------------------------------------------------------
 
 
-def _document_source(shards_dir, split: str, manifest: dict):
-    paths = shard_paths(shards_dir, split, manifest)
-    for path in paths:
-        if not path.is_file():
-            raise ShardError(f"shard {path} is listed in the manifest but missing.")
-    return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+class _ShardDocuments:
+    """A split's documents over all its shards, as one random-access source whose read errors name the shard.
+
+    Without data.verify_shards a damaged shard is found only when it is read: the ArrayRecord
+    error says nothing about which file, so it is caught here and re-raised naming the shard.
+    """
+
+    def __init__(self, shards_dir, split: str, manifest: dict):
+        self.entries = manifest["splits"][split]["shards"]
+        self.paths = shard_paths(shards_dir, split, manifest)
+        for path in self.paths:
+            if not path.is_file():
+                raise ShardError(f"shard {path} is listed in the manifest but missing.")
+        try:
+            self._source = grain.sources.ArrayRecordDataSource([str(p) for p in self.paths])
+        except Exception as e:  # noqa: BLE001 - array_record raises a bare RuntimeError for a damaged file
+            self._name_bad_shard(e)
+            raise ShardError(f"shards of {shards_dir} ({split}) cannot be opened: {e!r}.") from None
+        self._ends = np.cumsum([entry["documents"] for entry in self.entries]).tolist()
+        if len(self._source) != (self._ends[-1] if self._ends else 0):
+            self._name_bad_shard(None)
+
+    def _name_bad_shard(self, error: Exception | None) -> None:
+        """Open the shards one by one; raise ShardError for the first that cannot be read or has the wrong count."""
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        for path, entry in zip(self.paths, self.entries, strict=True):
+            try:
+                reader = ArrayRecordReader(str(path))
+                count = reader.num_records()
+                reader.close()
+            except Exception as e:  # noqa: BLE001
+                raise ShardError(f"shard {path} cannot be read ({str(e) or type(e).__name__}); it is truncated or "
+                                 "corrupt. Re-run tools/shard_data.py (it rewrites bad shards), and set "
+                                 "data.verify_shards=True to check every shard at start-up.") from None
+            if count != entry["documents"]:
+                raise ShardError(f"shard {path} holds {count} documents, the manifest says {entry['documents']}; "
+                                 "re-run tools/shard_data.py.")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def _failed(self, index: int, error: Exception) -> ShardError:
+        k = bisect.bisect_right(self._ends, index)
+        first = self._ends[k - 1] if k else 0
+        return ShardError(f"shard {self.paths[k]}: document {index - first} cannot be read "
+                          f"({str(error) or type(error).__name__}); the file is damaged. Re-run tools/shard_data.py, "
+                          "and set data.verify_shards=True to check every shard at start-up.")
+
+    def __getitem__(self, index: int) -> bytes:
+        try:
+            return self._source[index]
+        except Exception as e:  # noqa: BLE001
+            raise self._failed(index, e) from None
+
+    def __getitems__(self, indices: list[int]) -> list[bytes]:
+        try:
+            return self._source.__getitems__(indices)
+        except Exception:  # noqa: BLE001 - find the document at fault
+            return [self[i] for i in indices]
+
+
+def _document_source(shards_dir, split: str, manifest: dict) -> _ShardDocuments:
+    return _ShardDocuments(shards_dir, split, manifest)
 
 
 class _PackedBatchIterator(grain.DatasetIterator):

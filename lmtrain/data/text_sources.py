@@ -153,12 +153,27 @@ def _open_text(path: Path):
 
 def _decode_guard(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, str]]:
     """Number lines from 1 and turn a decoding failure into an error naming the file and line."""
-    number = 0
     try:
-        for number, line in enumerate(lines, 1):  # noqa: B007 - number is read after the loop
-            yield number, line
+        yield from enumerate(lines, 1)
     except UnicodeDecodeError as e:
-        raise SourceError(f"{path}:{number + 1}: not valid UTF-8 ({e.reason} at byte {e.start}).") from None
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> SourceError:
+    """The error for a file that is not UTF-8, at the line where the bad byte really is.
+
+    The text reader decodes a buffer of several kilobytes ahead of the line it hands out, so
+    neither the line being read nor the error's offset tells where the bad byte is: the file is
+    scanned again, line by line, on this error path only.
+    """
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return SourceError(f"{path}:{number}: not valid UTF-8 ({e.reason} at byte {e.start + 1} of the "
+                                   f"line: {raw[e.start : e.start + 4]!r}). Re-encode the file as UTF-8.")
+    return SourceError(f"{path}: not valid UTF-8 ({error.reason}). Re-encode the file as UTF-8.")
 
 
 def _iter_txt(path: Path, unit: str) -> Iterator[str]:
@@ -167,7 +182,7 @@ def _iter_txt(path: Path, unit: str) -> Iterator[str]:
             try:
                 yield f.read()
             except UnicodeDecodeError as e:
-                raise SourceError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}).") from None
+                raise _not_utf8(path, e) from None
             return
         paragraph: list[str] = []
         for _, line in _decode_guard(path, f):
@@ -222,7 +237,7 @@ def _iter_csv(path: Path, text_field: str) -> Iterator[str]:
         try:
             header = reader.fieldnames or []
         except UnicodeDecodeError as e:
-            raise SourceError(f"{path}:1: not valid UTF-8 ({e.reason}).") from None
+            raise _not_utf8(path, e) from None
         if text_field not in header:
             raise SourceError(f"{path}: no column '{text_field}' in the header ({', '.join(header)}). "
                               "Set --text-field.")
@@ -231,8 +246,10 @@ def _iter_csv(path: Path, text_field: str) -> Iterator[str]:
                 row = next(reader)
             except StopIteration:
                 return
-            except (UnicodeDecodeError, csv.Error) as e:
-                raise SourceError(f"{path}:{reader.line_num + 1}: cannot parse CSV ({e}).") from None
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e) from None
+            except csv.Error as e:
+                raise SourceError(f"{path}:{reader.line_num}: cannot parse CSV ({e}).") from None
             value = row.get(text_field)
             if value is None:
                 raise SourceError(f"{path}:{reader.line_num}: row has no value for column '{text_field}'.")

@@ -37,7 +37,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain.interop.hf_families import Family, HFInteropError, family_for_model
-from lmtrain.interop.hf_import import SOURCE_CONFIG, SOURCE_GENERATION_CONFIG, TOKENIZER_FILES
+from lmtrain.interop.hf_import import SOURCE_CONFIG, SOURCE_GENERATION_CONFIG, TOKENIZER_FILES, read_json
 from lmtrain.model.layers import ModelConfig
 from lmtrain.paths import as_path, is_remote
 
@@ -59,7 +59,10 @@ def parse_size(text: str) -> int:
     unit = m.group(2).upper().rstrip("B")
     base = 1024 if unit.endswith("I") else 1000
     power = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit.rstrip("I")]
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size <= 0:
+        raise HFInteropError(f"--max-shard-size={text!r}: the size must be positive.")
+    return size
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
@@ -154,9 +157,14 @@ def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path) -> 
         except Exception:  # noqa: BLE001 - a bare tokenizer.json (as lmtrain trains) has no tokenizer_config.json
             if not os.path.isfile(os.path.join(source, "tokenizer.json")):
                 raise HFInteropError(
-                    f"{tokenizer_dir}: neither a transformers tokenizer nor a tokenizer.json; cannot export it."
+                    f"{tokenizer_dir}: neither a transformers tokenizer nor a tokenizer.json; cannot export it. "
+                    "Fix or remove that directory (config data.tokenizer_dir) and export again."
                 ) from None
-            tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(source, "tokenizer.json"))
+            try:
+                tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(source, "tokenizer.json"))
+            except Exception as e:  # noqa: BLE001 - a corrupt tokenizer.json is the user's file, not a bug
+                raise HFInteropError(f"{tokenizer_dir}/tokenizer.json cannot be read ({_first_line(e)}); fix or "
+                                     "remove it (config data.tokenizer_dir) and export again.") from None
             vocab = tok.get_vocab()
             eos = next((t for t in _EOS_NAMES if t in vocab), None)
             if eos is not None:
@@ -169,6 +177,11 @@ def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path) -> 
         for name in sorted(os.listdir(saved)):
             epath.Path(saved, name).copy(out_dir / name, overwrite=True)
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
 
 
 # ---------------------------------------------------------------------------------------------- the target
@@ -383,9 +396,13 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
 def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which: str | int = "latest",
                    dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False) -> epath.Path:
     """Export WORKDIR's checkpoint `which` ('latest', 'best' or a step number)."""
+    from lmtrain.config import ConfigError
     from lmtrain.train.checkpoint import restore_params
 
     workdir = as_path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise HFInteropError(f"{workdir} is a file, not an lmtrain WORKDIR (a directory with config.json and "
+                             "checkpoints/).")
     if not (workdir / "config.json").is_file():
         raise HFInteropError(f"{workdir} has no config.json; is it an lmtrain WORKDIR?")
     out = as_path(out_dir)
@@ -395,7 +412,7 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     _agree_on_target(out, force)  # before the restore, which can take minutes for a large model
     try:
         cfg, params = restore_params(str(workdir), which)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         raise HFInteropError(str(e)) from None
     source = workdir / SOURCE_CONFIG
     generation = workdir / SOURCE_GENERATION_CONFIG
@@ -404,8 +421,8 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
         ModelConfig.from_config(cfg.model),
         params,
         out,
-        source_config=json.loads(source.read_text()) if source.is_file() else None,
-        generation_config=json.loads(generation.read_text()) if generation.is_file() else None,
+        source_config=read_json(source) if source.is_file() else None,
+        generation_config=read_json(generation) if generation.is_file() else None,
         tokenizer_dir=tokenizer_dir if any((tokenizer_dir / n).is_file() for n in TOKENIZER_FILES) else None,
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
@@ -434,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
                              force=args.force)
     except HFInteropError as e:
         print(f"lmtrain export: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk, a permission: the user's to fix, not a bug
+        print(f"lmtrain export: error: {e.filename or args.out_dir}: {e.strerror or e}. Nothing was published; "
+              "fix that and export again.", file=sys.stderr)
         return 2
     print(f"lmtrain export: {args.workdir} ({args.which}) -> {out} in {time.perf_counter() - start:.1f}s. Load with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}).")

@@ -13,21 +13,24 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import pathlib
-import shutil
+import os
 import struct
 import sys
+import tempfile
 import time
+import uuid
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from lmtrain.interop.hf_families import Family, HFInteropError, TensorRule, family_for_hf_config
+from lmtrain.interop.hf_families import Family, HFConfig, HFInteropError, TensorRule, family_for_hf_config
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
+from lmtrain.paths import as_path, is_remote
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 TOKENIZER_FILES = (
@@ -60,65 +63,116 @@ _DTYPES = {
 }
 
 
-class SafetensorsReader:
-    """Names, shapes and one-tensor-at-a-time reads over the files of a (possibly sharded) safetensors checkpoint."""
+def read_json(path: epath.Path, what: str = "a JSON object") -> dict:
+    """A JSON object from a user's file; anything else is an HFInteropError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise HFInteropError(f"{path} does not exist.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HFInteropError(f"{path}: not valid JSON ({e}). Restore the file (re-download or re-save it).") from None
+    if not isinstance(value, dict):
+        raise HFInteropError(f"{path}: holds a JSON {type(value).__name__}, not {what}. Restore the file.")
+    return value
 
-    def __init__(self, files: list[pathlib.Path]):
-        self.entries: dict[str, tuple[pathlib.Path, str, tuple[int, ...], int, int]] = {}
+
+class SafetensorsReader:
+    """Names, shapes and one-tensor-at-a-time reads over the files of a (possibly sharded) safetensors checkpoint.
+
+    Every header is checked against its file's size when opened, so a truncated download is named here
+    rather than read as garbage (or failing inside numpy) later.
+    """
+
+    def __init__(self, files: list[str | os.PathLike]):
+        self.entries: dict[str, tuple[epath.Path, str, tuple[int, ...], int, int]] = {}
         for path in files:
-            with open(path, "rb") as f:
-                raw = f.read(8)
-                if len(raw) != 8:
-                    raise HFInteropError(f"{path}: not a safetensors file (shorter than its 8-byte header length).")
-                (header_len,) = struct.unpack("<Q", raw)
-                try:
-                    header = json.loads(f.read(header_len))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    raise HFInteropError(f"{path}: not a safetensors file (its header is not JSON).") from None
-            data_start = 8 + header_len
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if name in self.entries:
-                    raise HFInteropError(f"tensor '{name}' is stored twice: in {self.entries[name][0]} and {path}.")
-                start, end = info["data_offsets"]
-                self.entries[name] = (path, info["dtype"], tuple(info["shape"]), data_start + start, end - start)
+            self._read_header(as_path(path))
+
+    def _read_header(self, path: epath.Path) -> None:
+        redo = "Re-download or re-save the checkpoint."
+        size = path.stat().length
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise HFInteropError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte "
+                                     f"header length). {redo}")
+            (header_len,) = struct.unpack("<Q", raw)
+            if header_len > size - 8:
+                raise HFInteropError(f"{path}: truncated or not a safetensors file (its header claims {header_len} "
+                                     f"bytes, the file has {size}). {redo}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise HFInteropError(f"{path}: not a safetensors file (its header is not JSON). {redo}") from None
+        if not isinstance(header, dict):
+            raise HFInteropError(f"{path}: not a safetensors file (its header is not a JSON object). {redo}")
+        data_start = 8 + header_len
+        end_of_data, last = 0, None
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                code, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+                if not (isinstance(code, str) and all(isinstance(n, int) and n >= 0 for n in shape)
+                        and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
+                    raise TypeError
+            except (KeyError, TypeError, ValueError):
+                raise HFInteropError(f"{path}: the header entry of tensor '{name}' is malformed ({info!r}). "
+                                     f"{redo}") from None
+            if name in self.entries:
+                raise HFInteropError(f"tensor '{name}' is stored twice: in {self.entries[name][0]} and {path}.")
+            self.entries[name] = (path, code, shape, data_start + start, end - start)
+            if end > end_of_data:
+                end_of_data, last = end, name
+        if data_start + end_of_data > size:
+            raise HFInteropError(
+                f"{path} is truncated: it has {size} bytes, but its header places tensor '{last}' up to byte "
+                f"{data_start + end_of_data}. {redo}"
+            )
 
     def names(self) -> set[str]:
         return set(self.entries)
 
-    def file_of(self, name: str) -> pathlib.Path:
+    def file_of(self, name: str) -> epath.Path:
         return self.entries[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self.entries[name][2]
 
+    def check_dtype(self, name: str) -> None:
+        path, code = self.entries[name][:2]
+        if code not in _DTYPES:
+            raise HFInteropError(f"{path}: tensor '{name}' has dtype {code}, which lmtrain cannot read (it reads "
+                                 f"{', '.join(_DTYPES)}). Save the model in float32 or bfloat16.")
+
     def read(self, name: str) -> np.ndarray:
         path, code, shape, offset, nbytes = self.entries[name]
-        if code not in _DTYPES:
-            raise HFInteropError(f"{path}: tensor '{name}' has dtype {code}, which lmtrain cannot read.")
+        self.check_dtype(name)
         dtype = np.dtype(_DTYPES[code])
         count = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if count * dtype.itemsize != nbytes:
             raise HFInteropError(f"{path}: tensor '{name}' has {nbytes} bytes, not {count * dtype.itemsize}.")
-        return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+        if not is_remote(path):
+            return np.fromfile(os.fspath(path), dtype=dtype, count=count, offset=offset).reshape(shape)
+        with path.open("rb") as f:
+            f.seek(offset)
+            return np.frombuffer(f.read(nbytes), dtype=dtype, count=count).reshape(shape)
 
 
-def read_hf_config(hf_dir: pathlib.Path) -> dict:
+def read_hf_config(hf_dir: epath.Path) -> HFConfig:
     path = hf_dir / "config.json"
     if not path.is_file():
         raise HFInteropError(f"{hf_dir} has no config.json; point lmtrain at a Hugging Face model directory.")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFInteropError(f"{path}: not valid JSON ({e}).") from None
+    return HFConfig(read_json(path, "a model configuration (an object)"), str(path))
 
 
-def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+def safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
     """The checkpoint's safetensors files (single or sharded). Pickle checkpoints are refused unopened."""
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HFInteropError(f"{index}: 'weight_map' must map tensor names to file names. Restore the file.")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -141,7 +195,7 @@ def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
 
 
 def _check_tensors(reader: SafetensorsReader, family: Family, rules: list[TensorRule], n_layers: int,
-                   hf_dir: pathlib.Path) -> dict[str, str]:
+                   hf_dir: epath.Path) -> dict[str, str]:
     """Map canonical HF names to the names in the files; every tensor present, none extra, every shape right."""
     present = reader.names()
     prefixed = any(n.startswith(family.base_prefix) for n in present)
@@ -173,6 +227,7 @@ def _check_tensors(reader: SafetensorsReader, family: Family, rules: list[Tensor
             "Check that config.json belongs to these weights."
         )
     for name, shape in expected.values():
+        reader.check_dtype(name)
         if reader.shape(name) != shape:
             raise HFInteropError(
                 f"{reader.file_of(name)}: tensor '{name}' has shape {list(reader.shape(name))}, but config.json "
@@ -216,24 +271,34 @@ def _nest(flat: dict[str, object]) -> dict:
     return tree
 
 
-def model_config_from_hf(hf_dir: str | pathlib.Path, param_dtype: str = "float32") -> tuple[
+def _hf_dir(hf_dir: str | os.PathLike) -> epath.Path:
+    path = as_path(hf_dir)
+    if not path.is_dir():
+        what = "is a file" if path.exists() else "does not exist"
+        raise HFInteropError(f"{path} {what}; point lmtrain at a Hugging Face model directory (config.json and "
+                             "model.safetensors).")
+    return path
+
+
+def model_config_from_hf(hf_dir: str | os.PathLike, param_dtype: str = "float32") -> tuple[
         Family, dict, list[str]]:
     """(family, lmtrain `model.*` fields, notes) for the HF model in `hf_dir`."""
-    hf_dir = pathlib.Path(hf_dir)
+    hf_dir = _hf_dir(hf_dir)
     hf = read_hf_config(hf_dir)
-    family = family_for_hf_config(hf, str(hf_dir / "config.json"))
+    family = family_for_hf_config(hf, hf.source)
+    hf.family = family.name
     fields, notes = family.config_to_lm(hf)
     fields["param_dtype"] = param_dtype
     return family, fields, notes
 
 
-def load_hf_params(hf_dir: str | pathlib.Path, cfg: ModelConfig, family: Family, shardings=None) -> dict:
+def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, shardings=None) -> dict:
     """The params dict of the HF model in `hf_dir`, streamed tensor by tensor onto `shardings` (default: one device).
 
     Stacked block parameters are built layer by layer on the devices and stacked there, so the host never
     holds more than one HF tensor.
     """
-    hf_dir = pathlib.Path(hf_dir)
+    hf_dir = _hf_dir(hf_dir)
     model_def = ModelDef(cfg)
     shapes = _flat_paths(model_def.shapes)
     if shardings is None:
@@ -269,7 +334,7 @@ def load_hf_params(hf_dir: str | pathlib.Path, cfg: ModelConfig, family: Family,
     return _nest(params)
 
 
-def load_hf_model(hf_dir: str | pathlib.Path, shardings_fn=None, param_dtype: str = "float32") -> tuple[
+def load_hf_model(hf_dir: str | os.PathLike, shardings_fn=None, param_dtype: str = "float32") -> tuple[
         ModelConfig, dict]:
     """(ModelConfig, params) straight from an HF directory, without writing a WORKDIR (used by `lmtrain generate`).
 
@@ -281,40 +346,65 @@ def load_hf_model(hf_dir: str | pathlib.Path, shardings_fn=None, param_dtype: st
     return cfg, load_hf_params(hf_dir, cfg, family, shardings)
 
 
-def _copy_tokenizer(hf_dir: pathlib.Path, out: pathlib.Path) -> bool:
+def _copy_tokenizer(hf_dir: epath.Path, out: epath.Path) -> bool:
     """Copy the tokenizer files; a tokenizer without tokenizer.json is converted by transformers (no remote code)."""
     files = [hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()]
     if not files:
         return False
     out.mkdir(parents=True, exist_ok=True)
     for f in files:
-        shutil.copy2(f, out / f.name)
+        f.copy(out / f.name, overwrite=True)
     if not (out / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
         try:
-            AutoTokenizer.from_pretrained(str(hf_dir), local_files_only=True, trust_remote_code=False).save_pretrained(
-                str(out)
-            )
+            with tempfile.TemporaryDirectory() as local:  # transformers reads and writes local paths only
+                for f in files:
+                    f.copy(epath.Path(local) / f.name)
+                AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False).save_pretrained(
+                    local)
+                epath.Path(local, "tokenizer.json").copy(out / "tokenizer.json", overwrite=True)
         except Exception as e:  # noqa: BLE001 - the weights are still usable; say what is missing
             print(f"lmtrain import: warning: could not build tokenizer.json from {hf_dir} ({e}); the files were "
                   f"copied to {out} as they are.", file=sys.stderr)
     return True
 
 
-def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, fsdp: int = 1, tensor: int = 1,
-              param_dtype: str = "float32", overwrite: bool = False) -> pathlib.Path:
-    """Write WORKDIR/config.json, WORKDIR/init_params and WORKDIR/tokenizer from the HF model in `hf_dir`."""
-    from lmtrain.config import base_config, resolve_mesh_shape, to_json
+def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> None:
+    """Refuse a WORKDIR whose contents an import would destroy or mix with, before anything is loaded."""
+    if workdir.exists() and not workdir.is_dir():
+        raise HFInteropError(f"WORKDIR {workdir} is a file; choose a directory to create.")
+    if workdir == hf_dir:
+        raise HFInteropError(f"WORKDIR {workdir} is the Hugging Face directory itself; import into a new WORKDIR.")
+    if (workdir / "checkpoints").exists():
+        raise HFInteropError(f"WORKDIR {workdir} holds checkpoints/ of a training run, which would resume instead "
+                             "of starting from the imported weights; import into a new WORKDIR.")
+    if (workdir / "config.json").exists() and not overwrite:
+        raise HFInteropError(f"{workdir} already holds a config.json; choose a new WORKDIR or pass --force.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".lmtrain-write-test-{uuid.uuid4().hex}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise HFInteropError(f"cannot write to WORKDIR {workdir} ({e.strerror or e}); choose a writable "
+                             "directory.") from None
+
+
+def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int = 1, tensor: int = 1,
+              param_dtype: str = "float32", overwrite: bool = False) -> epath.Path:
+    """Write WORKDIR/config.json, WORKDIR/init_params and WORKDIR/tokenizer from the HF model in `hf_dir`.
+
+    config.json is written last: a WORKDIR without it is an unfinished import, which the next import replaces.
+    """
+    from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
     from lmtrain.parallel.mesh import make_mesh
     from lmtrain.parallel.partitioning import param_shardings
     from lmtrain.train.checkpoint import save_init_params
 
-    hf_dir, workdir = pathlib.Path(hf_dir), pathlib.Path(workdir).resolve()
-    if not hf_dir.is_dir():
-        raise HFInteropError(f"{hf_dir} is not a directory; point lmtrain at a Hugging Face model directory.")
-    if (workdir / "config.json").exists() and not overwrite:
-        raise HFInteropError(f"{workdir} already holds a config.json; choose a new WORKDIR or pass --force.")
+    hf_dir, workdir = _hf_dir(hf_dir), as_path(workdir)
+    is_main = jax.process_index() == 0
+    _check_workdir(hf_dir, workdir, overwrite)  # every process: each raises alike rather than one hanging
     family, fields, notes = model_config_from_hf(hf_dir, param_dtype)
     for note in notes:
         print(f"lmtrain import: note: {note}")
@@ -327,23 +417,30 @@ def import_hf(hf_dir: str | pathlib.Path, workdir: str | pathlib.Path, fsdp: int
     cfg.train.init_from = str(workdir / "init_params")
     model_cfg = ModelConfig.from_config(cfg.model)
     model_def = ModelDef(model_cfg)
-    mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
-    shardings = param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
+    try:
+        mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
+        shardings = param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
+    except (ConfigError, ValueError) as e:
+        raise HFInteropError(f"--fsdp={fsdp} --tensor={tensor} on {jax.device_count()} devices: {e}") from None
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
     if is_main and _copy_tokenizer(hf_dir, workdir / "tokenizer"):
         cfg.data.tokenizer_dir = str(workdir / "tokenizer")
     params = load_hf_params(hf_dir, model_cfg, family, shardings)
-    if (workdir / "init_params").exists() and overwrite and is_main:
-        shutil.rmtree(workdir / "init_params")
-    save_init_params(workdir, params)
+    if is_main and (workdir / "init_params").exists():  # --force, or left by an import killed before config.json
+        (workdir / "init_params").rmtree()
+    save_init_params(str(workdir), params)
     if is_main:
-        (workdir / "config.json").write_text(to_json(cfg))
-        shutil.copy2(hf_dir / "config.json", workdir / SOURCE_CONFIG)
+        (hf_dir / "config.json").copy(workdir / SOURCE_CONFIG, overwrite=True)
         if (hf_dir / "generation_config.json").is_file():
-            shutil.copy2(hf_dir / "generation_config.json", workdir / SOURCE_GENERATION_CONFIG)
+            (hf_dir / "generation_config.json").copy(workdir / SOURCE_GENERATION_CONFIG, overwrite=True)
+        (workdir / "config.json").write_text(to_json(cfg))
     return workdir
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,8 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("hf_dir", help="Hugging Face model directory: config.json, model.safetensors[.index.json]")
     parser.add_argument("workdir", help="WORKDIR to create: config.json, init_params/, tokenizer/")
-    parser.add_argument("--fsdp", type=int, default=1, help="FSDP mesh size to shard the weights over (and train with)")
-    parser.add_argument("--tensor", type=int, default=1, help="tensor-parallel mesh size (and to train with)")
+    parser.add_argument("--fsdp", type=_positive, default=1,
+                        help="FSDP mesh size to shard the weights over (and train with)")
+    parser.add_argument("--tensor", type=_positive, default=1, help="tensor-parallel mesh size (and to train with)")
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="storage dtype of the imported parameters")
     parser.add_argument("--force", action="store_true", help="overwrite an existing WORKDIR/config.json")
@@ -364,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = import_hf(args.hf_dir, args.workdir, args.fsdp, args.tensor, args.param_dtype, args.force)
     except HFInteropError as e:
         print(f"lmtrain import: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a permission, a full disk: the user's to fix, not a bug
+        print(f"lmtrain import: error: {e.filename or args.workdir}: {e.strerror or e}. Fix that and import "
+              "again (with --force if WORKDIR/config.json was written).", file=sys.stderr)
         return 2
     print(f"lmtrain import: {args.hf_dir} -> {workdir} in {time.perf_counter() - start:.1f}s. Fine-tune with:\n"
           f"  lmtrain train --config {workdir / 'config.json'} --workdir {workdir}")
