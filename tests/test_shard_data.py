@@ -209,6 +209,10 @@ def test_bad_input_is_a_clear_error_and_leaves_existing_output_intact(tokenizer_
     else:
         bad, extra, message = good, ("--val-fraction", "0.5"), "holds shards made from other inputs or options"
     inputs = bad if case in ("empty_corpus", "other_options") else [good, bad]
+    if case != "other_options":
+        # the output holds another run's shards, so only --force lets the run start; an input error found
+        # before the first shard file is created still leaves everything as it was
+        extra = ("--force",)
     assert shard(tokenizer_dir, inputs, out, *extra) == 2
     assert message in capsys.readouterr().err
     assert snapshot(out) == before
@@ -222,3 +226,98 @@ def test_wide_vocab_uses_uint32_and_round_trips(tmp_path):
     entry = writer.finish()
     assert entry["tokens"] == 3 and os.path.getsize(tmp_path / "x.array_record") == entry["bytes"]
     assert read_shard(tmp_path / "x.array_record", "<u4")[0].tolist() == [1, 70_000, 99_999]
+
+
+def test_a_huge_single_line_is_split_into_pieces_of_bounded_size(tokenizer_dir, tmp_path, capsys):
+    from tokenizers import Tokenizer
+
+    rng = np.random.default_rng(11)
+    line = " ".join(rng.choice(WORDS, size=6000))  # one ~35k-character document on a single line
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(line + "\n", encoding="utf-8")
+    out = tmp_path / "shards"
+    assert shard(tokenizer_dir, corpus, out, "--max-doc-chars", "4000", "--val-fraction", "0", "--no-near-dedup") == 0
+    assert "long documents: 1 longer than --max-doc-chars 4000 were split into" in capsys.readouterr().out
+    manifest = json.loads((out / MANIFEST).read_text())
+    pieces = read_split(out, "train")
+    assert manifest["long_documents"] == {"max_doc_chars": 4000, "split": 1, "pieces": len(pieces)}
+    assert len(pieces) >= len(line) // 4000 + 1
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    texts = [tok.decode(p[:-1].tolist()) for p in pieces]
+    assert all(0 < len(t) <= 4000 for t in texts)
+    assert " ".join(texts) == line  # cut at spaces only: no word is split, none lost
+    assert shard(tokenizer_dir, corpus, tmp_path / "x", "--max-doc-chars", "-1") == 2
+
+
+def test_minhash_in_chunks_equals_the_one_shot_product():
+    from lmtrain.data import cleaning
+
+    text = " ".join(f"w{i % 3000}" for i in range(20000))  # ~3000 distinct shingles: several chunks of 1000
+    chunked = cleaning.minhash_signature(text, 64)
+    old_chunk, cleaning._MINHASH_CHUNK = cleaning._MINHASH_CHUNK, 1 << 30
+    try:
+        np.testing.assert_array_equal(cleaning.minhash_signature(text, 64), chunked)
+        cleaning._MINHASH_CHUNK = 1000
+        np.testing.assert_array_equal(cleaning.minhash_signature(text, 64), chunked)
+    finally:
+        cleaning._MINHASH_CHUNK = old_chunk
+
+
+def test_user_files_in_the_output_are_never_overwritten_or_deleted(tokenizer_dir, tmp_path, capsys, monkeypatch):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(120, seed=12))
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "train-00000.array_record").write_bytes(b"my own file with a shard's name")
+    before = snapshot(out)
+    assert shard(tokenizer_dir, corpus, out) == 2
+    err = capsys.readouterr().err
+    assert f"output {out} is not empty (notes.txt, train-00000.array_record)" in err and "--force" in err
+    assert snapshot(out) == before
+    (out / "train-00000.array_record").unlink()
+    assert shard(tokenizer_dir, corpus, out, "--force") == 0  # --force writes beside the user's other files
+    assert (out / "notes.txt").read_text() == "mine"
+    verify_shards(out)
+
+    # an interrupted run: its temporaries carry the run id recorded in .progress.json; others are not its own
+    resumed = tmp_path / "resumed"
+    args = ("--shard-mb", "0.004", "--val-fraction", "0.1")
+    finish = ShardFileWriter.finish
+    calls = []
+
+    def dying_finish(self):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(self.path.name)
+        return finish(self)
+
+    monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
+    with pytest.raises(KeyboardInterrupt):
+        shard(tokenizer_dir, corpus, resumed, *args)
+    monkeypatch.setattr(ShardFileWriter, "finish", finish)
+    progress = json.loads((resumed / shard_data.PROGRESS).read_text())
+    (run_id,) = progress["run_ids"]
+    killed_leftover = resumed / f".train-00002.array_record.tmp-{run_id}"  # what a SIGKILL would leave
+    killed_leftover.write_bytes(b"partial")
+    users = [resumed / ".train-00002.array_record.tmp-12345", resumed / ".cache.tmp-x"]
+    for path in users:
+        path.write_text("not the tool's")
+    assert shard(tokenizer_dir, corpus, resumed, *args) == 0
+    assert not killed_leftover.exists()
+    assert all(path.read_text() == "not the tool's" for path in users)
+    verify_shards(resumed)
+
+
+def test_force_replaces_a_run_of_other_options_and_only_its_files(tokenizer_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(150, seed=13))
+    out = tmp_path / "shards"
+    assert shard(tokenizer_dir, corpus, out, "--shard-mb", "0.002") == 0
+    old_files = {p.name for p in out.glob("*.array_record")}
+    (out / "README.txt").write_text("kept")
+    assert shard(tokenizer_dir, corpus, out, "--shard-mb", "0.02") == 2  # other options: refused
+    assert shard(tokenizer_dir, corpus, out, "--shard-mb", "0.02", "--force") == 0
+    manifest = json.loads((out / MANIFEST).read_text())
+    listed = {e["file"] for s in manifest["splits"].values() for e in s["shards"]}
+    assert {p.name for p in out.glob("*.array_record")} == listed < old_files  # old shards gone, no stale one left
+    assert (out / "README.txt").read_text() == "kept"
+    verify_shards(out)

@@ -24,13 +24,23 @@ import queue
 import sys
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from lmtrain.config import ConfigError
-from lmtrain.data.cleaning import CleanedDocument, CleaningOptions, CleaningReport, Deduplicator, clean_batch, is_validation_doc
+from lmtrain.data.cleaning import (
+    CleanedDocument,
+    CleaningOptions,
+    CleaningReport,
+    Deduplicator,
+    clean_batch,
+    is_validation_doc,
+    split_long_document,
+)
 from lmtrain.data.shards import (
     FORMAT,
     MANIFEST,
@@ -52,6 +62,8 @@ from lmtrain.data.text_sources import (
     iter_documents,
 )
 
+BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
+TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
 PROGRESS = ".progress.json"  # finished shards of an unfinished run, rewritten after each shard
 
 
@@ -64,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shard-mb", type=float, default=128, help="target size of a shard's token data, in MiB")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cleaning processes (1: in-process)")
     p.add_argument("--batch-docs", type=int, default=512, help="documents per cleaning/tokenizing batch")
+    p.add_argument("--max-doc-chars", type=int, default=1_000_000,
+                   help="split longer documents into pieces of at most this many characters, at whitespace, each\n"
+                        "a document of its own; bounds memory (~50 bytes per character of a piece). 0: never split")
     p.add_argument("--no-clean", action="store_true", help="turn every cleaning rule off")
     p.add_argument("--unicode", default="NFC", choices=("NFC", "NFKC", "none"), help="Unicode normalization")
     p.add_argument("--no-whitespace", action="store_true", help="keep whitespace as it is")
@@ -72,6 +87,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-near-dedup", action="store_true")
     p.add_argument("--near-dup-threshold", type=float, default=0.8, help="MinHash Jaccard estimate that drops")
     p.add_argument("--num-perm", type=int, default=128, help="MinHash permutations")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --output that is not a shard directory of these inputs and options\n"
+                        "(replaces its manifest and shards; other files are kept unless a shard has their name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -91,21 +109,34 @@ def split_of(text: str, val_fraction: float) -> str:
     return "validation" if is_validation_doc(text, val_fraction) else "train"
 
 
-def _batches(docs: Iterator[str], size: int) -> Iterator[list[str]]:
-    batch = []
+def _batches(docs: Iterator[str], size: int, max_chars: int = BATCH_CHARS) -> Iterator[list[str]]:
+    """Batches of `size` documents, or fewer when they reach max_chars: memory per batch is bounded."""
+    batch, chars = [], 0
     for doc in docs:
         batch.append(doc)
-        if len(batch) == size:
+        chars += len(doc)
+        if len(batch) == size or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
-def cleaned_batches(spec: CorpusSpec, opts: CleaningOptions, workers: int, batch_docs: int
-                    ) -> Iterator[list[CleanedDocument]]:
+def split_long_documents(docs: Iterator[str], max_chars: int, counts: collections.Counter) -> Iterator[str]:
+    """Documents longer than max_chars become pieces (counted in `counts`), so memory stays bounded."""
+    for doc in docs:
+        pieces = split_long_document(doc, max_chars)
+        if len(pieces) > 1:
+            counts["split_long"] += 1
+            counts["split_long_pieces"] += len(pieces)
+        yield from pieces
+
+
+def cleaned_batches(spec: CorpusSpec, opts: CleaningOptions, workers: int, batch_docs: int, max_doc_chars: int = 0,
+                    counts: collections.Counter | None = None) -> Iterator[list[CleanedDocument]]:
     """Cleaned batches in corpus order; at most 2 * workers batches in flight, so memory stays bounded."""
-    batches = _batches(iter_documents(spec), batch_docs)
+    docs = split_long_documents(iter_documents(spec), max_doc_chars, counts if counts is not None else Counter())
+    batches = _batches(docs, batch_docs)
     if workers <= 1 or not opts.enabled():
         for batch in batches:
             yield clean_batch(batch, opts) if opts.enabled() else [CleanedDocument(t) for t in batch]
@@ -163,24 +194,44 @@ def read_ahead(batches: Iterator, depth: int = 4) -> Iterator:
         thread.join(timeout=5)
 
 
+def tokenize_in_chunks(tokenizer, docs: list[tuple[str, str]], max_chars: int = TOKENIZE_CHARS
+                       ) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, token ids) of each (split, text), in order, encoding at most max_chars at once.
+
+    A tokenizers Encoding holds offsets, type ids, masks and token strings besides the ids, about
+    200 bytes per character of text; encoding in chunks and keeping only the ids bounds that.
+    """
+    start = 0
+    while start < len(docs):
+        end, chars = start, 0
+        while end < len(docs) and (end == start or chars + len(docs[end][1]) <= max_chars):
+            chars += len(docs[end][1])
+            end += 1
+        encodings = tokenizer.encode_batch([text for _, text in docs[start:end]], add_special_tokens=False)
+        for (split, _), enc in zip(docs[start:end], encodings, strict=True):
+            yield split, np.asarray(enc.ids, np.int64)
+        start = end
+
+
 def run_fingerprint(args: argparse.Namespace, spec: CorpusSpec, opts: CleaningOptions, tokenizer_fp: str) -> dict:
     """Everything that determines the shards' content; a resumed run must match it exactly."""
     inputs = spec.describe()
     if spec.files:  # a changed input file must not be mixed with shards of the old one
         inputs["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
     return {"corpus": inputs, "cleaning": dataclasses.asdict(opts), "val_fraction": args.val_fraction,
-            "shard_mb": args.shard_mb, "tokenizer_fingerprint": tokenizer_fp}
+            "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp}
 
 
 class SplitWriter:
     """Appends documents to one split's shards; skips the documents of shards finished by an earlier run."""
 
-    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_bytes: int, finished: list[dict], claim):
-        self.out, self.split, self.dtype, self.shard_bytes = out, split, dtype, shard_bytes
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_bytes: int, finished: list[dict], claim,
+                 run_id: str):
+        self.out, self.split, self.dtype, self.shard_bytes, self.run_id = out, split, dtype, shard_bytes, run_id
         self.finished = list(finished)
         self.skip_documents = sum(s["documents"] for s in finished)
         self.documents_seen = 0
-        self._claim = claim  # called before a shard is renamed into place (output directory checks)
+        self._claim = claim  # called before the first file is created in the output directory
         self._current: ShardFileWriter | None = None
 
     def wants(self) -> bool:
@@ -190,8 +241,9 @@ class SplitWriter:
 
     def write(self, tokens: np.ndarray) -> dict | None:
         if self._current is None:
+            self._claim()
             self._current = ShardFileWriter(self.out / f"{self.split}-{len(self.finished):05d}.array_record",
-                                            self.dtype)
+                                            self.dtype, tmp_tag=self.run_id)
         self._current.write(tokens)
         if self._current.token_bytes >= self.shard_bytes:
             return self.close()
@@ -200,7 +252,6 @@ class SplitWriter:
     def close(self) -> dict | None:
         if self._current is None:
             return None
-        self._claim()
         entry = self._current.finish()
         self._current = None
         self.finished.append(entry)
@@ -209,6 +260,94 @@ class SplitWriter:
     def abort(self) -> None:
         if self._current is not None:
             self._current.abort()
+
+
+class ShardOutput:
+    """The output directory: what an earlier run left there, and which files this tool may touch.
+
+    Nothing in a directory the tool did not make is ever overwritten or deleted without --force:
+    the directory must be empty, or hold a finished or interrupted run of the same inputs and
+    options. Temporary files carry a run id that is recorded in .progress.json before the first
+    one is created, so a later run deletes only temporaries it can prove are its own.
+    """
+
+    def __init__(self, out: Path, fingerprint: dict, force: bool):
+        self.out, self.fingerprint, self.force = out, fingerprint, force
+        self.run_id = uuid.uuid4().hex[:12]
+        if out.exists() and not out.is_dir():
+            raise ShardError(f"output {out} is a file, not a directory; choose another --output.")
+        manifest = _read_json(out / MANIFEST)
+        self.complete = manifest if manifest is not None and manifest.get("fingerprint") == fingerprint else None
+        progress = _read_json(out / PROGRESS)
+        self.resumed = progress if progress is not None and progress.get("fingerprint") == fingerprint else None
+        self._old = [m for m in (manifest, progress) if m is not None and m is not self.resumed]
+        self.claimed = False
+        self._finished: dict[str, list[dict]] | None = None
+        if self.complete is not None or self.resumed is not None or force:
+            return
+        if manifest is not None or progress is not None:
+            raise ShardError(f"output {out} holds shards made from other inputs or options; delete it, choose another "
+                             "--output, or pass --force to replace them (nothing was changed).")
+        if out.is_dir() and any(out.iterdir()):
+            names = sorted(p.name for p in out.iterdir())
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise ShardError(f"output {out} is not empty ({shown}) and is not a shard directory of this tool; choose "
+                             "an empty or new --output, or pass --force to write into it (nothing was changed).")
+
+    def finished_shards(self) -> dict[str, list[dict]]:
+        """The shards an interrupted run of the same inputs finished, still intact on disk."""
+        if self._finished is None:
+            shards = (self.resumed or {}).get("shards", {})
+            self._finished = {s: _verified_prefix(self.out, shards.get(s, [])) for s in SPLITS}
+        return self._finished
+
+    def _run_ids(self) -> list[str]:
+        return list((self.resumed or {}).get("run_ids", []))
+
+    def claim(self) -> None:
+        """Before the first file is written: record this run, clear what earlier runs provably left.
+
+        Called as late as possible, so input errors found before it leave the directory as it was.
+        """
+        if self.claimed:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        earlier = self._run_ids()
+        if self.force:  # replace a run of other options: its manifest first, so it is never taken as complete
+            (self.out / MANIFEST).unlink(missing_ok=True)
+            for old in self._old:
+                for name in _listed_shards(old):
+                    (self.out / name).unlink(missing_ok=True)
+                earlier += list(old.get("run_ids", []))
+        for run_id in set(earlier):  # temporaries of killed runs recorded here; anything else is not ours
+            for stale in self.out.glob(f".*.tmp-{run_id}"):
+                stale.unlink(missing_ok=True)
+        self._write_progress(self.finished_shards())
+        self.claimed = True
+
+    def _write_progress(self, shards: dict[str, list[dict]]) -> None:
+        run_ids = [*self._run_ids(), self.run_id]
+        atomic_write_json(self.out / PROGRESS, {"fingerprint": self.fingerprint, "shards": shards,
+                                                "run_ids": run_ids}, tmp_tag=self.run_id)
+
+    def save_progress(self, writers: dict[str, SplitWriter]) -> None:
+        self._write_progress({s: w.finished for s, w in writers.items()})
+
+    def finish(self, manifest: dict) -> None:
+        """Write the manifest (last: a directory without it is unfinished) and drop the progress file."""
+        self.claim()
+        atomic_write_json(self.out / MANIFEST, manifest, tmp_tag=self.run_id)
+        (self.out / PROGRESS).unlink(missing_ok=True)
+
+
+def _listed_shards(record: dict) -> list[str]:
+    """Shard file names listed in a manifest ({"splits": {s: {"shards": [...]}}}) or a progress file ({"shards": {s: [...]}})."""
+    if isinstance(record.get("splits"), dict):
+        lists = [info.get("shards", []) for info in record["splits"].values() if isinstance(info, dict)]
+    else:
+        lists = [v for v in (record.get("shards") or {}).values() if isinstance(v, list)]
+    names = [str(e.get("file", "")) for lst in lists for e in lst if isinstance(e, dict)]
+    return [n for n in names if n and Path(n).name == n and not n.startswith(".")]
 
 
 def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
@@ -258,48 +397,33 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     check_spec(spec)  # missing or unreadable inputs fail before anything is written
     if not 0 <= args.val_fraction < 1:
         raise SourceError(f"--val-fraction {args.val_fraction} must be in [0, 1).")
+    if args.max_doc_chars < 0:
+        raise SourceError(f"--max-doc-chars {args.max_doc_chars} must be >= 0 (0: never split documents).")
     opts = cleaning_options(args)
     tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
     dtype = token_dtype(vocab_size)
     out = Path(args.output)
     fingerprint = run_fingerprint(args, spec, opts, tokenizer_fp)
 
-    existing = _read_json(out / MANIFEST)
-    if existing is not None and existing.get("fingerprint") == fingerprint:
+    output = ShardOutput(out, fingerprint, args.force)
+    if output.complete is not None:
         print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
-        return existing
-    progress = _read_json(out / PROGRESS)
-    resumed = progress if progress is not None and progress.get("fingerprint") == fingerprint else None
-    finished = {s: _verified_prefix(out, resumed["shards"][s]) if resumed else [] for s in SPLITS}
-
-    claimed = False
-
-    def claim_output() -> None:
-        """Checked only when the first shard is about to be renamed into place: input errors found
-        before that point leave the output directory exactly as it was."""
-        nonlocal claimed
-        if claimed:
-            return
-        other = existing if existing is not None else (progress if resumed is None else None)
-        if other is not None:
-            raise ShardError(f"output {out} holds shards made from other inputs or options; delete it or choose "
-                             "another --output (nothing was changed).")
-        for stale in out.glob(".*.tmp-*"):  # left by a killed run; ours are still open under other names
-            if not stale.name.endswith(f".tmp-{os.getpid()}"):
-                stale.unlink(missing_ok=True)
-        claimed = True
+        return output.complete
+    finished = output.finished_shards()
+    claim_output = output.claim
 
     shard_bytes = max(1, int(args.shard_mb * 2**20))
-    writers = {s: SplitWriter(out, s, dtype, shard_bytes, finished[s], claim_output) for s in SPLITS}
+    writers = {s: SplitWriter(out, s, dtype, shard_bytes, finished[s], claim_output, output.run_id) for s in SPLITS}
     report = CleaningReport()
     dedup = Deduplicator(opts)
     tokens_total = {s: sum(e["tokens"] for e in finished[s]) for s in SPLITS}
     documents_total = {s: 0 for s in SPLITS}
     start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     bar = _progress_bar(args.quiet)
     try:
-        for batch in read_ahead(cleaned_batches(spec, opts, args.workers, args.batch_docs)):
+        split_counts: Counter = Counter()
+        for batch in read_ahead(cleaned_batches(spec, opts, args.workers, args.batch_docs, args.max_doc_chars,
+                                                split_counts)):
             to_tokenize: list[tuple[str, str]] = []
             for doc in batch:
                 report["read"] += 1
@@ -316,14 +440,11 @@ def shard_corpus(args: argparse.Namespace) -> dict:
                 documents_total[split] += 1
                 if writers[split].wants():
                     to_tokenize.append((split, doc.text))
-            if to_tokenize:
-                encodings = tokenizer.encode_batch([t for _, t in to_tokenize], add_special_tokens=False)
-                for (split, _), enc in zip(to_tokenize, encodings, strict=True):
-                    ids = np.fromiter(enc.ids, np.int64, len(enc.ids))
-                    tokens = np.append(ids, eos_id)
-                    tokens_total[split] += len(tokens)
-                    if writers[split].write(tokens) is not None:
-                        _save_progress(out, fingerprint, writers)
+            for split, ids in tokenize_in_chunks(tokenizer, to_tokenize):
+                tokens = np.append(ids, eos_id)
+                tokens_total[split] += len(tokens)
+                if writers[split].write(tokens) is not None:
+                    output.save_progress(writers)
             bar.update(len(batch))
             seconds = max(time.time() - start, 1e-9)
             bar.set_postfix_str(f"{sum(tokens_total.values()) / seconds:,.0f} tok/s", refresh=False)
@@ -339,7 +460,6 @@ def shard_corpus(args: argparse.Namespace) -> dict:
         for w in writers.values():
             w.abort()
         raise
-    claim_output()  # also when every shard was finished by an earlier run
 
     manifest = {
         "format": FORMAT,
@@ -350,13 +470,14 @@ def shard_corpus(args: argparse.Namespace) -> dict:
         "fingerprint": fingerprint,
         "options": {k: v for k, v in vars(args).items() if k not in ("quiet",)},
         "cleaning": report.summary(),
+        "long_documents": {"max_doc_chars": args.max_doc_chars, "split": split_counts["split_long"],
+                           "pieces": split_counts["split_long_pieces"]},
         "splits": {s: {"documents": documents_total[s], "tokens": tokens_total[s], "shards": writers[s].finished}
                    for s in SPLITS},
         "seconds": round(time.time() - start, 2),
     }
     _check_totals(manifest)
-    atomic_write_json(out / MANIFEST, manifest)
-    (out / PROGRESS).unlink(missing_ok=True)
+    output.finish(manifest)
     return manifest
 
 
@@ -368,11 +489,6 @@ def _check_totals(manifest: dict) -> None:
             raise ShardError(f"{split}: shards hold {docs} documents / {tokens} tokens but the corpus gave "
                              f"{info['documents']} / {info['tokens']}; the input changed since the finished shards "
                              "were written. Delete the output and run again.")
-
-
-def _save_progress(out: Path, fingerprint: dict, writers: dict[str, SplitWriter]) -> None:
-    shards = {s: w.finished for s, w in writers.items()}
-    atomic_write_json(out / PROGRESS, {"fingerprint": fingerprint, "shards": shards})
 
 
 def _removed_text(summary: dict[str, int]) -> str:
@@ -394,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shard_data: error: {e}", file=sys.stderr)
         return 2
     print(f"cleaning: {_removed_text(manifest['cleaning'])}")
+    long_docs = manifest["long_documents"]
+    if long_docs["split"]:
+        print(f"long documents: {long_docs['split']} longer than --max-doc-chars {long_docs['max_doc_chars']} were "
+              f"split into {long_docs['pieces']} pieces")
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards "
               f"({manifest['token_dtype']})")

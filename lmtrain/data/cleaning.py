@@ -51,6 +51,27 @@ def normalize_text(text: str, unicode_form: str = "NFC", whitespace: bool = True
     return text
 
 
+def split_long_document(text: str, max_chars: int) -> list[str]:
+    """Cut a document longer than max_chars into pieces of at most max_chars, at whitespace where
+    there is some in the second half of the window (else mid-word).
+
+    Cleaning and tokenizing hold tens of bytes per character of a document at once, so one huge
+    document (a whole corpus on a single line) would need tens of GB; its pieces need a bounded
+    amount each. 0 keeps documents whole.
+    """
+    if not max_chars or len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        window = text[start + max_chars // 2 : start + max_chars]
+        cut = max(window.rfind(" "), window.rfind("\n"))
+        end = start + max_chars // 2 + cut if cut > 0 else start + max_chars
+        pieces.append(text[start:end])
+        start = end
+    pieces.append(text[start:])
+    return pieces
+
+
 def text_hash(text: str) -> bytes:
     """A 128-bit content hash, stable across processes and runs (unlike Python's hash())."""
     return xxhash.xxh3_128_digest(text.encode("utf-8"))
@@ -69,6 +90,7 @@ def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+_MINHASH_CHUNK = 4096  # shingles hashed at once: 4 MiB of uint64 at 128 permutations
 _PERM_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
@@ -85,9 +107,15 @@ def minhash_signature(text: str, num_perm: int = 128, shingle_words: int = 5) ->
     n = max(1, len(words) - shingle_words + 1)
     shingles = {" ".join(words[i : i + shingle_words]) for i in range(n)}
     x = np.fromiter((xxhash.xxh32_intdigest(s.encode("utf-8")) for s in shingles), np.uint64, len(shingles))
-    with np.errstate(over="ignore"):
-        hashed = (x[:, None] * a[None, :] + b[None, :]) >> np.uint64(32)
-    return hashed.min(axis=0).astype(np.uint32)
+    del words, shingles
+    signature = np.full(num_perm, np.iinfo(np.uint64).max, np.uint64)
+    # In chunks: the [shingles, num_perm] uint64 product of a long document is 1 KiB per shingle
+    # (about 170 bytes per character of text); a chunk bounds it, and the minimum is the same.
+    for start in range(0, len(x), _MINHASH_CHUNK):
+        with np.errstate(over="ignore"):
+            hashed = (x[start : start + _MINHASH_CHUNK, None] * a[None, :] + b[None, :]) >> np.uint64(32)
+        np.minimum(signature, hashed.min(axis=0), out=signature)
+    return signature.astype(np.uint32)
 
 
 def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
