@@ -206,3 +206,20 @@ def test_non_utf8_error_names_the_line_that_holds_the_bad_byte(tmp_path, fmt):
     path.write_bytes(raw[: at + 5] + b"\xff\xfe" + raw[at + 5 :])  # the 400th line of the file
     with pytest.raises(SourceError, match=f"{path}:400: not valid UTF-8 .*at byte 6 of the line"):
         list(iter_documents(CorpusSpec(files=(str(path),), txt_unit=unit)))
+
+
+def test_the_real_vocab_size_and_the_config_flag_are_printed_with_a_warning_when_short(corpus, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    rc, out = train(tmp_path, "--input", str(corpus), "--vocab-size", "32000")  # far more than this corpus holds
+    assert rc == 0
+    real = len(AutoTokenizer.from_pretrained(str(out)))
+    assert real < 2000
+    captured = capsys.readouterr()
+    assert f"--config.model.vocab_size={real} " in captured.out
+    assert f"warning: the corpus yields only {real} tokens of the 32000 asked for" in captured.err
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert (summary["vocab_size"], summary["requested_vocab_size"]) == (real, 32000)
+    rc, _ = train(tmp_path, "--input", str(corpus), "--vocab-size", "300", name="fits")
+    captured = capsys.readouterr()
+    assert rc == 0 and "--config.model.vocab_size=300 " in captured.out and "warning" not in captured.err

@@ -100,6 +100,7 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
     summary = {
         "algorithm": args.algorithm,
         "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "requested_vocab_size": args.vocab_size,
         "special_tokens": special,
         "normalization": {"nfkc": args.nfkc, "lowercase": args.lowercase},
         "corpus": spec.describe(),
@@ -153,10 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train_tokenizer: error: {e}", file=sys.stderr)
         return 2
     ratio = summary["compression_bytes_per_token"]
-    print(f"tokenizer: {args.algorithm}, vocab {summary['vocab_size']}, trained on {summary['training_documents']} "
+    vocab, asked = summary["vocab_size"], summary["requested_vocab_size"]
+    print(f"tokenizer: {args.algorithm}, vocab {vocab}, trained on {summary['training_documents']} "
           f"documents ({summary['training_chars']} chars) in {summary['train_seconds']}s -> {args.output}")
     print(f"compression: {ratio} bytes/token on {summary['compression_sample']}" if ratio else
           f"compression: {summary['compression_sample']}")
+    if vocab < asked:
+        print(f"train_tokenizer: warning: the corpus yields only {vocab} tokens of the {asked} asked for (too little "
+              "text for a larger vocabulary); the model's vocabulary must match the tokenizer's, not --vocab-size.",
+              file=sys.stderr)
+    print(f"vocab size: {vocab}. Train with --config.model.vocab_size={vocab} (or any larger value; a multiple "
+          f"of 128, e.g. {-(-vocab // 128) * 128}, is faster on accelerators).")
     return 0
 
 
