@@ -17,10 +17,12 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import hashlib
 import json
 import multiprocessing
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -61,6 +63,7 @@ from lmtrain.data.text_sources import (
     expand_files,
     iter_documents,
 )
+from lmtrain.paths import as_path, is_remote
 
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
@@ -90,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty --output that is not a shard directory of these inputs and options\n"
                         "(replaces its manifest and shards; other files are kept unless a shard has their name)")
+    p.add_argument("--staging-dir", default="",
+                   help="for a gs:// --output: local directory where shards are written before upload\n"
+                        "(default ~/.cache/lmtrain/shard-staging/<hash of the output>; kept for resume until done)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -340,6 +346,40 @@ class ShardOutput:
         (self.out / PROGRESS).unlink(missing_ok=True)
 
 
+class RemoteOutput:
+    """A gs:// --output: shards are written to a local staging directory (resumable there, with all the
+    crash-safety of a local run), then uploaded one object each with manifest.json last, so a reader
+    that finds the manifest finds every shard whole. The same refusal rules as for a local output apply."""
+
+    def __init__(self, remote, fingerprint: dict, force: bool, staging_dir: str):
+        self.remote, self.fingerprint, self.force = remote, fingerprint, force
+        manifest = _read_json(remote / MANIFEST)
+        self.complete = manifest if manifest is not None and manifest.get("fingerprint") == fingerprint else None
+        self._old = manifest if self.complete is None else None
+        if self.complete is None and not force and remote.exists():
+            names = sorted(p.name for p in remote.iterdir())
+            if names:
+                what = "holds shards made from other inputs or options" if manifest is not None else (
+                    f"is not empty ({', '.join(names[:3])}) and is not a shard directory of this tool")
+                raise ShardError(f"output {remote} {what}; choose another --output, or pass --force to replace its "
+                                 "shards (nothing was changed).")
+        digest = hashlib.sha256(str(remote).encode()).hexdigest()[:16]
+        self.stage = Path(staging_dir or Path.home() / ".cache" / "lmtrain" / "shard-staging" / digest)
+
+    def publish(self, manifest: dict) -> None:
+        if self._old is not None:  # --force: the old manifest goes first, so no reader mixes old and new shards
+            (self.remote / MANIFEST).unlink(missing_ok=True)
+            new = set(_listed_shards(manifest))
+            for name in _listed_shards(self._old):
+                if name not in new:
+                    (self.remote / name).unlink(missing_ok=True)
+        for name in _listed_shards(manifest):
+            as_path(self.stage / name).copy(self.remote / name, overwrite=True)
+        as_path(self.stage / MANIFEST).copy(self.remote / MANIFEST, overwrite=True)
+        shutil.rmtree(self.stage)
+        print(f"shard_data: uploaded {len(_listed_shards(manifest))} shards and {MANIFEST} to {self.remote}")
+
+
 def _listed_shards(record: dict) -> list[str]:
     """Shard file names listed in a manifest ({"splits": {s: {"shards": [...]}}}) or a progress file ({"shards": {s: [...]}})."""
     if isinstance(record.get("splits"), dict):
@@ -376,10 +416,10 @@ def load_tokenizer(tokenizer_dir: str):
     """
     from tokenizers import Tokenizer
 
-    path = Path(tokenizer_dir)
-    if not (path / "tokenizer.json").is_file():
+    path = as_path(tokenizer_dir)
+    if not (path / "tokenizer.json").exists():
         raise SourceError(f"tokenizer directory {path} has no tokenizer.json (make one with tools/train_tokenizer.py).")
-    tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tokenizer = Tokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
     eos = None
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         eos = eos or (_read_json(path / name) or {}).get("eos_token")
@@ -402,12 +442,20 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     opts = cleaning_options(args)
     tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
     dtype = token_dtype(vocab_size)
-    out = Path(args.output)
     fingerprint = run_fingerprint(args, spec, opts, tokenizer_fp)
-
-    output = ShardOutput(out, fingerprint, args.force)
+    remote = RemoteOutput(as_path(args.output), fingerprint, args.force, args.staging_dir) if is_remote(
+        args.output) else None
+    if remote is not None and remote.complete is not None:
+        print(f"shard_data: {args.output} is already complete for these inputs and options; nothing to do.")
+        return remote.complete
+    out = remote.stage if remote is not None else Path(as_path(args.output))
+    # the default staging directory is the tool's own cache: a stale run of other options there is replaced
+    output = ShardOutput(out, fingerprint, args.force or (remote is not None and not args.staging_dir))
     if output.complete is not None:
-        print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
+        if remote is not None:  # staged completely by a run that was stopped while uploading
+            remote.publish(output.complete)
+        else:
+            print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
         return output.complete
     finished = output.finished_shards()
     claim_output = output.claim
@@ -466,7 +514,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
         "token_dtype": dtype.name,
         "vocab_size": vocab_size,
         "eos_id": eos_id,
-        "tokenizer": {"dir": str(Path(args.tokenizer).resolve()), "fingerprint": tokenizer_fp},
+        "tokenizer": {"dir": str(as_path(args.tokenizer)), "fingerprint": tokenizer_fp},
         "fingerprint": fingerprint,
         "options": {k: v for k, v in vars(args).items() if k not in ("quiet",)},
         "cleaning": report.summary(),
@@ -478,6 +526,8 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     }
     _check_totals(manifest)
     output.finish(manifest)
+    if remote is not None:
+        remote.publish(manifest)
     return manifest
 
 

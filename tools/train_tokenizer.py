@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -22,7 +21,8 @@ from pathlib import Path
 import xxhash
 
 from lmtrain.data.text_sources import SourceError, add_corpus_args, check_spec, corpus_from_args, iter_documents
-from lmtrain.data.tokenizer import ALGORITHMS, build_tokenizer
+from lmtrain.data.tokenizer import ALGORITHMS, build_tokenizer, save_tokenizer_dir
+from lmtrain.paths import as_path, is_remote
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -55,7 +55,7 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
     """Train, save atomically, and return the summary."""
     spec = corpus_from_args(args)
     check_spec(spec)
-    output = Path(args.output)
+    output = as_path(args.output)
     if output.exists() and not args.overwrite:
         raise SourceError(f"output {output} exists; pass --overwrite to replace it.")
     if args.algorithm in ("unigram", "wordpiece") and not args.unk_token:
@@ -122,8 +122,9 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
     return summary
 
 
-def _save(tok, named: dict, extra: list[str], summary: dict, output: Path) -> None:
-    """Write next to the output and rename, so a failed run never leaves a half tokenizer in place."""
+def _save(tok, named: dict, extra: list[str], summary: dict, output) -> None:
+    """Write next to the output and rename (gs://: upload, tokenizer.json last), so a failed run never
+    leaves a half tokenizer in place."""
     from transformers import PreTrainedTokenizerFast
 
     kwargs = {k: v for k, v in named.items() if v}
@@ -131,19 +132,14 @@ def _save(tok, named: dict, extra: list[str], summary: dict, output: Path) -> No
     if extra:
         kwargs["extra_special_tokens"] = extra
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fast.save_pretrained(str(tmp))
-    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    if output.exists():
-        old = output.with_name(f".{output.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-        tmp.rename(output)
-        shutil.rmtree(old)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(output)
+
+    def save(directory: str) -> None:
+        fast.save_pretrained(directory)
+        (Path(directory) / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+
+    if is_remote(output) and output.exists():  # --overwrite: no file of the old tokenizer may stay beside the new
+        output.rmtree()
+    save_tokenizer_dir(save, output)
 
 
 def main(argv: list[str] | None = None) -> int:

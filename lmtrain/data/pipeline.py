@@ -9,7 +9,7 @@ the same rows (a tensor axis across hosts) get the same data_index and read iden
 from __future__ import annotations
 
 import dataclasses
-import pathlib
+import os
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -18,6 +18,7 @@ from lmtrain.config import ConfigError
 from lmtrain.data import packing
 from lmtrain.data.cleaning import is_validation_doc
 from lmtrain.data.tokenizer import eos_id, load_tokenizer, train_bpe_tokenizer
+from lmtrain.paths import as_path
 
 
 @dataclasses.dataclass
@@ -97,14 +98,14 @@ def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, data_index:
     return batches
 
 
-def _builtin_data(cfg, workdir: pathlib.Path, data_index: int, data_count: int) -> DataBundle:
+def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -> DataBundle:
     from lmtrain.data.builtin_corpus import builtin_documents
 
     d = cfg.data
     docs = builtin_documents(d.max_docs)
     train_docs = [t for t in docs if not is_validation_doc(t, d.val_fraction)]
     val_docs = [t for t in docs if is_validation_doc(t, d.val_fraction)]
-    tok_dir = pathlib.Path(d.tokenizer_dir) if d.tokenizer_dir else workdir / "tokenizer"
+    tok_dir = as_path(d.tokenizer_dir) if d.tokenizer_dir else as_path(workdir) / "tokenizer"
     if tok_dir.exists():
         tokenizer = load_tokenizer(tok_dir)
     else:
@@ -129,7 +130,7 @@ def check_vocab(tokenizer, model_vocab: int, tok_dir) -> None:
         )
 
 
-def _shards_data(cfg, workdir: pathlib.Path, data_index: int, data_count: int) -> DataBundle:
+def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -> DataBundle:
     from lmtrain.data import shards
 
     d = cfg.data
@@ -137,7 +138,7 @@ def _shards_data(cfg, workdir: pathlib.Path, data_index: int, data_count: int) -
         raise ConfigError("data.source='shards' needs data.shards_dir and data.tokenizer_dir.")
     for key, path, tool in (("data.tokenizer_dir", d.tokenizer_dir, "tools/train_tokenizer.py"),
                             ("data.shards_dir", d.shards_dir, "tools/shard_data.py")):
-        if not pathlib.Path(path).exists():
+        if not as_path(path).exists():
             raise ConfigError(f"{key}={path} does not exist. Create it with {tool} (see the README quickstart), "
                               "or train on the in-memory corpus with --config.data.source=builtin.")
     shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
@@ -155,8 +156,8 @@ def _shards_data(cfg, workdir: pathlib.Path, data_index: int, data_count: int) -
 SOURCES = {"builtin": _builtin_data, "shards": _shards_data}
 
 
-def make_data(cfg, workdir: str | pathlib.Path, data_index: int = 0, data_count: int = 1) -> DataBundle:
+def make_data(cfg, workdir: str | os.PathLike, data_index: int = 0, data_count: int = 1) -> DataBundle:
     """The data of `cfg.data.source` for data slice `data_index` of `data_count` of the global batch."""
     if cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source='{cfg.data.source}' is unknown. Choose one of: {', '.join(SOURCES)}.")
-    return SOURCES[cfg.data.source](cfg, pathlib.Path(workdir), data_index, data_count)
+    return SOURCES[cfg.data.source](cfg, as_path(workdir), data_index, data_count)

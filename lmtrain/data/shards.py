@@ -24,9 +24,11 @@ from pathlib import Path
 
 import grain
 import numpy as np
+from etils import epath
 
 from lmtrain.config import ConfigError
 from lmtrain.data.packing import DataError, RowPacker, check_data_slice, rows_to_batch
+from lmtrain.paths import as_path
 
 MANIFEST = "manifest.json"
 FORMAT = "lmtrain-shards-v1"
@@ -50,7 +52,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with as_path(path).open("rb") as f:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
@@ -78,8 +80,8 @@ def atomic_write_json(path: Path, obj: dict, tmp_tag: str = "") -> None:
 
 def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
     """sha256 of the tokenizer's tokenizer.json, re-serialized canonically (formatting does not count)."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
+    path = as_path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
         raise ConfigError(f"tokenizer directory {tokenizer_dir} has no tokenizer.json.")
     canonical = json.dumps(json.loads(path.read_text(encoding="utf-8")), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -89,7 +91,8 @@ def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int:
     """Number of token ids the tokenizer can emit, added special tokens included."""
     from tokenizers import Tokenizer
 
-    return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    text = (as_path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8")
+    return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
 
 
 class ShardFileWriter:
@@ -143,9 +146,9 @@ class ShardFileWriter:
 
 
 def load_manifest(shards_dir: str | os.PathLike) -> dict:
-    path = Path(shards_dir) / MANIFEST
-    if not path.is_file():
-        hint = " (tools/shard_data.py was interrupted; re-run it to finish)" if Path(shards_dir).is_dir() else ""
+    path = as_path(shards_dir) / MANIFEST
+    if not path.exists():
+        hint = " (tools/shard_data.py was interrupted; re-run it to finish)" if path.parent.is_dir() else ""
         raise ShardError(f"shard directory {shards_dir} has no {MANIFEST}{hint}.")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -197,9 +200,10 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
                                  "name inside the shard directory.")
 
 
-def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[Path]:
+def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[epath.Path]:
+    """The split's shard files; gs:// ones are read in place (ArrayRecord has its own GCS reader)."""
     manifest = manifest or load_manifest(shards_dir)
-    return [Path(shards_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
+    return [as_path(shards_dir) / s["file"] for s in manifest["splits"][split]["shards"]]
 
 
 def verify_shards(shards_dir: str | os.PathLike, data_index: int = 0, data_count: int = 1) -> None:
@@ -211,10 +215,10 @@ def verify_shards(shards_dir: str | os.PathLike, data_index: int = 0, data_count
     manifest = load_manifest(shards_dir)
     entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
     for entry in entries[data_index::data_count]:
-        path = Path(shards_dir) / entry["file"]
-        if not path.is_file():
+        path = as_path(shards_dir) / entry["file"]
+        if not path.exists():
             raise ShardError(f"shard {path} is listed in the manifest but missing.")
-        size = path.stat().st_size
+        size = path.stat().length
         if size != entry["bytes"]:
             raise ShardError(f"shard {path} is {size} bytes, the manifest says {entry['bytes']} (truncated?).")
         if sha256_file(path) != entry["sha256"]:
@@ -256,7 +260,7 @@ class _ShardDocuments:
         self.entries = manifest["splits"][split]["shards"]
         self.paths = shard_paths(shards_dir, split, manifest)
         for path in self.paths:
-            if not path.is_file():
+            if not path.exists():
                 raise ShardError(f"shard {path} is listed in the manifest but missing.")
         try:
             self._source = grain.sources.ArrayRecordDataSource([str(p) for p in self.paths])

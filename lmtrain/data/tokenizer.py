@@ -3,8 +3,13 @@ share `build_tokenizer`), save them as Hugging Face directories, and load them o
 
 from __future__ import annotations
 
-import pathlib
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+
+from lmtrain.data.packing import DataError
+from lmtrain.paths import as_path, copy_tree, is_remote, local_dir
 
 EOS = "<|endoftext|>"
 ALGORITHMS = ("bpe", "unigram", "wordpiece")
@@ -41,28 +46,52 @@ def build_tokenizer(algorithm: str, vocab_size: int, special_tokens: list[str], 
     return tok, trainer
 
 
-def train_bpe_tokenizer(docs: Sequence[str], vocab_size: int, out_dir: str | pathlib.Path):
+def train_bpe_tokenizer(docs: Sequence[str], vocab_size: int, out_dir: str | os.PathLike):
     """Train a byte-level BPE on `docs` and save it so that AutoTokenizer.from_pretrained(out_dir) loads it."""
     from transformers import PreTrainedTokenizerFast
 
     tok, trainer = build_tokenizer("bpe", vocab_size, [EOS], "", nfkc=False, lowercase=False, min_frequency=0)
     tok.train_from_iterator(docs, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=None, pad_token=EOS)
-    out_dir = pathlib.Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    fast.save_pretrained(str(tmp))
-    tmp.rename(out_dir)  # a half-written tokenizer directory is never picked up
+    save_tokenizer_dir(fast.save_pretrained, out_dir)
     return load_tokenizer(out_dir)
 
 
-def load_tokenizer(path: str | pathlib.Path):
-    """Load a Hugging Face tokenizer directory (tokenizer.json and friends) without any network access."""
+def save_tokenizer_dir(save: Callable[[str], object], out_dir: str | os.PathLike) -> None:
+    """Publish a tokenizer directory whole: `save(local_dir)` writes it next to the target and it is renamed
+    into place; for gs:// it is written locally and uploaded with tokenizer.json last (what readers test)."""
+    out = as_path(out_dir)
+    if is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="lmtrain-tokenizer-") as tmp:
+            save(tmp)
+            copy_tree(tmp, out, last=("tokenizer.json",))
+        return
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(str(tmp))
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(out)  # a half-written tokenizer directory is never picked up
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """Load a Hugging Face tokenizer directory (local or gs://) without any network access to the Hub.
+
+    A gs:// directory is copied to a temporary local one first: transformers reads local files only.
+    """
     from transformers import AutoTokenizer
 
-    path = pathlib.Path(path)
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise FileNotFoundError(f"tokenizer directory {path} has no tokenizer.json; point data.tokenizer_dir at one.")
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    path = as_path(path)
+    if not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
+        raise DataError(f"tokenizer directory {path} has no tokenizer.json; point data.tokenizer_dir at one "
+                        "(made by tools/train_tokenizer.py, or a Hugging Face model's).")
+    with local_dir(path) as local:
+        return AutoTokenizer.from_pretrained(str(local), local_files_only=True)
 
 
 def eos_id(tokenizer) -> int:
