@@ -13,6 +13,9 @@ Nothing the user had is lost and a half export never looks complete:
 - on object stores (gs://, s3://) there is no directory rename: the files are copied from the
   temporary prefix with config.json last, so a directory without config.json is an unfinished export.
 
+The parameters are restored sharded over the WORKDIR's training mesh, so a model larger than one device
+(or one host) exports: every process takes part in gathering one tensor at a time, and process 0 writes.
+
 Launch:  lmtrain export WORKDIR OUT_DIR [--which latest|best|STEP] [--dtype float32|bfloat16] [--force]
 """
 
@@ -20,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -65,13 +70,29 @@ def parse_size(text: str) -> int:
     return size
 
 
+@functools.cache
+def _replicator(mesh):
+    # One compiled identity per mesh, not one per tensor: it gathers a tensor spread over several hosts.
+    return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+
 def _to_host(x: jax.Array) -> np.ndarray:
-    """A whole array on this host; arrays spread over several hosts are gathered first."""
+    """A whole array on this host; arrays spread over several hosts are gathered first (every process calls this)."""
     if not isinstance(x, jax.Array) or x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
-    mesh = x.sharding.mesh
-    replicated = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, PartitionSpec()))(x)
-    return np.asarray(replicated.addressable_data(0))
+    return np.asarray(_replicator(x.sharding.mesh)(x).addressable_data(0))
+
+
+@jax.jit
+def _take_layer(stacked_LxN: jax.Array, layer: jax.Array) -> jax.Array:
+    # The layer index is traced: one compilation per parameter shape, not one per (parameter, layer).
+    return jax.lax.dynamic_index_in_dim(stacked_LxN, layer, 0, keepdims=False)
+
+
+def _layer(value, layer: int | None):
+    if layer is None:
+        return value
+    return value[layer] if isinstance(value, np.ndarray) else _take_layer(value, np.int32(layer))
 
 
 def _param(params: dict, path: str) -> jax.Array:
@@ -347,8 +368,7 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
         _, rule, layer = item
         parts = []
         for path in rule.lm:
-            value = _param(params, path)
-            parts.append(_to_host(value if layer is None else value[layer]))
+            parts.append(_to_host(_layer(_param(params, path), layer)))
         return rule.to_hf(tuple(parts)).astype(np_dtype)
 
     names = ["model.safetensors"] if len(shards) == 1 else [
@@ -393,10 +413,51 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     return out_dir
 
 
+def export_shardings(cfg, mesh_shape: tuple[int, int, int] | None = None):
+    """The params' shardings on the WORKDIR's training mesh (or on `mesh_shape`); None means one device.
+
+    A single process whose devices do not fit the training mesh (a model trained on a pod, exported on a
+    workstation) restores onto one device instead, with a note.
+    """
+    from lmtrain.config import ConfigError, resolve_mesh_shape
+    from lmtrain.model import ModelDef
+    from lmtrain.parallel.mesh import make_mesh
+    from lmtrain.parallel.partitioning import param_shardings
+
+    n = jax.device_count()
+    dcn_data = cfg.mesh.get("dcn_data", -1)
+    try:
+        if mesh_shape is None:
+            mesh_shape = resolve_mesh_shape(cfg.mesh, n)
+        elif math.prod(mesh_shape) > n:
+            raise ConfigError(f"mesh {tuple(mesh_shape)} needs {math.prod(mesh_shape)} devices; {n} are present.")
+        if math.prod(mesh_shape) == 1:
+            return None
+        devices = jax.devices()[: math.prod(mesh_shape)]
+        mesh = make_mesh(tuple(mesh_shape), devices, dcn_data=dcn_data if len(devices) == n else 1)
+    except ConfigError as e:
+        if jax.process_count() > 1:
+            raise HFInteropError(f"the WORKDIR's mesh does not fit the {n} devices of this job ({e}). Export with "
+                                 "the devices the model was trained on, or from a single process.") from None
+        print(f"lmtrain export: note: the WORKDIR's mesh does not fit the {n} device(s) here ({e}); the "
+              "parameters are restored onto one device.", file=sys.stderr)
+        return None
+    model_def = ModelDef(ModelConfig.from_config(cfg.model))
+    try:
+        return param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
+    except ValueError as e:
+        raise HFInteropError(f"mesh {tuple(mesh_shape)}: {e}") from None
+
+
 def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which: str | int = "latest",
-                   dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False) -> epath.Path:
-    """Export WORKDIR's checkpoint `which` ('latest', 'best' or a step number)."""
-    from lmtrain.config import ConfigError
+                   dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False,
+                   mesh_shape: tuple[int, int, int] | None = None) -> epath.Path:
+    """Export WORKDIR's checkpoint `which` ('latest', 'best' or a step number).
+
+    The parameters are restored sharded over the WORKDIR's training mesh; `mesh_shape` (data, fsdp, tensor)
+    overrides it, and (1, 1, 1) restores onto one device. Every process of a multi-host job must call this.
+    """
+    from lmtrain.config import ConfigError, load_config
     from lmtrain.train.checkpoint import restore_params
 
     workdir = as_path(workdir)
@@ -411,7 +472,8 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
                              f"(for example {workdir / 'hf'}).")
     _agree_on_target(out, force)  # before the restore, which can take minutes for a large model
     try:
-        cfg, params = restore_params(str(workdir), which)
+        shardings = export_shardings(load_config(str(workdir / "config.json")), mesh_shape)
+        cfg, params = restore_params(str(workdir), which, shardings)
     except (FileNotFoundError, ConfigError) as e:
         raise HFInteropError(str(e)) from None
     source = workdir / SOURCE_CONFIG
