@@ -176,12 +176,17 @@ def test_import_writes_a_workdir_the_trainer_reads(tmp_path, capsys):
     hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
     random_hf_model("qwen2_tied", hf_dir, tokenizer=True)
     assert hf_import.main([str(hf_dir), str(workdir)]) == 0
-    assert "lmtrain train --config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    tokenizer, shards = workdir.resolve() / "tokenizer", workdir.resolve() / "shards"
+    assert f"python tools/shard_data.py --input 'data/*.jsonl' --tokenizer {tokenizer} --output {shards}" in out
+    assert (f"lmtrain train --config {workdir.resolve() / 'config.json'} --workdir {workdir.resolve()} "
+            f"--config.data.shards_dir={shards}") in out
 
     cfg = load_config(str(workdir / "config.json"))
     assert cfg.model.qkv_bias and cfg.model.tie_embeddings and cfg.model.vocab_size == VOCAB
     assert cfg.train.init_from == str(workdir.resolve() / "init_params")
-    assert cfg.data.tokenizer_dir == str(workdir.resolve() / "tokenizer")
+    # The config asks for the user's data, tokenized with this model's tokenizer; never the built-in corpus.
+    assert (cfg.data.source, cfg.data.shards_dir, cfg.data.tokenizer_dir) == ("shards", "", str(tokenizer))
     assert cfg.data.seq_len <= cfg.model.max_seq_len
     assert json.loads((workdir / "hf_config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
 
@@ -271,23 +276,49 @@ def test_pickle_checkpoint_is_refused_without_being_opened(tmp_path, capsys):
     assert "pytorch_model.bin" in capsys.readouterr().err
 
 
-def test_lmtrain_train_starts_from_the_imported_weights(tmp_path):
-    """`lmtrain train` on an imported WORKDIR begins at the imported parameters (train.init_from)."""
-    from lmtrain.config import apply_overrides
+def test_training_an_imported_workdir_without_shards_asks_for_them(tmp_path, capsys):
+    from lmtrain.train import trainer
+
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
+    random_hf_model("gpt2", hf_dir, tokenizer=True)
+    assert hf_import.main([str(hf_dir), str(workdir)]) == 0
+    capsys.readouterr()
+    assert trainer.main(["--config", str(workdir / "config.json"), "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert "data.shards_dir" in err and "Traceback" not in err
+    assert not (workdir / "checkpoints").exists(), "nothing was trained on another corpus"
+
+
+def test_no_tokenizer_is_said_in_the_next_steps(tmp_path, capsys):
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
+    random_hf_model("gpt2", hf_dir)
+    assert hf_import.main([str(hf_dir), str(workdir)]) == 0
+    assert "the model came without a tokenizer.json" in capsys.readouterr().out
+    assert load_config(str(workdir / "config.json")).data.tokenizer_dir == ""
+
+
+@pytest.mark.slow
+def test_the_printed_path_shards_with_the_model_tokenizer_and_trains_from_the_imported_weights(tmp_path, capsys):
+    """What `lmtrain import` prints works: shard_data with WORKDIR/tokenizer, then `lmtrain train` begins at the
+    imported parameters (train.init_from) on those shards."""
+    from lmtrain.train import trainer
     from lmtrain.train.checkpoint import restore_params
-    from lmtrain.train.trainer import train
+    from tools import shard_data
 
     hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
     random_hf_model("llama", hf_dir, tokenizer=True)
     assert hf_import.main([str(hf_dir), str(workdir)]) == 0
-    cfg = load_config(str(workdir / "config.json"))
+    shard_cmd, train_cmd = [line.split() for line in capsys.readouterr().out.splitlines()
+                            if line.lstrip().startswith(("python tools/shard_data.py", "lmtrain train"))]
+    shard_args = [a for a in shard_cmd[2:] if a not in ("--input", "'data/*.jsonl'")]
+    assert shard_data.main([*shard_args, "--builtin", "--max-docs", "40", "--workers", "1", "--quiet"]) == 0
     # One step at learning rate 0: the checkpoint then holds exactly the parameters training started from.
-    apply_overrides(cfg, {"train.steps": "1", "optimizer.lr": "0", "optimizer.warmup_steps": "0", "data.max_docs": "40",
-                          "data.batch_size": "8", "train.sample_tokens": "0", "logging.progress_bar": "false",
-                          "logging.tensorboard": "false", "logging.loss_curve_png": "false"})
-    result = train(cfg, workdir)
-    assert result.step == 1
+    overrides = {"train.steps": "1", "optimizer.lr": "0", "optimizer.warmup_steps": "0", "data.batch_size": "8",
+                 "train.sample_tokens": "0", "train.eval_every": "0", "logging.tensorboard": "false",
+                 "logging.loss_curve_png": "false"}
+    assert trainer.main([*train_cmd[2:], "--no-progress", *(f"--config.{k}={v}" for k, v in overrides.items())]) == 0
     _, trained = restore_params(workdir)
     _, direct = load_hf_model(hf_dir)
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(direct), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+

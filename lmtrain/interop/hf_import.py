@@ -4,8 +4,13 @@ The weights stream tensor by tensor from safetensors into (possibly sharded) dev
 one HF tensor at a time and each device receives only its slice. Pickle checkpoints (`pytorch_model.bin`)
 are refused, never opened, and no code from the model directory is ever run.
 
+The WORKDIR's config asks for the user's data: data.source='shards' with data.shards_dir empty and
+data.tokenizer_dir at the imported tokenizer, so that training never falls back to the built-in corpus
+silently.
+
 Launch:  lmtrain import path/to/hf_model WORKDIR [--fsdp N] [--tensor N]
-Then:    lmtrain train --config WORKDIR/config.json --workdir WORKDIR
+Then:    python tools/shard_data.py --input 'data/*.jsonl' --tokenizer WORKDIR/tokenizer --output WORKDIR/shards
+         lmtrain train --config WORKDIR/config.json --workdir WORKDIR --config.data.shards_dir=WORKDIR/shards
 """
 
 from __future__ import annotations
@@ -413,6 +418,9 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
     for key, value in fields.items():
         cfg.model[key] = value
     cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
+    # Fine-tuning is on the user's text, tokenized with this model's tokenizer: the trainer stops with a
+    # message until data.shards_dir is given, rather than training on the built-in corpus.
+    cfg.data.source, cfg.data.shards_dir, cfg.data.tokenizer_dir = "shards", "", ""
     cfg.mesh.fsdp, cfg.mesh.tensor = fsdp, tensor
     cfg.train.init_from = str(workdir / "init_params")
     model_cfg = ModelConfig.from_config(cfg.model)
@@ -435,6 +443,23 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
             (hf_dir / "generation_config.json").copy(workdir / SOURCE_GENERATION_CONFIG, overwrite=True)
         (workdir / "config.json").write_text(to_json(cfg))
     return workdir
+
+
+def next_steps(workdir: epath.Path) -> str:
+    """The whole path from an imported WORKDIR to fine-tuning: shard with the model's tokenizer, then train."""
+    tokenizer, shards = workdir / "tokenizer", workdir / "shards"
+    lines = ["Fine-tune on your own text in two steps:"]
+    if not (tokenizer / "tokenizer.json").is_file():
+        lines += [f"  0. the model came without a tokenizer.json: put its tokenizer files into {tokenizer} and set "
+                  f"data.tokenizer_dir to it in {workdir / 'config.json'} (or pass --config.data.tokenizer_dir=...)"]
+    lines += [
+        "  1. tokenize your text into shards with the model's own tokenizer (.jsonl with a 'text' field, .txt, "
+        "Parquet or a Hugging Face dataset; see tools/shard_data.py --help):",
+        f"     python tools/shard_data.py --input 'data/*.jsonl' --tokenizer {tokenizer} --output {shards}",
+        "  2. train from the imported weights on those shards:",
+        f"     lmtrain train --config {workdir / 'config.json'} --workdir {workdir} --config.data.shards_dir={shards}",
+    ]
+    return "\n".join(lines)
 
 
 def _positive(text: str) -> int:
@@ -467,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain import: error: {e.filename or args.workdir}: {e.strerror or e}. Fix that and import "
               "again (with --force if WORKDIR/config.json was written).", file=sys.stderr)
         return 2
-    print(f"lmtrain import: {args.hf_dir} -> {workdir} in {time.perf_counter() - start:.1f}s. Fine-tune with:\n"
-          f"  lmtrain train --config {workdir / 'config.json'} --workdir {workdir}")
+    print(f"lmtrain import: {args.hf_dir} -> {workdir} in {time.perf_counter() - start:.1f}s.")
+    print(next_steps(workdir))
     return 0
 
 
