@@ -322,3 +322,28 @@ def test_the_printed_path_shards_with_the_model_tokenizer_and_trains_from_the_im
     for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(direct), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+
+def test_bfloat16_import_stores_what_the_config_says(tmp_path, capsys):
+    """`--param-dtype bfloat16`: config model.param_dtype and the stored init_params are bfloat16, holding the
+    HF weights rounded once (the trainer keeps float32 master weights from them)."""
+    import orbax.checkpoint as ocp
+
+    from lmtrain.train.checkpoint import load_init_params
+
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
+    random_hf_model("qwen2_untied", hf_dir)
+    assert hf_import.main([str(hf_dir), str(workdir), "--param-dtype", "bfloat16"]) == 0
+    cfg = load_config(str(workdir / "config.json"))
+    assert cfg.model.param_dtype == "bfloat16"
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(str(workdir / "init_params")).item_metadata
+    assert {str(m.dtype) for m in jax.tree.leaves(stored)} == {"bfloat16"}
+
+    model_def = ModelDef(ModelConfig.from_config(cfg.model))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
+    restored = load_init_params(cfg.train.init_from, target)
+    _, direct = load_hf_model(hf_dir)  # float32
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(direct), strict=True):
+        assert a.dtype == jax.numpy.bfloat16
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jax.numpy.bfloat16)))
