@@ -93,14 +93,19 @@ def append_text(path: str | os.PathLike, text: str) -> None:
         os.fsync(f.fileno())
 
 
-def _files(root: epath.Path) -> Iterator[tuple[str, epath.Path]]:
-    """(relative posix name, path) of every file under `root`."""
-    for child in sorted(root.iterdir(), key=lambda p: p.name):
+def files_under(root: str | os.PathLike) -> list[tuple[str, epath.Path]]:
+    """(relative posix name, path) of every file under `root`, sorted by name, local or in cloud storage.
+
+    Use this rather than `rglob`: etils.epath refuses recursive `**` patterns on gs://.
+    """
+    root = as_path(root)
+    out = []
+    for child in root.iterdir():
         if child.is_dir():
-            for rel, sub in _files(child):
-                yield f"{child.name}/{rel}", sub
+            out += [(f"{child.name}/{rel}", sub) for rel, sub in files_under(child)]
         else:
-            yield child.name, child
+            out.append((child.name, child))
+    return sorted(out, key=lambda f: f[0])
 
 
 def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, ...] = ()) -> list[str]:
@@ -113,7 +118,7 @@ def copy_tree(src: str | os.PathLike, dst: str | os.PathLike, last: tuple[str, .
     src, dst = as_path(src), as_path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"{src} is not a directory")
-    files = list(_files(src))
+    files = files_under(src)
     ordered = [f for f in files if f[0] not in last] + sorted((f for f in files if f[0] in last),
                                                                key=lambda f: last.index(f[0]))
     for rel, path in ordered:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from lmtrain.paths import append_text, as_path, atomic_write_text, copy_tree, is_remote, local_dir
+from lmtrain.paths import append_text, as_path, atomic_write_text, copy_tree, files_under, is_remote, local_dir
 
 pytestmark = pytest.mark.usefixtures("no_local_gs_dir")
 
@@ -217,6 +217,10 @@ def test_copy_tree_and_local_dir_between_local_and_gcs(fake_gcs, tmp_path):
     uploads = [p for m, p in fake_gcs.server.requests if m == "POST" and "name=" in p]
     assert "manifest.json" in uploads[-1]  # the completion marker went last
     assert (fake_gcs.objects_dir / "run" / "tokenizer" / "sub" / "merges.txt").read_text() == "a b\n"
+    # The recursive listing that epath's rglob refuses on gs://.
+    expected = ["manifest.json", "sub/merges.txt", "tokenizer.json"]
+    assert [rel for rel, _ in files_under(remote)] == [rel for rel, _ in files_under(src)] == expected
+    assert [str(p) for _, p in files_under(remote)] == [f"{remote}/{rel}" for rel in expected]
 
     with local_dir(remote) as local:
         assert isinstance(local, pathlib.Path) and not str(local).startswith("gs:")
