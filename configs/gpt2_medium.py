@@ -8,6 +8,9 @@ from configs.gpt2_small import gpt2_family
 from lmtrain.config import base_config, shrink_to_cpu
 
 
+ARGS = ("runlocal",)  # what --config=gpt2_medium:ARG accepts
+
+
 def get_config(arg: str = ""):
     c = gpt2_family(base_config())
     m = c.model

@@ -26,6 +26,9 @@ def gpt2_family(c):
     return c
 
 
+ARGS = ("runlocal",)  # what --config=gpt2_small:ARG accepts
+
+
 def get_config(arg: str = ""):
     c = gpt2_family(base_config())
     m = c.model

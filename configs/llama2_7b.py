@@ -10,6 +10,9 @@ from configs.llama_1b import llama_family
 from lmtrain.config import base_config, shrink_to_cpu
 
 
+ARGS = ("runlocal",)  # what --config=llama2_7b:ARG accepts
+
+
 def get_config(arg: str = ""):
     c = llama_family(base_config())
     m = c.model

@@ -27,6 +27,9 @@ def llama_family(c):
     return c
 
 
+ARGS = ("runlocal",)  # what --config=llama_1b:ARG accepts
+
+
 def get_config(arg: str = ""):
     c = llama_family(base_config())
     m = c.model

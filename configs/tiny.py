@@ -13,6 +13,9 @@ is trained into WORKDIR/tokenizer at first start.
 from lmtrain.config import base_config
 
 
+ARGS = ("smoke",)  # what --config=tiny:ARG accepts
+
+
 def get_config(arg: str = ""):
     c = base_config()
     c.model.vocab_size = 4096  # BPE vocab trained on the built-in corpus

@@ -19,6 +19,14 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
+TASK_NAMES = ("lm", "sft", "classify")
+
+# Default parameter rules: no weight decay on norms, biases, embeddings and the LM head. A tied
+# embedding and an untied head are treated alike: both are the vocabulary projection.
+DEFAULT_PARAM_RULES = (
+    (r"(^|/)(scale|bias|b[a-z_]*)$", "no_decay"),
+    (r"^(embed|pos_embed|head/w)$", "no_decay"),
+)
 
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -79,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.remat = "none"  # activation checkpointing: 'none', 'full' or 'save_dots'
     m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU), 'chunked' (query blocks; fast on CPU) or 'auto'
     m.logits_dtype = "float32"  # dtype of the [batch, length, vocab] logits; the loss is always reduced in float32
+    m.num_labels = 0  # classes of the classification head (task.name='classify'; set from the data's labels)
+
+    c.task = tk = ml_collections.ConfigDict()
+    tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion) or 'classify'
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "builtin"  # 'builtin': text that ships with Python, no download; 'shards': tools/shard_data.py output
@@ -99,10 +111,13 @@ def base_config() -> ml_collections.ConfigDict:
     o.eps = 1e-8  # Adam epsilon
     o.momentum = 0.9  # SGD momentum
     o.weight_decay = 0.1  # decoupled weight decay
-    o.decay_norms_biases_embeddings = False  # False: weight decay skips norms, biases and embeddings
+    # Parameter rules: (regex over the parameter path, label). Labels: 'train', 'freeze', 'decay',
+    # 'no_decay', 'lr=X' (learning-rate multiplier). Later rules override earlier ones for the same
+    # property; every rule must match at least one parameter. Paths look like 'blocks/attn/wq', 'embed'.
+    o.param_rules = DEFAULT_PARAM_RULES
     o.clip_norm = 1.0  # global-norm gradient clipping, 0 to disable
     o.schedule = "cosine"  # 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay)
-    o.warmup_steps = 100  # linear warmup from 0 to lr
+    o.warmup_steps = 100  # linear warmup to lr; step 1 already takes lr / warmup_steps
     o.min_lr_ratio = 0.1  # final lr as a fraction of lr (cosine, linear, wsd)
     o.wsd_decay_fraction = 0.2  # wsd: share of the steps spent in the final decay
 
@@ -111,27 +126,36 @@ def base_config() -> ml_collections.ConfigDict:
     t.grad_accum = 1  # micro-batches per step; batch_size must divide by it
     t.z_loss = 0.0  # weight of the z-loss (log Z)^2 that keeps the softmax normaliser near 1
     t.seed = 0  # parameter init and dropout seed
-    t.init_from = ""  # parameters to start from when WORKDIR has no checkpoint (e.g. written by `lmtrain import`)
+    t.init_from = ""  # parameters to start from when WORKDIR has no checkpoint: an `lmtrain import` output or a WORKDIR
+    t.init_from_which = "latest"  # when init_from is a WORKDIR: its 'latest' or 'best' checkpoint, or a step number
     t.log_every = 10  # steps between metric logs
     t.eval_every = 200  # steps between validation runs (0 disables)
     t.eval_batches = 8  # validation batches per evaluation (0 means the whole split)
     t.sample_tokens = 48  # tokens to sample from the model at the end (0 disables)
     t.sample_prompt = "The "  # prompt for the final sample
+    t.preemption_check_every = 1  # steps between multi-host checks for a stop signal (asynchronous: no stall)
+    t.early_stopping = es = ml_collections.ConfigDict()
+    es.metric = "val_loss"  # metric that picks the best checkpoint and drives early stopping
+    es.mode = ""  # 'min' or 'max'; empty takes the task's own direction for the metric
+    es.patience = 0  # evaluations without improvement before stopping; 0 never stops early
+    es.min_delta = 0.0  # an improvement smaller than this does not count
 
     c.checkpoint = k = ml_collections.ConfigDict()
     k.every = 200  # steps between checkpoints (the final step is always saved)
-    k.keep = 2  # latest checkpoints kept; the best by validation loss is kept as well
+    k.keep = 2  # latest checkpoints kept; the best by train.early_stopping.metric is kept as well
     k.async_save = True  # save in the background while training continues
+    k.checksums = True  # hash every checkpoint file after a save; a damaged checkpoint is skipped on resume
 
     c.mesh = mm = ml_collections.ConfigDict()
     mm.data = -1  # data-parallel size; -1 takes the devices the other axes leave
     mm.fsdp = 1  # parameter/optimizer-state sharding (ZeRO-3) size
     mm.tensor = 1  # Megatron tensor-parallel size over heads and MLP
+    mm.dcn_data = -1  # data-parallel groups across TPU slices (DCN); -1: one per slice present (1 off multi-slice)
     mm.axis_rules = DEFAULT_AXIS_RULES  # logical axis -> mesh axes
 
     c.logging = lg = ml_collections.ConfigDict()
     lg.tensorboard = True  # write TensorBoard event files under WORKDIR/tensorboard
-    lg.progress_bar = True  # console progress bar (off when stdout is not a terminal is fine too)
+    lg.progress_bar = True  # console progress bar; off: one plain line per log_every steps
     lg.loss_curve_png = True  # draw WORKDIR/loss_curve.png at the end
     return c
 
@@ -194,6 +218,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path} has no get_config() function.")
+    config_arg(arg, tuple(getattr(module, "ARGS", ())), name)  # a config lists the ARGs it understands
     cfg = module.get_config(arg) if arg else module.get_config()
     cfg.lock()
     return cfg
@@ -278,6 +303,7 @@ def resolve_mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, int, int]:
 def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
     """Check the config against itself and the devices; return the resolved mesh shape."""
     m, d, o, t = cfg.model, cfg.data, cfg.optimizer, cfg.train
+    _check_ranges(cfg)
     data, fsdp, tensor = resolve_mesh_shape(cfg.mesh, n_devices)
     batch_shards = data * fsdp
     if d.batch_size % batch_shards:
@@ -335,6 +361,90 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, 
     if cfg.checkpoint.every < 1:
         raise ConfigError(f"checkpoint.every={cfg.checkpoint.every} must be at least 1.")
     return data, fsdp, tensor
+
+
+_POSITIVE = (
+    "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
+    "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
+    "train.preemption_check_every", "checkpoint.every", "checkpoint.keep",
+)
+_NON_NEGATIVE = (
+    "model.head_dim", "model.num_labels", "data.max_docs", "optimizer.weight_decay", "optimizer.clip_norm",
+    "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
+    "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
+)
+PARAM_RULE_LABELS = ("train", "freeze", "decay", "no_decay", "lr=X")
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check_ranges(cfg) -> None:
+    """Each numeric field in its range, each name a known choice; the message names the key."""
+    for key in _POSITIVE:
+        if _get(cfg, key) < 1:
+            raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1.")
+    for key in _NON_NEGATIVE:
+        if _get(cfg, key) < 0:
+            raise ConfigError(f"{key}={_get(cfg, key)} must not be negative.")
+    o, m = cfg.optimizer, cfg.model
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr={o.lr} must be positive (a peak learning rate such as 3e-4).")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
+    if not 0.0 < o.wsd_decay_fraction <= 1.0:
+        raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1].")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
+    if cfg.task.name not in TASK_NAMES:
+        raise ConfigError(f"task.name='{cfg.task.name}' is unknown. Choose one of: {', '.join(TASK_NAMES)}.")
+    if cfg.train.early_stopping.mode not in ("", "min", "max"):
+        raise ConfigError(f"train.early_stopping.mode='{cfg.train.early_stopping.mode}' must be 'min', 'max' or "
+                          "empty (the task's own direction for the metric).")
+    check_param_rules(o.param_rules)
+
+
+def check_param_rules(rules) -> list[tuple]:
+    """The rules as (compiled regex, property, value); a malformed rule names itself."""
+    import re
+
+    out = []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, list | tuple) or len(rule) != 2:
+            raise ConfigError(f"optimizer.param_rules[{i}]={rule!r}: each rule is a pair (regex, label).")
+        pattern, label = rule
+        try:
+            regex = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"optimizer.param_rules[{i}]: regex {pattern!r} does not compile ({e}).") from None
+        if label in ("train", "freeze"):
+            out.append((regex, "trainable", label == "train"))
+        elif label in ("decay", "no_decay"):
+            out.append((regex, "decay", label == "decay"))
+        elif isinstance(label, str) and label.startswith("lr="):
+            try:
+                mult = float(label[3:])
+            except ValueError:
+                mult = -1.0
+            if mult < 0:
+                raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a non-negative number, e.g. 'lr=0.1'.")
+            out.append((regex, "lr_mult", mult))
+        else:
+            raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} is unknown. "
+                              f"Labels: {', '.join(PARAM_RULE_LABELS)}.")
+    return out
+
+
+def config_arg(arg: str, allowed: tuple[str, ...], name: str) -> str:
+    """Check the ARG of `--config=NAME:ARG` against what `get_config` understands."""
+    if arg and arg not in allowed:
+        choices = ", ".join(allowed) if allowed else "none"
+        raise ConfigError(f"config '{name}:{arg}': unknown argument '{arg}'. Arguments this config takes: {choices}.")
+    return arg
 
 
 def to_json(cfg: ml_collections.ConfigDict) -> str:

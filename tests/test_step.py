@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmtrain.train.step import token_loss_sums
+from lmtrain.tasks.losses import token_loss_sums
 
 
 def _plain_loss_sums(logits, targets, mask, vocab):

@@ -13,10 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from lmtrain.model import ModelConfig, ModelDef
-from lmtrain.train.optimizer import make_optimizer
-from lmtrain.train.step import make_train_step
-from lmtrain.train.trainer import train
+from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -76,12 +73,13 @@ def test_resume_ignores_a_checkpoint_whose_save_was_killed(tmp_path, tokenizer_d
 
 
 def _step_fn(cfg, accum):
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    params = model_def.init(jax.random.key(0))
-    state = {"params": params, "opt_state": tx.init(params), "step": np.int32(0),
+    with cfg.unlocked():
+        cfg.train.grad_accum, cfg.train.z_loss = accum, 1e-4
+    parts = Components.from_config(cfg)
+    params = parts.model_def.init(jax.random.key(0))
+    state = {"params": params, "opt_state": parts.tx.init(params), "step": np.int32(0),
              "rng": jax.random.key_data(jax.random.key(1))}
-    return state, jax.jit(make_train_step(model_def, tx, schedule, accum, 1e-4, False))
+    return state, jax.jit(parts.train_step)
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -101,7 +99,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         state4, m4 = step4(state4, batch)
         np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-6)
         np.testing.assert_allclose(float(m4["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
-        assert float(m4["loss_tokens"]) == float(batch["loss_mask"].sum())
+        assert float(m4["weight"]) == float(batch["loss_mask"].sum())
     for p1, p4 in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(state4["params"])):
         np.testing.assert_allclose(p4, p1, rtol=1e-5, atol=1e-6)
 
@@ -169,7 +167,7 @@ def test_default_job_trains_through_the_cli_and_loss_falls(tmp_path, builtin_sha
     losses = _losses(workdir)
     steps = sorted(losses)
     assert losses[steps[-1]] < losses[steps[0]] - 0.5, losses
-    assert "validation loss" in out and "perplexity" in out and "sample:" in out
+    assert "val_loss" in out and "val_perplexity" in out and "sample (prompt" in out
     assert (workdir / "loss_curve.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 128

@@ -25,13 +25,11 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 from lmtrain import config as config_lib  # noqa: E402
-from lmtrain.model import ModelConfig, ModelDef  # noqa: E402
 from lmtrain.parallel.mesh import make_mesh  # noqa: E402
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec  # noqa: E402
 from lmtrain.train import metrics as metrics_lib  # noqa: E402
-from lmtrain.train.optimizer import make_optimizer  # noqa: E402
 from lmtrain.train.state import create_sharded_state  # noqa: E402
-from lmtrain.train.step import make_train_step  # noqa: E402
+from lmtrain.train.trainer import Components  # noqa: E402
 
 
 def _batch(cfg, rng) -> dict:
@@ -52,14 +50,16 @@ def _peak_memory_bytes() -> tuple[str, int]:
 def bench_lmtrain(cfg, steps: int, warmup: int, segments: bool) -> dict:
     mesh_shape = config_lib.validate(cfg, jax.device_count())
     mesh, rules = make_mesh(mesh_shape), cfg.mesh.axis_rules
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
-    tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps))
+    with cfg.unlocked():
+        cfg.train.steps = max(cfg.train.steps, warmup + steps)
+    parts = Components.from_config(cfg)
+    model_def, tx = parts.model_def, parts.tx
     rng = np.random.default_rng(0)
     with axis_rules(mesh, rules):
-        state, shardings, _ = create_sharded_state(model_def, tx, 0, mesh, rules)
+        state, shardings, _ = create_sharded_state(model_def, tx, 0, mesh, rules, parts.plan)
         batch_sharding = NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0], None))
-        step = jax.jit(make_train_step(model_def, tx, schedule, cfg.train.grad_accum, cfg.train.z_loss, False),
-                       in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+        step = jax.jit(parts.train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
+                       donate_argnums=0)
         batches = []
         for _ in range(4):
             b = _batch(cfg, rng)
@@ -67,7 +67,7 @@ def bench_lmtrain(cfg, steps: int, warmup: int, segments: bool) -> dict:
                 b.pop("segment_ids")
             batches.append(jax.device_put(b, batch_sharding))
         if not segments:
-            step = _without_segments(step, model_def, tx, schedule, cfg, shardings, batch_sharding)
+            step = _without_segments(parts.train_step, shardings, batch_sharding)
         t0 = time.perf_counter()
         state, m = step(state, batches[0])
         jax.block_until_ready(m)
@@ -91,9 +91,8 @@ def bench_lmtrain(cfg, steps: int, warmup: int, segments: bool) -> dict:
             "tflops_per_s": tok_s * flops / 1e12, f"peak_mem_GiB ({mem_kind})": mem / 2**30}
 
 
-def _without_segments(step, model_def, tx, schedule, cfg, shardings, batch_sharding):
+def _without_segments(inner, shardings, batch_sharding):
     """The same step for batches without segment ids (plain causal attention, e.g. for the cuDNN kernel)."""
-    inner = make_train_step(model_def, tx, schedule, cfg.train.grad_accum, cfg.train.z_loss, False)
 
     def run(state, batch):
         return inner(state, {**batch, "segment_ids": None})

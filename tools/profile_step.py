@@ -18,12 +18,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
-from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.parallel.mesh import make_mesh
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
-from lmtrain.train.optimizer import make_optimizer
 from lmtrain.train.state import create_sharded_state
-from lmtrain.train.step import make_train_step
+from lmtrain.train.trainer import Components
 
 
 def kernel_times(trace_dir: pathlib.Path) -> collections.Counter:
@@ -49,16 +47,15 @@ def main(argv=None) -> int:
     config_lib.apply_overrides(cfg, dict(r[len("--config."):].split("=", 1) for r in rest))
     mesh = make_mesh(config_lib.validate(cfg, jax.device_count()))
     rules = cfg.mesh.axis_rules
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+    parts = Components.from_config(cfg)
     b, length = cfg.data.batch_size, cfg.data.seq_len
     tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (b, length + 1), dtype=np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": np.ones((b, length), np.float32),
              "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()}
     with axis_rules(mesh, rules):
-        state, shardings, _ = create_sharded_state(model_def, tx, 0, mesh, rules)
+        state, shardings, _ = create_sharded_state(parts.model_def, parts.tx, 0, mesh, rules, parts.plan)
         bs = NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0], None))
-        inner = make_train_step(model_def, tx, schedule, cfg.train.grad_accum, cfg.train.z_loss, False)
+        inner = parts.train_step
         step = jax.jit(lambda s, x: inner(s, {**x, "segment_ids": None}), in_shardings=(shardings, bs),
                        out_shardings=(shardings, None), donate_argnums=0)
         batch = jax.device_put(batch, bs)

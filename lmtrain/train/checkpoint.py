@@ -1,31 +1,53 @@
 """Orbax checkpoints under WORKDIR/checkpoints: save asynchronously, keep the latest K plus the best,
-resume from the latest complete one.
+verify, and resume from the latest good one.
 
-Each checkpoint holds three items: `state` (params, optimizer state, step, RNG), `data` (the data
-iterator's position) and `meta` (tokens seen, validation loss, the resolved config). Orbax writes a
-step into a temporary directory and renames it only once every item is complete, so a save that
-was killed half-way is never listed as a step and never chosen for resume.
+Each checkpoint holds three items: `state` (params, optimizer state, step, RNG), `data` (each
+process's data-iterator position) and `meta` (tokens seen, evaluation metrics, early-stopping state,
+the resolved config). Orbax finalises a step atomically (a rename locally, a commit file on cloud
+storage), so a save killed half-way is never listed. After a save is final, process 0 writes
+`lmtrain_checksums.json` (xxh3-128 of every file); resume checks it and falls back to the previous
+checkpoint, with a warning, when a file is missing, truncated or changed.
+
+The best checkpoint is tracked by Orbax's metrics, which it writes to disk only when `best_fn` is
+set: that is what lets the best survive a restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
-import pathlib
+import sys
+import time
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
+from lmtrain.config import ConfigError
+from lmtrain.paths import as_path
+
 ITEMS = ("state", "data", "meta")
+CHECKSUMS = "lmtrain_checksums.json"
+DAMAGED_SUFFIX = ".damaged"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be written or read; the message names it and says what to do."""
+
+
+def warn(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"lmtrain: warning: {message}", file=sys.stderr, flush=True)
 
 
 class ProcessDataStateHandler(ocp.CheckpointHandler):
     """Each process writes its own data-iterator state, `process_I-of-N.json`, into the `data` item.
 
-    Hosts read disjoint data, so their iterator positions differ; resuming with another
-    process count is refused with a message rather than silently re-reading data.
+    Hosts read different rows, so their iterator positions differ; resuming with another process
+    count is refused with a message rather than silently re-reading data.
     """
 
     def save(self, directory: epath.Path, args: ProcessDataStateSave) -> None:
@@ -36,7 +58,7 @@ class ProcessDataStateHandler(ocp.CheckpointHandler):
         path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         if not path.exists():
             found = sorted(p.name for p in directory.iterdir())
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{path} does not exist: the checkpoint's data positions were saved by {found}. "
                 "Resume with the same number of processes."
             )
@@ -64,74 +86,289 @@ class ProcessDataStateRestore(ocp.args.CheckpointArgs):
     pass
 
 
-def checkpoint_dir(workdir: str | pathlib.Path) -> pathlib.Path:
-    return pathlib.Path(workdir).resolve() / "checkpoints"
+def checkpoint_dir(workdir) -> epath.Path:
+    return as_path(workdir) / "checkpoints"
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+
+
+def _files(step_dir: epath.Path) -> list[epath.Path]:
+    out = []
+    for path in sorted(step_dir.rglob("*")):
+        if path.is_file() and path.name != CHECKSUMS:
+            out.append(path)
+    return out
+
+
+def _hash_file(path: epath.Path) -> str:
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checksums(step_dir: epath.Path) -> None:
+    """Hash every file of a finished checkpoint; written last, so its presence means 'all hashed'."""
+    table = {str(p.relative_to(step_dir)): {"xxh3_128": _hash_file(p), "bytes": p.stat().st_size}
+             for p in _files(step_dir)}
+    from lmtrain.paths import atomic_write_text
+
+    atomic_write_text(step_dir / CHECKSUMS, json.dumps({"files": table}, indent=1, sort_keys=True))
+
+
+def verify_checksums(step_dir: epath.Path) -> str | None:
+    """None when every listed file is present and unchanged; else what is wrong (the first problem)."""
+    path = step_dir / CHECKSUMS
+    if not path.exists():
+        return None  # saved by a run that stopped before hashing: accepted as it is
+    try:
+        table = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return f"{path} is unreadable"
+    for name, want in sorted(table.items()):
+        file = step_dir / name
+        if not file.exists():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != want["bytes"]:
+            return f"{file} has {size} bytes, {want['bytes']} were written"
+        if _hash_file(file) != want["xxh3_128"]:
+            return f"{file} has changed since it was written (checksum mismatch)"
+    return None
+
+
+def _agree(value: int) -> int:
+    """Process 0's value on every process."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+# ---------------------------------------------------------------------------------------------- the manager
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: dict
+    data_state: dict
+    meta: dict
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Checkpointer:
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 2, async_save: bool = True):
+    def __init__(self, workdir, keep: int = 2, async_save: bool = True, best_metric: str = "val_loss",
+                 best_mode: str = "min", checksums: bool = True):
+        self.directory = checkpoint_dir(workdir)
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self.checksums = checksums
+        self._unhashed: list[int] = []
         preservation = policies.AnyPreservationPolicy(
             [
                 policies.LatestN(n=keep),
-                # Ascending sort keeps the last n, so reverse=True keeps the lowest validation loss.
-                policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                # BestN sorts ascending and keeps the last n: reverse=True keeps the lowest for 'min'.
+                policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1,
                                keep_checkpoints_without_metrics=False),
             ]
         )
+        async_options = ocp.AsyncOptions(post_finalization_callback=self._after_finalize) if async_save else None
         options = ocp.CheckpointManagerOptions(
-            enable_async_checkpointing=async_save, preservation_policy=preservation, create=True
+            enable_async_checkpointing=async_save,
+            preservation_policy=preservation,
+            # Orbax writes metrics to disk, and reloads them after a restart, only when best_fn is set.
+            best_fn=lambda m: m[best_metric],
+            best_mode=best_mode,
+            create=True,
+            cleanup_tmp_directories=True,
+            async_options=async_options,
         )
-        self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options, item_names=ITEMS)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    # -- saving
+
+    def _after_finalize(self) -> None:
+        """Runs once a save is final (in Orbax's background thread when saving asynchronously)."""
+        pending, self._unhashed = self._unhashed, []
+        if not self.checksums or jax.process_index() != 0:
+            return
+        for step in pending:
+            step_dir = self.directory / str(step)
+            if step_dir.exists():
+                write_checksums(step_dir)
+
+    def save(self, step: int, state: dict, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ProcessDataStateSave(data_state), meta=ocp.args.JsonSave(meta)
+        )
+        if metrics is not None and self.best_metric not in metrics:
+            metrics = None
+        try:
+            self._unhashed.append(step)
+            self.manager.save(step, args=args, metrics=metrics, force=True)
+            if not self.manager._options.enable_async_checkpointing:  # noqa: SLF001
+                self._after_finalize()
+        except Exception as e:  # noqa: BLE001 - a full disk is a user's problem with a clear fix
+            self._raise_if_disk_full(e, step)
+            raise
+
+    def _raise_if_disk_full(self, error: BaseException, step: int | None) -> None:
+        if _is_disk_full(error):
+            kept = [s for s in self.steps() if step is None or s != step]
+            raise CheckpointError(
+                f"the disk is full: saving checkpoint {step if step is not None else ''} in {self.directory} failed "
+                f"(No space left on device). The earlier checkpoints {kept} are kept and intact. Free space (or "
+                "lower checkpoint.keep) and run the same command to resume from the latest of them."
+            ) from None
+
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001
+            self._raise_if_disk_full(e, None)
+            raise
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+
+    # -- listing and restoring
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: dict, data_state: dict, meta: dict, val_loss: float | None = None) -> None:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ProcessDataStateSave(data_state), meta=ocp.args.JsonSave(meta)
-        )
-        metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-        self.manager.save(step, args=args, metrics=metrics, force=True)
+    def _set_aside(self, step: int, problem: str) -> None:
+        """Move a damaged checkpoint out of Orbax's view (kept for inspection, never deleted)."""
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            dst = self.directory / f"{step}{DAMAGED_SUFFIX}-{int(time.time())}"
+            warn(f"checkpoint {src} is damaged ({problem}); it is moved to {dst.name} and the previous "
+                 "checkpoint is used instead.")
+            src.rename(dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
 
-    def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict, dict]:
+            multihost_utils.sync_global_devices(f"lmtrain_set_aside_{step}")
+        self.manager.reload()
+
+    def restore_latest(self, abstract_state: dict) -> Restored | None:
+        """The latest checkpoint that verifies and loads; damaged ones are set aside with a warning."""
+        while True:
+            steps = self.steps()
+            if not steps:
+                return None
+            step = steps[-1]
+            problem = verify_checksums(self.directory / str(step)) if jax.process_index() == 0 else None
+            if _agree(problem is not None):
+                self._set_aside(step, problem or "its checksums do not match on process 0")
+                continue
+            try:
+                return self._restore(step, abstract_state)
+            except CheckpointError:
+                raise
+            except (ValueError, OSError, KeyError, RuntimeError) as e:
+                if jax.process_count() > 1:
+                    raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read ({e}). "
+                                          "Move it out of the checkpoints directory and run again.") from None
+                self._set_aside(step, f"reading it failed: {str(e).splitlines()[0][:200]}")
+
+    def _restore(self, step: int, abstract_state: dict) -> Restored:
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), data=ProcessDataStateRestore(), meta=ocp.args.JsonRestore()
         )
         out = self.manager.restore(step, args=args)
-        return out["state"], out["data"], out["meta"]
+        return Restored(step, out["state"], out["data"], out["meta"])
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+    def read_meta(self, step: int) -> dict:
+        path = self.directory / str(step) / "meta" / "metadata"
+        return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _read_meta(workdir: pathlib.Path, step: int) -> dict:
+# ---------------------------------------------------------------------------------------------- reading a WORKDIR
+
+
+def _read_meta(workdir, step: int) -> dict:
     path = checkpoint_dir(workdir) / str(step) / "meta" / "metadata"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
-def select_step(workdir: str | pathlib.Path, which: str | int = "latest") -> int:
-    """A complete checkpoint step of WORKDIR: 'latest', 'best' (lowest validation loss) or a number."""
-    workdir = pathlib.Path(workdir)
-    manager = ocp.CheckpointManager(checkpoint_dir(workdir), item_names=ITEMS)
-    steps = sorted(manager.all_steps())
-    manager.close()
+def _best_rule(workdir) -> tuple[str, str]:
+    """The metric and direction that define 'best' in this WORKDIR (from its config.json)."""
+    path = as_path(workdir) / "config.json"
+    try:
+        es = json.loads(path.read_text())["train"]["early_stopping"]
+        metric, mode = es.get("metric", "val_loss"), es.get("mode", "")
+    except (OSError, KeyError, json.JSONDecodeError, TypeError):
+        metric, mode = "val_loss", ""
+    if not mode:
+        from lmtrain.tasks.base import default_mode
+
+        mode = default_mode(metric)
+    return metric, mode
+
+
+def select_step(workdir, which: str | int = "latest") -> int:
+    """A complete checkpoint step of WORKDIR: 'latest', 'best' (by the run's early_stopping metric) or a number."""
+    directory = checkpoint_dir(workdir)
+    steps = []
+    if directory.exists():
+        manager = ocp.CheckpointManager(directory, item_names=ITEMS,
+                                        options=ocp.CheckpointManagerOptions(read_only=True))
+        steps = sorted(manager.all_steps())
+        manager.close()
     if not steps:
-        raise FileNotFoundError(f"{checkpoint_dir(workdir)} holds no complete checkpoint; train first.")
+        raise CheckpointError(f"{directory} holds no complete checkpoint; train first.")
     if which == "latest":
         return steps[-1]
     if which == "best":
-        scored = [(m["val_loss"], s) for s in steps if (m := _read_meta(workdir, s)).get("val_loss") is not None]
+        metric, mode = _best_rule(workdir)
+        scored = []
+        for s in steps:
+            value = (_read_meta(workdir, s).get("eval") or {}).get(metric)
+            if value is None and metric == "val_loss":
+                value = _read_meta(workdir, s).get("val_loss")
+            if value is not None:
+                scored.append((value if mode == "min" else -value, s))
         if not scored:
-            raise FileNotFoundError(f"no checkpoint in {checkpoint_dir(workdir)} has a validation loss; use 'latest'.")
+            raise CheckpointError(f"no checkpoint in {directory} has the metric '{metric}'; use 'latest' or a step.")
         return min(scored)[1]
     step = int(which)
     if step not in steps:
-        raise FileNotFoundError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; it has steps {steps}.")
+        raise CheckpointError(f"no checkpoint for step {step} in {directory}; it has steps {steps}.")
     return step
 
 
-def restore_params(workdir: str | pathlib.Path, which: str | int = "latest", shardings=None):
+def _restore_tree(path: epath.Path, target: dict, item: str | None = None) -> dict:
+    """Restore `target` (ShapeDtypeStructs with shardings) from a PyTree checkpoint, reading only its leaves."""
+    restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
+    item_tree = {item: target} if item else target
+    args_tree = {item: restore_args} if item else restore_args
+    with ocp.PyTreeCheckpointer() as ckptr:
+        restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item_tree, restore_args=args_tree,
+                                                                    partial_restore=True))
+    return restored[item] if item else restored
+
+
+def restore_params(workdir, which: str | int = "latest", shardings=None):
     """(config, params) from a WORKDIR checkpoint, without the optimizer state.
 
     With `shardings` (a tree like the params of NamedShardings), each host reads only its shards.
@@ -139,40 +376,76 @@ def restore_params(workdir: str | pathlib.Path, which: str | int = "latest", sha
     from lmtrain.config import load_config
     from lmtrain.model import ModelConfig, ModelDef
 
-    workdir = pathlib.Path(workdir)
+    workdir = as_path(workdir)
     cfg = load_config(str(workdir / "config.json"))
     step = select_step(workdir, which)
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
+    model_def = ModelDef(ModelConfig.from_config(cfg.model).for_training())
     shapes = model_def.shapes
     if shardings is None:
-        replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: replicated, shapes)
+        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: one, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    path = checkpoint_dir(workdir) / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as ckptr:
-        restored = ckptr.restore(
-            path,
-            args=ocp.args.PyTreeRestore(
-                item={"params": target},
-                restore_args={"params": jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), target)},
-                partial_restore=True,
-            ),
-        )
-    return cfg, restored["params"]
+    return cfg, _restore_tree(checkpoint_dir(workdir) / str(step) / "state", target, "params")
 
 
-def save_init_params(workdir: str | pathlib.Path, params: dict) -> pathlib.Path:
+def save_init_params(workdir, params: dict) -> epath.Path:
     """Write params to WORKDIR/init_params (what `lmtrain import` produces, what train.init_from reads)."""
-    path = pathlib.Path(workdir).resolve() / "init_params"
+    path = as_path(workdir) / "init_params"
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params)
     return path
 
 
-def load_init_params(path: str | pathlib.Path, target: dict) -> dict:
-    """Restore params written by `save_init_params` into `target` (ShapeDtypeStructs with shardings)."""
-    path = pathlib.Path(path).resolve()
+def _stored_leaves(path: epath.Path, item: str | None) -> dict[tuple, tuple]:
+    """{path tuple: shape} of the arrays stored in a PyTree checkpoint (optionally under `item`)."""
+    with ocp.PyTreeCheckpointer() as ckptr:
+        meta = ckptr.metadata(path)
+    tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta
+    if hasattr(tree, "tree"):
+        tree = tree.tree
+    if item:
+        tree = tree[item]
+    out = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = tuple(getattr(k, "key", getattr(k, "idx", k)) for k in keypath)
+        out[keys] = tuple(getattr(leaf, "shape", ()) or ())
+    return out
+
+
+def load_init_params(spec: str, target: dict, which: str | int = "latest") -> tuple[dict, list[str], list[str]]:
+    """Parameters to start from: `lmtrain import`'s init_params directory, or a WORKDIR's checkpoint.
+
+    Every parameter of `target` (ShapeDtypeStructs with shardings) that the source holds with the same
+    shape is read; the rest keep their fresh initialisation (a new classification head on a language
+    model, for example). Returns (params read, paths left fresh, source paths not used).
+    """
+    path = as_path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"train.init_from={path}: no such checkpoint directory.")
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(path, target)
+        raise CheckpointError(f"train.init_from={spec}: no such directory.")
+    item = None
+    if (path / "checkpoints").exists() and any(p.name.isdigit() for p in (path / "checkpoints").iterdir()):
+        step = select_step(path, which)  # a WORKDIR: its latest, best or numbered checkpoint
+        path, item = checkpoint_dir(path) / str(step) / "state", "params"
+    elif (path / "init_params").exists():  # a WORKDIR written by `lmtrain import`
+        path = path / "init_params"
+    stored = _stored_leaves(path, item)
+    flat_target = {tuple(getattr(k, "key", k) for k in kp): leaf
+                   for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    usable = {k: v for k, v in flat_target.items() if stored.get(k) == tuple(v.shape)}
+    if not usable:
+        raise CheckpointError(f"train.init_from={spec}: none of its parameters fits this model "
+                              "(different names or shapes). Check model.* against the source's config.json.")
+    fresh = sorted("/".join(map(str, k)) for k in flat_target if k not in usable)
+    unused = sorted("/".join(map(str, k)) for k in stored if k not in flat_target)
+    partial = _nest_keys(usable)
+    return _restore_tree(path, partial, item), fresh, unused
+
+
+def _nest_keys(flat: dict[tuple, object]) -> dict:
+    tree: dict = {}
+    for keys, value in flat.items():
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = value
+    return tree

@@ -7,6 +7,7 @@ import json
 import math
 import pathlib
 import sys
+import time
 
 import jax
 
@@ -52,53 +53,121 @@ def matmul_params(model_def) -> int:
     return total
 
 
-class MetricsWriter:
-    """Writes metrics to metrics.jsonl and TensorBoard (only on process 0)."""
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl; a cut-off or garbled line (a kill mid-write) is skipped."""
+    from lmtrain.paths import as_path
 
-    def __init__(self, workdir: pathlib.Path, tensorboard: bool, enabled: bool = True):
+    path = as_path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            records.append(rec)
+    return records
+
+
+class MetricsWriter:
+    """Writes metrics to WORKDIR/metrics.jsonl and TensorBoard (only on process 0).
+
+    On resume from step S, records after S (logged by the run that was killed, and about to be logged
+    again) are dropped from metrics.jsonl and TensorBoard purges its events after S, so every step is
+    logged once. In cloud storage, where files cannot be appended to, records are buffered and the file
+    rewritten at most every `remote_flush_seconds`; TensorBoard events are written locally and copied.
+    """
+
+    def __init__(self, workdir, tensorboard: bool, enabled: bool = True, resume_step: int = 0,
+                 remote_flush_seconds: float = 30.0):
+        from lmtrain.paths import as_path, atomic_write_text, is_remote
+
         self.enabled = enabled
-        self.path = workdir / "metrics.jsonl"
+        self.workdir = as_path(workdir)
+        self.path = self.workdir / "metrics.jsonl"
+        self.remote = is_remote(self.workdir)
         self.tb = None
-        if enabled and tensorboard:
+        self._buffer: list[str] = []
+        self._flush_every, self._last_flush = remote_flush_seconds, time.monotonic()
+        self._tb_local = None
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        if self.path.exists():
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            logdir = self.workdir / "tensorboard"
+            if self.remote:
+                import tempfile
+
+                self._tb_local = tempfile.mkdtemp(prefix="lmtrain-tb-")
+                logdir = self._tb_local
+            self.tb = SummaryWriter(str(logdir), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._buffer.append(json.dumps(record) + "\n")
+        if not self.remote or time.monotonic() - self._last_flush > self._flush_every:
+            self.flush()
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, float(v), int(step))
 
+    def flush(self) -> None:
+        from lmtrain.paths import append_text
+
+        if self._buffer:
+            append_text(self.path, "".join(self._buffer))
+            self._buffer = []
+        self._last_flush = time.monotonic()
+
     def close(self) -> None:
+        if not self.enabled:
+            return
+        self.flush()
         if self.tb is not None:
             self.tb.close()
+            if self._tb_local is not None:
+                from lmtrain.paths import copy_tree
+
+                copy_tree(self._tb_local, self.workdir / "tensorboard")
 
 
 class ProgressBar:
-    """tqdm bar with step, loss, tokens/s and ETA; plain periodic lines when stdout is not a terminal."""
+    """A tqdm bar with step, loss, tokens/s, MFU and ETA; without the bar (--no-progress, or stdout not a
+    terminal), one plain line per logged step with the same figures."""
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    def __init__(self, total: int, initial: int, enabled: bool, bar: bool = True, log_every: int = 1):
         self.bar = None
         self.enabled = enabled
-        if enabled:
+        self.total, self.start_step, self._t0 = total, initial, time.perf_counter()
+        if enabled and bar and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout,
-                            mininterval=1.0 if sys.stdout.isatty() else 30.0)
+                            mininterval=1.0)
 
-    def update(self, n: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
-        if self.bar is None:
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
+        if not self.enabled:
             return
         post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
-        self.bar.set_postfix(post, refresh=False)
-        self.bar.update(n)
+        if self.bar is not None:
+            self.bar.set_postfix(post, refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        elapsed = time.perf_counter() - self._t0
+        done = max(step - self.start_step, 1)
+        eta = elapsed / done * (self.total - step)
+        print(f"step {step}/{self.total}  " + "  ".join(f"{k} {v}" for k, v in post.items())
+              + f"  eta {_duration(eta)}", flush=True)
 
     def write(self, text: str) -> None:
         if self.bar is not None:
@@ -111,9 +180,15 @@ class ProgressBar:
             self.bar.close()
 
 
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> pathlib.Path | None:
     """Train and validation loss against step, as a PNG."""
-    if not metrics_path.is_file():
+    records = read_metrics(metrics_path)
+    if not records:
         return None
     import matplotlib
 
@@ -121,8 +196,7 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> pathl
     import matplotlib.pyplot as plt
 
     train, val = {}, {}
-    for line in metrics_path.read_text().splitlines():
-        rec = json.loads(line)
+    for rec in records:
         if "loss" in rec:
             train[rec["step"]] = rec["loss"]
         if "val_loss" in rec:
@@ -139,6 +213,12 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> pathl
     ax.legend()
     ax.set_title(f"lmtrain: {out_path.parent.name}")
     fig.tight_layout()
-    fig.savefig(out_path)
+    import io
+
+    from lmtrain.paths import as_path
+
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    as_path(out_path).write_bytes(png.getvalue())
     return out_path

@@ -1,23 +1,29 @@
-"""Optax optimizers and learning-rate schedules built from `config.optimizer`."""
+"""Optax optimizers, learning-rate schedules, and the parameter-rules table built from `config.optimizer`.
+
+`optimizer.param_rules` maps parameter-path regexes to labels (train, freeze, decay, no_decay, lr=X).
+`ParamPlan` is the table applied to one model: which parameters train, which get weight decay, and
+each one's learning-rate multiplier. Frozen parameters never reach the optimizer: the step splits
+them off before differentiating, so they have no optimizer state and no update, weight decay included.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lmtrain.config import OPTIMIZERS, SCHEDULES, ConfigError
-
-# Parameter names that weight decay skips by default: norms, biases and embeddings.
-_NO_DECAY_LEAVES = ("scale", "bias", "bq", "bk", "bv", "bo", "b_in", "b_out")
-_NO_DECAY_TOP = ("embed", "pos_embed")
+from lmtrain.config import OPTIMIZERS, SCHEDULES, ConfigError, check_param_rules
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup to `lr`, then cosine, linear, constant or warmup-stable-decay (WSD)."""
+    """Linear warmup to `lr` (step 0 takes lr / warmup_steps, so no step is wasted at lr 0), then
+    cosine, linear, constant or warmup-stable-decay (WSD)."""
     lr, warmup, end = opt_cfg.lr, opt_cfg.warmup_steps, opt_cfg.lr * opt_cfg.min_lr_ratio
     rest = max(total_steps - warmup, 1)
-    warm = optax.linear_schedule(0.0, lr, max(warmup, 1))
     if opt_cfg.schedule == "cosine":
         after = optax.cosine_decay_schedule(lr, rest, alpha=opt_cfg.min_lr_ratio)
     elif opt_cfg.schedule == "linear":
@@ -33,24 +39,100 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
         raise ConfigError(f"optimizer.schedule='{opt_cfg.schedule}' is unknown. Choose one of: {', '.join(SCHEDULES)}.")
     if warmup == 0:
         return after
+    warm = lambda step: lr * (jnp.minimum(step, warmup - 1) + 1) / warmup  # noqa: E731
     return optax.join_schedules([warm, after], [warmup])
 
 
-def weight_decay_mask(params: dict, decay_everything: bool = False) -> dict:
-    """True where weight decay applies: matrices, but not norms, biases or embeddings (unless asked)."""
-
-    def decays(path, _):
-        if decay_everything:
-            return True
-        names = [getattr(k, "key", None) for k in path]
-        return not (names[-1] in _NO_DECAY_LEAVES or names[0] in _NO_DECAY_TOP)
-
-    return jax.tree_util.tree_map_with_path(decays, params)
+# ---------------------------------------------------------------------------------------------- parameter rules
 
 
-def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def param_paths(tree: Mapping, prefix: str = "") -> dict[str, object]:
+    """{'blocks/attn/wq': leaf, ...} for a nested dict of parameters (or of their shapes)."""
+    out = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out.update(param_paths(value, path + "/") if isinstance(value, Mapping) else {path: value})
+    return out
+
+
+def _nest(flat: Mapping[str, object]) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamPlan:
+    """The rules table applied to a model: per parameter path, whether it trains, decays, and its lr multiplier."""
+
+    trainable: dict[str, bool]
+    decay: dict[str, bool]
+    lr_mult: dict[str, float]
+
+    @classmethod
+    def from_rules(cls, shapes: Mapping, rules, weight_decay_default: bool = True) -> ParamPlan:
+        paths = list(param_paths(shapes))
+        trainable = dict.fromkeys(paths, True)
+        decay = dict.fromkeys(paths, weight_decay_default)
+        lr_mult = dict.fromkeys(paths, 1.0)
+        tables = {"trainable": trainable, "decay": decay, "lr_mult": lr_mult}
+        for i, (regex, prop, value) in enumerate(check_param_rules(rules)):
+            hits = [p for p in paths if regex.search(p)]
+            if not hits:
+                raise ConfigError(
+                    f"optimizer.param_rules[{i}]: regex {regex.pattern!r} matches no parameter. "
+                    f"Parameters look like: {', '.join(paths[:6])}, ...")
+            for p in hits:
+                tables[prop][p] = value
+        if not any(trainable.values()):
+            raise ConfigError("optimizer.param_rules freeze every parameter; nothing would train.")
+        return cls(trainable, decay, lr_mult)
+
+    def split(self, params: Mapping) -> tuple[dict, dict]:
+        """(trainable, frozen) sub-dicts of `params`; each holds only its own leaves."""
+        flat = param_paths(params)
+        return (_nest({p: v for p, v in flat.items() if self.trainable[p]}),
+                _nest({p: v for p, v in flat.items() if not self.trainable[p]}))
+
+    @staticmethod
+    def merge(trainable: Mapping, frozen: Mapping) -> dict:
+        return _nest({**param_paths(frozen), **param_paths(trainable)})
+
+    def counts(self, shapes: Mapping) -> tuple[int, int]:
+        """(trainable, frozen) parameter counts."""
+        sizes = {p: math.prod(s.shape) for p, s in param_paths(shapes).items()}
+        train = sum(n for p, n in sizes.items() if self.trainable[p])
+        return train, sum(sizes.values()) - train
+
+    def _tree(self, table: Mapping, params: Mapping):
+        return _nest({p: table[p] for p in param_paths(params)})
+
+
+# ---------------------------------------------------------------------------------------------- optimizers
+
+
+def _scale_per_param(mults):
+    """Multiply each parameter's update by its learning-rate multiplier (a static tree of floats)."""
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, m: u * m if m != 1.0 else u, updates, mults), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(opt_cfg, total_steps: int, plan: ParamPlan | None = None, trainable_shapes: Mapping | None = None
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer over the trainable parameters, and the learning-rate schedule.
+
+    With a plan, weight decay follows its `decay` table and updates are scaled by `lr_mult`.
+    """
     schedule = learning_rate_schedule(opt_cfg, total_steps)
-    mask = lambda params: weight_decay_mask(params, opt_cfg.decay_norms_biases_embeddings)  # noqa: E731
+    mask = (lambda params: plan._tree(plan.decay, params)) if plan is not None else None  # noqa: E731
     name = opt_cfg.name
     if name == "adamw":
         core = optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
@@ -67,10 +149,8 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
         )
     else:
         raise ConfigError(f"optimizer.name='{name}' is unknown. Choose one of: {', '.join(OPTIMIZERS)}.")
+    if plan is not None and trainable_shapes is not None and any(m != 1.0 for m in plan.lr_mult.values()):
+        core = optax.chain(core, _scale_per_param(plan._tree(plan.lr_mult, trainable_shapes)))
     if opt_cfg.clip_norm:
         core = optax.chain(optax.clip_by_global_norm(opt_cfg.clip_norm), core)
     return core, schedule
-
-
-def global_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))

@@ -13,15 +13,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.model import ModelDef
 from lmtrain.parallel.partitioning import AxisRules, param_shardings
+from lmtrain.train.optimizer import ParamPlan
 
 
-def init_state_fn(model_def: ModelDef, tx: optax.GradientTransformation, seed: int):
+def init_state_fn(model_def: ModelDef, tx: optax.GradientTransformation, seed: int, plan: ParamPlan | None = None):
     def init() -> dict:
         key = jax.random.key(seed)
         params = model_def.init(jax.random.fold_in(key, 0))
+        trainable = plan.split(params)[0] if plan is not None else params
         return {
             "params": params,
-            "opt_state": tx.init(params),
+            "opt_state": tx.init(trainable),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
         }
@@ -33,25 +35,40 @@ def _path_keys(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
 
 
+def _factored_spec(spec: PartitionSpec, param_shape: tuple, leaf_shape: tuple) -> PartitionSpec | None:
+    """The sharding of an optimizer leaf derived from its parameter: the same shape takes the same
+    spec; Adafactor's factored row/column statistics drop the reduced dimension."""
+    full = tuple(spec) + (None,) * (len(param_shape) - len(tuple(spec)))
+    if leaf_shape == param_shape:
+        return PartitionSpec(*full)
+    if len(param_shape) >= 2 and leaf_shape == param_shape[:-1]:
+        return PartitionSpec(*full[:-1])
+    if len(param_shape) >= 2 and leaf_shape == param_shape[:-2] + param_shape[-1:]:
+        return PartitionSpec(*(full[:-2] + full[-1:]))
+    return None
+
+
 def state_shardings(abstract_state: dict, model_def: ModelDef, mesh: Mesh, rules: AxisRules) -> dict:
     """Shardings for every leaf of the state.
 
-    Optimizer-state leaves that mirror a parameter (Adam moments, momentum) take that parameter's
-    sharding, found by the longest matching path suffix and equal shape; anything else (factored
-    Adafactor statistics, counters) is replicated.
+    Optimizer-state leaves that mirror a parameter (Adam moments, momentum, Adafactor's factored
+    statistics) take that parameter's sharding, found by the longest matching path suffix; anything
+    else (counters) is replicated.
     """
     p_shardings = param_shardings(model_def.logical_axes, mesh, rules, model_def.shapes)
     by_path = {}
     for path, sharding in jax.tree_util.tree_flatten_with_path(p_shardings)[0]:
-        by_path[_path_keys(path)] = (sharding, _lookup_shape(model_def.shapes, path))
+        by_path[_path_keys(path)] = (sharding, tuple(_lookup_shape(model_def.shapes, path)))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def opt_leaf(path, leaf):
         keys = _path_keys(path)
         for start in range(len(keys)):
             hit = by_path.get(keys[start:])
-            if hit is not None and tuple(hit[1]) == tuple(leaf.shape):
-                return hit[0]
+            if hit is not None:
+                spec = _factored_spec(hit[0].spec, hit[1], tuple(leaf.shape))
+                if spec is not None:
+                    return NamedSharding(mesh, spec)
         return replicated
 
     return {
@@ -69,9 +86,9 @@ def _lookup_shape(tree, path):
     return node.shape
 
 
-def create_sharded_state(model_def: ModelDef, tx, seed: int, mesh: Mesh, rules: AxisRules):
+def create_sharded_state(model_def: ModelDef, tx, seed: int, mesh: Mesh, rules: AxisRules, plan: ParamPlan | None = None):
     """(state, shardings, abstract_state): the state initialised directly into its shards."""
-    init = init_state_fn(model_def, tx, seed)
+    init = init_state_fn(model_def, tx, seed, plan)
     abstract = jax.eval_shape(init)
     shardings = state_shardings(abstract, model_def, mesh, rules)
     state = jax.jit(init, out_shardings=shardings)()

@@ -1,132 +1,96 @@
-"""The pure train and eval steps: `(state, batch) -> (state, metrics)`, jitted once by the trainer."""
+"""The pure train and eval steps, `(state, batch) -> (state, metrics)`, jitted once by the trainer.
+
+The step knows no task. A task hands it `loss_fn(params, batch, rng) -> (loss_sum, weight, metrics)`,
+where `loss_sum` and every metric are sums over the batch and `weight` is what they are summed over
+(tokens for language modelling, examples for classification). The step adds up micro-batches and
+divides by the total weight once, so gradient accumulation equals one big batch.
+"""
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lmtrain.model import ModelDef
 from lmtrain.parallel.partitioning import constrain
-from lmtrain.train.optimizer import global_norm
+from lmtrain.train.optimizer import ParamPlan
 
-
-def _valid_logits(logits_BxLxV, vocab_size: int):
-    """float32 logits with the vocab's padding rows (index >= vocab_size) pushed to -inf."""
-    logits = logits_BxLxV.astype(jnp.float32)
-    if logits.shape[-1] > vocab_size:
-        logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab_size, logits, -jnp.inf)
-    return logits
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def cross_entropy_and_log_z(logits_BxLxV, targets_BxL, vocab_size: int):
-    """Per-token cross-entropy and log-normaliser log Z, both float32, from logits of any dtype.
-
-    The backward pass writes d(logits) in one fused pass in the logits' own dtype,
-    softmax * (g_ce + g_logz) - onehot * g_ce, instead of materialising float32 copies of the
-    [batch, length, vocab] tensor: the largest activation of a small model's step.
-    """
-    return _ce_forward(logits_BxLxV, targets_BxL, vocab_size)[0]
-
-
-def _ce_forward(logits_BxLxV, targets_BxL, vocab_size):
-    logits = _valid_logits(logits_BxLxV, vocab_size)
-    log_z_BxL = jax.nn.logsumexp(logits, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0]
-    return (log_z_BxL - target_logit_BxL, log_z_BxL), (logits_BxLxV, targets_BxL, log_z_BxL)
-
-
-def _ce_backward(vocab_size, residuals, cotangents):
-    logits_BxLxV, targets_BxL, log_z_BxL = residuals
-    g_ce_BxL, g_log_z_BxL = cotangents
-    softmax = jnp.exp(_valid_logits(logits_BxLxV, vocab_size) - log_z_BxL[..., None])
-    onehot = jnp.arange(logits_BxLxV.shape[-1]) == targets_BxL[..., None]
-    d_logits = softmax * (g_ce_BxL + g_log_z_BxL)[..., None] - jnp.where(onehot, g_ce_BxL[..., None], 0.0)
-    return d_logits.astype(logits_BxLxV.dtype), None
-
-
-cross_entropy_and_log_z.defvjp(lambda logits, targets, vocab: _ce_forward(logits, targets, vocab), _ce_backward)
-
-
-def token_loss_sums(logits_BxLxV, targets_BxL, loss_mask_BxL, vocab_size: int):
-    """Summed cross-entropy and summed (log Z)^2 over unmasked tokens, plus the token count.
-
-    Logits of the padding rows of the vocab (index >= vocab_size) are excluded from the softmax.
-    """
-    ce_BxL, log_z_BxL = cross_entropy_and_log_z(logits_BxLxV, targets_BxL, vocab_size)
-    mask = loss_mask_BxL.astype(jnp.float32)
-    return jnp.sum(ce_BxL * mask), jnp.sum(jnp.square(log_z_BxL) * mask), jnp.sum(mask)
+LossFn = Callable[[dict, dict, jax.Array | None], tuple[jax.Array, jax.Array, dict]]
 
 
 def _split_microbatches(batch: dict, k: int) -> dict:
-    """[B, L] -> [k, B/k, L]. Row r goes to micro-batch r % k, so each device's rows spread over all k."""
+    """[B, ...] -> [k, B/k, ...]. Row r goes to micro-batch r % k, so each device's rows spread over all k."""
 
-    def split(x_BxL):
-        b = x_BxL.shape[0]
-        x = x_BxL.reshape(b // k, k, *x_BxL.shape[1:]).swapaxes(0, 1)
-        return constrain(x, (None, "batch", "length"))
+    def split(x_Bx):
+        b = x_Bx.shape[0]
+        x = x_Bx.reshape(b // k, k, *x_Bx.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "batch") + ("length",) * (x.ndim - 2))
 
     return jax.tree.map(split, batch)
 
 
-def make_train_step(model_def: ModelDef, tx: optax.GradientTransformation, schedule, grad_accum: int,
-                    z_loss: float, dropout: bool):
-    vocab = model_def.cfg.vocab_size
+def global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
 
-    def loss_sums(params, batch, key):
-        logits = model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"], key)
-        ce_sum, z_sum, n = token_loss_sums(logits, batch["targets"], batch["loss_mask"], vocab)
-        return ce_sum + z_loss * z_sum, (ce_sum, z_sum, n)
 
-    grad_fn = jax.value_and_grad(loss_sums, has_aux=True)
+def all_finite(tree) -> jax.Array:
+    """True when every entry of every array is finite."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int, plan: ParamPlan | None = None):
+    """The jittable step. Gradients are taken and accumulated in the parameters' dtype (float32
+    master weights); `update_finite` tells the loop whether the new parameters may be saved.
+
+    With a `plan`, only its trainable parameters are differentiated and updated (the optimizer state
+    holds only them); frozen ones pass through unchanged, bit for bit.
+    """
+    split = plan.split if plan is not None else (lambda p: (p, {}))
+    merge = ParamPlan.merge if plan is not None else (lambda t, f: t)
+
+    def objective(trainable, frozen, batch, rng):
+        loss_sum, weight, metrics = loss_fn(merge(trainable, frozen), batch, rng)
+        return loss_sum, (weight, metrics)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        params = state["params"]
-        key = None
-        if dropout:
-            key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        params, frozen = split(state["params"])
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if grad_accum == 1:
-            (_, (ce_sum, z_sum, n)), grads = grad_fn(params, batch, key)
+            (loss_sum, (weight, sums)), grads = grad_fn(params, frozen, batch, rng)
         else:
             micro = _split_microbatches(batch, grad_accum)
 
             def accumulate(carry, xs):
-                grads_acc, sums = carry
                 mb, i = xs
-                mb_key = None if key is None else jax.random.fold_in(key, i)
-                (_, aux), g = grad_fn(params, mb, mb_key)
-                return (jax.tree.map(jnp.add, grads_acc, g), jax.tree.map(jnp.add, sums, aux)), None
+                (loss_i, (weight_i, sums_i)), grads_i = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (grads_i, loss_i, weight_i, sums_i)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, params)
-            init = (zeros, (jnp.float32(0), jnp.float32(0), jnp.float32(0)))
-            (grads, (ce_sum, z_sum, n)), _ = jax.lax.scan(accumulate, init, (micro, jnp.arange(grad_accum)))
-        denom = jnp.maximum(n, 1.0)
+            first = jax.eval_shape(lambda: grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro), rng))
+            (_, (_, sums_shape)), _ = first
+            zeros = (
+                jax.tree.map(jnp.zeros_like, params),
+                jnp.float32(0),
+                jnp.float32(0),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape),
+            )
+            (grads, loss_sum, weight, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
+        denom = jnp.maximum(weight, 1e-9)
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+        new_state = {**state, "params": merge(params, frozen), "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {
-            "loss": ce_sum / denom,
-            "z_loss": z_sum / denom,
+            "loss": loss_sum / denom,
+            **{k: v / denom for k, v in sums.items()},
             "grad_norm": global_norm(grads),
             "param_norm": global_norm(params),
-            "lr": schedule(state["step"]),
-            "loss_tokens": n,
+            "update_finite": all_finite(params),
+            "weight": weight,
         }
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(model_def: ModelDef):
-    vocab = model_def.cfg.vocab_size
-
-    def eval_step(params: dict, batch: dict) -> tuple[jax.Array, jax.Array]:
-        logits = model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-        ce_sum, _, n = token_loss_sums(logits, batch["targets"], batch["loss_mask"], vocab)
-        return ce_sum, n
-
-    return eval_step

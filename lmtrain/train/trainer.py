@@ -1,72 +1,123 @@
-"""`lmtrain train`: build everything from a config, then run the loop that trains, evaluates,
-checkpoints and resumes.
+"""`lmtrain train`: build the run from a config, then loop: step, then the periodic actions.
 
-The loop only orchestrates: it dispatches step N, then reads step N-1's metrics, so the device
-never waits on the host. SIGTERM/SIGINT (TPU preemption) save a checkpoint and exit cleanly.
+    lmtrain train --config=tiny --workdir=workdir/tiny [--config.optimizer.lr=1e-3 ...] [--stop-at-step=N]
+
+The loop dispatches step N and then reads step N-1's metrics, so the device never waits on the
+host. SIGTERM/SIGINT (a TPU preemption) saves a checkpoint and exits 0; the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
-import math
-import pathlib
-import signal
 import sys
 import time
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
-from lmtrain.data.pipeline import make_data
-from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.data.packing import check_batch
+from lmtrain.model import ModelDef
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
+from lmtrain.paths import as_path, atomic_write_text, is_remote
+from lmtrain.tasks import make_task
 from lmtrain.train import metrics as metrics_lib
-from lmtrain.train.checkpoint import Checkpointer, load_init_params
-from lmtrain.train.optimizer import make_optimizer
-from lmtrain.train.state import abstract_with_shardings, create_sharded_state, init_state_fn, state_shardings
-from lmtrain.train.step import make_eval_step, make_train_step
+from lmtrain.train.actions import (
+    Checkpoint,
+    EarlyStopping,
+    Evaluate,
+    HostAgreement,
+    LogMetrics,
+    StopSignal,
+    TrainingDiverged,
+    every,
+)
+from lmtrain.train.checkpoint import Checkpointer, CheckpointError, load_init_params
+from lmtrain.train.optimizer import ParamPlan, make_optimizer
+from lmtrain.train.state import abstract_with_shardings, init_state_fn, state_shardings
+from lmtrain.train.step import make_train_step
 
+DONE = "done.json"
 
-class StopRequested:
-    """Remembers a SIGTERM/SIGINT so the loop can checkpoint at a step boundary and exit."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def requested(self, every_host: bool) -> bool:
-        local = self.signal_name is not None
-        if not every_host:
-            return local
-        return bool(np.any(multihost_utils.process_allgather(np.array([local]))))
+# Settings a resumed run may change: how it is observed, saved and laid out, not what it computes.
+RESUMABLE_CHANGES = (
+    "train.steps", "train.log_every", "train.eval_every", "train.eval_batches", "train.sample_tokens",
+    "train.sample_prompt", "train.preemption_check_every", "train.early_stopping.patience",
+    "train.early_stopping.min_delta", "train.init_from", "train.init_from_which", "checkpoint.", "logging.", "mesh.",
+    "data.verify_shards", "data.shards_dir", "data.tokenizer_dir", "model.attention_impl", "model.remat",
+    "model.scan_layers",
+)
 
 
 @dataclasses.dataclass
 class TrainResult:
     step: int
-    val_loss: float | None
     stopped_by: str | None
-    sample: str
+    metrics: dict  # the last evaluation's metrics
+    best_metric: float | None  # best value of train.early_stopping.metric
+    sample: str = ""
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.metrics.get("val_loss")
 
 
-def _write_config(cfg, workdir: pathlib.Path) -> None:
+# ---------------------------------------------------------------------------------------------- the WORKDIR
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resume_compatible(cfg, stored: dict, workdir) -> None:
+    """Refuse, before anything is written, a config that the WORKDIR's checkpoint cannot continue."""
+    new, old = _flat(cfg.to_dict()), _flat(stored)
+    changed = []
+    for key in sorted(set(new) | set(old)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+            a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
+        if a != b and not key.startswith(RESUMABLE_CHANGES):
+            changed.append((key, a, b))
+    if changed:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changed[:4]) + (" ..." if len(changed) > 4 else "")
+        raise config_lib.ConfigError(
+            f"{workdir} holds a checkpoint trained with a different config ({listed}). A resumed run cannot change "
+            f"this. Use a new --workdir; to start from this run's weights, add --config.train.init_from={workdir}."
+        )
+
+
+def prepare_workdir(workdir) -> None:
+    """A WORKDIR that is a file, read-only, or whose checkpoints/ is a file fails here, with the fix."""
+    if workdir.exists() and not workdir.is_dir():
+        raise config_lib.ConfigError(f"--workdir={workdir} is a file, not a directory. Choose another WORKDIR.")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise config_lib.ConfigError(f"--workdir={workdir} cannot be created ({e.strerror}). "
+                                     "Choose a WORKDIR you can write to.") from None
+    if (workdir / "checkpoints").exists() and not (workdir / "checkpoints").is_dir():
+        raise config_lib.ConfigError(f"{workdir / 'checkpoints'} is a file; lmtrain keeps its checkpoints in a "
+                                     "directory of that name. Move the file away or choose another WORKDIR.")
+    if not is_remote(workdir) and jax.process_index() == 0:
+        probe = workdir / f".lmtrain-write-test-{time.time_ns()}"
+        try:
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise config_lib.ConfigError(f"--workdir={workdir} is not writable ({e.strerror}). "
+                                         "Choose a WORKDIR you can write to.") from None
+
+
+def write_config(cfg, workdir) -> None:
     """Write the resolved config; a different earlier one is kept as config.<n>.json, never overwritten."""
     path = workdir / "config.json"
     text = config_lib.to_json(cfg)
@@ -74,201 +125,352 @@ def _write_config(cfg, workdir: pathlib.Path) -> None:
         n = 1
         while (workdir / f"config.{n}.json").exists():
             n += 1
-        path.rename(workdir / f"config.{n}.json")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+        atomic_write_text(workdir / f"config.{n}.json", path.read_text())
+    atomic_write_text(path, text)
 
 
-def _global_batch(local_batch: dict, sharding: NamedSharding) -> dict:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+def _stored_config(workdir, ckpt: Checkpointer) -> dict | None:
+    latest = ckpt.latest_step()
+    if latest is None:
+        return None
+    meta = ckpt.read_meta(latest)
+    if meta.get("config"):
+        return meta["config"]
+    path = workdir / "config.json"
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def evaluate(eval_fn, params, data, batch_sharding, max_batches: int) -> float | None:
-    """Mean validation loss (nats/token) over the validation batches."""
-    total, count = 0.0, 0.0
-    for batch in data.eval_batches(max_batches):
-        ce, n = eval_fn(params, _global_batch(batch, batch_sharding))
-        total, count = total + float(ce), count + float(n)
-    return total / count if count else None
+# ---------------------------------------------------------------------------------------------- data layout
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLayout:
+    """Which rows of the global batch this process feeds: slice `data_index` of `data_count` equal slices.
+
+    Derived from the batch sharding, so that processes holding the same rows (a tensor axis that spans
+    hosts) read the same data, and a mesh that would give a process scattered rows is refused.
+    """
+
+    data_index: int
+    data_count: int
+    batch_axes: object  # mesh axis (or axes) of the leading batch dimension
+
+    @classmethod
+    def from_mesh(cls, mesh, rules, global_batch: int) -> BatchLayout:
+        axes = logical_to_spec(("batch",), rules, mesh)[0]
+        sharding = NamedSharding(mesh, PartitionSpec(axes))
+        rows = sorted({(s[0].start or 0, s[0].stop or global_batch)
+                       for s in sharding.addressable_devices_indices_map((global_batch,)).values()})
+        lo, hi = rows[0][0], rows[-1][1]
+        covered = sum(b - a for a, b in rows)
+        contiguous = all(rows[i][1] == rows[i + 1][0] for i in range(len(rows) - 1))
+        if not contiguous or covered != hi - lo or global_batch % (hi - lo) or lo % (hi - lo):
+            raise config_lib.ConfigError(
+                f"mesh: process {jax.process_index()} would hold batch rows {rows}, not one contiguous slice. "
+                "Put the data-parallel axes (mesh.data, mesh.fsdp) across hosts and mesh.tensor within a host.")
+        return cls(lo // (hi - lo), global_batch // (hi - lo), axes)
+
+    def sharding(self, mesh, ndim: int) -> NamedSharding:
+        return NamedSharding(mesh, PartitionSpec(self.batch_axes, *([None] * (ndim - 1))))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Components:
+    """What a config builds before any device memory is used: the task, the model, the parameter plan,
+    the optimizer and schedule, and the pure train step (benchmarks and tests use it too)."""
+
+    task: object
+    model_def: ModelDef
+    plan: ParamPlan
+    tx: object
+    schedule: object
+    train_step: object
+
+    @classmethod
+    def from_config(cls, cfg) -> Components:
+        task = make_task(cfg)
+        model_def = ModelDef(task.model_config())
+        plan = ParamPlan.from_rules(model_def.shapes, cfg.optimizer.param_rules)
+        tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, plan, plan.split(model_def.shapes)[0])
+        train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum, plan)
+        return cls(task, model_def, plan, tx, schedule, train_step)
+
+
+class Run:
+    """Everything one training run holds; the periodic actions read and change it."""
+
+    def __init__(self, cfg, workdir, task, model_def, mesh, layout, data, ckpt, writer, progress, step_fn, eval_fn):
+        self.cfg, self.workdir, self.task, self.model_def = cfg, workdir, task, model_def
+        self.mesh, self.layout, self.data, self.ckpt = mesh, layout, data, ckpt
+        self.writer, self.progress, self.step_fn, self.eval_fn = writer, progress, step_fn, eval_fn
+        self.state = None
+        self.step = 0
+        self.tokens_seen = 0
+        self.last_saved: int | None = None
+        self.stop_reason: str | None = None
+        self.last_eval: dict = {}
+        self.last_eval_sums: dict | None = None
+        self.early_stopping: EarlyStopping | None = None
+        self._shardings: dict[int, NamedSharding] = {}
+
+    def global_batch(self, local: dict) -> dict:
+        out = {}
+        for key, value in local.items():
+            ndim = np.ndim(value)
+            if ndim not in self._shardings:
+                self._shardings[ndim] = self.layout.sharding(self.mesh, ndim)
+            global_shape = (value.shape[0] * self.layout.data_count, *value.shape[1:])
+            out[key] = jax.make_array_from_process_local_data(self._shardings[ndim], value, global_shape)
+        return out
+
+    def save(self, eval_metrics: dict | None) -> None:
+        meta = {
+            "tokens_seen": self.tokens_seen,
+            "epoch": self.data.train.epoch,
+            "eval": eval_metrics or {},
+            "early_stopping": self.early_stopping.state() if self.early_stopping else None,
+            "config": self.cfg.to_dict(),
+        }
+        meta = json.loads(json.dumps(meta, default=list))
+        self.ckpt.save(self.step, self.state, self.data.train.get_state(), meta, eval_metrics)
+        self.last_saved = self.step
+
+
+def _restore_or_init(run: Run, tx, plan, rules, log) -> None:
+    cfg, model_def, mesh = run.cfg, run.model_def, run.mesh
+    init = init_state_fn(model_def, tx, cfg.train.seed, plan)
+    abstract = jax.eval_shape(init)
+    shardings = state_shardings(abstract, model_def, mesh, rules)
+    restored = run.ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+    if restored is not None:
+        run.state = restored.state
+        run.data.train.set_state(restored.data_state)
+        run.step = restored.step
+        run.tokens_seen = int(restored.meta.get("tokens_seen", 0))
+        run.early_stopping.load(restored.meta.get("early_stopping"))
+        run.last_eval = restored.meta.get("eval") or {}
+        run.last_saved = restored.step
+        log(f"lmtrain: resuming {run.workdir} from step {restored.step}")
+    else:
+        run.state = jax.jit(init, out_shardings=shardings)()
+        if cfg.train.init_from:
+            target = abstract_with_shardings(abstract["params"], shardings["params"])
+            params, fresh, unused = load_init_params(cfg.train.init_from, target, _which(cfg.train.init_from_which))
+            run.state["params"] = ParamPlan.merge(params, _only(run.state["params"], fresh))
+            log(f"lmtrain: starting from parameters {cfg.train.init_from}"
+                + (f"; new: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
+    return shardings
+
+
+def _which(value: str) -> str | int:
+    return int(value) if str(value).isdigit() else value
+
+
+def _only(params: dict, paths: list[str]) -> dict:
+    from lmtrain.train.optimizer import _nest, param_paths
+
+    flat = param_paths(params)
+    return _nest({p: flat[p] for p in paths})
+
+
+def train(cfg, workdir, show_progress: bool | None = None, stop_at_step: int | None = None,
+          on_eval=None) -> TrainResult:
+    """Train (or resume) in `workdir`, local or gs://. `stop_at_step` ends this run early with a checkpoint, as
+    a preemption would. `on_eval(step, metrics) -> bool` is called after each evaluation; True stops the run."""
+    stop = StopSignal()
+    stop.install()  # first thing: a SIGTERM during start-up is honoured, not fatal
+    try:
+        return _train(cfg, as_path(workdir), show_progress, stop_at_step, on_eval, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal) -> TrainResult:
+    maybe_initialize_distributed()
+    mesh_shape = config_lib.validate(cfg, jax.device_count())
+    task = make_task(cfg)
+    es_cfg = cfg.train.early_stopping
+    es_mode = es_cfg.mode or task.metric_mode(es_cfg.metric)
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    prepare_workdir(workdir)
+    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
+                        best_metric=es_cfg.metric, best_mode=es_mode, checksums=cfg.checkpoint.checksums)
+    try:
+        stored = _stored_config(workdir, ckpt)
+        if stored is not None:
+            check_resume_compatible(cfg, stored, workdir)
+        done = _read_done(workdir)
+        if done and ckpt.latest_step() is not None and ckpt.latest_step() >= cfg.train.steps:
+            log(f"lmtrain: {workdir} is complete: it finished step {done['step']} of {cfg.train.steps} "
+                f"({done.get('finished', '')}). Nothing to do; raise --config.train.steps to train further.")
+            return TrainResult(done["step"], None, done.get("metrics", {}), done.get("best_metric"))
+        if is_main:
+            write_config(cfg, workdir)
+        result = _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_step, on_eval, stop, log)
+    finally:
+        stop.finishing = True
+        ckpt.close()
+    return result
+
+
+def _read_done(workdir) -> dict | None:
+    path = workdir / DONE
+    try:
+        return json.loads(path.read_text()) if path.exists() else None
+    except (json.JSONDecodeError, OSError):
+        return None
+
+
+def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_step, on_eval, stop, log) -> TrainResult:
+    is_main = jax.process_index() == 0
+    mesh = make_mesh(mesh_shape, dcn_data=cfg.mesh.dcn_data)
+    rules = cfg.mesh.axis_rules
+    parts = Components.from_config(cfg)
+    task, model_def, plan, tx, schedule = parts.task, parts.model_def, parts.plan, parts.tx, parts.schedule
+    layout = BatchLayout.from_mesh(mesh, rules, cfg.data.batch_size)
+    data = task.make_data(workdir, layout.data_index, layout.data_count)
+    show_progress = cfg.logging.progress_bar if show_progress is None else show_progress
+
+    with axis_rules(mesh, rules):
+        run = Run(cfg, workdir, task, model_def, mesh, layout, data, ckpt, None, None, None, None)
+        es = cfg.train.early_stopping
+        run.early_stopping = EarlyStopping(es.metric, es_mode, es.patience, es.min_delta)
+        shardings = _restore_or_init(run, tx, plan, rules, log)
+        n_train, n_frozen = plan.counts(model_def.shapes)
+        log(f"lmtrain: {(n_train + n_frozen) / 1e6:.2f}M parameters" + (f" ({n_frozen / 1e6:.2f}M frozen)" if n_frozen else "")
+            + f", task {task.name}, mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} "
+            f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+        replicated = NamedSharding(mesh, PartitionSpec())
+        run.step_fn = jax.jit(parts.train_step, in_shardings=(shardings, None),
+                              out_shardings=(shardings, replicated), donate_argnums=0)
+        run.eval_fn = jax.jit(task.eval_step(model_def), out_shardings=replicated)
+        run.writer = metrics_lib.MetricsWriter(workdir, cfg.logging.tensorboard, enabled=is_main, resume_step=run.step)
+        run.progress = metrics_lib.ProgressBar(cfg.train.steps, run.step, enabled=is_main,
+                                               bar=show_progress, log_every=cfg.train.log_every)
+        try:
+            _loop(run, schedule, stop, stop_at_step, on_eval)
+        finally:
+            run.progress.close()
+            run.writer.close()
+            if hasattr(data.train, "close"):
+                data.train.close()
+        return _finish(run)
+
+
+def _loop(run: Run, schedule, stop: StopSignal, stop_at_step, on_eval) -> None:
+    cfg, t = run.cfg, run.cfg.train
+    total = t.steps
+    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    peak = metrics_lib.device_peak_flops()
+    flops_token = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len, metrics_lib.matmul_params(run.model_def))
+    logger = LogMetrics(t.log_every, total, tokens_per_step, flops_token, peak, schedule, run.writer, run.progress)
+    evaluate = Evaluate(t.eval_every, total, t.eval_batches, run.early_stopping, on_eval)
+    checkpoint = Checkpoint(cfg.checkpoint.every, total)
+    agreement = HostAgreement(run.mesh, t.preemption_check_every)
+    source = cfg.data.shards_dir or f"data.source={cfg.data.source}"
+
+    while run.step < total:
+        if agreement.check(run.step, stop.signal_name is not None):
+            run.stop_reason = stop.signal_name or "a signal on another host"
+        if stop_at_step is not None and run.step >= stop_at_step:
+            run.stop_reason = run.stop_reason or f"--stop-at-step={stop_at_step}"
+        if run.stop_reason:
+            break
+        local = next(run.data.train)
+        check_batch(local, cfg.model.vocab_size, cfg.model.max_seq_len, source)
+        run.state, step_metrics = run.step_fn(run.state, run.global_batch(local))
+        run.step += 1
+        run.tokens_seen += tokens_per_step
+        logger.push(run.step, step_metrics, run.tokens_seen, run.data.train.epoch)
+        is_eval, is_save = every(t.eval_every, run.step, total), every(cfg.checkpoint.every, run.step, total)
+        logger.drain(run, keep_last=not (is_eval or is_save))  # step N-1's metrics, read while step N runs
+        eval_metrics = evaluate(run) if is_eval else None
+        if eval_metrics:
+            run.last_eval = eval_metrics
+        if is_save:
+            checkpoint(run, eval_metrics)
+    logger.drain(run, keep_last=False)
+    if run.step < total and not run.stop_reason and agreement.final(stop.signal_name is not None):
+        run.stop_reason = stop.signal_name or "a signal on another host"
+    if run.last_saved != run.step and run.step > 0:
+        run.save(None)  # the step where a signal, --stop-at-step or early stopping ended the run
+
+
+def _finish(run: Run) -> TrainResult:
+    cfg, workdir, is_main = run.cfg, run.workdir, jax.process_index() == 0
+    es = run.early_stopping
+    stopped = run.stop_reason is not None and run.step < cfg.train.steps
+    run.ckpt.wait()
+    sample = ""
+    if stopped and not run.stop_reason.startswith(("early stopping", "on_eval")):
+        if is_main:
+            how = ("run the same command without --stop-at-step (or with a larger one)"
+                   if run.stop_reason.startswith("--stop-at-step") else "run the same command")
+            print(f"lmtrain: stopped by {run.stop_reason} at step {run.step}; checkpoint saved in "
+                  f"{workdir / 'checkpoints'}. To resume, {how}.", flush=True)
+        return TrainResult(run.step, run.stop_reason, run.last_eval, es.best)
+    if is_main:
+        done = {"step": run.step, "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+                "metrics": run.last_eval, "best_metric": es.best, "best_step": es.best_step,
+                "stopped_by": run.stop_reason}
+        atomic_write_text(workdir / DONE, json.dumps(done, indent=1, sort_keys=True))
+        if run.stop_reason:
+            print(f"lmtrain: {run.stop_reason}; stopped at step {run.step}. The best checkpoint (step "
+                  f"{es.best_step}) is what `lmtrain export --which best` picks.", flush=True)
+        if run.last_eval:
+            print(f"lmtrain: done at step {run.step}. " + ", ".join(f"{k} {v:.4g}" for k, v in run.last_eval.items()))
+    if cfg.train.sample_tokens and run.task.head == "lm":
+        sample = sample_text(run.model_def, run.state["params"], run.data.tokenizer, cfg.train.sample_prompt,
+                             cfg.train.sample_tokens, cfg.train.seed)  # every host takes part
+        if is_main:
+            print(f"lmtrain: sample (prompt {cfg.train.sample_prompt!r}):\n{sample}\n", flush=True)
+    if is_main:
+        for path in run.task.write_eval_artifacts(run.last_eval_sums, workdir) if run.last_eval_sums else []:
+            print(f"lmtrain: wrote {path}")
+        if cfg.logging.loss_curve_png:
+            png = metrics_lib.plot_loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png")
+            if png:
+                print(f"lmtrain: loss curve {png}; TensorBoard logs in {workdir / 'tensorboard'} "
+                      f"(tensorboard --logdir {workdir / 'tensorboard'})")
+    return TrainResult(run.step, run.stop_reason, run.last_eval, es.best, sample)
 
 
 def sample_text(model_def: ModelDef, params, tokenizer, prompt: str, n_tokens: int, seed: int) -> str:
-    """A short temperature-0.8, top-p 0.95 sample from the trained model (KV-cache decoding)."""
+    """A short temperature-0.8, top-p 0.95 sample from the trained model (KV-cache decoding).
+
+    Every process calls it with the same arguments: the parameters stay sharded where they are."""
     from lmtrain.generate import SamplingConfig, generate
 
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
     n_tokens = min(n_tokens, model_def.cfg.max_seq_len - len(ids))
+    if n_tokens < 1:
+        return prompt
     sampling = SamplingConfig(max_new_tokens=n_tokens, temperature=0.8, top_p=0.95, eos_id=tokenizer.eos_token_id)
-    result = generate(model_def, jax.device_get(params), [list(ids)], sampling, seed=seed)
+    result = generate(model_def, params, [list(ids)], sampling, seed=seed)
     return tokenizer.decode(list(ids) + result.tokens[0])
 
 
-def train(cfg, workdir: str | pathlib.Path, show_progress: bool | None = None,
-          stop_at_step: int | None = None) -> TrainResult:
-    """Train (or resume) in `workdir`. `stop_at_step` ends this run early, with a checkpoint, as a preemption would."""
-    maybe_initialize_distributed()
-    mesh_shape = config_lib.validate(cfg, jax.device_count())
-    workdir = pathlib.Path(workdir).resolve()
-    is_main = jax.process_index() == 0
-    workdir.mkdir(parents=True, exist_ok=True)
-    if is_main:
-        _write_config(cfg, workdir)
-
-    mesh = make_mesh(mesh_shape)
-    rules = cfg.mesh.axis_rules
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
-    data = make_data(cfg, workdir, jax.process_index(), jax.process_count())
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    batch_sharding = NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0], None))
-    ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    show_progress = cfg.logging.progress_bar if show_progress is None else show_progress
-    log = print if is_main else (lambda *a, **k: None)
-
-    with axis_rules(mesh, rules):
-        tokens_seen = 0
-        latest = ckpt.latest_step()
-        if latest is not None:
-            abstract = jax.eval_shape(init_state_fn(model_def, tx, cfg.train.seed))
-            shardings = state_shardings(abstract, model_def, mesh, rules)
-            state, data_state, meta = ckpt.restore(latest, abstract_with_shardings(abstract, shardings))
-            data.train.set_state(data_state)
-            tokens_seen = int(meta.get("tokens_seen", 0))
-            log(f"lmtrain: resuming {workdir} from step {latest}")
-        else:
-            state, shardings, abstract = create_sharded_state(model_def, tx, cfg.train.seed, mesh, rules)
-            if cfg.train.init_from:
-                target = abstract_with_shardings(abstract["params"], shardings["params"])
-                state["params"] = load_init_params(cfg.train.init_from, target)
-                log(f"lmtrain: starting from parameters {cfg.train.init_from}")
-        n_params = model_def.num_params()
-        log(f"lmtrain: {n_params / 1e6:.2f}M parameters, mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} "
-            f"tensor={mesh_shape[2]} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
-
-        step_fn = jax.jit(
-            make_train_step(model_def, tx, schedule, cfg.train.grad_accum, cfg.train.z_loss, cfg.model.dropout > 0),
-            in_shardings=(shardings, batch_sharding),
-            out_shardings=(shardings, None),
-            donate_argnums=0,
-        )
-        eval_fn = jax.jit(make_eval_step(model_def), in_shardings=(shardings["params"], batch_sharding))
-        result = _loop(cfg, workdir, state, step_fn, eval_fn, data, batch_sharding, ckpt, tokens_seen,
-                       model_def, show_progress, is_main, stop_at_step)
-    return result
-
-
-def _loop(cfg, workdir, state, step_fn, eval_fn, data, batch_sharding, ckpt, tokens_seen, model_def,
-          show_progress, is_main, stop_at_step) -> TrainResult:
-    t_cfg = cfg.train
-    total = t_cfg.steps
-    step = int(jax.device_get(state["step"]))
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    peak = metrics_lib.device_peak_flops()
-    flops_token = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len, metrics_lib.matmul_params(model_def))
-    writer = metrics_lib.MetricsWriter(workdir, cfg.logging.tensorboard, enabled=is_main)
-    bar = metrics_lib.ProgressBar(total, step, enabled=show_progress and is_main)
-    stop = StopRequested()
-    stop.install()
-    multi_host = jax.process_count() > 1
-    val_loss, stopped_by, pending = None, None, None
-    last_saved = step
-    t_last, steps_since = time.perf_counter(), 0
-
-    def save(at_step: int, with_val: float | None) -> None:
-        meta = {"tokens_seen": tokens_seen, "val_loss": with_val, "config": cfg.to_dict()}
-        ckpt.save(at_step, state, data.train.get_state(), json.loads(json.dumps(meta, default=list)), with_val)
-
-    def drain(item) -> None:
-        nonlocal t_last, steps_since
-        at_step, m = item
-        m = jax.device_get(m)
-        if not math.isfinite(float(m["loss"])):
-            raise FloatingPointError(
-                f"loss is {float(m['loss'])} at step {at_step}: training diverged. Lower optimizer.lr, "
-                f"raise optimizer.warmup_steps or set train.z_loss; the last good checkpoint is step {last_saved}."
-            )
-        steps_since += 1
-        if at_step % t_cfg.log_every == 0 or at_step == total:
-            now = time.perf_counter()
-            tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
-            mfu = tok_s * flops_token / (peak * jax.device_count()) if peak else None
-            record = {k: float(v) for k, v in m.items()}
-            record.update(tokens_seen=tokens_seen, tokens_per_s=tok_s, epoch=data.train.epoch)
-            if mfu is not None:
-                record["mfu"] = mfu
-            writer.write(at_step, record)
-            bar.update(steps_since, record["loss"], tok_s, mfu)
-            t_last, steps_since = now, 0
-
-    try:
-        while step < total:
-            if stop.requested(multi_host):
-                stopped_by = stop.signal_name or "a signal on another host"
-                break
-            if stop_at_step is not None and step >= stop_at_step:
-                stopped_by = f"--stop-at-step={stop_at_step}"
-                break
-            batch = _global_batch(next(data.train), batch_sharding)
-            state, step_metrics = step_fn(state, batch)
-            step += 1
-            tokens_seen += tokens_per_step
-            if pending is not None:
-                drain(pending)  # step N-1's metrics, read while step N runs
-            pending = (step, step_metrics)
-            is_eval = t_cfg.eval_every and (step % t_cfg.eval_every == 0 or step == total)
-            if is_eval or step % cfg.checkpoint.every == 0 or step == total:
-                drain(pending)
-                pending = None
-            if is_eval:
-                val_loss = evaluate(eval_fn, state["params"], data, batch_sharding, t_cfg.eval_batches)
-                if val_loss is not None:
-                    writer.write(step, {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))})
-                    bar.write(f"step {step}: validation loss {val_loss:.4f}, perplexity {math.exp(min(val_loss, 50)):.2f}")
-            if step % cfg.checkpoint.every == 0 or step == total:
-                save(step, val_loss if is_eval else None)
-                last_saved = step
-        if pending is not None:
-            drain(pending)
-        if stopped_by is not None and step > last_saved:
-            save(step, None)
-            last_saved = step
-    finally:
-        stop.uninstall()
-        bar.close()
-        ckpt.close()
-        writer.close()
-        if hasattr(data.train, "close"):
-            data.train.close()
-
-    sample = ""
-    if stopped_by is not None:
-        if is_main:
-            print(f"lmtrain: stopped by {stopped_by} at step {step}; checkpoint saved in {workdir / 'checkpoints'}. "
-                  "Run the same command again to resume.", flush=True)
-    elif is_main:
-        if val_loss is not None:
-            print(f"lmtrain: done at step {step}. validation loss {val_loss:.4f}, "
-                  f"perplexity {math.exp(min(val_loss, 50)):.2f}")
-        if t_cfg.sample_tokens:
-            sample = sample_text(model_def, state["params"], data.tokenizer, t_cfg.sample_prompt, t_cfg.sample_tokens,
-                                 t_cfg.seed)
-            print(f"lmtrain: sample: {sample!r}")
-        if cfg.logging.loss_curve_png:
-            png = metrics_lib.plot_loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png")
-            if png:
-                print(f"lmtrain: loss curve {png}; TensorBoard logs in {workdir / 'tensorboard'}")
-    return TrainResult(step=step, val_loss=val_loss, stopped_by=stopped_by, sample=sample)
+# ---------------------------------------------------------------------------------------------- command line
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser = argparse.ArgumentParser(
         prog="lmtrain train",
         description="Train (or resume) a model. Override any config field with --config.SECTION.KEY=VALUE.",
+        epilog="examples:\n  lmtrain train --config=tiny --workdir=workdir/tiny\n"
+               "  lmtrain train --config=gpt2_small:runlocal --workdir=runs/gpt2_cpu   # CPU-sized\n"
+               "  lmtrain train --config=WORKDIR/config.json --workdir=WORKDIR",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", default="tiny", help="config name in configs/ (tiny, gpt2_small, ...), "
-                        "a path to a config .py (optionally :ARG) or a resolved config.json")
-    parser.add_argument("--workdir", default="workdir", help="checkpoints, logs and the tokenizer go here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--config", required=True, help="config name in configs/ (tiny, gpt2_small, ...), NAME:ARG "
+                        "(e.g. gpt2_small:runlocal), a path to a config .py, or a resolved config.json")
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs and the tokenizer go here (local or gs://)")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines instead of a progress bar")
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="stop cleanly with a checkpoint after this step (e.g. to fit a scheduler's time slot)")
     args, rest = parser.parse_known_args(argv)
@@ -288,8 +490,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_lib.load_config(args.config)
         config_lib.apply_overrides(cfg, overrides)
-        train(cfg, args.workdir, show_progress=False if args.no_progress else None, stop_at_step=args.stop_at_step)
+        result = train(cfg, args.workdir, show_progress=False if args.no_progress else None,
+                       stop_at_step=args.stop_at_step)
+    except CheckpointError as e:
+        print(f"lmtrain: checkpoint error: {e}", file=sys.stderr)
+        return 2
     except config_lib.ConfigError as e:
         print(f"lmtrain: config error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"lmtrain: training stopped: {e}", file=sys.stderr)
+        return 1
+    del result
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

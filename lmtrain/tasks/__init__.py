@@ -1,0 +1,24 @@
+"""Tasks: what is trained. The registry maps `task.name` to its module; a new task (dpo, mlm, ...)
+is one new module and one line here."""
+
+from __future__ import annotations
+
+import importlib
+
+from lmtrain.config import ConfigError
+from lmtrain.tasks.base import Task
+
+TASKS = {
+    "lm": "lmtrain.tasks.lm:LanguageModelling",
+}
+
+
+def make_task(cfg) -> Task:
+    name = cfg.task.name
+    if name not in TASKS:
+        raise ConfigError(f"task.name='{name}' is unknown. Choose one of: {', '.join(TASKS)}.")
+    module, _, cls = TASKS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)(cfg)
+
+
+__all__ = ["TASKS", "Task", "make_task"]
