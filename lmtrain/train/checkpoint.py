@@ -27,7 +27,7 @@ from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lmtrain.config import ConfigError
-from lmtrain.paths import as_path
+from lmtrain.paths import as_path, files_under
 
 ITEMS = ("state", "data", "meta")
 CHECKSUMS = "lmtrain_checksums.json"
@@ -93,12 +93,8 @@ def checkpoint_dir(workdir) -> epath.Path:
 # ---------------------------------------------------------------------------------------------- checksums
 
 
-def _files(step_dir: epath.Path) -> list[epath.Path]:
-    out = []
-    for path in sorted(step_dir.rglob("*")):
-        if path.is_file() and path.name != CHECKSUMS:
-            out.append(path)
-    return out
+def _files(step_dir: epath.Path) -> list[tuple[str, epath.Path]]:
+    return [(name, path) for name, path in files_under(step_dir) if name != CHECKSUMS]
 
 
 def _hash_file(path: epath.Path) -> str:
@@ -113,8 +109,7 @@ def _hash_file(path: epath.Path) -> str:
 
 def write_checksums(step_dir: epath.Path) -> None:
     """Hash every file of a finished checkpoint; written last, so its presence means 'all hashed'."""
-    table = {str(p.relative_to(step_dir)): {"xxh3_128": _hash_file(p), "bytes": p.stat().st_size}
-             for p in _files(step_dir)}
+    table = {name: {"xxh3_128": _hash_file(p), "bytes": p.stat().st_size} for name, p in _files(step_dir)}
     from lmtrain.paths import atomic_write_text
 
     atomic_write_text(step_dir / CHECKSUMS, json.dumps({"files": table}, indent=1, sort_keys=True))
