@@ -48,6 +48,15 @@ def test_classification_by_hand():
     assert out["f1_macro"] == pytest.approx((2 / 3 + 2 / 5 + 0) / 3)
 
 
+def test_metrics_from_a_summed_confusion_matrix_equal_the_per_example_ones():
+    counts = M.confusion_matrix(LABELS, PREDS, 3)
+    assert M.classification_metrics_from_counts(counts, NAMES) == M.classification_metrics(LABELS, PREDS, NAMES)
+    with pytest.raises(M.EvalError, match=r"a \(3, 3\) confusion matrix does not fit 2 labels"):
+        M.classification_metrics_from_counts(counts, ["a", "b"])
+    with pytest.raises(M.EvalError, match="eval set is empty"):
+        M.classification_metrics_from_counts(np.zeros((3, 3)), NAMES)
+
+
 def test_class_absent_from_labels_and_predictions():
     # Class 'c' appears nowhere: with zero_division=0 it drags the macro mean down (as scikit-learn's labels=);
     # with NaN it is left out of the macro mean.

@@ -56,7 +56,7 @@ def confusion_matrix(labels: Sequence[int], preds: Sequence[int], n_classes: int
 
 def classification_metrics(labels: Sequence[int], preds: Sequence[int], label_names: Sequence[str],
                            zero_division: float = 0.0) -> dict:
-    """Accuracy, macro and per-class precision/recall/F1, and the confusion matrix.
+    """Accuracy, macro and per-class precision/recall/F1, and the confusion matrix, from per-example class ids.
 
     A ratio whose denominator is zero (precision of a class never predicted, recall of a class absent from
     the eval set) is `zero_division` (0.0 as in scikit-learn's default; NaN leaves it out of the macro mean).
@@ -65,7 +65,19 @@ def classification_metrics(labels: Sequence[int], preds: Sequence[int], label_na
     """
     if not label_names:
         raise EvalError("classification metrics need the label list (the labels saved with the run); it is empty.")
-    counts_CxC = confusion_matrix(labels, preds, len(label_names))
+    return classification_metrics_from_counts(confusion_matrix(labels, preds, len(label_names)), label_names,
+                                              zero_division)
+
+
+def classification_metrics_from_counts(counts: Sequence[Sequence[int]] | np.ndarray, label_names: Sequence[str],
+                                       zero_division: float = 0.0) -> dict:
+    """The same metrics from a confusion matrix counts[true, predicted], e.g. one summed on device during training."""
+    counts_CxC = np.asarray(counts).astype(np.int64)
+    if counts_CxC.shape != (len(label_names), len(label_names)):
+        raise EvalError(f"classification metrics: a {counts_CxC.shape} confusion matrix does not fit "
+                        f"{len(label_names)} labels.")
+    if counts_CxC.sum() == 0:
+        raise EvalError("classification metrics: the eval set is empty (0 examples). Give a non-empty eval set.")
     tp_C = np.diag(counts_CxC).astype(np.float64)
     predicted_C = counts_CxC.sum(axis=0).astype(np.float64)
     support_C = counts_CxC.sum(axis=1).astype(np.float64)
