@@ -549,7 +549,7 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
         raise _TrialFailed(f"config error: {e}") from None
     if pruned:
         raise optuna.TrialPruned(f"pruned at step {pruned[0]} ({metric}={values[pruned[0]]:.4g})")
-    if getattr(result, "stopped_by", None):
+    if _interrupted(result):
         raise _Interrupted(str(result.stopped_by))
     last_metrics = getattr(result, "metrics", None) or {}
     if ctx.spec.objective == "best" and values:
@@ -563,9 +563,18 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
         raise _TrialFailed(f"the trainer reported no '{metric}' (no evaluation ran); set train.eval_every > 0.")
     if not math.isfinite(value):
         raise _TrialFailed(f"{metric} is {value}: the run diverged.")
+    done.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(done, json.dumps({"value": value, "step": getattr(result, "step", None),
                                         "metrics": {k: float(v) for k, v in last_metrics.items()}}) + "\n")
     return value
+
+
+def _interrupted(result) -> bool:
+    """Stopped by a signal or --stop-at-step (to be resumed), as opposed to finished, early-stopped or pruned."""
+    if hasattr(result, "interrupted"):
+        return bool(result.interrupted)
+    reason = getattr(result, "stopped_by", None)
+    return bool(reason) and not str(reason).startswith(("early stopping", "on_eval"))
 
 
 def _report(trial, value: float, step: int) -> None:
@@ -900,7 +909,8 @@ def param_importances(study) -> dict[str, float] | None:
     from optuna.trial import TrialState
 
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
-    if len(done) < 2 or len({json.dumps(t.params, sort_keys=True, default=str) for t in done}) < 2:
+    if (len(done) < 2 or len({json.dumps(t.params, sort_keys=True, default=str) for t in done}) < 2
+            or len({t.value for t in done}) < 2):
         return None
     quantile = max(0.1, min(0.5, 5 / len(done)))
     try:
@@ -910,7 +920,7 @@ def param_importances(study) -> dict[str, float] | None:
         return None
 
 
-def plot_importance(importances: dict[str, float], spec: SweepSpec) -> bytes:
+def plot_importance(importances: dict[str, float], spec: SweepSpec, n_complete: int) -> bytes:
     from matplotlib.figure import Figure
 
     names = list(importances)[::-1]
@@ -919,7 +929,8 @@ def plot_importance(importances: dict[str, float], spec: SweepSpec) -> bytes:
     ax.barh(names, [importances[n] for n in names], color="tab:blue")
     for i, n in enumerate(names):
         ax.text(importances[n], i, f" {importances[n]:.2f}", va="center")
-    ax.set(xlabel=f"importance for {spec.metric} (PED-ANOVA, sums to 1)", title="Parameter importance", xlim=(0, 1.1))
+    ax.set(xlabel=f"importance for {spec.metric} (PED-ANOVA, sums to 1)", xlim=(0, 1.1),
+           title=f"Parameter importance (from {n_complete} complete trials)")
     fig.tight_layout()
     return _png(fig)
 
@@ -941,7 +952,7 @@ def write_results(study, spec: SweepSpec, base, sweep_dir: str, log: Callable[[s
     _atomic_write_bytes(os.path.join(sweep_dir, "metric_per_trial.png"), plot_metric_per_trial(study, spec))
     importances = param_importances(study)
     if importances:
-        _atomic_write_bytes(os.path.join(sweep_dir, "param_importance.png"), plot_importance(importances, spec))
+        _atomic_write_bytes(os.path.join(sweep_dir, "param_importance.png"), plot_importance(importances, spec, len(done)))
     summary = {"trials": len(rows), "complete": len(done),
                "pruned": sum(t.state == TrialState.PRUNED for t in study.trials), "importance": importances}
     if best_trial is None:

@@ -216,6 +216,28 @@ def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path):
     assert states[1e-3][0] == states[2e-3][0] == "COMPLETE"
 
 
+def test_early_stopping_finishes_a_trial_and_a_signal_interrupts_the_sweep(tmp_path):
+    def early_stopped(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
+        on_eval(20, {"val_loss": 2.0})
+        return types.SimpleNamespace(step=20, stopped_by="early stopping: val_loss has not improved", best_metric=2.0,
+                                     metrics={"val_loss": 2.0})
+
+    study = sweep.run_sweep(make_spec(n_trials=2), tmp_path / "a", train_fn=early_stopped, log=quiet)
+    assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 2.0)] * 2
+
+    def preempted(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
+        on_eval(20, {"val_loss": 2.0})
+        return types.SimpleNamespace(step=20, stopped_by="SIGTERM", best_metric=None, metrics={"val_loss": 2.0})
+
+    lines = []
+    study = sweep.run_sweep(make_spec(n_trials=3), tmp_path / "b", train_fn=preempted, log=lines.append)
+    assert len(study.trials) == 1 and study.trials[0].user_attrs["interrupted"] == "SIGTERM"
+    assert any("stopped by SIGTERM; run the same command to resume it" in line for line in lines)
+    study = sweep.run_sweep(make_spec(n_trials=3), tmp_path / "b", train_fn=fake_train, log=quiet)
+    assert study.trials[1].user_attrs["retry_of"] == 0 and study.trials[1].params == study.trials[0].params
+    assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+
+
 def test_a_metric_the_trainer_does_not_report_is_an_error(tmp_path):
     spec = make_spec(metric="val_accuracy")
     with pytest.raises(sweep.SweepError, match="metric 'val_accuracy' is not among .*val_loss, val_perplexity"):
