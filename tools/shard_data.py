@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from lmtrain.config import ConfigError
 from lmtrain.data.cleaning import (
@@ -75,7 +76,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tools/train_tokenizer.py or any HF one)")
     p.add_argument("--output", required=True, help="shard directory to write")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="share of documents in the validation split (default 0.01; 0.1 for --builtin-task)")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="share in a test split (task formats; default 0, 0.1 for --builtin-task)")
+    t = p.add_argument_group("task data (--format sft, chat, classify; see the README's fine-tuning section)")
+    t.add_argument("--format", default="text", choices=("text", "sft", "chat", "classify"),
+                   help="text: documents for language modelling (default); sft: prompt/completion records;\n"
+                        "chat: `messages` rendered with the tokenizer's chat template; classify: text/label records")
+    t.add_argument("--builtin-task", default="", choices=("", "sft", "classify"),
+                   help="a demo task made from Python's standard library (no download): sft (signature ->\n"
+                        "docstring summary) or classify (which area of the stdlib a docstring is from)")
+    t.add_argument("--seq-len", type=int, default=0, help="task formats: the data.seq_len to train with; longer "
+                   "examples follow --too-long")
+    t.add_argument("--too-long", default="truncate", choices=("truncate", "drop"),
+                   help="an example longer than --seq-len: truncate (sft: the prompt from the left; chat: the\n"
+                        "conversation from the left; classify: the text's end) or drop it; both are counted")
+    t.add_argument("--train-on-prompt", action="store_true", help="sft/chat: train on every token, not only the "
+                   "completion / assistant turns")
+    t.add_argument("--prompt-field", default="prompt")
+    t.add_argument("--completion-field", default="completion")
+    t.add_argument("--messages-field", default="messages")
+    t.add_argument("--label-field", default="label")
+    t.add_argument("--chat-template", default="", help="chat: a Jinja chat template file, instead of the tokenizer's")
+    t.add_argument("--labels", default="", help="classify: the label set, comma-separated, in the order of the "
+                   "class ids (default: the training labels, sorted)")
+    t.add_argument("--labels-from", default="", help="classify: take the label set from this shard directory's "
+                   "manifest (evaluation data made apart from the training data)")
     p.add_argument("--shard-mb", type=float, default=128, help="target size of a shard's token data, in MiB")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cleaning processes (1: in-process)")
     p.add_argument("--batch-docs", type=int, default=512, help="documents per cleaning/tokenizing batch")
@@ -245,12 +272,13 @@ class SplitWriter:
         self.documents_seen += 1
         return self.documents_seen > self.skip_documents
 
-    def write(self, tokens: np.ndarray) -> dict | None:
+    def write(self, tokens: np.ndarray, mask: np.ndarray | None = None, label_id: int | None = None,
+              example_format: str = "text") -> dict | None:
         if self._current is None:
             self._claim()
             self._current = ShardFileWriter(self.out / f"{self.split}-{len(self.finished):05d}.array_record",
                                             self.dtype, tmp_tag=self.run_id)
-        self._current.write(tokens)
+        self._current.write(tokens, mask, label_id, example_format)
         if self._current.token_bytes >= self.shard_bytes:
             return self.close()
         return None
@@ -277,8 +305,8 @@ class ShardOutput:
     one is created, so a later run deletes only temporaries it can prove are its own.
     """
 
-    def __init__(self, out: Path, fingerprint: dict, force: bool):
-        self.out, self.fingerprint, self.force = out, fingerprint, force
+    def __init__(self, out: Path, fingerprint: dict, force: bool, splits: tuple[str, ...] = SPLITS):
+        self.out, self.fingerprint, self.force, self.splits = out, fingerprint, force, splits
         self.run_id = uuid.uuid4().hex[:12]
         if out.exists() and not out.is_dir():
             raise ShardError(f"output {out} is a file, not a directory; choose another --output.")
@@ -304,7 +332,7 @@ class ShardOutput:
         """The shards an interrupted run of the same inputs finished, still intact on disk."""
         if self._finished is None:
             shards = (self.resumed or {}).get("shards", {})
-            self._finished = {s: _verified_prefix(self.out, shards.get(s, [])) for s in SPLITS}
+            self._finished = {s: _verified_prefix(self.out, shards.get(s, [])) for s in self.splits}
         return self._finished
 
     def _run_ids(self) -> list[str]:
@@ -431,8 +459,246 @@ def load_tokenizer(tokenizer_dir: str):
     return tokenizer, int(eos_id), tokenizer.get_vocab_size(with_added_tokens=True), tokenizer_fingerprint(path)
 
 
+def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, ...]):
+    """(remote or None, ShardOutput, manifest if the output is already complete else None)."""
+    remote = RemoteOutput(as_path(args.output), fingerprint, args.force, args.staging_dir) if is_remote(
+        args.output) else None
+    if remote is not None and remote.complete is not None:
+        print(f"shard_data: {args.output} is already complete for these inputs and options; nothing to do.")
+        return remote, None, remote.complete
+    out = remote.stage if remote is not None else Path(as_path(args.output))
+    # the default staging directory is the tool's own cache: a stale run of other options there is replaced
+    output = ShardOutput(out, fingerprint, args.force or (remote is not None and not args.staging_dir), splits)
+    if output.complete is not None:
+        if remote is not None:  # staged completely by a run that was stopped while uploading
+            remote.publish(output.complete)
+        else:
+            print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
+        return remote, output, output.complete
+    return remote, output, None
+
+
+def split_of_example(key: str, val_fraction: float, test_fraction: float) -> str:
+    """train, validation or test as a function of the example's key alone (validation as for text)."""
+    h = xxhash.xxh64_intdigest(key.encode("utf-8")) / 2**64
+    return "validation" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
+
+
+def _example_key(example_format: str, record: dict, args: argparse.Namespace) -> str:
+    """What decides an example's split: its input, so one prompt or text never lands in two splits."""
+    field = {"sft": args.prompt_field, "chat": args.messages_field, "classify": args.text_field}[example_format]
+    return json.dumps(record.get(field), sort_keys=True, ensure_ascii=False)
+
+
+def _task_source(args: argparse.Namespace):
+    """(example format, records() -> iterator of (record, where), corpus description, fractions)."""
+    from lmtrain.data import builtin_tasks
+    from lmtrain.data.text_sources import iter_records
+
+    if args.builtin_task:
+        given = [f for f, on in (("--input", args.input), ("--hf-dataset", args.hf_dataset), ("--tfds", args.tfds),
+                                 ("--builtin", args.builtin)) if on]
+        if given or args.format not in ("text", args.builtin_task):
+            raise SourceError(f"--builtin-task {args.builtin_task} is its own input (format {args.builtin_task}); "
+                              f"drop {', '.join(given) or '--format ' + args.format}.")
+        if args.builtin_task == "classify":
+            args.text_field, args.label_field = "text", "label"
+        else:
+            args.prompt_field, args.completion_field = "prompt", "completion"
+        val = 0.1 if args.val_fraction is None else args.val_fraction
+        test = 0.1 if args.test_fraction is None else args.test_fraction
+        items = list(builtin_tasks.task_records(args.builtin_task))  # parsed once, read twice
+        return (args.builtin_task, lambda: iter(items),
+                {"builtin_task": args.builtin_task, "python": sys.version.split()[0]}, val, test)
+    if args.tfds or args.builtin:
+        raise SourceError(f"--format {args.format} reads records from --input files (.jsonl, .parquet, .csv) or "
+                          "--hf-dataset.")
+    spec = corpus_from_args(args)
+    check_spec(spec)
+    corpus = spec.describe()
+    if spec.files:
+        corpus["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+    val = 0.1 if args.val_fraction is None else args.val_fraction
+    test = 0.0 if args.test_fraction is None else args.test_fraction
+    return args.format, lambda: iter_records(spec), corpus, val, test
+
+
+def _pad_id(tokenizer_dir: str, tokenizer, eos_id: int) -> int:
+    path = as_path(tokenizer_dir)
+    pad = None
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        pad = pad or (_read_json(path / name) or {}).get("pad_token")
+    if isinstance(pad, dict):
+        pad = pad.get("content")
+    pad_id = tokenizer.token_to_id(pad) if pad else None
+    return eos_id if pad_id is None else int(pad_id)
+
+
+def _first_pass(args: argparse.Namespace, encoder, records, key_of, val: float, test: float, classify: bool):
+    """Check every record before anything is written (fields, turns, labels); return the classes (classify).
+
+    The classes are --labels, or --labels-from's, or the training split's labels sorted. A label of
+    the validation or test split that is not a class is an error naming the example.
+    """
+    from lmtrain.data.examples import ExampleError, ordered_labels
+
+    first_seen: dict = {}
+    train_labels: set = set()
+    seen: list[tuple[object, str, str]] = []
+    for record, where in records():
+        label = encoder.validate(record, where)
+        split = split_of_example(key_of(record), val, test)
+        first_seen.setdefault(label, where)
+        if split == "train":
+            train_labels.add(label)
+        seen.append((label, split, where))
+    if not any(split == "train" for _, split, _ in seen):
+        raise SourceError(f"no training examples: all {len(seen)} examples fall into validation or test "
+                          f"(--val-fraction {val}, --test-fraction {test}).")
+    if not classify:
+        return None
+    if args.labels_from:
+        from lmtrain.data.shards import load_manifest
+
+        manifest = load_manifest(args.labels_from)
+        if "labels" not in manifest:
+            raise SourceError(f"--labels-from {args.labels_from}: those shards are not classification data "
+                              "(no labels in the manifest).")
+        labels, origin = manifest["labels"], f"the labels of {args.labels_from}"
+    elif args.labels:
+        labels, origin = [x.strip() for x in args.labels.split(",") if x.strip()], "--labels"
+    else:
+        labels = ordered_labels(train_labels, lambda v: first_seen[v])
+        origin = "the training split's labels"
+    names = [str(v) for v in labels]
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise SourceError(f"{origin} must be at least 2 distinct labels; got {labels}.")
+    for label, split, where in seen:
+        if str(label) not in names:
+            if origin == "the training split's labels":
+                raise ExampleError(f"{where}: label {label!r} ({split} split) never occurs in the training split, so "
+                                   "a model trained on it cannot predict it. Fix the label, or list every class with "
+                                   "--labels.")
+            raise ExampleError(f"{where}: label {label!r} is not one of {origin} ({', '.join(names)}).")
+    return labels
+
+
+def shard_examples(args: argparse.Namespace) -> dict:
+    """The task formats (sft, chat, classify): records -> examples -> shards, with a manifest like text's."""
+    from lmtrain.data.examples import ChatEncoder, ClassifyEncoder, SftEncoder, load_chat_template
+
+    example_format, records, corpus, val, test = _task_source(args)
+    if args.seq_len <= 1:
+        raise SourceError(f"--format {example_format} needs --seq-len N (> 1): the data.seq_len you will train with; "
+                          "longer examples follow --too-long.")
+    if val < 0 or test < 0 or val + test >= 1:
+        raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1.")
+    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
+    dtype = token_dtype(vocab_size)
+    if example_format == "sft":
+        encoder = SftEncoder(tokenizer, eos_id, args.seq_len + 1, args.too_long, args.train_on_prompt,
+                             args.prompt_field, args.completion_field)
+    elif example_format == "chat":
+        from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
+
+        template = load_chat_template(args.chat_template) if args.chat_template else None
+        encoder = ChatEncoder(load_hf_tokenizer(args.tokenizer), args.seq_len + 1, args.too_long, args.train_on_prompt,
+                              args.messages_field, template)
+    else:
+        encoder = ClassifyEncoder(tokenizer, args.seq_len, args.too_long, args.text_field, args.label_field)
+
+    def key_of(record: dict) -> str:
+        return _example_key(example_format, record, args)
+
+    labels = _first_pass(args, encoder, records, key_of, val, test, example_format == "classify")
+    label_ids = {str(v): i for i, v in enumerate(labels or [])}
+    splits = SPLITS + (("test",) if test > 0 else ())
+    options = {k: v for k, v in vars(args).items() if k not in ("quiet", "force", "staging_dir", "output", "workers",
+                                                                "batch_docs")}
+    fingerprint = {"corpus": corpus, "example_format": example_format, "options": options, "val_fraction": val,
+                   "test_fraction": test, "labels": labels, "tokenizer_fingerprint": tokenizer_fp,
+                   "chat_template": getattr(encoder, "chat_template", None)}
+    remote, output, done = open_output(args, fingerprint, splits)
+    if done is not None:
+        return done
+    out = output.out
+    finished = output.finished_shards()
+    shard_bytes = max(1, int(args.shard_mb * 2**20))
+    writers = {s: SplitWriter(out, s, dtype, shard_bytes, finished[s], output.claim, output.run_id) for s in splits}
+    totals = {s: {"documents": 0, "tokens": 0, "target_tokens": 0, "label_counts": [0] * len(label_ids)}
+              for s in splits}
+    read = 0
+    start = time.time()
+    bar = _progress_bar(args.quiet)
+    try:
+        for record, where in records():
+            read += 1
+            bar.update(1)
+            example = encoder.encode(record, where)
+            if example is None:
+                continue
+            split = split_of_example(key_of(record), val, test)
+            label_id = label_ids[str(example.label)] if labels is not None else None
+            info = totals[split]
+            info["documents"] += 1
+            info["tokens"] += len(example.tokens)
+            if example.mask is not None:
+                info["target_tokens"] += int(example.mask[1:].sum())  # the first token is never a target
+            if label_id is not None:
+                info["label_counts"][label_id] += 1
+            if writers[split].wants() and writers[split].write(example.tokens, example.mask, label_id,
+                                                               example_format) is not None:
+                output.save_progress(writers)
+        bar.close()
+        if not totals["train"]["documents"]:
+            raise SourceError(f"no training examples: {read} records read, {sum(t['documents'] for t in totals.values())}"
+                              f" kept, none in the training split (--val-fraction {val}, --test-fraction {test}).")
+        for w in writers.values():
+            w.close()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    for info in totals.values():
+        if labels is None:
+            del info["label_counts"]
+        if example_format == "classify":
+            del info["target_tokens"]
+    counts = encoder.counts
+    manifest = {
+        "format": FORMAT,
+        "example_format": example_format,
+        "seq_len": args.seq_len,
+        "token_dtype": dtype.name,
+        "vocab_size": vocab_size,
+        "eos_id": eos_id,
+        "pad_id": _pad_id(args.tokenizer, tokenizer, eos_id),
+        "tokenizer": {"dir": str(as_path(args.tokenizer)), "fingerprint": tokenizer_fp},
+        "fingerprint": fingerprint,
+        "options": options,
+        "examples": {"read": read, "kept": sum(t["documents"] for t in totals.values()),
+                     "truncated": counts["truncated"], "dropped_too_long": counts["dropped_too_long"],
+                     "too_long_policy": args.too_long, "train_on_prompt": bool(args.train_on_prompt)},
+        "splits": {s: {**totals[s], "shards": writers[s].finished} for s in splits},
+        "seconds": round(time.time() - start, 2),
+    }
+    if labels is not None:
+        manifest["labels"] = labels
+    _check_totals(manifest)
+    output.finish(manifest)
+    if remote is not None:
+        remote.publish(manifest)
+    return manifest
+
+
 def shard_corpus(args: argparse.Namespace) -> dict:
     """Run the whole pipeline; return the manifest."""
+    if args.builtin_task or args.format != "text":
+        return shard_examples(args)
+    args.val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
+    if args.test_fraction:
+        raise SourceError("--test-fraction is for task formats (--format sft, chat, classify); text has train and "
+                          "validation splits.")
     spec = corpus_from_args(args)
     check_spec(spec)  # missing or unreadable inputs fail before anything is written
     if not 0 <= args.val_fraction < 1:
@@ -443,20 +709,10 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
     dtype = token_dtype(vocab_size)
     fingerprint = run_fingerprint(args, spec, opts, tokenizer_fp)
-    remote = RemoteOutput(as_path(args.output), fingerprint, args.force, args.staging_dir) if is_remote(
-        args.output) else None
-    if remote is not None and remote.complete is not None:
-        print(f"shard_data: {args.output} is already complete for these inputs and options; nothing to do.")
-        return remote.complete
-    out = remote.stage if remote is not None else Path(as_path(args.output))
-    # the default staging directory is the tool's own cache: a stale run of other options there is replaced
-    output = ShardOutput(out, fingerprint, args.force or (remote is not None and not args.staging_dir))
-    if output.complete is not None:
-        if remote is not None:  # staged completely by a run that was stopped while uploading
-            remote.publish(output.complete)
-        else:
-            print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
-        return output.complete
+    remote, output, done = open_output(args, fingerprint, SPLITS)
+    if done is not None:
+        return done
+    out = output.out
     finished = output.finished_shards()
     claim_output = output.claim
 
@@ -552,6 +808,24 @@ def _progress_bar(quiet: bool):
     return tqdm(unit=" docs", disable=quiet, dynamic_ncols=True, file=sys.stderr)
 
 
+def _print_examples(manifest: dict) -> None:
+    ex = manifest["examples"]
+    print(f"{manifest['example_format']} examples: {ex['read']} read, {ex['kept']} kept; longer than --seq-len "
+          f"{manifest['seq_len']}: {ex['truncated']} truncated, {ex['dropped_too_long']} dropped "
+          f"(--too-long {ex['too_long_policy']})")
+    labels = manifest.get("labels")
+    if labels is not None:
+        print(f"labels ({len(labels)}, in class-id order): {', '.join(map(str, labels))}")
+    for split, info in manifest["splits"].items():
+        extra = ""
+        if labels is not None and info["documents"]:
+            majority = max(info["label_counts"]) / info["documents"]
+            extra = f", majority-class baseline {majority:.3f}"
+        elif "target_tokens" in info:
+            extra = f", {info['target_tokens']} trained-on tokens"
+        print(f"{split}: {info['documents']} examples, {info['tokens']} tokens{extra}, {len(info['shards'])} shards")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -559,6 +833,10 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ConfigError) as e:
         print(f"shard_data: error: {e}", file=sys.stderr)
         return 2
+    if manifest.get("example_format", "text") != "text":
+        _print_examples(manifest)
+        print(f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s")
+        return 0
     print(f"cleaning: {_removed_text(manifest['cleaning'])}")
     long_docs = manifest["long_documents"]
     if long_docs["split"]:

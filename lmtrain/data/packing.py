@@ -87,21 +87,99 @@ def pack_documents(docs: Iterable[np.ndarray], seq_len: int, keep_partial: bool 
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-def rows_to_batch(tokens_BxL1: np.ndarray, segment_ids_BxL1: np.ndarray, positions_BxL1: np.ndarray) -> dict:
+class ExamplePacker:
+    """Greedy packer for fine-tuning examples: whole examples only, never split over rows.
+
+    An example that does not fit in the current row closes it (padded with segment id 0) and starts
+    the next, so every example sits in one row with positions 0..n-1, exactly as it would alone: a
+    packed batch has the same per-token loss as the examples unpacked. Rows also carry `weights`,
+    1 where the token is a training target (the example's loss mask).
+    """
+
+    def __init__(self, row_len: int, pad_id: int = 0):
+        self.row_len, self.pad_id = row_len, pad_id
+        self._parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._filled = 0
+
+    def add(self, tokens: np.ndarray, weights: np.ndarray) -> list[dict[str, np.ndarray]]:
+        """Add one example; return the rows completed (the one it closed, and its own if it filled it)."""
+        if len(tokens) > self.row_len:
+            raise ValueError(f"an example of {len(tokens)} tokens does not fit in a row of {self.row_len}.")
+        rows = []
+        if self._filled + len(tokens) > self.row_len:
+            rows.append(self._flush())
+        self._parts.append((np.asarray(tokens), np.asarray(weights)))
+        self._filled += len(tokens)
+        if self._filled == self.row_len:
+            rows.append(self._flush())
+        return rows
+
+    def finish(self) -> list[dict[str, np.ndarray]]:
+        return [self._flush()] if self._parts else []
+
+    def _flush(self) -> dict[str, np.ndarray]:
+        pad = self.row_len - self._filled
+        row = {
+            "tokens": np.concatenate([t for t, _ in self._parts] + [np.full(pad, self.pad_id)]).astype(np.int32),
+            "segment_ids": np.concatenate([np.full(len(t), k + 1, np.int32) for k, (t, _) in enumerate(self._parts)]
+                                          + [np.zeros(pad, np.int32)]),
+            "positions": np.concatenate([np.arange(len(t), dtype=np.int32) for t, _ in self._parts]
+                                        + [np.zeros(pad, np.int32)]),
+            "weights": np.concatenate([w for _, w in self._parts] + [np.zeros(pad)]).astype(np.float32),
+        }
+        self._parts, self._filled = [], 0
+        return row
+
+
+def pad_row(row_len: int) -> dict[str, np.ndarray]:
+    """An all-padding row (segment id 0, nothing to train on), to fill the last evaluation batch."""
+    zeros = np.zeros(row_len, np.int32)
+    return {"tokens": zeros, "segment_ids": zeros, "positions": zeros, "weights": np.zeros(row_len, np.float32)}
+
+
+def rows_to_batch(tokens_BxL1: np.ndarray, segment_ids_BxL1: np.ndarray, positions_BxL1: np.ndarray,
+                  weights_BxL1: np.ndarray | None = None) -> dict:
     """Shift packed rows into a model batch: predict token t+1 from tokens <= t within the same document.
 
-    The loss mask drops padding and the prediction across a document boundary.
+    The loss mask drops padding and the prediction across a document boundary, and (fine-tuning)
+    every target whose weight is 0, such as a prompt token.
     """
     inputs = tokens_BxL1[:, :-1].astype(np.int32)
     targets = tokens_BxL1[:, 1:].astype(np.int32)
     seg_in, seg_out = segment_ids_BxL1[:, :-1], segment_ids_BxL1[:, 1:]
+    loss_mask = ((seg_in == seg_out) & (seg_in > 0)).astype(np.float32)
+    if weights_BxL1 is not None:
+        loss_mask *= weights_BxL1[:, 1:]
     return {
         "inputs": inputs,
         "targets": targets,
-        "loss_mask": ((seg_in == seg_out) & (seg_in > 0)).astype(np.float32),
+        "loss_mask": loss_mask,
         "segment_ids": seg_in.astype(np.int32),
         "positions": positions_BxL1[:, :-1].astype(np.int32),
     }
+
+
+def rows_dict_to_batch(rows: list[dict[str, np.ndarray]]) -> dict:
+    """rows_to_batch over a list of packer rows (with or without `weights`)."""
+    stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+    return rows_to_batch(stacked["tokens"], stacked["segment_ids"], stacked["positions"], stacked.get("weights"))
+
+
+def classify_batch(examples: list[tuple[np.ndarray, int]], seq_len: int, batch_rows: int, pad_id: int = 0) -> dict:
+    """A classification batch: one example per row, right-padded; rows past the examples have weight 0.
+
+    inputs, segment_ids (1 real token, 0 padding), positions: [B, L] int32; labels [B] int32;
+    weights [B] float32.
+    """
+    inputs = np.full((batch_rows, seq_len), pad_id, np.int32)
+    segment_ids = np.zeros((batch_rows, seq_len), np.int32)
+    labels = np.zeros(batch_rows, np.int32)
+    weights = np.zeros(batch_rows, np.float32)
+    for r, (tokens, label) in enumerate(examples):
+        n = min(len(tokens), seq_len)
+        inputs[r, :n], segment_ids[r, :n], labels[r], weights[r] = tokens[:n], 1, label, 1.0
+    positions = np.where(segment_ids > 0, np.arange(seq_len, dtype=np.int32)[None, :], 0).astype(np.int32)
+    return {"inputs": inputs, "segment_ids": segment_ids, "positions": positions, "labels": labels, "weights": weights}
 
 
 def check_data_slice(global_batch_size: int, data_index: int, data_count: int) -> None:
@@ -130,7 +208,7 @@ def check_batch(batch: Mapping[str, np.ndarray], vocab_size: int, max_seq_len: i
             raise DataError(f"{source}: a batch holds position {bad}, outside [0, {max_seq_len}) "
                             f"(model.max_seq_len={max_seq_len}). Set data.seq_len <= model.max_seq_len, "
                             "or re-make the data with this version of lmtrain.")
-    for key in ("inputs", "targets"):
+    for key in ("inputs", "targets"):  # a classification batch has inputs only
         if key not in batch or not np.asarray(batch[key]).size:
             continue
         ids = np.asarray(batch[key])

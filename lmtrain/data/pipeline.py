@@ -24,8 +24,15 @@ from lmtrain.paths import as_path
 @dataclasses.dataclass
 class DataBundle:
     train: Iterator[dict]  # with get_state() / set_state(dict)
-    eval_batches: Callable[[int], Iterator[dict]]  # max_batches (0 = all) -> batches
+    eval_batches: Callable[..., Iterator[dict]]  # (max_batches=0 for all, split="validation") -> batches
     tokenizer: object
+    example_format: str = "text"  # text (lm), sft, chat (both the sft task), classify
+    labels: list | None = None  # classify: the classes in class-id order (the manifest's)
+    splits: tuple[str, ...] = ("train", "validation")  # what eval_batches can read besides train
+
+
+# The task each example format trains (task.name in the config).
+FORMAT_TASKS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify"}
 
 
 class PackedRowsIterator:
@@ -87,7 +94,9 @@ def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, data_index:
     local = global_batch // data_count
     n_batches = len(rows["tokens"]) // global_batch
 
-    def batches(max_batches: int = 0) -> Iterator[dict]:
+    def batches(max_batches: int = 0, split: str = "validation") -> Iterator[dict]:
+        if split != "validation":
+            raise ConfigError(f"data.source=builtin has a validation split only, not '{split}'.")
         count = n_batches if not max_batches else min(max_batches, n_batches)
         for b in range(count):
             s = b * global_batch + data_index * local
@@ -142,15 +151,46 @@ def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) ->
             raise ConfigError(f"{key}={path} does not exist. Create it with {tool} (see the README quickstart), "
                               "or train on the in-memory corpus with --config.data.source=builtin.")
     shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
+    manifest = shards.load_manifest(d.shards_dir)
+    example_format = shards.example_format(manifest)
+    check_task(cfg, example_format, d.shards_dir)
     if d.verify_shards:
         shards.verify_shards(d.shards_dir, data_index, data_count)
     tokenizer = load_tokenizer(d.tokenizer_dir)
     train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, data_index, data_count)
 
-    def eval_batches(max_batches: int = 0):
-        return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, data_index, data_count, max_batches)
+    def eval_batches(max_batches: int = 0, split: str = "validation"):
+        return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, data_index, data_count, max_batches,
+                                         split)
 
-    return DataBundle(train, eval_batches, tokenizer)
+    return DataBundle(train, eval_batches, tokenizer, example_format, manifest.get("labels"),
+                      shards.manifest_splits(manifest))
+
+
+def check_task(cfg, example_format: str, shards_dir) -> None:
+    """The shards must hold the examples the configured task trains on (when the config names a task)."""
+    task = cfg.get("task", {}).get("name") if hasattr(cfg, "get") else None
+    if task is None or FORMAT_TASKS[example_format] == task:
+        return
+    needs = {"lm": "text", "sft": "sft or chat", "classify": "classify"}.get(task, "?")
+    hint = " (classification data needs text and label fields)" if task == "classify" else ""
+    raise ConfigError(f"task.name={task} needs shards made with tools/shard_data.py --format {needs}{hint}, but "
+                      f"data.shards_dir={shards_dir} holds {example_format} shards. Re-shard the data, or set "
+                      f"task.name={FORMAT_TASKS[example_format]}.")
+
+
+def check_labels(run_labels: list, data_labels: list | None, shards_dir) -> None:
+    """Evaluation data must use the run's classes in the run's order (a label the training never saw is an error)."""
+    if data_labels is None:
+        raise ConfigError(f"data.shards_dir={shards_dir} holds no labels: classification needs shards made with "
+                          "tools/shard_data.py --format classify.")
+    unknown = [v for v in data_labels if str(v) not in {str(r) for r in run_labels}]
+    if unknown:
+        raise ConfigError(f"the labels {unknown} of {shards_dir} were never seen in training (the run's classes: "
+                          f"{run_labels}). Re-shard the evaluation data with --labels-from <the training shards>.")
+    if [str(v) for v in data_labels] != [str(v) for v in run_labels]:
+        raise ConfigError(f"the class order of {shards_dir} ({data_labels}) differs from the run's ({run_labels}); "
+                          "re-shard it with --labels-from <the training shards>, so class ids agree.")
 
 
 SOURCES = {"builtin": _builtin_data, "shards": _shards_data}

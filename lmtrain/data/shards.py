@@ -27,12 +27,25 @@ import numpy as np
 from etils import epath
 
 from lmtrain.config import ConfigError
-from lmtrain.data.packing import DataError, RowPacker, check_data_slice, rows_to_batch
+from lmtrain.data.packing import (
+    DataError,
+    ExamplePacker,
+    RowPacker,
+    check_data_slice,
+    classify_batch,
+    pad_row,
+    rows_dict_to_batch,
+)
 from lmtrain.paths import as_path
 
 MANIFEST = "manifest.json"
 FORMAT = "lmtrain-shards-v1"
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation")  # every shard directory has these; "test" is optional
+OPTIONAL_SPLITS = ("test",)
+# What a record holds, by the manifest's example_format (absent: text). Tokens are little-endian
+# token_dtype; a loss mask is one uint8 per token after them; a label is a little-endian int32
+# index into the manifest's `labels` before them.
+EXAMPLE_FORMATS = ("text", "sft", "chat", "classify")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads a single document
 
 
@@ -95,6 +108,27 @@ def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int:
     return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
 
 
+def encode_record(example_format: str, dtype: np.dtype, tokens: np.ndarray, mask: np.ndarray | None = None,
+                  label_id: int | None = None) -> bytes:
+    data = np.asarray(tokens).astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes()
+    if example_format in ("sft", "chat"):
+        return data + np.asarray(mask, np.uint8).tobytes()
+    if example_format == "classify":
+        return np.int32(label_id).astype("<i4").tobytes() + data
+    return data
+
+
+def decode_record(example_format: str, dtype: np.dtype, record: bytes) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(tokens, mask or None, label id or -1) of one record."""
+    dtype = np.dtype(dtype).newbyteorder("<")
+    if example_format in ("sft", "chat"):
+        n = len(record) // (dtype.itemsize + 1)
+        return (np.frombuffer(record, dtype, n), np.frombuffer(record, np.uint8, n, offset=n * dtype.itemsize), -1)
+    if example_format == "classify":
+        return np.frombuffer(record, dtype, offset=4), None, int(np.frombuffer(record, "<i4", 1)[0])
+    return np.frombuffer(record, dtype), None, -1
+
+
 class ShardFileWriter:
     """Write one shard under a temporary name; `finish` fsyncs, hashes and renames it into place.
 
@@ -111,8 +145,9 @@ class ShardFileWriter:
         self.documents = 0
         self.tokens = 0
 
-    def write(self, tokens: np.ndarray) -> None:
-        self._writer.write(np.asarray(tokens).astype(self.dtype, copy=False).tobytes())
+    def write(self, tokens: np.ndarray, mask: np.ndarray | None = None, label_id: int | None = None,
+              example_format: str = "text") -> None:
+        self._writer.write(encode_record(example_format, self.dtype, tokens, mask, label_id))
         self.documents += 1
         self.tokens += len(tokens)
 
@@ -188,7 +223,14 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
         need(node, leaf, kind, key)
     if manifest["token_dtype"] not in ("uint16", "uint32"):
         raise ShardError(f"{path}: key 'token_dtype' is '{manifest['token_dtype']}', not uint16 or uint32.")
-    for split in SPLITS:
+    example_format = manifest.get("example_format", "text")
+    if example_format not in EXAMPLE_FORMATS:
+        raise ShardError(f"{path}: key 'example_format' is '{example_format}', not one of {', '.join(EXAMPLE_FORMATS)}.")
+    if example_format != "text":
+        need(manifest, "seq_len", int, "seq_len")
+    if example_format == "classify":
+        need(manifest, "labels", list, "labels")
+    for split in SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in manifest["splits"]):
         info = need(manifest["splits"], split, dict, f"splits.{split}")
         for key, kind in _SPLIT_KEYS.items():
             need(info, key, kind, f"splits.{split}.{key}")
@@ -198,6 +240,15 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
             if Path(entry["file"]).name != entry["file"] or entry["file"].startswith("."):
                 raise ShardError(f"{path}: key 'splits.{split}.shards[{i}].file' is '{entry['file']}', not a file "
                                  "name inside the shard directory.")
+
+
+def manifest_splits(manifest: dict) -> tuple[str, ...]:
+    """The splits a manifest holds: train, validation, and test when it was made."""
+    return SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in manifest["splits"])
+
+
+def example_format(manifest: dict) -> str:
+    return manifest.get("example_format", "text")
 
 
 def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[epath.Path]:
@@ -213,7 +264,7 @@ def verify_shards(shards_dir: str | os.PathLike, data_index: int = 0, data_count
     verifies the whole directory in the time one host takes for its share.
     """
     manifest = load_manifest(shards_dir)
-    entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    entries = [s for split in manifest_splits(manifest) for s in manifest["splits"][split]["shards"]]
     for entry in entries[data_index::data_count]:
         path = as_path(shards_dir) / entry["file"]
         if not path.exists():
@@ -319,39 +370,54 @@ class _PackedBatchIterator(grain.DatasetIterator):
     """Packs a host's endless document stream into batches; its state is the next row's start.
 
     `docs[k]` is the k-th document (raw bytes) of this host's stream. Rows are produced lazily, so
-    a document split over two rows, or over two batches, is resumed mid-document.
+    a document split over two rows, or over two batches, is resumed mid-document. By format:
+    text documents are packed and split over rows (RowPacker); sft/chat examples are packed whole
+    (ExamplePacker, the state's offset is then always 0); classify examples are one per row.
     """
 
-    def __init__(self, docs: grain.MapDataset, dtype: np.dtype, rows_per_batch: int, row_len: int, identity: dict):
+    def __init__(self, docs: grain.MapDataset, dtype: np.dtype, rows_per_batch: int, row_len: int, identity: dict,
+                 example_format: str = "text", pad_id: int = 0):
         super().__init__()
         self._docs, self._dtype = docs, dtype
         self._rows_per_batch, self._row_len = rows_per_batch, row_len
         self._identity = identity  # what a state must match to be restored here
+        self._format, self._pad_id = example_format, pad_id
         self._reset(0, 0)
 
     def _reset(self, doc: int, offset: int) -> None:
         self._row_doc, self._row_offset = doc, offset  # where the next row to emit starts
         self._read_doc = doc  # next document to feed the packer
         self._skip = offset  # still to drop from the next document fed
-        self._packer = RowPacker(self._row_len, np.int32)
+        self._packer = RowPacker(self._row_len, np.int32) if self._format == "text" else ExamplePacker(self._row_len)
         self._filled = 0
         self._rows: list[tuple[dict, int, int]] = []  # (row, start doc and offset of the row after it)
 
     def _feed_one_document(self) -> None:
-        tokens = np.frombuffer(self._docs[self._read_doc], dtype=self._dtype)
+        tokens, mask, label = decode_record(self._format, self._dtype, self._docs[self._read_doc])
+        k = self._read_doc
+        self._read_doc += 1
+        if self._format == "classify":
+            self._rows.append(({"tokens": tokens, "label": label}, k + 1, 0))
+            return
+        if self._format != "text":
+            rows = self._packer.add(tokens, mask)
+            # a row closed before this example is followed by a row that starts with it
+            for i, row in enumerate(rows):
+                filled_own = i == len(rows) - 1 and self._packer._filled == 0
+                self._rows.append((row, k + 1 if filled_own else k, 0))
+            return
         # Positions restart in every row, so the rest of a resumed document packs exactly as it did
         # on the first pass, where it also began a row.
         skip, self._skip = self._skip, 0
         consumed = skip + (self._row_len - self._filled)
         for row in self._packer.add(tokens[skip:]):
             if consumed >= len(tokens):
-                nxt = (self._read_doc + 1, 0)
+                nxt = (k + 1, 0)
             else:
-                nxt = (self._read_doc, consumed)
+                nxt = (k, consumed)
             self._rows.append((row, *nxt))
             consumed += self._row_len
         self._filled = (self._filled + len(tokens) - skip) % self._row_len
-        self._read_doc += 1
 
     def _next_row(self) -> dict:
         while not self._rows:
@@ -361,7 +427,10 @@ class _PackedBatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [self._next_row() for _ in range(self._rows_per_batch)]
-        return rows_to_batch(*(np.stack([r[k] for r in rows]) for k in ("tokens", "segment_ids", "positions")))
+        if self._format == "classify":
+            return classify_batch([(r["tokens"], r["label"]) for r in rows], self._row_len, self._rows_per_batch,
+                                  self._pad_id)
+        return rows_dict_to_batch(rows)
 
     def get_state(self) -> dict:
         return {"doc": int(self._row_doc), "offset": int(self._row_offset), **self._identity}
@@ -397,13 +466,15 @@ class ShardedTrainIterator:
     of `data_count` is this host's slice of the global batch as the batch sharding lays it out:
     hosts that hold the same rows (a tensor axis across hosts) pass the same data_index and read
     identical batches. Each batch is [global_batch_size // data_count, seq_len] arrays keyed as
-    rows_to_batch.
+    rows_to_batch (text, sft, chat) or packing.classify_batch (classify).
     """
 
     def __init__(self, shards_dir, seq_len: int, global_batch_size: int, seed: int, data_index: int = 0,
                  data_count: int = 1, prefetch: int = 4):
         check_data_slice(global_batch_size, data_index, data_count)
         manifest = load_manifest(shards_dir)
+        check_seq_len(shards_dir, manifest, seq_len)
+        self.example_format = example_format(manifest)
         self.num_documents = manifest["splits"]["train"]["documents"]
         if not self.num_documents:
             raise ShardError(f"shard directory {shards_dir} has no training documents.")
@@ -415,8 +486,10 @@ class ShardedTrainIterator:
         identity = {"seed": seed, "seq_len": seq_len, "data_index": data_index, "data_count": data_count,
                     "num_documents": self.num_documents}
         dataset = _PackedBatchDataset(docs, dtype=np.dtype(manifest["token_dtype"]).newbyteorder("<"),
-                                      rows_per_batch=global_batch_size // data_count, row_len=seq_len + 1,
-                                      identity=identity)
+                                      rows_per_batch=global_batch_size // data_count,
+                                      row_len=seq_len if self.example_format == "classify" else seq_len + 1,
+                                      identity=identity, example_format=self.example_format,
+                                      pad_id=int(manifest.get("pad_id", 0)))
         if prefetch:
             dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
         # Only the holder references the grain iterator: closing it at exit (or on close()) drops it
@@ -457,38 +530,64 @@ def _close_held(holder: list) -> None:
         holder.pop().close()
 
 
+def check_seq_len(shards_dir, manifest: dict, seq_len: int) -> None:
+    """Task shards were cut for a sequence length (--seq-len): a shorter data.seq_len cannot hold their examples."""
+    made_for = manifest.get("seq_len")
+    if example_format(manifest) != "text" and seq_len < made_for:
+        raise DataError(f"the {example_format(manifest)} shards in {shards_dir} were made for sequences of {made_for} "
+                        f"tokens (tools/shard_data.py --seq-len {made_for}), longer than data.seq_len={seq_len}. Set "
+                        f"data.seq_len >= {made_for}, or re-shard with --seq-len {seq_len}.")
+
+
 def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_index: int = 0,
-                       data_count: int = 1, max_batches: int = 0) -> Iterator[dict[str, np.ndarray]]:
-    """Deterministic validation batches: the split in file order, packed, cut into global batches.
+                       data_count: int = 1, max_batches: int = 0, split: str = "validation"
+                       ) -> Iterator[dict[str, np.ndarray]]:
+    """Deterministic evaluation batches: the split in file order, packed, cut into global batches.
 
     Every host packs the same stream and takes its data slice of each global batch, so all hosts
-    yield the same number of batches. The last batch is filled with padding rows (loss_mask 0).
+    yield the same number of batches. The last batch is filled with padding rows (loss_mask 0, or
+    weight 0 for classification). Examples are packed as in training (whole, for sft/chat).
     """
     check_data_slice(global_batch_size, data_index, data_count)
     manifest = load_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"shard directory {shards_dir} has no '{split}' split (it has "
+                        f"{', '.join(manifest_splits(manifest))}); re-shard with --test-fraction for a test split.")
+    check_seq_len(shards_dir, manifest, seq_len)
+    fmt = example_format(manifest)
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-    source = _document_source(shards_dir, "validation", manifest) if manifest["splits"]["validation"]["shards"] else []
+    source = _document_source(shards_dir, split, manifest) if manifest["splits"][split]["shards"] else []
     per_host = global_batch_size // data_count
     lo, hi = data_index * per_host, (data_index + 1) * per_host
-    packer = RowPacker(seq_len + 1, np.int32)
-    pending: list[dict] = []
+    row_len = seq_len if fmt == "classify" else seq_len + 1
+    packer = RowPacker(row_len, np.int32) if fmt == "text" else ExamplePacker(row_len)
+    pending: list = []
     emitted = 0
 
     def batch_of(rows):
+        if fmt == "classify":
+            return classify_batch(rows[lo:hi], seq_len, per_host, int(manifest.get("pad_id", 0)))
         while len(rows) < global_batch_size:
-            rows.append({k: np.zeros(seq_len + 1, np.int32) for k in ("tokens", "segment_ids", "positions")})
-        mine = rows[lo:hi]
-        return rows_to_batch(*(np.stack([r[k] for r in mine]) for k in ("tokens", "segment_ids", "positions")))
+            row = pad_row(row_len)
+            rows.append(row if fmt != "text" else {k: v for k, v in row.items() if k != "weights"})
+        return rows_dict_to_batch(rows[lo:hi])
+
+    def add(record: bytes) -> list:
+        tokens, mask, label = decode_record(fmt, dtype, record)
+        if fmt == "classify":
+            return [(tokens, label)]
+        return packer.add(tokens, mask) if fmt != "text" else packer.add(tokens)
 
     for start in range(0, len(source), 256):
         for record in source.__getitems__(list(range(start, min(start + 256, len(source))))):
-            pending.extend(packer.add(np.frombuffer(record, dtype=dtype)))
+            pending.extend(add(record))
             while len(pending) >= global_batch_size:
                 yield batch_of(pending[:global_batch_size])
                 pending = pending[global_batch_size:]
                 emitted += 1
                 if max_batches and emitted >= max_batches:
                     return
-    pending.extend(packer.finish())
+    if fmt != "classify":
+        pending.extend(packer.finish())
     if pending:
         yield batch_of(pending)

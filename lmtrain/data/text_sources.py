@@ -140,6 +140,87 @@ def iter_documents(spec: CorpusSpec) -> Iterator[str]:
             return
 
 
+def iter_records(spec: CorpusSpec) -> Iterator[tuple[dict, str]]:
+    """Yield (record, where) for structured inputs (task data: prompt/completion, messages, text/label).
+
+    `where` names the file and line (or row, or dataset record) for error messages. Records come
+    from .jsonl/.json, .parquet and .csv files, or a Hugging Face dataset, in a fixed order.
+    """
+    if spec.files:
+        files = expand_files(spec.files)
+        readers = {"jsonl": _iter_jsonl_records, "parquet": _iter_parquet_records, "csv": _iter_csv_records}
+        for path in files:
+            kind = FILE_FORMATS[path.suffix.lower()]
+            if kind not in readers:
+                raise SourceError(f"input file {path}: task data needs .jsonl, .parquet or .csv records, not .{kind}.")
+        records = (r for path in files for r in readers[FILE_FORMATS[path.suffix.lower()]](path))
+    elif spec.hf_dataset:
+        records = _iter_hf_records(spec)
+    else:
+        raise SourceError("task data (--format sft, chat or classify) is read from --input files or --hf-dataset.")
+    for count, item in enumerate(records, 1):
+        yield item
+        if spec.max_docs and count >= spec.max_docs:
+            return
+
+
+def _iter_jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
+    with _open_text(path) as f:
+        for number, line in _decode_guard(path, f):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
+            if not isinstance(record, dict):
+                raise SourceError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+            yield record, where
+
+
+def _iter_parquet_records(path: Path) -> Iterator[tuple[dict, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
+        raise SourceError(f"{path}: not a readable parquet file ({e}).") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=1024):
+        for record in batch.to_pylist():
+            row += 1
+            yield record, f"{path}: row {row}"
+
+
+def _iter_csv_records(path: Path) -> Iterator[tuple[dict, str]]:
+    csv.field_size_limit(sys.maxsize)
+    with _open_text(path) as f:
+        reader = csv.DictReader(f)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, e) from None
+            except csv.Error as e:
+                raise SourceError(f"{path}:{reader.line_num}: cannot parse CSV ({e}).") from None
+            yield {k: v for k, v in row.items() if k is not None}, f"{path}:{reader.line_num}"
+
+
+def _iter_hf_records(spec: CorpusSpec) -> Iterator[tuple[dict, str]]:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(spec.hf_dataset, spec.hf_config or None, split=spec.hf_split, streaming=True)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types; the message is what matters
+        raise SourceError(f"Hugging Face dataset '{spec.hf_dataset}' (config '{spec.hf_config}', split "
+                          f"'{spec.hf_split}') cannot be opened: {e}") from None
+    for index, record in enumerate(ds):
+        yield dict(record), f"dataset {spec.hf_dataset} split {spec.hf_split} record {index}"
+
+
 def _iter_files(files: list[Path], text_field: str, txt_unit: str) -> Iterator[str]:
     readers = {"txt": lambda p: _iter_txt(p, txt_unit), "jsonl": lambda p: _iter_jsonl(p, text_field),
                "parquet": lambda p: _iter_parquet(p, text_field), "csv": lambda p: _iter_csv(p, text_field)}
