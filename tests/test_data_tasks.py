@@ -372,3 +372,33 @@ def test_builtin_task_demos_have_three_splits_and_balanced_classes(builtin_shard
     counts = np.sum([s["label_counts"] for s in load_manifest(tmp_path / "classify")["splits"].values()], axis=0)
     assert (counts == counts[0]).all()  # balanced: the majority-class baseline is 1/6 over all splits
     assert "majority-class baseline" in capsys.readouterr().out
+
+
+def test_parquet_records_and_classify_resume(tok_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = sft_records(40, seed=4)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "d.parquet")
+    assert shard(tok_dir, tmp_path / "d.parquet", tmp_path / "pq", "--format", "sft") == 0
+    assert shard(tok_dir, write_jsonl(tmp_path / "d.jsonl", records), tmp_path / "js", "--format", "sft") == 0
+    splits = [{s: (i["documents"], i["tokens"], i["target_tokens"]) for s, i in load_manifest(tmp_path / d)["splits"].items()}
+              for d in ("pq", "js")]
+    assert splits[0] == splits[1]
+
+    out = tmp_path / "cls"
+    assert shard(tok_dir, write_jsonl(tmp_path / "c.jsonl", classify_records(50, seed=3)), out, "--format",
+                 "classify") == 0
+    it = ShardedTrainIterator(out, SEQ_LEN, 4, seed=2, prefetch=2)
+    states, batches = [], []
+    for _ in range(20):  # past an epoch of 45 training examples
+        states.append(json.loads(json.dumps(it.get_state())))
+        batches.append(next(it))
+    it.close()
+    resumed = ShardedTrainIterator(out, SEQ_LEN, 4, seed=2, prefetch=0)
+    resumed.set_state(states[9])
+    for k in range(9, 20):
+        got = next(resumed)
+        for key in got:
+            np.testing.assert_array_equal(got[key], batches[k][key], err_msg=f"batch {k}")
+    resumed.close()
