@@ -346,6 +346,8 @@ def test_the_task_must_match_the_shards(tok_dir, tmp_path):
         check_task(small_config(**{"task.name": "classify"}), "text", "d")
     with pytest.raises(ConfigError, match="task.name=sft needs .* --format sft or chat"):
         check_task(small_config(**{"task.name": "sft"}), "classify", "d")
+    with pytest.raises(ConfigError, match="task.name=sft needs .*data.source=builtin is plain text"):
+        check_task(small_config(**{"task.name": "sft"}), "text", "")
     check_labels(["a", "b"], ["a", "b"], "d")
     with pytest.raises(ConfigError, match=r"the labels \['c'\] of d were never seen in training"):
         check_labels(["a", "b"], ["a", "c"], "d")

@@ -111,6 +111,7 @@ def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -
     from lmtrain.data.builtin_corpus import builtin_documents
 
     d = cfg.data
+    check_task(cfg, "text", "")
     docs = builtin_documents(d.max_docs)
     train_docs = [t for t in docs if not is_validation_doc(t, d.val_fraction)]
     val_docs = [t for t in docs if is_validation_doc(t, d.val_fraction)]
@@ -174,9 +175,10 @@ def check_task(cfg, example_format: str, shards_dir) -> None:
         return
     needs = {"lm": "text", "sft": "sft or chat", "classify": "classify"}.get(task, "?")
     hint = " (classification data needs text and label fields)" if task == "classify" else ""
+    where = f"data.shards_dir={shards_dir} holds {example_format} shards" if shards_dir else (
+        "data.source=builtin is plain text (use data.source=shards with tools/shard_data.py --builtin-task for the demos)")
     raise ConfigError(f"task.name={task} needs shards made with tools/shard_data.py --format {needs}{hint}, but "
-                      f"data.shards_dir={shards_dir} holds {example_format} shards. Re-shard the data, or set "
-                      f"task.name={FORMAT_TASKS[example_format]}.")
+                      f"{where}. Re-shard the data, or set task.name={FORMAT_TASKS[example_format]}.")
 
 
 def check_labels(run_labels: list, data_labels: list | None, shards_dir) -> None:
