@@ -109,7 +109,7 @@ def _hash_file(path: epath.Path) -> str:
 
 def write_checksums(step_dir: epath.Path) -> None:
     """Hash every file of a finished checkpoint; written last, so its presence means 'all hashed'."""
-    table = {name: {"xxh3_128": _hash_file(p), "bytes": p.stat().st_size} for name, p in _files(step_dir)}
+    table = {name: {"xxh3_128": _hash_file(p), "bytes": p.stat().length} for name, p in _files(step_dir)}
     from lmtrain.paths import atomic_write_text
 
     atomic_write_text(step_dir / CHECKSUMS, json.dumps({"files": table}, indent=1, sort_keys=True))
@@ -128,7 +128,7 @@ def verify_checksums(step_dir: epath.Path) -> str | None:
         file = step_dir / name
         if not file.exists():
             return f"{file} is missing"
-        size = file.stat().st_size
+        size = file.stat().length
         if size != want["bytes"]:
             return f"{file} has {size} bytes, {want['bytes']} were written"
         if _hash_file(file) != want["xxh3_128"]:
