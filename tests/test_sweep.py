@@ -368,20 +368,24 @@ def test_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_real_trainer_sweep(tmp_path):
+def test_real_trainer_sweep_prunes_through_on_eval(tmp_path):
+    # lr 1e-6 learns nothing in 5 steps, so its first validation loss is above trial 0's: the median pruner
+    # (one startup trial) stops it there through the trainer's on_eval, with a checkpoint.
     space = tmp_path / "space.yaml"
     space.write_text(textwrap.dedent("""
         base_config: tiny:smoke
         overrides: {data.source: builtin, train.steps: 10, train.eval_every: 5, train.eval_batches: 1,
                     checkpoint.every: 5, optimizer.warmup_steps: 2, train.sample_tokens: 0,
                     logging.tensorboard: false, logging.loss_curve_png: false}
-        n_trials: 2
-        sampler: random
+        sampler: grid
+        pruner: {name: median, n_startup_trials: 1}
         params:
-          optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+          optimizer.lr: [3.0e-3, 1.0e-6]
     """))
     assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"]) == 0
     rows = list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))
-    assert [r["state"] for r in rows] == ["complete", "complete"]
-    assert all(math.isfinite(float(r["val_loss"])) for r in rows)
-    assert all(os.path.isdir(os.path.join(r["workdir"], "checkpoints")) for r in rows)
+    assert [(r["state"], r["last_step"]) for r in rows] == [("complete", "10"), ("pruned", "5")]
+    assert float(rows[1]["val_loss"]) > float(rows[0]["val_loss"])
+    assert all(os.path.isdir(os.path.join(r["workdir"], "checkpoints", "5")) for r in rows)
+    best = config_lib.load_config(str(tmp_path / "s" / "best_config.json"))
+    assert best.optimizer.lr == 3e-3
