@@ -6,6 +6,7 @@ nothing went to a local `gs:` directory, which is what `Path("gs://b/x").resolve
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -17,6 +18,7 @@ from etils import epath
 
 from lmtrain.paths import append_text, as_path, atomic_write_text, copy_tree, files_under, is_remote, local_dir
 
+REPO = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("no_local_gs_dir")
 
 
@@ -248,3 +250,40 @@ def test_array_record_reads_shards_from_gcs(fake_gcs, tmp_path):
     source = ArrayRecordDataSource([f"{fake_gcs.url}/shards/train-00000.arecord"])
     assert len(source) == 40 and source[0] == records[0] and source[39] == records[39]
     assert any(m == "GET" and "train-00000.arecord" in p and "alt=media" in p for m, p in fake_gcs.server.requests)
+
+
+def _losses_from(text: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, text.splitlines()) if "loss" in r}
+
+
+@pytest.mark.slow
+def test_lmtrain_train_on_a_gcs_workdir_resumes_like_a_local_run(fake_gcs, tmp_path, builtin_shards):
+    """`lmtrain train --workdir=gs://...`, shards and tokenizer on gs:// too: it trains, checkpoints, stops,
+    resumes, and every step's loss equals an uninterrupted run in a local WORKDIR."""
+    from lmtrain.cli import main
+
+    tok, shards = builtin_shards
+    copy_tree(tok, f"{fake_gcs.url}/data/tokenizer")
+    copy_tree(shards, f"{fake_gcs.url}/data/shards")
+    # Few steps and no eval or sample: each run's cost is compiling; what is tested is the storage.
+    args = ["train", "--config=tiny:smoke", "--no-progress", "--config.data.source=shards",
+            f"--config.data.tokenizer_dir={fake_gcs.url}/data/tokenizer", f"--config.data.shards_dir={fake_gcs.url}/data/shards",
+            "--config.model.vocab_size=1024", "--config.train.steps=5", "--config.train.log_every=1",
+            "--config.train.eval_every=0", "--config.train.sample_tokens=0", "--config.checkpoint.every=2"]
+    run = f"{fake_gcs.url}/run"
+    assert main([*args, f"--workdir={run}", "--stop-at-step=3"]) == 0
+    assert "run/checkpoints/3/commit_success.txt" in fake_gcs.object_names()
+    assert main([*args, f"--workdir={run}"]) == 0
+    assert main([*args, f"--workdir={tmp_path / 'local'}"]) == 0
+
+    objects = fake_gcs.objects_dir / "run"
+    resumed = _losses_from((objects / "metrics.jsonl").read_text())
+    straight = _losses_from((tmp_path / "local" / "metrics.jsonl").read_text())
+    assert sorted(resumed) == sorted(straight) == list(range(1, 6))
+    assert resumed == straight
+    assert json.loads((objects / "config.json").read_text())["data"]["shards_dir"] == f"{fake_gcs.url}/data/shards"
+    names = fake_gcs.object_names()
+    assert "run/checkpoints/5/commit_success.txt" in names
+    assert any(n.startswith("run/checkpoints/5/state/") for n in names)
+    assert "run/loss_curve.png" in names and any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
+    assert not (REPO / "gs:").exists()  # and not in the cwd: the no_local_gs_dir fixture checks it
