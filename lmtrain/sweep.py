@@ -57,6 +57,7 @@ SPACE_FIELDS = ("base_config", "overrides", "params", "metric", "direction", "ob
 PARAM_FIELDS = ("type", "low", "high", "log", "step", "choices", "grid")
 # What two runs of one sweep must agree on; sampler, pruner, seed and n_trials may change on a resume.
 IDENTITY_FIELDS = ("params", "metric", "direction", "objective", "cv_folds")
+MAX_SAME_FAILURES = 3  # trials in a row failing alike: the base config or data is broken, not the parameters
 RUN_DONE_FILE = "sweep_run.json"  # in a trial's (or fold's) WORKDIR once its training finished and was scored
 
 TrainFn = Callable[..., object]
@@ -541,8 +542,8 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
 
     try:
         result = ctx.train_fn(cfg, workdir, show_progress=False, on_eval=on_eval)
-    except FloatingPointError as e:  # the trainer's divergence check
-        raise _TrialFailed(str(e)) from None
+    except _divergence_errors() as e:
+        raise _TrialFailed(f"diverged: {e}") from None
     except SweepError:
         raise
     except config_lib.ConfigError as e:  # e.g. warmup longer than the steps for these parameters
@@ -567,6 +568,15 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
     atomic_write_text(done, json.dumps({"value": value, "step": getattr(result, "step", None),
                                         "metrics": {k: float(v) for k, v in last_metrics.items()}}) + "\n")
     return value
+
+
+def _divergence_errors() -> tuple[type[BaseException], ...]:
+    """What the trainer raises when the loss stops being finite: a property of the trial's parameters."""
+    try:
+        from lmtrain.train.actions import TrainingDiverged
+    except ImportError:
+        return (FloatingPointError,)
+    return (FloatingPointError, TrainingDiverged)
 
 
 def _interrupted(result) -> bool:
@@ -729,13 +739,20 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
         _requeue_interrupted(study, storage, log)
         budget = n_trials or spec.n_trials or study.user_attrs.get("grid_queued") or 20
         ctx = _Context(spec, base, sweep_dir, train_fn, log, study)
+        failures: list[str] = []
         with _stop_on_signal() as stop:
             while sum(_counts_toward_budget(t) for t in study.get_trials(deepcopy=False)) < budget:
                 if stop.signal_name:
                     log(f"sweep: stopped by {stop.signal_name} between trials; run the same command to resume.")
                     break
-                if not _run_trial(ctx, study):
+                state, error = _run_trial(ctx, study)
+                if state == "stop":
                     break
+                failures = failures + [error] if state == "failed" else []
+                if len(failures) >= MAX_SAME_FAILURES and len(set(failures[-MAX_SAME_FAILURES:])) == 1:
+                    write_results(study, spec, base, sweep_dir, log)
+                    raise SweepError(f"{MAX_SAME_FAILURES} trials in a row failed with the same error, which the "
+                                     f"search space does not explain: {error}")
         write_results(study, spec, base, sweep_dir, log)
     return study
 
@@ -756,8 +773,9 @@ def _stop_on_signal():
             signal.signal(s, h)
 
 
-def _run_trial(ctx: _Context, study) -> bool:
-    """Ask, train, tell one trial; False when the sweep must stop (a signal reached the trainer)."""
+def _run_trial(ctx: _Context, study) -> tuple[str, str]:
+    """Ask, train, tell one trial. Returns ('done' | 'failed' | 'stop', error text); 'stop' when a signal
+    reached the trainer."""
     import optuna
     from optuna.trial import TrialState
 
@@ -768,17 +786,17 @@ def _run_trial(ctx: _Context, study) -> bool:
     except optuna.TrialPruned as e:
         study.tell(trial, state=TrialState.PRUNED)
         ctx.log(f"sweep: trial {trial.number} {e} after {time.perf_counter() - start:.1f}s")
-        return True
+        return "done", ""
     except _TrialFailed as e:
         trial.set_user_attr("error", str(e)[:2000])
         study.tell(trial, state=TrialState.FAIL)
         ctx.log(f"sweep: trial {trial.number} failed: {e}")
-        return True
+        return "failed", str(e)
     except _Interrupted as e:
         trial.set_user_attr("interrupted", str(e))
         study.tell(trial, state=TrialState.FAIL)
         ctx.log(f"sweep: trial {trial.number} stopped by {e}; run the same command to resume it.")
-        return False
+        return "stop", ""
     except BaseException as e:
         trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
         if not isinstance(e, SweepError):
@@ -790,7 +808,7 @@ def _run_trial(ctx: _Context, study) -> bool:
     shown = f"{value:.4g}" + (f" ± {std:.2g} over {ctx.spec.cv_folds} folds" if std is not None else "")
     ctx.log(f"sweep: trial {trial.number} {ctx.spec.metric}={shown} ({_fmt_params(trial.params)}) "
             f"in {time.perf_counter() - start:.1f}s")
-    return True
+    return "done", ""
 
 
 def _fmt_params(params: dict) -> str:

@@ -238,6 +238,16 @@ def test_early_stopping_finishes_a_trial_and_a_signal_interrupts_the_sweep(tmp_p
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
 
 
+def test_the_same_failure_three_times_in_a_row_stops_the_sweep(tmp_path):
+    def broken(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
+        raise config_lib.ConfigError("data.shards_dir='': no manifest.json there; run tools/shard_data.py first.")
+
+    with pytest.raises(sweep.SweepError, match="3 trials in a row failed with the same error.*no manifest.json"):
+        sweep.run_sweep(make_spec(n_trials=10), tmp_path / "s", train_fn=broken, log=quiet)
+    rows = list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))
+    assert [r["state"] for r in rows] == ["fail"] * 3 and "no manifest.json" in rows[0]["error"]
+
+
 def test_a_metric_the_trainer_does_not_report_is_an_error(tmp_path):
     spec = make_spec(metric="val_accuracy")
     with pytest.raises(sweep.SweepError, match="metric 'val_accuracy' is not among .*val_loss, val_perplexity"):

@@ -6,7 +6,7 @@ real trainer.
 
 The tokenizer and shards are built once (tools/train_tokenizer.py, tools/shard_data.py on the built-in corpus)
 and shared by every trial, as a real sweep should share them. Each trial is split into:
-- data: the trainer's `make_data` call (opening shards, tokenizer checks), timed by wrapping it;
+- data: the task's `make_data` call (opening and verifying shards, tokenizer checks), timed by wrapping it;
 - compile: tracing, lowering and XLA compilation, summed from `jax.monitoring` duration events;
 - steady steps: (steps - 1) x the median step time that metrics.jsonl's tokens_per_s gives (the first logged
   interval holds the first step's compile, so it is left out of the median);
@@ -45,20 +45,30 @@ class TrialTimer:
         self._data = 0.0
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
         self._train = sweep.default_train_fn()
-        if hasattr(trainer, "make_data"):  # the name the trainer imports; if it moved, data time is not split out
-            original = trainer.make_data
+        self.data_timed = True
+        if hasattr(trainer, "make_task"):  # the task seam: data comes from task.make_data
+            make_task = trainer.make_task
 
-            def timed_make_data(*args, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return original(*args, **kwargs)
-                finally:
-                    self._data += time.perf_counter() - start
+            def timed_make_task(cfg):
+                task = make_task(cfg)
+                task.make_data = self._timed(task.make_data)
+                return task
 
-            trainer.make_data = timed_make_data
-            self.data_timed = True
-        else:
+            trainer.make_task = timed_make_task
+        elif hasattr(trainer, "make_data"):
+            trainer.make_data = self._timed(trainer.make_data)
+        else:  # the trainer changed its data entry point: data time is not split out
             self.data_timed = False
+
+    def _timed(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self._data += time.perf_counter() - start
+
+        return timed
 
     def _on_event(self, name: str, duration: float, **_kwargs) -> None:
         if name in COMPILE_EVENTS:
