@@ -995,6 +995,19 @@ def write_results(study, spec: SweepSpec, base, sweep_dir: str, log: Callable[[s
     return summary
 
 
+def write_results_only(spec: SweepSpec, sweep_dir: str) -> None:
+    """Rewrite the table, plots and best config of an existing sweep without running a trial."""
+    import optuna
+
+    db = os.path.join(sweep_dir, "sweep.db")
+    if not os.path.exists(db):
+        raise SweepError(f"{sweep_dir} holds no sweep results yet (no sweep.db); run the sweep first.")
+    base = resolve_base_config(spec)
+    spec = validate_space(spec, base)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    write_results(optuna.load_study(study_name="lmtrain", storage=f"sqlite:///{db}"), spec, base, sweep_dir)
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -1035,13 +1048,7 @@ def main(argv: list[str] | None = None, train_fn: TrainFn | None = None) -> int:
                 raise SweepError("--config and --config.K=V need --space (they define a sweep); "
                                  "to resume, give only --sweep-dir.")
         if args.n_trials == 0:
-            import optuna
-
-            base = resolve_base_config(spec)
-            spec = validate_space(spec, base)
-            storage = f"sqlite:///{os.path.join(str(as_path(args.sweep_dir)), 'sweep.db')}"
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            write_results(optuna.load_study(study_name="lmtrain", storage=storage), spec, base, str(as_path(args.sweep_dir)))
+            write_results_only(spec, str(as_path(args.sweep_dir)))
             return 0
         run_sweep(spec, args.sweep_dir, train_fn=train_fn, n_trials=args.n_trials, sampler=args.sampler,
                   pruner=args.pruner)

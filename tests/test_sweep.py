@@ -371,6 +371,11 @@ def test_command_line(tmp_path, capsys):
     # resume with only the directory: its space and overrides come from sweep.json
     assert sweep.main([f"--sweep-dir={tmp_path / 's'}", "--n-trials=3"], train_fn=fake_train) == 0
     assert len(list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))) == 3
+    os.remove(tmp_path / "s" / "trials.csv")
+    assert sweep.main([f"--sweep-dir={tmp_path / 's'}", "--n-trials=0"]) == 0  # results only, no trial
+    assert len(list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))) == 3
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 'new'}", "--n-trials=0"]) == 2
+    assert "holds no sweep results yet" in capsys.readouterr().err
     space.write_text("params:\n  optimizer.lrr: [0.001]\n")
     assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 't'}"], train_fn=fake_train) == 2
     err = capsys.readouterr().err
