@@ -32,6 +32,7 @@ from lmtrain.paths import as_path, files_under
 ITEMS = ("state", "data", "meta")
 CHECKSUMS = "lmtrain_checksums.json"
 DAMAGED_SUFFIX = ".damaged"
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step being written: <step>.orbax-checkpoint-tmp-<time>
 
 
 class CheckpointError(ConfigError):
@@ -93,8 +94,12 @@ def checkpoint_dir(workdir) -> epath.Path:
 # ---------------------------------------------------------------------------------------------- checksums
 
 
+# Orbax's own bookkeeping, rewritten when it publishes a step (after the table is written): not hashed.
+UNHASHED = (CHECKSUMS, "_CHECKPOINT_METADATA", "commit_success.txt")
+
+
 def _files(step_dir: epath.Path) -> list[tuple[str, epath.Path]]:
-    return [(name, path) for name, path in files_under(step_dir) if name != CHECKSUMS]
+    return [(name, path) for name, path in files_under(step_dir) if name not in UNHASHED]
 
 
 def _hash_file(path: epath.Path) -> str:
@@ -109,6 +114,7 @@ def _hash_file(path: epath.Path) -> str:
 
 def write_checksums(step_dir: epath.Path) -> None:
     """Hash every file of a finished checkpoint; written last, so its presence means 'all hashed'."""
+    step_dir = as_path(step_dir)
     table = {name: {"xxh3_128": _hash_file(p), "bytes": p.stat().length} for name, p in _files(step_dir)}
     from lmtrain.paths import atomic_write_text
 
@@ -117,6 +123,7 @@ def write_checksums(step_dir: epath.Path) -> None:
 
 def verify_checksums(step_dir: epath.Path) -> str | None:
     """None when every listed file is present and unchanged; else what is wrong (the first problem)."""
+    step_dir = as_path(step_dir)
     path = step_dir / CHECKSUMS
     if not path.exists():
         return None  # saved by a run that stopped before hashing: accepted as it is
@@ -197,14 +204,28 @@ class Checkpointer:
     # -- saving
 
     def _after_finalize(self) -> None:
-        """Runs once a save is final (in Orbax's background thread when saving asynchronously)."""
+        """Runs once a save's files are all written (in Orbax's background thread when saving asynchronously).
+
+        Orbax calls this before it publishes the step: locally the files are still in
+        `<step>.orbax-checkpoint-tmp-<time>`, renamed afterwards (on gs:// they are already under `<step>`).
+        So the table is written into whichever directory holds the step now, and is published with it.
+        """
         pending, self._unhashed = self._unhashed, []
         if not self.checksums or jax.process_index() != 0:
             return
         for step in pending:
-            step_dir = self.directory / str(step)
-            if step_dir.exists():
+            step_dir = self._directory_being_saved(step)
+            if step_dir is not None:
                 write_checksums(step_dir)
+
+    def _directory_being_saved(self, step: int) -> epath.Path | None:
+        final = self.directory / str(step)
+        if final.exists():
+            return final
+        prefix = f"{step}{TMP_SUFFIX}"
+        tmps = sorted((p for p in self.directory.iterdir() if p.name.startswith(prefix)),
+                      key=lambda p: p.name[len(prefix):].lstrip("-").zfill(20))
+        return tmps[-1] if tmps else None  # the newest: older ones are stale saves, cleaned up at start
 
     def save(self, step: int, state: dict, data_state: dict, meta: dict, metrics: dict | None = None) -> None:
         args = ocp.args.Composite(
@@ -213,6 +234,9 @@ class Checkpointer:
         if metrics is not None and self.best_metric not in metrics:
             metrics = None
         try:
+            # The previous save's hashing runs in Orbax's thread until its save is final: wait for it,
+            # so that it cannot take this step (whose files do not exist yet) off the list.
+            self.manager.wait_until_finished()
             self._unhashed.append(step)
             self.manager.save(step, args=args, metrics=metrics, force=True)
             if not self.manager._options.enable_async_checkpointing:  # noqa: SLF001
@@ -276,15 +300,42 @@ class Checkpointer:
             if _agree(problem is not None):
                 self._set_aside(step, problem or "its checksums do not match on process 0")
                 continue
+            mismatch = self._layout_mismatch(step, abstract_state)
+            if mismatch:  # not damage: this config builds another state; setting the step aside would lose it
+                raise CheckpointError(
+                    f"checkpoint {self.directory / str(step)} holds a different training state than this config "
+                    f"builds ({mismatch}). Resume with the config it was trained with (its config.json), or use a "
+                    "new --workdir with --config.train.init_from=THIS_WORKDIR to start from its weights.")
             try:
                 return self._restore(step, abstract_state)
             except CheckpointError:
                 raise
-            except (ValueError, OSError, KeyError, RuntimeError) as e:
+            except Exception as e:  # noqa: BLE001 - the layout matches, so any read failure is damage (Orbax raises bare Exception)
                 if jax.process_count() > 1:
                     raise CheckpointError(f"checkpoint {self.directory / str(step)} could not be read ({e}). "
                                           "Move it out of the checkpoints directory and run again.") from None
                 self._set_aside(step, f"reading it failed: {str(e).splitlines()[0][:200]}")
+
+    def _layout_mismatch(self, step: int, abstract_state: dict) -> str | None:
+        """What differs between the arrays stored in `step` and `abstract_state` (paths and shapes), or None.
+        Unreadable metadata counts as no mismatch: it is damage, which the restore finds."""
+        import logging
+
+        absl_logger = logging.getLogger("absl")
+        level = absl_logger.level
+        absl_logger.setLevel(logging.ERROR)  # Orbax warns that the item has no step metadata of its own
+        try:
+            stored = _stored_leaves(self.directory / str(step) / "state", None)
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            absl_logger.setLevel(level)
+        from lmtrain.train.state import _path_keys
+
+        want = {_path_keys(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+        diffs = [f"{'/'.join(map(str, k))}: stored {stored.get(k)}, expected {want.get(k)}"
+                 for k in sorted(set(want) | set(stored), key=str) if stored.get(k) != want.get(k)]
+        return "; ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "") if diffs else None
 
     def _restore(self, step: int, abstract_state: dict) -> Restored:
         args = ocp.args.Composite(

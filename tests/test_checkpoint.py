@@ -1,0 +1,389 @@
+"""Checkpoints keep what the user needs (issue 7, items 2, 7, 8, 9, 10): the best survives restarts, a
+non-finite state is never saved, damage falls back to the previous checkpoint, a refused config change
+writes nothing, a finished run is left alone, and signals during the final save do not lose it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmtrain.config import to_json
+from lmtrain.train import checkpoint as ckpt_lib
+from lmtrain.train.actions import TrainingDiverged
+from lmtrain.train.checkpoint import Checkpointer, select_step
+from lmtrain.train.trainer import main, train
+from tests import core_fixtures
+from tests.core_fixtures import REPO, cli, cli_env, run_config, tree_digest
+from tests.helpers import small_config
+
+compile_cache, compile_cache_dir, tokenizer_512 = (
+    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_512)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
+def _records(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(workdir) -> list[int]:
+    d = pathlib.Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+
+
+# ---------------------------------------------------------------------------------------------- Checkpointer units
+
+
+def _tiny_state(value: float = 1.0) -> dict:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    w = jax.device_put(np.random.default_rng(int(value)).standard_normal((64, 64), np.float32), one)  # incompressible
+    return {"params": {"w": w}, "step": jax.device_put(jnp.int32(0), one)}
+
+
+def _abstract() -> dict:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _tiny_state())
+
+
+def _save_steps(workdir, steps_and_losses, metric="val_loss", mode="min", keep=1, **kw) -> None:
+    ck = Checkpointer(workdir, keep=keep, best_metric=metric, best_mode=mode, **kw)
+    try:
+        for step, value in steps_and_losses:
+            metrics = {metric: value}
+            ck.save(step, _tiny_state(step), {"step": step}, {"eval": metrics}, metrics)
+    finally:
+        ck.close()
+
+
+@pytest.mark.parametrize("metric, mode, values, best", [
+    ("val_loss", "min", [3.0, 1.0, 2.0, 2.5, 2.4], 2),
+    ("val_perplexity", "max", [3.0, 9.0, 2.0, 2.5, 2.4], 2),
+])
+def test_best_checkpoint_survives_two_restarts(tmp_path, metric, mode, values, best):
+    """Orbax keeps the best by metrics it reloads from disk only when best_fn is set: restart twice, keep=1."""
+    es = {"train.early_stopping.metric": metric, "train.early_stopping.mode": mode}
+    (tmp_path / "config.json").write_text(to_json(small_config("llama", **es)))
+    pairs = list(enumerate(values, start=1))
+    _save_steps(tmp_path, pairs[:2], metric, mode)
+    _save_steps(tmp_path, pairs[2:4], metric, mode)  # restart 1
+    _save_steps(tmp_path, pairs[4:], metric, mode)  # restart 2
+    assert _steps(tmp_path) == [best, 5]
+    assert select_step(tmp_path, "best") == best
+    assert select_step(tmp_path, "latest") == 5
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    """A checkpoints directory with steps 1 and 2 (asynchronous saves, as in training)."""
+    _save_steps(tmp_path, [(1, 2.0), (2, 1.0)], keep=2)
+    assert _steps(tmp_path) == [1, 2]
+    return tmp_path
+
+
+def test_every_saved_checkpoint_has_checksums(two_checkpoints):
+    for step in (1, 2):
+        table = json.loads((two_checkpoints / "checkpoints" / str(step) / ckpt_lib.CHECKSUMS).read_text())["files"]
+        assert any(name.startswith("state/") for name in table), table
+        assert ckpt_lib.verify_checksums(two_checkpoints / "checkpoints" / str(step)) is None
+
+
+def _largest_tensor_file(step_dir: pathlib.Path) -> pathlib.Path:
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    f = _largest_tensor_file(step_dir)
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _delete(step_dir):
+    _largest_tensor_file(step_dir).unlink()
+
+
+def _flip_byte(step_dir):
+    f = _largest_tensor_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    f.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete, _flip_byte], ids=["truncated", "deleted", "flipped_byte"])
+def test_damaged_latest_checkpoint_falls_back_with_a_warning(two_checkpoints, damage, capsys):
+    damage(two_checkpoints / "checkpoints" / "2")
+    ck = Checkpointer(two_checkpoints, keep=2)
+    try:
+        restored = ck.restore_latest(_abstract())
+    finally:
+        ck.close()
+    assert restored.step == 1
+    np.testing.assert_array_equal(restored.state["params"]["w"], _tiny_state(1)["params"]["w"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "damaged" in err and "checkpoints/2" in err, err
+    aside = [p for p in (two_checkpoints / "checkpoints").iterdir() if p.name.startswith("2.damaged")]
+    assert len(aside) == 1 and any(aside[0].rglob("*")), "the damaged step is moved aside, not deleted"
+    assert _steps(two_checkpoints) == [1]
+
+
+@pytest.mark.parametrize("damage", [_truncate, _delete], ids=["truncated", "deleted"])
+def test_damage_is_caught_without_checksums_too(two_checkpoints, damage, capsys):
+    """With checkpoint.checksums off (or a checkpoint saved before hashing), a read error still falls back."""
+    damage(two_checkpoints / "checkpoints" / "2")
+    (two_checkpoints / "checkpoints" / "2" / ckpt_lib.CHECKSUMS).unlink()
+    ck = Checkpointer(two_checkpoints, keep=2, checksums=False)
+    try:
+        restored = ck.restore_latest(_abstract())
+    finally:
+        ck.close()
+    assert restored.step == 1
+    assert "damaged" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_shape_is_refused_not_set_aside(two_checkpoints):
+    """A state that does not fit (another model) is a config problem: nothing is moved or deleted."""
+    before = tree_digest(two_checkpoints)
+    other = {"params": {"w": jax.ShapeDtypeStruct((32, 64), jnp.float32, sharding=_abstract()["params"]["w"].sharding)},
+             "step": _abstract()["step"]}
+    ck = Checkpointer(two_checkpoints, keep=2)
+    try:
+        with pytest.raises(ckpt_lib.CheckpointError, match=r"params/w: stored \(64, 64\), expected \(32, 64\)"):
+            ck.restore_latest(other)
+    finally:
+        ck.close()
+    assert tree_digest(two_checkpoints) == before
+
+
+def test_stale_orbax_tmp_directories_are_removed(two_checkpoints):
+    stale = two_checkpoints / "checkpoints" / "7.orbax-checkpoint-tmp-1732290000"
+    (stale / "state").mkdir(parents=True)
+    (stale / "state" / "half").write_bytes(b"x" * 100)
+    ck = Checkpointer(two_checkpoints, keep=2)
+    try:
+        assert ck.steps() == [1, 2]
+        ck.save(3, _tiny_state(3), {}, {})
+    finally:
+        ck.close()
+    assert not stale.exists()
+    assert _steps(two_checkpoints) == [2, 3]
+
+
+# ---------------------------------------------------------------------------------------------- through train()
+
+
+def _read_params(workdir, step):
+    from lmtrain.train.checkpoint import restore_params
+
+    _, params = restore_params(workdir, step)
+    return params
+
+
+@pytest.mark.slow
+def test_best_by_a_max_metric_survives_restarts_and_exports(tmp_path, tokenizer_512):
+    """keep=1 and a 'max' metric (val_perplexity, so the best is an early step): stop, resume, resume."""
+    from lmtrain.interop import hf_export
+
+    workdir = tmp_path / "run"
+    es = {"train.early_stopping.metric": "val_perplexity", "train.early_stopping.mode": "max"}
+    train(run_config(tokenizer_512, 6, **es), workdir, stop_at_step=2)
+    train(run_config(tokenizer_512, 6, **es), workdir, stop_at_step=4)
+    train(run_config(tokenizer_512, 6, **es), workdir)
+    evals = {r["step"]: r["val_perplexity"] for r in _records(workdir) if "val_perplexity" in r}
+    assert sorted(evals) == [2, 4, 6]
+    best = max(evals, key=evals.get)
+    assert best < 6, f"the loss did not fall, so this run cannot show the best being kept: {evals}"
+    assert best in _steps(workdir) and 6 in _steps(workdir)
+    assert select_step(workdir, "best") == best
+    assert json.loads((workdir / "done.json").read_text())["best_step"] == best
+    out = tmp_path / "export"
+    assert hf_export.main([str(workdir), str(out), "--which", "best"]) == 0
+    assert list(out.glob("*.safetensors")) and (out / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_nan_update_is_never_saved_and_the_error_names_the_last_good_step(tmp_path, tokenizer_512):
+    """lr=1e30 without clipping: step 1's update is finite (parameters ~1e30, saved), step 2's overflows."""
+    workdir = tmp_path / "run"
+    cfg = run_config(tokenizer_512, 6, **{"optimizer.lr": 1e30, "optimizer.clip_norm": 0.0, "checkpoint.every": 1,
+                                          "checkpoint.keep": 5, "optimizer.warmup_steps": 0, "train.eval_every": 0})
+    with pytest.raises(TrainingDiverged) as info:
+        train(cfg, workdir)
+    message = str(info.value)
+    assert "update at step 2 made the parameters non-finite" in message, message
+    assert "last good checkpoint is step 1" in message, message
+    assert _steps(workdir) == [1]
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(_read_params(workdir, 1)))
+    # Resuming stops at the same update again, with the same last good step, and saves nothing.
+    with pytest.raises(TrainingDiverged, match="last good checkpoint is step 1"):
+        train(cfg, workdir)
+    assert _steps(workdir) == [1]
+
+
+@pytest.mark.slow
+def test_nan_loss_at_step_1_blames_the_data_not_the_learning_rate(tmp_path, tokenizer_512, monkeypatch):
+    """A poisoned first batch (a NaN loss weight): the parameters are finite, the loss is not."""
+    from lmtrain.tasks import lm
+
+    real = lm.make_data
+
+    def poisoned(cfg, workdir, data_index, data_count):
+        bundle = real(cfg, workdir, data_index, data_count)
+        inner = bundle.train
+
+        class Poisoned:
+            def __getattr__(self, name):
+                return getattr(inner, name)
+
+            def __next__(self):
+                batch = next(inner)
+                batch["loss_mask"] = np.full_like(batch["loss_mask"], np.nan)
+                return batch
+
+        bundle.train = Poisoned()
+        return bundle
+
+    monkeypatch.setattr(lm, "make_data", poisoned)
+    with pytest.raises(TrainingDiverged) as info:
+        train(run_config(tokenizer_512, 4, **{"checkpoint.every": 1}), tmp_path / "run")
+    message = str(info.value)
+    assert "loss is nan at step 1" in message and "finite parameters" in message, message
+    assert "data" in message
+    assert "optimizer.lr" not in message and "lower" not in message.lower(), message
+    assert not (tmp_path / "run" / "checkpoints").exists() or _steps(tmp_path / "run") == []
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer_512):
+    """A finished 2-step run with TensorBoard on."""
+    workdir = tmp_path_factory.mktemp("finished") / "run"
+    train(run_config(tokenizer_512, 2, **{"logging.tensorboard": True}), workdir)
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["model.d_model=128", "optimizer.name=lion", "optimizer.clip_norm=0.5",
+                                      "model.n_layers=3"])
+def test_incompatible_change_on_resume_is_refused_before_anything_is_written(finished_run, override, capsys):
+    before = tree_digest(finished_run)
+    key = override.split("=")[0]
+    code = main([f"--config={finished_run / 'config.json'}", f"--workdir={finished_run}", "--config.train.steps=4",
+                 f"--config.{override}"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and key in err and "--workdir" in err and "init_from" in err, err
+    assert tree_digest(finished_run) == before, "a refused resume must not write anything"
+
+
+@pytest.mark.slow
+def test_finished_run_run_again_says_complete_and_writes_nothing(finished_run, capsys):
+    done = json.loads((finished_run / "done.json").read_text())
+    assert done["step"] == 2 and "val_loss" in done["metrics"] and done["finished"]
+    events = sorted(p.name for p in (finished_run / "tensorboard").iterdir())
+    assert events
+    before = tree_digest(finished_run)
+    assert main([f"--config={finished_run / 'config.json'}", f"--workdir={finished_run}"]) == 0
+    out = capsys.readouterr().out
+    assert "is complete" in out and "train.steps" in out, out
+    assert sorted(p.name for p in (finished_run / "tensorboard").iterdir()) == events
+    assert tree_digest(finished_run) == before
+
+
+# ---------------------------------------------------------------------------------------------- signals
+
+# Runs the CLI with Checkpointer.wait slowed down and announced, so that a test can signal the process
+# while the final save is being waited for (the window the issue lost the checkpoint in).
+SLOW_FINAL_SAVE = """
+import sys, time
+from lmtrain.train import checkpoint
+_wait = checkpoint.Checkpointer.wait
+def wait(self):
+    print("TEST: waiting for the final save", flush=True)
+    time.sleep(3)
+    _wait(self)
+checkpoint.Checkpointer.wait = wait
+from lmtrain.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _wait_for(proc, predicate, timeout: float, what: str) -> str:
+    """Read the process's output line by line until `predicate(all output so far)`; returns the output."""
+    out = ""
+    deadline = time.time() + timeout
+    os.set_blocking(proc.stdout.fileno(), False)
+    while time.time() < deadline:
+        chunk = proc.stdout.read()
+        if chunk:
+            out += chunk
+            if predicate(out):
+                return out
+        elif proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"timed out waiting for {what}:\n{out}")
+
+
+def _finish(proc, out: str, timeout: float = 180) -> str:
+    os.set_blocking(proc.stdout.fileno(), True)
+    rest, _ = proc.communicate(timeout=timeout)
+    return out + rest
+
+
+def _train_args(tokenizer_512, workdir, steps=100000, **kw) -> list[str]:
+    """CLI arguments for a run of the tiny test model; its config goes in a file beside the WORKDIR."""
+    cfg = run_config(tokenizer_512, steps, **{"train.eval_every": 0, "checkpoint.every": 100000, **kw})
+    path = pathlib.Path(workdir).parent / f"{pathlib.Path(workdir).name}-config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_json(cfg))
+    return ["train", f"--config={path}", f"--workdir={workdir}", "--no-progress"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_second_signal_during_the_final_save_keeps_the_checkpoint(tmp_path, tokenizer_512, compile_cache_dir, second):
+    import subprocess
+
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_FINAL_SAVE, *_train_args(tokenizer_512, workdir)],
+                            cwd=REPO, env=cli_env(compile_cache_dir), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = _wait_for(proc, lambda o: "step 2/" in o, 300, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    out = _wait_for(proc, lambda o: "TEST: waiting for the final save" in o, 120, "the final save")
+    proc.send_signal(second)
+    out = _finish(proc, out)
+    assert proc.returncode == 0, out
+    assert "already stopping" in out and "Traceback" not in out, out
+    stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert _steps(workdir) == [stopped_at]
+    assert ckpt_lib.verify_checksums(workdir / "checkpoints" / str(stopped_at)) is None
+    assert (workdir / "checkpoints" / str(stopped_at) / ckpt_lib.CHECKSUMS).exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_0_with_a_message(tmp_path, tokenizer_512, compile_cache_dir):
+    """SIGTERM half a second after launch (Python is still importing JAX), and once the model is built
+    (before step 1 is compiled)."""
+    for when in ("import", "built"):
+        workdir = tmp_path / f"run-{when}"
+        proc = cli(_train_args(tokenizer_512, workdir, 4), compile_cache_dir)
+        out = ""
+        if when == "import":
+            time.sleep(0.5)
+            assert proc.poll() is None
+        else:
+            out = _wait_for(proc, lambda o: "M parameters" in o, 300, "the model to be built")
+        proc.send_signal(signal.SIGTERM)
+        out = _finish(proc, out)
+        assert proc.returncode == 0, (when, out)
+        assert "SIGTERM" in out and "Traceback" not in out, out
+        assert "step 1/" not in out, out
+        assert not (workdir / "checkpoints").exists() or _steps(workdir) == []
+        assert "checkpoint saved" not in out, f"nothing was trained, so no checkpoint was saved:\n{out}"
