@@ -156,7 +156,7 @@ def test_import_path_mistakes(llama, tmp_path, capsys):
     assert "WORKDIR" in _import_error(capsys, llama, file_workdir) and file_workdir.read_text() == "keep me"
     assert "is the Hugging Face directory itself" in _import_error(capsys, llama, llama, "--force")
     trained = tmp_path / "trained"
-    (trained / "checkpoints").mkdir(parents=True)
+    (trained / "checkpoints" / "100").mkdir(parents=True)
     assert "holds checkpoints/" in _import_error(capsys, llama, trained, "--force")
 
 

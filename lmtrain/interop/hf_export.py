@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -42,7 +43,13 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain.interop.hf_families import Family, HFInteropError, family_for_model
-from lmtrain.interop.hf_import import SOURCE_CONFIG, SOURCE_GENERATION_CONFIG, TOKENIZER_FILES, read_json
+from lmtrain.interop.hf_import import (
+    LABELS_FILE,
+    SOURCE_CONFIG,
+    SOURCE_GENERATION_CONFIG,
+    TOKENIZER_FILES,
+    read_json,
+)
 from lmtrain.model.layers import ModelConfig
 from lmtrain.paths import as_path, is_remote
 
@@ -143,14 +150,40 @@ def _sync(f) -> None:
         os.fsync(f.fileno())
 
 
-def _hf_config(cfg: ModelConfig, family: Family, source: dict, dtype: str, token_ids: dict) -> dict:
+def _hf_config(cfg: ModelConfig, family: Family, source: dict, dtype: str, token_ids: dict,
+               labels: list[str] | None = None) -> dict:
     out = {k: source[k] for k in _CARRIED_KEYS if k in source}
     out.update({k: v for k, v in token_ids.items() if v is not None and out.get(k) is None})
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         out.setdefault(key, None)  # unknown ids stay unset rather than taking a family default (GPT-2's 50256)
     out.update(family.config_to_hf(cfg))
-    out.update(dtype=dtype, torch_dtype=dtype, use_cache=True)
+    out.update(architectures=[family.architecture(cfg)], dtype=dtype, torch_dtype=dtype, use_cache=True)
+    if cfg.head == "classify":
+        labels = class_labels(cfg, labels)
+        out.update(id2label={str(i): name for i, name in enumerate(labels)},
+                   label2id={name: i for i, name in enumerate(labels)})
+        if out["pad_token_id"] is None and out["eos_token_id"] is not None:
+            # transformers pools the rightmost token that is not pad_token_id, and refuses batches without one.
+            out["pad_token_id"] = out["eos_token_id"]
+            print(f"lmtrain export: note: the tokenizer has no pad token, so config.json sets pad_token_id to the "
+                  f"EOS id {out['eos_token_id']}; transformers then classifies from the last token that is not EOS.",
+                  file=sys.stderr)
+    if cfg.head == "token_classify":
+        labels = class_labels(cfg, labels)
+        out.update(id2label={str(i): name for i, name in enumerate(labels)},
+                   label2id={name: i for i, name in enumerate(labels)})
     return out
+
+
+def class_labels(cfg: ModelConfig, labels: list[str] | None) -> list[str]:
+    """The classifier's label names in class order (LABEL_i when none are known), checked against the head."""
+    if labels is None:
+        return [f"LABEL_{i}" for i in range(cfg.num_labels)]
+    labels = [str(name) for name in labels]
+    if len(labels) != cfg.num_labels or len(set(labels)) != len(labels):
+        raise HFInteropError(f"the classifier has {cfg.num_labels} classes, but the labels given are {labels}; "
+                             "give one distinct name per class, in class order.")
+    return labels
 
 
 @contextlib.contextmanager
@@ -336,18 +369,23 @@ def _agree_on_target(out: epath.Path, force: bool) -> None:
 
 def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *, source_config: dict | None = None,
                   generation_config: dict | None = None, tokenizer_dir: str | os.PathLike | None = None,
-                  dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False) -> epath.Path:
-    """Write `params` (an lmtrain params dict, possibly sharded over hosts) as a Hugging Face model directory.
+                  dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False,
+                  labels: list[str] | None = None) -> epath.Path:
+    """Write `params` (an lmtrain params dict, possibly sharded over hosts) as a Hugging Face model directory:
+    a *ForCausalLM for the 'lm' head, a *ForSequenceClassification with id2label/label2id from `labels` (names
+    in class order) for the 'classify' head.
 
     Every process must call this; process 0 writes.
     """
     out_dir = as_path(out_dir)
     source_config = source_config or {}
-    preferred = next((f for f in ("gpt2", "llama", "mistral", "qwen2")
+    preferred = next((f for f in ("gpt2", "llama", "mistral", "qwen2", "bert", "roberta")
                       if source_config.get("model_type") == f), None)
     family = family_for_model(cfg, preferred)
     if dtype not in DTYPES:
         raise HFInteropError(f"--dtype={dtype}: choose one of {', '.join(DTYPES)}.")
+    if cfg.head in ("classify", "token_classify"):
+        labels = class_labels(cfg, labels)
     np_dtype, code = DTYPES[dtype]
     itemsize = np.dtype(np_dtype).itemsize
     is_main = jax.process_index() == 0
@@ -396,7 +434,7 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         token_ids = _export_tokenizer(as_path(tokenizer_dir) if tokenizer_dir else None, staging)
-        config = _hf_config(cfg, family, source_config, dtype, token_ids)
+        config = _hf_config(cfg, family, source_config, dtype, token_ids, labels)
         gen = dict(generation_config or {})
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if gen.get(key) is None and config.get(key) is not None:
@@ -411,6 +449,29 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
                 staging.rmtree()
         raise
     return out_dir
+
+
+def workdir_model_config(cfg) -> ModelConfig:
+    """The model a WORKDIR trains: config.model with the head of its task ('classify' for task.name='classify')."""
+    model_cfg = ModelConfig.from_config(cfg.model)
+    task = cfg.get("task") or {}
+    if task.get("name") == "classify":
+        model_cfg = dataclasses.replace(model_cfg, head="classify")
+    return model_cfg
+
+
+def workdir_labels(workdir: epath.Path) -> list[str] | None:
+    """The class names, in class order, that a classify WORKDIR keeps in labels.json (a JSON list)."""
+    path = workdir / LABELS_FILE
+    if not path.is_file():
+        return None
+    try:
+        labels = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise HFInteropError(f"{path}: not valid JSON ({e}); it should list the class names in class order.") from None
+    if not isinstance(labels, list) or not all(isinstance(x, str | int) for x in labels):
+        raise HFInteropError(f"{path}: should be a JSON list of the class names in class order.")
+    return [str(x) for x in labels]
 
 
 def export_shardings(cfg, mesh_shape: tuple[int, int, int] | None = None):
@@ -442,7 +503,7 @@ def export_shardings(cfg, mesh_shape: tuple[int, int, int] | None = None):
         print(f"lmtrain export: note: the WORKDIR's mesh does not fit the {n} device(s) here ({e}); the "
               "parameters are restored onto one device.", file=sys.stderr)
         return None
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
+    model_def = ModelDef(workdir_model_config(cfg))
     try:
         return param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
     except ValueError as e:
@@ -479,8 +540,9 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     source = workdir / SOURCE_CONFIG
     generation = workdir / SOURCE_GENERATION_CONFIG
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
+    model_cfg = workdir_model_config(cfg)
     return export_params(
-        ModelConfig.from_config(cfg.model),
+        model_cfg,
         params,
         out,
         source_config=read_json(source) if source.is_file() else None,
@@ -489,6 +551,7 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         force=force,
+        labels=workdir_labels(workdir) if model_cfg.head == "classify" else None,
     )
 
 

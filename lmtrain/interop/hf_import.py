@@ -16,6 +16,7 @@ Then:    python tools/shard_data.py --input 'data/*.jsonl' --tokenizer WORKDIR/t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -32,7 +33,14 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from lmtrain.interop.hf_families import Family, HFConfig, HFInteropError, TensorRule, family_for_hf_config
+from lmtrain.interop.hf_families import (
+    Family,
+    HFConfig,
+    HFInteropError,
+    TensorRule,
+    classifier_labels,
+    family_for_hf_config,
+)
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path, is_remote
@@ -51,6 +59,8 @@ TOKENIZER_FILES = (
 # Written next to the checkpoint so that `lmtrain export` returns to the same family and token ids.
 SOURCE_CONFIG = "hf_config.json"
 SOURCE_GENERATION_CONFIG = "hf_generation_config.json"
+# A classifier's class names in class order (a JSON list), shared with the classify task and `lmtrain export`.
+LABELS_FILE = "labels.json"
 
 # safetensors dtype codes. safetensors' own numpy reader cannot return bfloat16 (the dtype of most released
 # checkpoints), so SafetensorsReader reads the documented format directly, with ml_dtypes for bfloat16.
@@ -293,8 +303,18 @@ def model_config_from_hf(hf_dir: str | os.PathLike, param_dtype: str = "float32"
     family = family_for_hf_config(hf, hf.source)
     hf.family = family.name
     fields, notes = family.config_to_lm(hf)
+    if family.is_classifier(hf):
+        fields.update(head="classify", num_labels=len(classifier_labels(hf)))
     fields["param_dtype"] = param_dtype
     return family, fields, notes
+
+
+def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
+    """A *ForSequenceClassification model's label names in class order (`id2label`); None for a causal LM."""
+    hf_dir = _hf_dir(hf_dir)
+    hf = read_hf_config(hf_dir)
+    family = family_for_hf_config(hf, hf.source)
+    return classifier_labels(hf) if family.is_classifier(hf) else None
 
 
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, shardings=None) -> dict:
@@ -381,7 +401,7 @@ def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> 
         raise HFInteropError(f"WORKDIR {workdir} is a file; choose a directory to create.")
     if workdir == hf_dir:
         raise HFInteropError(f"WORKDIR {workdir} is the Hugging Face directory itself; import into a new WORKDIR.")
-    if (workdir / "checkpoints").exists():
+    if (workdir / "checkpoints").is_dir() and any(p.name.isdigit() for p in (workdir / "checkpoints").iterdir()):
         raise HFInteropError(f"WORKDIR {workdir} holds checkpoints/ of a training run, which would resume instead "
                              "of starting from the imported weights; import into a new WORKDIR.")
     if (workdir / "config.json").exists() and not overwrite:
@@ -414,7 +434,13 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
     for note in notes:
         print(f"lmtrain import: note: {note}")
 
+    head = fields.pop("head", "lm")
     cfg = base_config()
+    if head == "classify":
+        if "task" not in cfg or "num_labels" not in cfg.model:
+            raise HFInteropError(f"{hf_dir} holds a sequence classifier, and this lmtrain has no classify task to "
+                                 "train it; import a *ForCausalLM model instead.")
+        cfg.task.name = "classify"
     for key, value in fields.items():
         cfg.model[key] = value
     cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
@@ -423,7 +449,7 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
     cfg.data.source, cfg.data.shards_dir, cfg.data.tokenizer_dir = "shards", "", ""
     cfg.mesh.fsdp, cfg.mesh.tensor = fsdp, tensor
     cfg.train.init_from = str(workdir / "init_params")
-    model_cfg = ModelConfig.from_config(cfg.model)
+    model_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), head=head)
     model_def = ModelDef(model_cfg)
     try:
         mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
@@ -441,6 +467,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         (hf_dir / "config.json").copy(workdir / SOURCE_CONFIG, overwrite=True)
         if (hf_dir / "generation_config.json").is_file():
             (hf_dir / "generation_config.json").copy(workdir / SOURCE_GENERATION_CONFIG, overwrite=True)
+        if head == "classify":
+            (workdir / LABELS_FILE).write_text(json.dumps(read_hf_labels(hf_dir)))
         (workdir / "config.json").write_text(to_json(cfg))
     return workdir
 
@@ -448,6 +476,12 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
 def next_steps(workdir: epath.Path) -> str:
     """The whole path from an imported WORKDIR to fine-tuning: shard with the model's tokenizer, then train."""
     tokenizer, shards = workdir / "tokenizer", workdir / "shards"
+    if (workdir / LABELS_FILE).is_file():
+        labels = json.loads((workdir / LABELS_FILE).read_text())
+        return (f"This is a sequence classifier over {len(labels)} classes ({', '.join(labels[:6])}"
+                f"{', ...' if len(labels) > 6 else ''}; in class order in {workdir / LABELS_FILE}). Fine-tune it with "
+                "the classify task on data with the same labels (README: 'Fine-tune for a task'), or export it with "
+                f"lmtrain export {workdir} OUT.")
     lines = ["Fine-tune on your own text in two steps:"]
     if not (tokenizer / "tokenizer.json").is_file():
         lines += [f"  0. the model came without a tokenizer.json: put its tokenizer files into {tokenizer} and set "
