@@ -19,7 +19,6 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
 DTYPES = ("float32", "bfloat16", "float16")
-TASK_NAMES = ("lm", "sft", "classify")
 
 # Default parameter rules: no weight decay on norms, biases, embeddings and the LM head. A tied
 # embedding and an untied head are treated alike: both are the vocabulary projection.
@@ -88,9 +87,18 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU), 'chunked' (query blocks; fast on CPU) or 'auto'
     m.logits_dtype = "float32"  # dtype of the [batch, length, vocab] logits; the loss is always reduced in float32
     m.num_labels = 0  # classes of the classification head (task.name='classify'; set from the data's labels)
+    # Encoders (BERT): bidirectional attention and the BERT family's parts; see configs/bert_tiny.py.
+    m.causal = True  # False: every token attends to every non-padding token of its segment (encoders)
+    m.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0 for none
+    m.norm_position = "pre"  # 'pre' (GPT-2, Llama): x + f(norm(x)) and a final norm; 'post' (BERT): norm(x + f(x))
+    m.embed_norm = False  # a norm over the summed input embeddings (BERT)
+    m.pooling = "last"  # classify head: 'last' real token (decoders) or 'cls': first token through dense+tanh (BERT)
 
     c.task = tk = ml_collections.ConfigDict()
     tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion) or 'classify'
+    tk.class_weights = ()  # classify: one loss weight per class, in the data's class order; () for equal weights
+    tk.mask_prob = 0.15  # mlm: share of tokens predicted; of them 80% become the mask token, 10% random, 10% kept
+    tk.whole_word_mask = False  # mlm: choose whole words (all of a word's WordPiece pieces together)
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "builtin"  # 'builtin': text that ships with Python, no download; 'shards': tools/shard_data.py output
@@ -344,7 +352,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, 
     choices = {
         "model.pos_embedding": (m.pos_embedding, ("learned", "rope")),
         "model.norm": (m.norm, ("layernorm", "rmsnorm")),
-        "model.mlp": (m.mlp, ("gelu", "swiglu")),
+        "model.mlp": (m.mlp, ("gelu", "gelu_exact", "swiglu")),
+        "model.norm_position": (m.norm_position, ("pre", "post")),
+        "model.pooling": (m.pooling, ("last", "cls")),
         "model.remat": (m.remat, REMAT_POLICIES),
         "model.attention_impl": (m.attention_impl, ATTENTION_IMPLS),
         "model.dtype": (m.dtype, DTYPES),
@@ -354,6 +364,9 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, 
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{key}='{value}' is unknown. Choose one of: {', '.join(allowed)}.")
+    if not m.causal and m.attention_impl == "chunked":
+        raise ConfigError("model.attention_impl='chunked' is causal only, and model.causal=False (an encoder); use "
+                          "'auto' or 'xla'.")
     if t.steps < 1:
         raise ConfigError(f"train.steps={t.steps} must be at least 1.")
     if o.warmup_steps > t.steps:
@@ -369,7 +382,8 @@ _POSITIVE = (
     "train.preemption_check_every", "checkpoint.every", "checkpoint.keep",
 )
 _NON_NEGATIVE = (
-    "model.head_dim", "model.num_labels", "data.max_docs", "optimizer.weight_decay", "optimizer.clip_norm",
+    "model.head_dim", "model.num_labels", "model.type_vocab_size", "data.max_docs", "optimizer.weight_decay",
+    "optimizer.clip_norm",
     "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
     "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
 )
@@ -400,8 +414,8 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1].")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
-    if cfg.task.name not in TASK_NAMES:
-        raise ConfigError(f"task.name='{cfg.task.name}' is unknown. Choose one of: {', '.join(TASK_NAMES)}.")
+    if not 0.0 < cfg.task.mask_prob < 1.0:
+        raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must lie in (0, 1); BERT uses 0.15.")
     if cfg.train.early_stopping.mode not in ("", "min", "max"):
         raise ConfigError(f"train.early_stopping.mode='{cfg.train.early_stopping.mode}' must be 'min', 'max' or "
                           "empty (the task's own direction for the metric).")

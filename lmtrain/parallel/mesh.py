@@ -116,6 +116,12 @@ def maybe_initialize_distributed(env: Mapping[str, str] | None = None) -> bool:
         print(plan.note, file=sys.stderr, flush=True)
     if not plan.initialize:
         return False
+    # CPU processes need a collectives backend to talk to each other (tests, CPU clusters); accelerators ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # JAX's preemption service replaces the process's SIGTERM handler with its own (preemption_notifier.cc), so
+    # the trainer's handler never runs and a preempted or time-limited job is killed without its checkpoint.
+    # lmtrain agrees on a stop step across hosts itself (train/actions.HostAgreement).
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(**plan.kwargs)
     except (ValueError, RuntimeError) as e:

@@ -10,6 +10,8 @@ from lmtrain.tasks.base import Task
 
 TASKS = {
     "lm": "lmtrain.tasks.lm:LanguageModelling",
+    "sft": "lmtrain.tasks.sft:SupervisedFineTuning",
+    "classify": "lmtrain.tasks.classify:Classification",
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import sys
 import time
 
@@ -30,6 +31,18 @@ from lmtrain.config import ConfigError
 from lmtrain.paths import as_path, files_under
 
 ITEMS = ("state", "data", "meta")
+
+
+class _QuietOrbax(logging.Filter):
+    """Orbax logs these on every save without metrics and every read-only open; they are expected here."""
+
+    EXPECTED = ("did not provide metrics", "read_only=True", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_QuietOrbax())
 CHECKSUMS = "lmtrain_checksums.json"
 DAMAGED_SUFFIX = ".damaged"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step being written: <step>.orbax-checkpoint-tmp-<time>
