@@ -116,9 +116,9 @@ class Classification(Task):
         }
 
     def write_eval_artifacts(self, sums: dict, workdir) -> list[str]:
-        from lmtrain.evaluate.report import confusion_matrix_png
-
         import base64
+
+        from lmtrain.evaluate.report import confusion_matrix_png
 
         counts = np.rint(np.asarray(sums["confusion"])).astype(np.int64)
         uri = confusion_matrix_png(counts, [str(label) for label in self.labels], "the last validation")
