@@ -69,7 +69,13 @@ def test_multi_process_environments_initialize_with_their_arguments(name, monkey
     env, expected = MULTI_PROCESS[name]
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
-    assert mesh_lib.maybe_initialize_distributed(env) is True
+    before = jax.config.jax_enable_preemption_service
+    try:
+        assert mesh_lib.maybe_initialize_distributed(env) is True
+        # JAX's preemption service would take SIGTERM from the trainer's handler (no checkpoint on preemption).
+        assert jax.config.jax_enable_preemption_service is False
+    finally:
+        jax.config.update("jax_enable_preemption_service", before)
     assert calls == [expected]
 
 
