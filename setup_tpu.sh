@@ -9,6 +9,7 @@
 #   bash setup_tpu.sh delete  --name NAME --zone ZONE             delete the queued resource and its TPU VMs
 #
 # Run `bash setup_tpu.sh --help` for the options. --dry-run prints every gcloud command instead of running it.
+# Exit status: 0 done, 1 a cloud step failed (worth retrying), 2 bad arguments.
 set -euo pipefail
 
 usage() {
@@ -95,9 +96,10 @@ case $CAPACITY in
   *) die "--capacity=$CAPACITY: use spot, on-demand or reserved." ;;
 esac
 [[ $SHIP == scp || $SHIP == gs://*.tar.gz ]] || die "--ship=$SHIP: use scp or gs://BUCKET/PATH.tar.gz."
-for n in MAX_RECREATES RETRIES RETRY_DELAY_S POLL_S; do
+for n in MAX_RECREATES RETRIES RETRY_DELAY_S; do
   [[ ${!n} =~ ^[0-9]+$ ]] || die "--$(echo "$n" | tr '[:upper:]_' '[:lower:]-')=${!n}: expected a whole number."
 done
+[[ $POLL_S =~ ^[0-9]+([.][0-9]+)?$ ]] || die "--poll-s=$POLL_S: expected a number of seconds."
 
 # JAX devices a slice shows: v2/v3 one per TensorCore; v4/v5p one per chip of two TensorCores (megacore);
 # v5e/v6e one TensorCore per chip. The number in the type counts TensorCores (v2-v5p) or chips (v5e, v6e).
@@ -254,9 +256,15 @@ worker_count() {
     return
   fi
   local json
-  json=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" "${LOC[@]}" --format=json) || die "cannot describe TPU VM '$NAME'."
+  if ! json=$("$GCLOUD" compute tpus tpu-vm describe "$NAME" "${LOC[@]}" --format=json); then
+    echo "setup_tpu.sh: cannot describe TPU VM '$NAME' (output above)." >&2
+    exit 1
+  fi
   WORKERS=$(printf '%s' "$json" | python3 -c 'import json, sys; print(len(json.load(sys.stdin).get("networkEndpoints") or []))')
-  [[ $WORKERS -ge 1 ]] || die "TPU VM '$NAME' lists no workers (networkEndpoints); is it READY?"
+  if ((WORKERS < 1)); then
+    echo "setup_tpu.sh: TPU VM '$NAME' lists no workers (networkEndpoints); is it READY?" >&2
+    exit 1
+  fi
 }
 
 ssh_all() {
@@ -404,7 +412,10 @@ case $CMD in
     ;;
   install)
     refresh_state
-    [[ $STATE == ACTIVE ]] || die "queued resource '$NAME' is not ACTIVE; run 'bash setup_tpu.sh create' first."
+    if [[ $STATE != ACTIVE ]]; then
+      echo "setup_tpu.sh: queued resource '$NAME' is $STATE, not ACTIVE; run 'bash setup_tpu.sh create' first." >&2
+      exit 1
+    fi
     install_workers
     verify_workers
     next_steps

@@ -11,6 +11,7 @@ COMMANDS = {
     "import": ("lmtrain.interop.hf_import", "import a Hugging Face checkpoint into a WORKDIR"),
     "export": ("lmtrain.interop.hf_export", "export a WORKDIR checkpoint to a Hugging Face directory"),
     "generate": ("lmtrain.generate", "generate text from a WORKDIR with a KV cache"),
+    "launch": ("lmtrain.launch", "run training on a Cloud TPU slice, relaunched after preemptions until done"),
 }
 
 
