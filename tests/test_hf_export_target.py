@@ -197,3 +197,23 @@ def test_sigkill_mid_export_leaves_the_old_export_or_nothing(tmp_path, existing)
     assert _leftovers(out) == [], "the next export removes what the killed one left"
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == VOCAB and (out / "model.safetensors.index.json").is_file()
+
+
+def test_gs_export_through_the_fake_gcs(fake_gcs, tmp_path):
+    """On gs:// the export is staged under a temporary prefix and copied in with config.json last; the objects
+    equal a local export's files, a non-empty prefix is refused, --force replaces it, nothing is left over."""
+    cfg = _cfg()
+    local = tmp_path / "local"
+    export_params(cfg, _params(cfg, 0), local, max_shard_bytes=20_000)
+    remote = as_path(f"{fake_gcs.url}/models/out")
+    export_params(cfg, _params(cfg, 0), str(remote), max_shard_bytes=20_000)
+    on_server = fake_gcs.objects_dir / "models" / "out"
+    assert _snapshot(on_server) == _snapshot(local)
+
+    with pytest.raises(HFInteropError, match="not empty"):
+        export_params(cfg, _params(cfg, 1), str(remote), max_shard_bytes=20_000)
+    export_params(cfg, _params(cfg, 1), str(remote), max_shard_bytes=20_000, force=True)
+    export_params(cfg, _params(cfg, 1), local, max_shard_bytes=20_000, force=True)
+    assert _snapshot(on_server) == _snapshot(local)
+    assert sorted(n.split("/")[1] for n in fake_gcs.object_names() if n.startswith("models/")) == sorted(
+        ["out"] * len(_snapshot(local))), "no staging or old prefix is left in the bucket"
