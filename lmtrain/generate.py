@@ -26,6 +26,7 @@ import numpy as np
 
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
+from lmtrain.paths import as_path, local_dir
 
 
 class GenerationError(ValueError):
@@ -237,32 +238,35 @@ class _Tokenizer:
         return self._hf.decode(ids) if self._hf is not None else self._tok.decode(ids)
 
 
-def load_model(path: str | pathlib.Path, which: str | int = "latest") -> tuple[ModelDef, dict, pathlib.Path | None]:
-    """(model, params, tokenizer dir) from a WORKDIR (checkpoint, else its imported init_params) or an HF directory."""
-    path = pathlib.Path(path)
+def load_model(path, which: str | int = "latest"):
+    """(model, params, tokenizer dir or None) from a WORKDIR (checkpoint, else the parameters `lmtrain import`
+    wrote) or a Hugging Face directory; local or gs://."""
+    path = as_path(path)
     config_path = path / "config.json"
-    if not config_path.is_file():
+    if not config_path.exists():
         raise GenerationError(f"{path} has no config.json; give a WORKDIR or a Hugging Face model directory.")
     raw = json.loads(config_path.read_text())
     if "architectures" in raw or "model_type" in raw:  # a Hugging Face directory
         from lmtrain.interop.hf_import import load_hf_model
 
-        cfg, params = load_hf_model(path)
+        with local_dir(path) as local:
+            cfg, params = load_hf_model(local)
         return ModelDef(cfg), params, path
     from lmtrain.config import load_config
     from lmtrain.train import checkpoint
 
     cfg = load_config(str(config_path))
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))
-    tokenizer_dir = pathlib.Path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
-    try:
+    model_def = ModelDef(ModelConfig.from_config(cfg.model).for_training())
+    tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
+    has_steps = (path / "checkpoints").exists() and any(p.name.isdigit() for p in (path / "checkpoints").iterdir())
+    if has_steps or not cfg.train.init_from:
         _, params = checkpoint.restore_params(path, which)
-    except FileNotFoundError:
-        if not cfg.train.init_from or which != "latest":
-            raise
+    else:  # an imported WORKDIR that has not been trained yet
+        if which != "latest":
+            raise GenerationError(f"{path} has no checkpoints yet, only the imported parameters; use --which latest.")
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
-        params = checkpoint.load_init_params(cfg.train.init_from, target)
+        params, _, _ = checkpoint.load_init_params(cfg.train.init_from, target)
     return model_def, params, tokenizer_dir if tokenizer_dir.is_dir() else None
 
 
@@ -284,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         model_def, params, tokenizer_dir = load_model(args.path, which)
         if tokenizer_dir is None:
             raise GenerationError(f"{args.path} has no tokenizer; generation needs one to encode the prompts.")
-        tokenizer = _Tokenizer(tokenizer_dir)
+        with local_dir(tokenizer_dir) as local_tokenizer:
+            tokenizer = _Tokenizer(pathlib.Path(local_tokenizer))
         prompts = args.prompt or [""]
         ids = [tokenizer.encode(p) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0] for p in prompts]
         sampling = SamplingConfig(

@@ -45,6 +45,8 @@ class StopSignal:
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
+            for signum in getattr(self._previous[sig], "received", ()):  # held by lmtrain.cli while JAX loaded
+                self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def _handle(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -64,7 +66,8 @@ class HostAgreement:
 
     Every `every` steps each host dispatches a tiny all-reduce of its local flag and reads the result
     of the previous one, which finished long ago: all hosts take the same decision at the same step,
-    and the host never waits for the device (one check's latency is `every` steps).
+    and the host never waits for the device (one check's latency is `every` steps). JAX's own
+    preemption service is off (lmtrain.parallel.mesh), so SIGTERM reaches this Python handler.
     """
 
     def __init__(self, mesh, every: int):
