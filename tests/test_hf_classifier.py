@@ -177,7 +177,8 @@ def test_import_of_a_classifier_writes_a_classify_workdir(tmp_path, capsys):
     model_cfg = ModelConfig(**{**ModelConfig.from_config(cfg.model).__dict__, "head": "classify"})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), ModelDef(model_cfg).shapes)
-    restored = load_init_params(cfg.train.init_from, target)
+    restored, fresh, unused = load_init_params(cfg.train.init_from, target)
+    assert fresh == [] and unused == []
     _, direct = load_hf_model(tmp_path / "hf")
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(direct), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -194,7 +194,8 @@ def test_import_writes_a_workdir_the_trainer_reads(tmp_path, capsys):
     model_def = ModelDef(model_cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
-    restored = load_init_params(cfg.train.init_from, target)
+    restored, fresh, unused = load_init_params(cfg.train.init_from, target)
+    assert fresh == [] and unused == []
     _, direct = load_hf_model(hf_dir)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(direct), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -344,8 +345,39 @@ def test_bfloat16_import_stores_what_the_config_says(tmp_path, capsys):
     model_def = ModelDef(ModelConfig.from_config(cfg.model))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
-    restored = load_init_params(cfg.train.init_from, target)
+    restored, fresh, unused = load_init_params(cfg.train.init_from, target)
+    assert fresh == [] and unused == []
     _, direct = load_hf_model(hf_dir)  # float32
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(direct), strict=True):
         assert a.dtype == jax.numpy.bfloat16
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jax.numpy.bfloat16)))
+
+
+def test_import_from_and_into_gs_through_the_fake_gcs(fake_gcs, tmp_path, capsys):
+    """A Hugging Face directory on gs:// reads like a local one, and the WORKDIR can be on gs:// too."""
+    from lmtrain.paths import as_path
+    from lmtrain.train.checkpoint import load_init_params
+
+    random_hf_model("qwen2_untied", tmp_path / "hf", tokenizer=True)
+    remote_hf = as_path(f"{fake_gcs.url}/hf")
+    for f in (tmp_path / "hf").iterdir():
+        (remote_hf / f.name).write_bytes(f.read_bytes())
+    cfg, params = load_hf_model(str(remote_hf))
+    local_cfg, local_params = load_hf_model(tmp_path / "hf")
+    assert cfg == local_cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(local_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    workdir = f"{fake_gcs.url}/work"
+    assert hf_import.main([str(remote_hf), workdir]) == 0
+    names = fake_gcs.object_names()
+    assert "work/config.json" in names and "work/tokenizer/tokenizer.json" in names
+    assert any(n.startswith("work/init_params/") for n in names)
+    config = load_config(str(fake_gcs.objects_dir / "work" / "config.json"))
+    assert config.train.init_from == f"{workdir}/init_params" and config.data.tokenizer_dir == f"{workdir}/tokenizer"
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), ModelDef(cfg).shapes)
+    restored, fresh, unused = load_init_params(config.train.init_from, target)
+    assert fresh == [] and unused == []
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(local_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
