@@ -21,6 +21,20 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _hold_stop_signals() -> None:
+    """Keep a SIGTERM/SIGINT that arrives while JAX is still loading (seconds): the trainer's handler
+    takes it over (lmtrain.train.actions.StopSignal) and stops before step 1 with exit 0, instead of
+    the process dying with 143 and no message."""
+    import signal
+
+    def hold(signum, _frame):
+        hold.received.append(signum)
+
+    hold.received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, hold)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -30,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from lmtrain.runtime import apply_xla_defaults
 
     apply_xla_defaults()  # before any JAX backend starts
+    if name == "train":
+        _hold_stop_signals()
     if name not in COMMANDS:
         print(f"lmtrain: unknown command '{name}'.\n\n{_usage()}", file=sys.stderr)
         return 2
