@@ -411,8 +411,12 @@ def _finish(run: Run) -> TrainResult:
         if is_main:
             how = ("run the same command without --stop-at-step (or with a larger one)"
                    if run.stop_reason.startswith("--stop-at-step") else "run the same command")
-            print(f"lmtrain: stopped by {run.stop_reason} at step {run.step}; checkpoint saved in "
-                  f"{workdir / 'checkpoints'}. To resume, {how}.", flush=True)
+            if run.last_saved is None:  # a signal during start-up: nothing trained, nothing to save
+                print(f"lmtrain: stopped by {run.stop_reason} before step 1; nothing was trained, so no checkpoint "
+                      "was written. To start, run the same command.", flush=True)
+            else:
+                print(f"lmtrain: stopped by {run.stop_reason} at step {run.step}; checkpoint saved in "
+                      f"{workdir / 'checkpoints'}. To resume, {how}.", flush=True)
         return TrainResult(run.step, run.stop_reason, run.last_eval, es.best)
     if is_main:
         done = {"step": run.step, "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
