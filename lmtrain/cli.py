@@ -12,11 +12,13 @@ COMMANDS = {
     "export": ("lmtrain.interop.hf_export", "export a WORKDIR checkpoint to a Hugging Face directory"),
     "generate": ("lmtrain.generate", "generate text from a WORKDIR with a KV cache"),
     "launch": ("lmtrain.launch", "run training on a Cloud TPU slice, relaunched after preemptions until done"),
+    "sweep": ("lmtrain.sweep", "search hyperparameters with optuna, one WORKDIR per trial"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: lmtrain COMMAND [options]   (lmtrain COMMAND --help for its options)", "", "commands:"]
+    lines = ["usage: lmtrain COMMAND [options]   (lmtrain COMMAND --help for its options; lmtrain --version)", "",
+             "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        import lmtrain
+
+        print(f"lmtrain {lmtrain.__version__}")
         return 0
     name, rest = argv[0], argv[1:]
     from lmtrain.runtime import apply_xla_defaults

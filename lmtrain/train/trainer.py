@@ -61,6 +61,7 @@ class TrainResult:
     metrics: dict  # the last evaluation's metrics
     best_metric: float | None  # best value of train.early_stopping.metric
     sample: str = ""
+    interrupted: bool = False  # stopped by a signal or --stop-at-step: the same command resumes it
 
     @property
     def val_loss(self) -> float | None:
@@ -417,7 +418,7 @@ def _finish(run: Run) -> TrainResult:
             else:
                 print(f"lmtrain: stopped by {run.stop_reason} at step {run.step}; checkpoint saved in "
                       f"{workdir / 'checkpoints'}. To resume, {how}.", flush=True)
-        return TrainResult(run.step, run.stop_reason, run.last_eval, es.best)
+        return TrainResult(run.step, run.stop_reason, run.last_eval, es.best, interrupted=True)
     if is_main:
         done = {"step": run.step, "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                 "metrics": run.last_eval, "best_metric": es.best, "best_step": es.best_step,

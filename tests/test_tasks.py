@@ -1,0 +1,192 @@
+"""The task seam: sft and classify losses, early stopping, and a classifier started from a language model."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.tasks import TASKS, make_task
+from lmtrain.tasks.losses import token_loss_sums
+from lmtrain.train.checkpoint import select_step
+from lmtrain.train.trainer import Components, train
+from tests.helpers import small_config
+
+
+@pytest.fixture(scope="module")
+def task_shards(builtin_shards, tmp_path_factory):
+    """The built-in demo tasks, sharded with the toolchain's tokenizer: (tokenizer, sft shards, classify shards)."""
+    from tools import shard_data
+
+    tok, _ = builtin_shards
+    root = tmp_path_factory.mktemp("tasks")
+    for task in ("sft", "classify"):
+        assert shard_data.main(["--builtin-task", task, "--tokenizer", tok, "--output", str(root / task),
+                                "--seq-len", "32", "--quiet"]) == 0
+    return tok, str(root / "sft"), str(root / "classify")
+
+
+def _cfg(task, tok, shards, **kw):
+    values = {"task.name": task, "data.source": "shards", "data.tokenizer_dir": tok, "data.shards_dir": shards,
+              "model.vocab_size": 1024, "data.seq_len": 32, "model.max_seq_len": 32, "train.steps": 6,
+              "train.log_every": 1, "train.eval_every": 2, "train.eval_batches": 2, "checkpoint.every": 2,
+              "optimizer.lr": 3e-3}
+    values.update(kw)
+    return small_config("llama", **values)
+
+
+def test_a_new_task_is_one_registry_line():
+    assert set(TASKS) >= {"lm", "sft", "classify"}
+    for name, target in TASKS.items():
+        assert target.startswith(f"lmtrain.tasks.{name}:") or ":" in target
+
+
+def test_packed_sft_examples_give_the_same_loss_sum_as_each_example_alone():
+    """Segment masking and per-row positions make packing invisible to the loss."""
+    cfg = ModelConfig.from_config(small_config("llama").model)
+    model_def = ModelDef(cfg)
+    params = model_def.init(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    lengths = [5, 9, 7]
+    examples = [rng.integers(0, 256, n + 1).astype(np.int32) for n in lengths]
+    masks = [np.concatenate([np.zeros(n // 2), np.ones(n - n // 2)]).astype(np.float32) for n in lengths]
+
+    def loss_sum(inputs, targets, mask, positions, segments):
+        logits = model_def.apply(params, inputs[None], positions[None], segments[None])
+        return token_loss_sums(logits, targets[None], mask[None], cfg.vocab_size)[0]
+
+    alone = sum(float(loss_sum(e[:-1], e[1:], m, np.arange(len(m)), np.ones(len(m), np.int32)))
+                for e, m in zip(examples, masks))
+    packed = float(loss_sum(np.concatenate([e[:-1] for e in examples]), np.concatenate([e[1:] for e in examples]),
+                            np.concatenate(masks), np.concatenate([np.arange(n) for n in lengths]),
+                            np.concatenate([np.full(n, i + 1, np.int32) for i, n in enumerate(lengths)])))
+    np.testing.assert_allclose(packed, alone, rtol=2e-6)
+
+
+def _sft_batch(rng, b=8, length=16):
+    mask = np.zeros((b, length), np.float32)
+    for row in range(b):  # completions of very different lengths in each row
+        start = rng.integers(1, length - 1)
+        mask[row, start:] = 1.0
+    return {"inputs": rng.integers(0, 256, (b, length), dtype=np.int32),
+            "targets": rng.integers(0, 256, (b, length), dtype=np.int32), "loss_mask": mask,
+            "segment_ids": np.ones((b, length), np.int32),
+            "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()}
+
+
+def test_sft_gradient_accumulation_equals_one_big_batch(task_shards):
+    """The loss is a mean over the completion tokens of the whole global batch, not a mean of micro-batch means."""
+    tok, sft, _ = task_shards
+    batch = _sft_batch(np.random.default_rng(1))
+    out = {}
+    for accum in (1, 4):
+        # Plain SGD: the update is the gradient itself, so the parameters compare gradients (Adam's first step,
+        # lr * g / (|g| + eps), would amplify rounding differences of near-zero gradients).
+        cfg = _cfg("sft", tok, sft, **{"train.grad_accum": accum, "data.batch_size": 8, "optimizer.name": "sgd",
+                                       "optimizer.momentum": 0.0, "optimizer.weight_decay": 0.0,
+                                       "optimizer.clip_norm": 0.0, "optimizer.lr": 1.0})
+        parts = Components.from_config(cfg)
+        params = parts.model_def.init(jax.random.key(0))
+        state = {"params": params, "opt_state": parts.tx.init(params), "step": np.int32(0),
+                 "rng": jax.random.key_data(jax.random.key(1))}
+        state, metrics = jax.jit(parts.train_step)(state, batch)
+        out[accum] = (state, metrics)
+    np.testing.assert_allclose(float(out[4][1]["loss"]), float(out[1][1]["loss"]), rtol=1e-6)
+    assert float(out[4][1]["weight"]) == batch["loss_mask"].sum()
+    np.testing.assert_allclose(float(out[4][1]["grad_norm"]), float(out[1][1]["grad_norm"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(out[1][0]["params"]), jax.tree.leaves(out[4][0]["params"])):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_classification_head_reads_the_last_real_token():
+    cfg = dataclasses.replace(ModelConfig.from_config(small_config("llama").model), head="classify", num_labels=3)
+    model_def = ModelDef(cfg)
+    params = model_def.init(jax.random.key(0))
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(0, 256, (1, 10)).astype(np.int32)
+    segments = np.array([[1] * 6 + [0] * 4], np.int32)
+    padded = model_def.apply(params, tokens, None, segments)
+    changed_padding = tokens.copy()
+    changed_padding[0, 6:] = 7
+    alone = model_def.apply(params, tokens[:, :6], None, segments[:, :6])
+    np.testing.assert_allclose(np.asarray(model_def.apply(params, changed_padding, None, segments)),
+                               np.asarray(padded), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(alone), np.asarray(padded), atol=2e-6)
+    assert padded.shape == (1, 3)
+
+
+def test_classify_trains_from_a_language_model_with_a_fresh_head_and_reports_metrics(task_shards, tmp_path):
+    tok, _, classify = task_shards
+    lm_dir = tmp_path / "lm"
+    train(small_config("llama", **{"model.vocab_size": 1024, "data.seq_len": 32, "model.max_seq_len": 32,
+                                   "data.tokenizer_dir": tok, "data.max_docs": 40, "train.steps": 2,
+                                   "train.eval_every": 0, "checkpoint.every": 2}), lm_dir)
+    lm_params = {k: np.asarray(v) for k, v in _flat(_params(lm_dir)).items()}
+    workdir = tmp_path / "cls"
+    cfg = _cfg("classify", tok, classify, **{"train.init_from": str(lm_dir), "train.steps": 2, "optimizer.lr": 1e-30})
+    result = train(cfg, workdir)
+    labels = json.loads((workdir / "labels.json").read_text())["labels"]
+    assert len(labels) == 6 and result.metrics.keys() >= {"val_accuracy", "val_f1_macro", "val_loss"}
+    assert (workdir / "confusion_matrix.png").stat().st_size > 1000
+    tuned = _flat(_params(workdir))
+    # The body came from the language model (lr 1e-30 leaves float32 weights as they were); the head is new.
+    np.testing.assert_array_equal(np.asarray(tuned["blocks/attn/wq"]), lm_params["blocks/attn/wq"])
+    assert tuned["head/score"].shape == (64, 6) and "head/w" not in tuned
+
+
+def _params(workdir):
+    from lmtrain.train.checkpoint import restore_params
+
+    return restore_params(workdir)[1]
+
+
+def _flat(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _stop_step(workdir):
+    return json.loads((workdir / "done.json").read_text())["step"]
+
+
+def test_early_stopping_survives_a_resume_and_best_follows_the_metric(task_shards, tmp_path):
+    """Patience counts evaluations; an interrupted run stops at the same step as a straight one."""
+    tok, _, classify = task_shards
+    kw = {"train.steps": 40, "train.eval_every": 1, "checkpoint.every": 1, "checkpoint.keep": 1,
+          "train.early_stopping.metric": "val_accuracy", "train.early_stopping.patience": 2,
+          "train.early_stopping.min_delta": 0.5}  # no accuracy gain of 0.5: stops after the 3rd evaluation
+    straight = tmp_path / "straight"
+    result = train(_cfg("classify", tok, classify, **kw), straight)
+    assert result.stopped_by.startswith("early stopping") and result.step == 3 == _stop_step(straight)
+    resumed = tmp_path / "resumed"
+    first = train(_cfg("classify", tok, classify, **kw), resumed, stop_at_step=2)
+    assert first.step == 2 and first.stopped_by.startswith("--stop-at-step")
+    again = train(_cfg("classify", tok, classify, **kw), resumed)
+    assert again.step == result.step and again.stopped_by.startswith("early stopping")
+    best = select_step(straight, "best")
+    accuracies = {r["step"]: r["val_accuracy"] for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())
+                  if "val_accuracy" in r}
+    assert accuracies[best] == max(accuracies.values())
+    assert (straight / "checkpoints" / str(best)).is_dir()  # kept although checkpoint.keep=1
+
+
+def test_a_task_metric_that_the_task_does_not_report_is_a_clear_error(task_shards):
+    tok, sft, _ = task_shards
+    from lmtrain.config import ConfigError
+
+    cfg = _cfg("sft", tok, sft, **{"train.early_stopping.metric": "val_accuracy"})
+    with pytest.raises(ConfigError, match="val_accuracy.*not a metric of task 'sft'"):
+        make_task(cfg).metric_mode("val_accuracy")
+
+
+def test_sft_trains_and_the_loss_falls(task_shards, tmp_path):
+    tok, sft, _ = task_shards
+    result = train(_cfg("sft", tok, sft, **{"train.steps": 8, "train.eval_every": 8}), tmp_path / "sft")
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert result.step == 8 and losses[-1] < losses[0] and jnp.isfinite(result.metrics["val_loss"])
