@@ -433,6 +433,12 @@ class Launcher:
 
     def finish(self, done: dict, workers: int) -> int:
         log(f"the run is complete: done.json says step {done['step']}.")
+        deadline = time.monotonic() + self.a.stop_timeout_s
+        while time.monotonic() < deadline:  # let the trainers finish their last lines (sample, plot) and exit
+            statuses = self.probe()
+            if not statuses or all(s.state != "running" for s in statuses):
+                break
+            self.sleep(min(self.a.poll_s, 10.0))
         self.collect_logs(workers)
         if self.a.delete_when_done:
             log(f"deleting '{self.a.name}' (--delete-when-done).")

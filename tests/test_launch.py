@@ -282,25 +282,26 @@ def test_preempted_real_run_matches_an_uninterrupted_one(tmp_path, fake_gcloud):
 
     steps = 24
     cfg = small_config(**{"train.steps": steps, "train.log_every": 1, "checkpoint.every": 4, "train.eval_every": 0,
-                          "data.max_docs": 40, "model.vocab_size": 512, "checkpoint.async_save": False,
-                          "checkpoint.checksums": False})
+                          "data.max_docs": 40, "model.vocab_size": 512, "checkpoint.async_save": False})
     config_file = tmp_path / "small.json"
     config_file.write_text(config_lib.to_json(cfg))
     train_args = [f"--config={config_file}", "--no-progress"]
 
-    # The uninterrupted run, in the same environment a fake worker has (4 CPU devices).
+    # The uninterrupted run, in the same environment a fake worker has (4 CPU devices), beside the launcher's.
     ref = tmp_path / "ref"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LMTRAIN_", "JAX_"))}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    out = subprocess.run([sys.executable, "-m", "lmtrain.cli", "train", f"--workdir={ref}", *train_args],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-3000:]
+    ref_log = open(tmp_path / "ref.log", "w")  # noqa: SIM115 - closed below
+    reference = subprocess.Popen([sys.executable, "-m", "lmtrain.cli", "train", f"--workdir={ref}", *train_args],
+                                 env=env, stdout=ref_log, stderr=subprocess.STDOUT, cwd=tmp_path)
 
     workdir = tmp_path / "run"
     fake_gcloud.configure(devices_per_worker=4, preempt=[{"metrics": str(workdir / "metrics.jsonl"), "after_step": 6}])
     argv = ["run", "--name=t1", "--zone=zz", f"--workdir={workdir}", "--allow-local-workdir", "--poll-s=0.2",
             "--backoff-s=1", f"--log-dir={tmp_path / 'logs'}", "--setup-args=--retry-delay-s=0", "--", *train_args]
     assert run_launcher(argv) == 0
+    assert reference.wait(timeout=900) == 0, (tmp_path / "ref.log").read_text()[-3000:]
+    ref_log.close()
 
     events = fake_gcloud.events()
     assert [e["event"] for e in events] == ["created", "preempted", "deleted", "created"]
@@ -362,6 +363,7 @@ sys.exit(max(codes))
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_slurm_sbatch_runs_one_process_per_task_and_requeues_until_done(tmp_path):
     from lmtrain import config as config_lib
     from tests.helpers import small_config
@@ -372,10 +374,9 @@ def test_slurm_sbatch_runs_one_process_per_task_and_requeues_until_done(tmp_path
     (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\necho "scontrol $*" >> "$FAKE_SLURM_LOG.scontrol"\n')
     for exe in ("srun", "scontrol"):
         (bin_dir / exe).chmod(0o755)
-    steps = 30
+    steps = 20
     cfg = small_config(**{"train.steps": steps, "train.log_every": 1, "checkpoint.every": 3, "train.eval_every": 0,
-                          "data.max_docs": 40, "model.vocab_size": 512, "checkpoint.async_save": False,
-                          "checkpoint.checksums": False})
+                          "data.max_docs": 40, "model.vocab_size": 512, "checkpoint.async_save": False})
     config_file = tmp_path / "small.json"
     config_file.write_text(config_lib.to_json(cfg))
     workdir = tmp_path / "run"

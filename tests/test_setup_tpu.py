@@ -145,6 +145,7 @@ def test_create_waits_recreates_a_failed_request_installs_with_retries_and_verif
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_pod_slice_via_gcs_tarball_verifies_every_process_and_catches_a_mismatch(fake):
     fake.configure(workers=2, devices_per_worker=2)
     out = fake.setup("create", "--name=pod", "--zone=zz", "--accelerator-type=v4-8", "--expect-devices=4",
