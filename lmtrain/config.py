@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.task = tk = ml_collections.ConfigDict()
     tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion) or 'classify'
     tk.class_weights = ()  # classify: one loss weight per class, in the data's class order; () for equal weights
+    # sft: at each evaluation, generate greedily (KV cache) for the first N validation examples and log val_bleu,
+    # val_chrf, val_rouge_l and val_exact_match against their completions; 0 disables
+    tk.eval_generate_examples = 16
     tk.mask_prob = 0.15  # mlm: share of tokens predicted; of them 80% become the mask token, 10% random, 10% kept
     tk.whole_word_mask = False  # mlm: choose whole words (all of a word's WordPiece pieces together)
 
@@ -110,6 +113,11 @@ def base_config() -> ml_collections.ConfigDict:
     d.max_docs = 0  # cap on builtin documents, 0 for all
     d.tokenizer_dir = ""  # existing tokenizer directory; empty trains one into WORKDIR/tokenizer
     d.seed = 0  # shuffle seed of the training data
+    # k-fold cross-validation (lmtrain sweep's cv_folds sets these per fold): a stable hash of each training
+    # example picks its fold; fold cv_fold is the validation set and the other k - 1 folds train. The data's
+    # own validation split is then unused; a test split stays the test split.
+    d.cv_folds = 0  # k >= 2 folds, or 0 for no cross-validation
+    d.cv_fold = 0  # the held-out fold, 0 .. cv_folds - 1
 
     c.optimizer = o = ml_collections.ConfigDict()
     o.name = "adamw"  # 'adamw', 'adafactor', 'lion' or 'sgd' (with momentum)
@@ -383,7 +391,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.num_labels", "model.type_vocab_size", "data.max_docs", "optimizer.weight_decay",
-    "optimizer.clip_norm",
+    "optimizer.clip_norm", "task.eval_generate_examples",
     "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
     "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
 )
@@ -414,6 +422,11 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1].")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
+    if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:
+        raise ConfigError(f"data.cv_folds={cfg.data.cv_folds}: use 0 (no cross-validation) or k >= 2 folds.")
+    if cfg.data.cv_folds and not 0 <= cfg.data.cv_fold < cfg.data.cv_folds:
+        raise ConfigError(f"data.cv_fold={cfg.data.cv_fold} is not one of the {cfg.data.cv_folds} folds "
+                          f"(0 to {cfg.data.cv_folds - 1}).")
     if not 0.0 < cfg.task.mask_prob < 1.0:
         raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must lie in (0, 1); BERT uses 0.15.")
     if cfg.train.early_stopping.mode not in ("", "min", "max"):

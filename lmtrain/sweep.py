@@ -25,7 +25,6 @@ import datetime
 import difflib
 import fcntl
 import importlib.util
-import inspect
 import io
 import itertools
 import json
@@ -45,9 +44,9 @@ from lmtrain import config as config_lib
 from lmtrain.paths import as_path, atomic_write_text, is_remote
 
 SWEEP_VERSION = 1
-# The data selection the trainer reads for cross-validation. With cv_folds = k >= 2 the trainer holds out fold
-# cv_fold of the training examples (a stable hash of each example picks its fold) as the validation set and
-# trains on the other k - 1 folds; 0 means no cross-validation. Proposed to the trainer; see the README notes.
+# The data selection the trainer reads for cross-validation (lmtrain.config, lmtrain.data.shards): with
+# cv_folds = k >= 2 the data loaders hold out fold cv_fold of the training examples (a stable hash of each
+# example picks its fold) as the validation set and train on the other k - 1 folds; 0 means no cross-validation.
 CV_FOLDS_KEY, CV_FOLD_KEY = "data.cv_folds", "data.cv_fold"
 SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("median", "hyperband", "none")
@@ -376,14 +375,6 @@ def validate_space(spec: SweepSpec, base: ml_collections.ConfigDict) -> SweepSpe
             raise SweepError(f"{where}: the config key is an integer; use 'type: int'.")
         params.append(p)
     spec.params = params
-    if spec.cv_folds:
-        for key in (CV_FOLDS_KEY, CV_FOLD_KEY):
-            try:
-                _lookup(base, key, spec.source)
-            except SweepError:
-                raise SweepError(f"{spec.source}: cv_folds needs the config keys {CV_FOLDS_KEY} and {CV_FOLD_KEY} "
-                                 "(the trainer's fold selection), and this base config has no "
-                                 f"'{key}'.") from None
     return spec
 
 
@@ -488,21 +479,10 @@ def spec_from_sweep_dir(sweep_dir: str) -> SweepSpec:
 
 
 def default_train_fn() -> TrainFn:
-    """The real trainer. Until it takes `on_eval`, a shim calls it plainly and reports its final val_loss once
-    (no mid-run pruning); remove the shim when lmtrain.train.trainer.train has the on_eval contract."""
+    """The real trainer: train(cfg, workdir, show_progress=..., on_eval=...) -> TrainResult."""
     from lmtrain.train import trainer
 
-    if "on_eval" in inspect.signature(trainer.train).parameters:
-        return trainer.train
-
-    def train_without_on_eval(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
-        r = trainer.train(cfg, workdir, show_progress=show_progress, stop_at_step=stop_at_step)
-        metrics = {"val_loss": r.val_loss} if r.val_loss is not None else {}
-        if on_eval is not None and metrics and r.stopped_by is None:
-            on_eval(r.step, metrics)
-        return types.SimpleNamespace(step=r.step, stopped_by=r.stopped_by, metrics=metrics, best_metric=None)
-
-    return train_without_on_eval
+    return trainer.train
 
 
 @dataclasses.dataclass
@@ -540,9 +520,11 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
                 return True
         return False
 
+    from lmtrain.train.actions import TrainingDiverged
+
     try:
         result = ctx.train_fn(cfg, workdir, show_progress=False, on_eval=on_eval)
-    except _divergence_errors() as e:
+    except (FloatingPointError, TrainingDiverged) as e:
         raise _TrialFailed(f"diverged: {e}") from None
     except SweepError:
         raise
@@ -550,7 +532,7 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
         raise _TrialFailed(f"config error: {e}") from None
     if pruned:
         raise optuna.TrialPruned(f"pruned at step {pruned[0]} ({metric}={values[pruned[0]]:.4g})")
-    if _interrupted(result):
+    if result.interrupted:  # a signal or --stop-at-step: the same command resumes it
         raise _Interrupted(str(result.stopped_by))
     last_metrics = getattr(result, "metrics", None) or {}
     if ctx.spec.objective == "best" and values:
@@ -568,23 +550,6 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
     atomic_write_text(done, json.dumps({"value": value, "step": getattr(result, "step", None),
                                         "metrics": {k: float(v) for k, v in last_metrics.items()}}) + "\n")
     return value
-
-
-def _divergence_errors() -> tuple[type[BaseException], ...]:
-    """What the trainer raises when the loss stops being finite: a property of the trial's parameters."""
-    try:
-        from lmtrain.train.actions import TrainingDiverged
-    except ImportError:
-        return (FloatingPointError,)
-    return (FloatingPointError, TrainingDiverged)
-
-
-def _interrupted(result) -> bool:
-    """Stopped by a signal or --stop-at-step (to be resumed), as opposed to finished, early-stopped or pruned."""
-    if hasattr(result, "interrupted"):
-        return bool(result.interrupted)
-    reason = getattr(result, "stopped_by", None)
-    return bool(reason) and not str(reason).startswith(("early stopping", "on_eval"))
 
 
 def _report(trial, value: float, step: int) -> None:
@@ -1022,6 +987,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--n-trials", type=int, help="finished trials to reach (0: only rewrite the results)")
     parser.add_argument("--sampler", choices=SAMPLERS, help="override the space file's sampler")
     parser.add_argument("--pruner", choices=PRUNERS, help="override the space file's pruner")
+    parser.add_argument("--cv-folds", type=int, help="k-fold cross-validation: every trial trains k times, once per "
+                        "held-out fold, and scores the mean (overrides the space file's cv_folds; 0: off)")
     args, rest = parser.parse_known_args(argv)
     overrides = {}
     for item in rest:
@@ -1038,14 +1005,17 @@ def main(argv: list[str] | None = None, train_fn: TrainFn | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.space:
-            spec = parse_spec(load_space(args.space), str(args.space))
+            raw = load_space(args.space)
+            if args.cv_folds is not None:
+                raw = {**raw, "cv_folds": args.cv_folds}
+            spec = parse_spec(raw, str(args.space))
             if args.config:
                 spec.base_config = args.config
             spec.cli_overrides = overrides
         else:
             spec = spec_from_sweep_dir(str(as_path(args.sweep_dir)))
-            if args.config or overrides:
-                raise SweepError("--config and --config.K=V need --space (they define a sweep); "
+            if args.config or overrides or args.cv_folds is not None:
+                raise SweepError("--config, --cv-folds and --config.K=V need --space (they define a sweep); "
                                  "to resume, give only --sweep-dir.")
         if args.n_trials == 0:
             write_results_only(spec, str(as_path(args.sweep_dir)))

@@ -22,7 +22,7 @@ OVERRIDES = {"train.steps": STEPS, "train.eval_every": EVAL_EVERY, "optimizer.wa
 
 def fake_final(cfg) -> float:
     """The 'validation loss' a config ends at: best at lr = 1e-3 and no warmup; fold k adds 0.1 k."""
-    fold = cfg.data.cv_fold if "cv_fold" in cfg.data else 0
+    fold = cfg.data.cv_fold
     return 1.0 + (math.log10(cfg.optimizer.lr) + 3.0) ** 2 + 0.001 * cfg.optimizer.warmup_steps + 0.1 * fold
 
 
@@ -48,8 +48,9 @@ def fake_train(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None
         with open(state_path, "w") as f:
             json.dump({"step": step}, f)
         if stop:
-            return types.SimpleNamespace(step=step, stopped_by="on_eval", metrics=metrics, best_metric=None)
-    return types.SimpleNamespace(step=steps, stopped_by=None, metrics=metrics, best_metric=None)
+            return types.SimpleNamespace(step=step, stopped_by="on_eval", metrics=metrics, best_metric=None,
+                                         interrupted=False)
+    return types.SimpleNamespace(step=steps, stopped_by=None, metrics=metrics, best_metric=None, interrupted=False)
 
 
 def make_spec(params=None, **fields):
@@ -220,14 +221,15 @@ def test_early_stopping_finishes_a_trial_and_a_signal_interrupts_the_sweep(tmp_p
     def early_stopped(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
         on_eval(20, {"val_loss": 2.0})
         return types.SimpleNamespace(step=20, stopped_by="early stopping: val_loss has not improved", best_metric=2.0,
-                                     metrics={"val_loss": 2.0})
+                                     metrics={"val_loss": 2.0}, interrupted=False)
 
     study = sweep.run_sweep(make_spec(n_trials=2), tmp_path / "a", train_fn=early_stopped, log=quiet)
     assert [(t.state.name, t.value) for t in study.trials] == [("COMPLETE", 2.0)] * 2
 
     def preempted(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
         on_eval(20, {"val_loss": 2.0})
-        return types.SimpleNamespace(step=20, stopped_by="SIGTERM", best_metric=None, metrics={"val_loss": 2.0})
+        return types.SimpleNamespace(step=20, stopped_by="SIGTERM", best_metric=None, metrics={"val_loss": 2.0},
+                                     interrupted=True)
 
     lines = []
     study = sweep.run_sweep(make_spec(n_trials=3), tmp_path / "b", train_fn=preempted, log=lines.append)
@@ -318,21 +320,8 @@ def test_one_process_per_sweep_directory(tmp_path):
             sweep.run_sweep(make_spec(), tmp_path / "s", train_fn=fake_train, log=quiet)
 
 
-CV_CONFIG = '''
-from lmtrain.config import base_config
-
-def get_config():
-    c = base_config()
-    c.data.cv_folds = 0  # proposed trainer keys: k folds (0 = off) and the fold held out
-    c.data.cv_fold = 0
-    return c
-'''
-
-
 def test_cross_validation_reports_mean_and_std_over_folds(tmp_path):
-    (tmp_path / "cv.py").write_text(CV_CONFIG)
-    spec = make_spec({"optimizer.lr": [1e-3, 1e-2]}, sampler="grid", n_trials=None, cv_folds=3,
-                     base_config=str(tmp_path / "cv.py"))
+    spec = make_spec({"optimizer.lr": [1e-3, 1e-2]}, sampler="grid", n_trials=None, cv_folds=3)
     study = sweep.run_sweep(spec, tmp_path / "s", train_fn=fake_train, log=quiet)
     for t in study.trials:
         folds = [fake_final(sweep.trial_config(sweep.resolve_base_config(spec), {**t.params, "data.cv_folds": 3,
@@ -349,9 +338,51 @@ def test_cross_validation_reports_mean_and_std_over_folds(tmp_path):
     assert best["data"]["cv_folds"] == 0  # the winner trains on all the data
 
 
-def test_cross_validation_without_the_trainer_keys_is_a_clear_error(tmp_path):
-    with pytest.raises(sweep.SweepError, match="cv_folds needs the config keys data.cv_folds and data.cv_fold"):
-        sweep.run_sweep(make_spec(cv_folds=3), tmp_path / "s", train_fn=fake_train, log=quiet)
+def test_cross_validation_folds_are_disjoint_and_complete(builtin_shards):
+    """Each training document is in exactly one held-out fold, and each fold's training set is the rest."""
+    from lmtrain.data import shards
+
+    _, shards_dir = builtin_shards
+    train = shards.split_source(shards_dir, "train")
+    everything = [train[i] for i in range(len(train))]
+    k = 3
+    held_out = [shards.split_source(shards_dir, "validation", cv_folds=k, cv_fold=f) for f in range(k)]
+    held_ids = [set(h.indices) for h in held_out]
+    assert all(held_ids) and sum(map(len, held_ids)) == len(everything) == len(set().union(*held_ids))
+    for f in range(k):
+        trains = shards.FoldSubset(train, k, f, held_out=False)
+        assert set(trains.indices).isdisjoint(held_ids[f]) and len(trains) + len(held_ids[f]) == len(everything)
+        assert [held_out[f][j] for j in range(len(held_out[f]))] == [everything[i] for i in sorted(held_ids[f])]
+    again = shards.split_source(shards_dir, "validation", cv_folds=k, cv_fold=1)
+    assert again.indices == held_out[1].indices  # stable: a hash of the example, not a draw
+
+
+def test_cross_validation_through_the_loaders(builtin_shards):
+    """The trainer's data: fold f validates (its documents, in order) and the other folds train."""
+    import numpy as np
+
+    from lmtrain.data import shards
+    from lmtrain.data.packing import RowPacker
+    from lmtrain.data.pipeline import make_data
+    from tests.helpers import small_config
+
+    tok, shards_dir = builtin_shards
+    cfg = small_config("llama", **{"data.source": "shards", "data.shards_dir": shards_dir, "data.tokenizer_dir": tok,
+                                   "model.vocab_size": 1024, "data.cv_folds": 2, "data.cv_fold": 1})
+    data = make_data(cfg, "/nonexistent-unused")
+    n_train = len(shards.split_source(shards_dir, "train"))
+    fold_docs = shards.split_source(shards_dir, "validation", cv_folds=2, cv_fold=1)
+    assert data.train.num_documents == n_train - len(fold_docs)
+    packer = RowPacker(cfg.data.seq_len + 1)
+    expected = [r["tokens"] for i in range(len(fold_docs)) for r in packer.add(np.frombuffer(fold_docs[i], "<u2"))]
+    expected += [r["tokens"] for r in packer.finish()]
+    rows = np.concatenate([np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1) for b in data.eval_batches()])
+    np.testing.assert_array_equal(rows[: len(expected)], np.stack(expected))
+    assert not rows[len(expected):].any()  # the last batch's padding rows
+    with pytest.raises(config_lib.ConfigError, match="data.cv_fold=2 is not one of the 2 folds"):
+        make_data(small_config("llama", **{"data.source": "shards", "data.shards_dir": shards_dir,
+                                           "data.tokenizer_dir": tok, "model.vocab_size": 1024, "data.cv_folds": 2,
+                                           "data.cv_fold": 2}), "/nonexistent-unused")
 
 
 def test_command_line(tmp_path, capsys):

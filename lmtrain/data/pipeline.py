@@ -115,6 +115,13 @@ def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -
     docs = builtin_documents(d.max_docs)
     train_docs = [t for t in docs if not is_validation_doc(t, d.val_fraction)]
     val_docs = [t for t in docs if is_validation_doc(t, d.val_fraction)]
+    folds, fold = cv_settings(cfg)
+    if folds:  # cross-validation: fold `fold` of the training documents validates, the others train
+        from lmtrain.data.shards import cv_fold_of
+
+        in_fold = [cv_fold_of(t.encode("utf-8"), folds) == fold for t in train_docs]
+        val_docs = [t for t, held in zip(train_docs, in_fold) if held]
+        train_docs = [t for t, held in zip(train_docs, in_fold) if not held]
     tok_dir = as_path(d.tokenizer_dir) if d.tokenizer_dir else as_path(workdir) / "tokenizer"
     if tok_dir.exists():
         tokenizer = load_tokenizer(tok_dir)
@@ -130,6 +137,15 @@ def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -
     train_rows, val_rows = pack(train_docs, False), pack(val_docs, True)
     train = PackedRowsIterator(train_rows, d.batch_size, d.seed, data_index, data_count)
     return DataBundle(train, _eval_batches_fn(val_rows, d.batch_size, data_index, data_count), tokenizer)
+
+
+def cv_settings(cfg) -> tuple[int, int]:
+    """(data.cv_folds, data.cv_fold), checked; (0, 0) without cross-validation."""
+    from lmtrain.data.shards import check_cv
+
+    folds, fold = int(cfg.data.get("cv_folds", 0)), int(cfg.data.get("cv_fold", 0))
+    check_cv(folds, fold)
+    return folds, fold
 
 
 def check_vocab(tokenizer, model_vocab: int, tok_dir) -> None:
@@ -158,11 +174,13 @@ def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) ->
     if d.verify_shards:
         shards.verify_shards(d.shards_dir, data_index, data_count)
     tokenizer = load_tokenizer(d.tokenizer_dir)
-    train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, data_index, data_count)
+    folds, fold = cv_settings(cfg)
+    train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, data_index, data_count,
+                                        cv_folds=folds, cv_fold=fold)
 
     def eval_batches(max_batches: int = 0, split: str = "validation"):
         return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, data_index, data_count, max_batches,
-                                         split)
+                                         split, cv_folds=folds, cv_fold=fold)
 
     return DataBundle(train, eval_batches, tokenizer, example_format, manifest.get("labels"),
                       shards.manifest_splits(manifest))

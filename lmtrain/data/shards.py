@@ -24,6 +24,7 @@ from pathlib import Path
 
 import grain
 import numpy as np
+import xxhash
 from etils import epath
 
 from lmtrain.config import ConfigError
@@ -366,6 +367,53 @@ def _document_source(shards_dir, split: str, manifest: dict) -> _ShardDocuments:
     return _ShardDocuments(shards_dir, split, manifest)
 
 
+# ---------------------------------------------------------------------------------------------
+# Cross-validation: the training split cut into folds by a hash of each example
+# ---------------------------------------------------------------------------------------------
+
+CV_HASH_SEED = 0xC5F01D  # fixed: an example's fold must be the same in every run of every trial
+
+
+def cv_fold_of(example: bytes, folds: int) -> int:
+    """The fold of a training example: a hash of its stored bytes (tokens, loss mask, label), so it is the same
+    whatever the shard layout, the order or the host, and duplicate examples always share a fold (no leak
+    between the folds that train and the one that validates)."""
+    return xxhash.xxh64_intdigest(example, seed=CV_HASH_SEED) % folds
+
+
+def check_cv(folds: int, fold: int) -> None:
+    if folds == 1 or folds < 0:
+        raise ConfigError(f"data.cv_folds={folds}: use 0 (no cross-validation) or k >= 2 folds.")
+    if folds and not 0 <= fold < folds:
+        raise ConfigError(f"data.cv_fold={fold} is not one of the {folds} folds (0 to {folds - 1}).")
+
+
+class FoldSubset:
+    """The training documents of some folds, as a random-access source: `held_out` gives fold `fold` (the
+    cross-validation set), otherwise every other fold (what trains). Each document's fold is computed once,
+    reading the split in chunks, at start-up."""
+
+    def __init__(self, source, folds: int, fold: int, held_out: bool, chunk: int = 256):
+        check_cv(folds, fold)
+        self._source = source
+        indices = []
+        for start in range(0, len(source), chunk):
+            ids = list(range(start, min(start + chunk, len(source))))
+            for i, record in zip(ids, source.__getitems__(ids)):
+                if (cv_fold_of(record, folds) == fold) == held_out:
+                    indices.append(i)
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> bytes:
+        return self._source[self.indices[index]]
+
+    def __getitems__(self, indices: list[int]) -> list[bytes]:
+        return self._source.__getitems__([self.indices[i] for i in indices])
+
+
 class _PackedBatchIterator(grain.DatasetIterator):
     """Packs a host's endless document stream into batches; its state is the next row's start.
 
@@ -470,7 +518,7 @@ class ShardedTrainIterator:
     """
 
     def __init__(self, shards_dir, seq_len: int, global_batch_size: int, seed: int, data_index: int = 0,
-                 data_count: int = 1, prefetch: int = 4):
+                 data_count: int = 1, prefetch: int = 4, cv_folds: int = 0, cv_fold: int = 0):
         check_data_slice(global_batch_size, data_index, data_count)
         manifest = load_manifest(shards_dir)
         check_seq_len(shards_dir, manifest, seq_len)
@@ -479,12 +527,21 @@ class ShardedTrainIterator:
         if not self.num_documents:
             raise ShardError(f"shard directory {shards_dir} has no training documents.")
         self._data_index, self._data_count = data_index, data_count
-        docs = (grain.MapDataset.source(_document_source(shards_dir, "train", manifest))
+        source = _document_source(shards_dir, "train", manifest)
+        if cv_folds:  # train on every fold but the held-out one
+            source = FoldSubset(source, cv_folds, cv_fold, held_out=False)
+            self.num_documents = len(source)
+            if not self.num_documents:
+                raise ShardError(f"data.cv_folds={cv_folds}: every training document of {shards_dir} is in fold "
+                                 f"{cv_fold}, so none is left to train on; use fewer folds or more data.")
+        docs = (grain.MapDataset.source(source)
                 .shuffle(seed=seed % 2**32)  # per-epoch reseeding happens inside: seed + epoch
                 .repeat()
                 .slice(slice(data_index, None, data_count)))
         identity = {"seed": seed, "seq_len": seq_len, "data_index": data_index, "data_count": data_count,
                     "num_documents": self.num_documents}
+        if cv_folds:  # only then: states saved without cross-validation keep resuming
+            identity.update(cv_folds=cv_folds, cv_fold=cv_fold)
         dataset = _PackedBatchDataset(docs, dtype=np.dtype(manifest["token_dtype"]).newbyteorder("<"),
                                       rows_per_batch=global_batch_size // data_count,
                                       row_len=seq_len if self.example_format == "classify" else seq_len + 1,
@@ -539,24 +596,34 @@ def check_seq_len(shards_dir, manifest: dict, seq_len: int) -> None:
                         f"data.seq_len >= {made_for}, or re-shard with --seq-len {seq_len}.")
 
 
+def split_source(shards_dir, split: str, manifest: dict | None = None, cv_folds: int = 0, cv_fold: int = 0):
+    """The records of a split as a random-access source. With cross-validation (cv_folds = k >= 2) the
+    validation split is fold `cv_fold` of the training split, and the shards' own validation split is unused."""
+    manifest = manifest or load_manifest(shards_dir)
+    if split not in manifest["splits"]:
+        raise DataError(f"shard directory {shards_dir} has no '{split}' split (it has "
+                        f"{', '.join(manifest_splits(manifest))}); re-shard with --test-fraction for a test split.")
+    if cv_folds and split == "validation":
+        return FoldSubset(_document_source(shards_dir, "train", manifest), cv_folds, cv_fold, held_out=True)
+    return _document_source(shards_dir, split, manifest) if manifest["splits"][split]["shards"] else []
+
+
 def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_index: int = 0,
-                       data_count: int = 1, max_batches: int = 0, split: str = "validation"
-                       ) -> Iterator[dict[str, np.ndarray]]:
+                       data_count: int = 1, max_batches: int = 0, split: str = "validation",
+                       cv_folds: int = 0, cv_fold: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic evaluation batches: the split in file order, packed, cut into global batches.
 
     Every host packs the same stream and takes its data slice of each global batch, so all hosts
     yield the same number of batches. The last batch is filled with padding rows (loss_mask 0, or
-    weight 0 for classification). Examples are packed as in training (whole, for sft/chat).
+    weight 0 for classification). Examples are packed as in training (whole, for sft/chat). With
+    cv_folds = k >= 2 the validation split is the held-out fold `cv_fold` of the training split.
     """
     check_data_slice(global_batch_size, data_index, data_count)
     manifest = load_manifest(shards_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"shard directory {shards_dir} has no '{split}' split (it has "
-                        f"{', '.join(manifest_splits(manifest))}); re-shard with --test-fraction for a test split.")
     check_seq_len(shards_dir, manifest, seq_len)
     fmt = example_format(manifest)
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-    source = _document_source(shards_dir, split, manifest) if manifest["splits"][split]["shards"] else []
+    source = split_source(shards_dir, split, manifest, cv_folds, cv_fold)
     per_host = global_batch_size // data_count
     lo, hi = data_index * per_host, (data_index + 1) * per_host
     row_len = seq_len if fmt == "classify" else seq_len + 1
