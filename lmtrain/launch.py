@@ -519,7 +519,7 @@ def default_setup_script() -> pathlib.Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmtrain launch", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="lmtrain launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

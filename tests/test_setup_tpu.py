@@ -87,6 +87,12 @@ def test_dry_run_prints_every_gcloud_command_and_runs_none(fake, capacity, flag)
     assert "lmtrain launch run --name=llm" in out.stdout and "setup_tpu.sh delete --name=llm" in out.stdout
 
 
+def test_dry_run_delete(fake):
+    out = fake.setup("delete", "--name=llm", "--zone=z", "--dry-run")
+    assert out.returncode == 0 and fake.calls() == []
+    assert "[dry-run] gcloud compute tpus queued-resources delete llm --zone=z --quiet --force" in out.stdout
+
+
 def test_runtime_version_and_devices_follow_the_accelerator_family(fake):
     for accel, runtime, devices in [("v6e-8", "v2-alpha-tpuv6e", 8), ("v5p-8", "v2-alpha-tpuv5", 4),
                                     ("v5litepod-16", "v2-alpha-tpuv5-lite", 16), ("v3-8", "tpu-ubuntu2204-base", 8)]:
