@@ -249,4 +249,5 @@ class Checkpoint:
     total: int
 
     def __call__(self, run, eval_metrics: dict | None) -> None:
+        run.writer.flush()  # what was logged up to this step is on disk: after a kill, a resume re-logs only later steps
         run.save(eval_metrics)

@@ -114,12 +114,12 @@ class MetricsWriter:
         record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
         self._buffer.append(json.dumps(record) + "\n")
         if not self.remote or time.monotonic() - self._last_flush > self._flush_every:
-            self.flush()
+            self._flush_records()
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, float(v), int(step))
 
-    def flush(self) -> None:
+    def _flush_records(self) -> None:
         from lmtrain.paths import append_text
 
         if self._buffer:
@@ -127,10 +127,23 @@ class MetricsWriter:
             self._buffer = []
         self._last_flush = time.monotonic()
 
+    def flush(self) -> None:
+        """Put everything logged so far on disk, TensorBoard events included (they are otherwise queued
+        for up to two minutes, and a killed run would lose them while its checkpoint keeps the steps)."""
+        if not self.enabled:
+            return
+        self._flush_records()
+        if self.tb is not None:
+            self.tb.flush()
+            if self._tb_local is not None:
+                from lmtrain.paths import copy_tree
+
+                copy_tree(self._tb_local, self.workdir / "tensorboard")
+
     def close(self) -> None:
         if not self.enabled:
             return
-        self.flush()
+        self._flush_records()
         if self.tb is not None:
             self.tb.close()
             if self._tb_local is not None:

@@ -1,0 +1,113 @@
+"""What a run logs (issue 7, item 6 and the cut-off metrics line): tokens_seen and epoch belong to the
+step they are logged at, and after a kill and a resume every step is in metrics.jsonl and TensorBoard once."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import signal
+import time
+
+import pytest
+
+from lmtrain.config import to_json
+from lmtrain.train import metrics as metrics_lib
+from lmtrain.train.trainer import train
+from tests import core_fixtures
+from tests.core_fixtures import cli, run_config
+
+compile_cache, compile_cache_dir, tokenizer_512 = (
+    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_512)
+pytestmark = pytest.mark.usefixtures("compile_cache")
+
+
+def _records(workdir) -> list[dict]:
+    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _loss_steps(workdir) -> list[int]:
+    return [r["step"] for r in _records(workdir) if "loss" in r]
+
+
+def _tensorboard_steps(workdir, tag: str = "loss") -> list[int]:
+    """The steps TensorBoard shows for `tag` (its reader applies the purge a resumed writer asks for)."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(pathlib.Path(workdir) / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_plot_survives_a_cut_off_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.0}\n{"step": 2, "val_loss": 4.5}\n{"step": 3, "lo')
+    assert [r["step"] for r in metrics_lib.read_metrics(path)] == [1, 2, 2]
+    png = metrics_lib.plot_loss_curve(path, tmp_path / "loss_curve.png")
+    assert png and (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_tokens_seen_and_epoch_belong_to_their_step(tmp_path, tokenizer_512):
+    """A corpus of a few batches per epoch, so that the run crosses two epoch boundaries."""
+    from lmtrain.data.pipeline import make_data
+
+    overrides = {"data.val_fraction": 0.5, "train.eval_every": 0, "checkpoint.every": 100}
+    probe = run_config(tokenizer_512, 1, **overrides)
+    rows = make_data(probe, tmp_path / "probe").train.n_rows
+    batch = max(8, rows // 3 // 8 * 8)  # about three batches per epoch
+    cfg = run_config(tokenizer_512, 10, **{**overrides, "data.batch_size": batch})
+    result = train(cfg, tmp_path / "run")
+    assert result.step == 10
+    per_epoch = rows // batch
+    assert 1 <= per_epoch < 5, (rows, batch)
+    logged = [r for r in _records(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 11))
+    for r in logged:
+        n = r["step"]
+        assert r["tokens_seen"] == n * batch * cfg.data.seq_len, r
+        assert r["epoch"] == n // per_epoch, f"step {n}: epoch {r['epoch']}, but {n} batches of {per_epoch} per epoch"
+
+
+@pytest.mark.slow
+def test_cut_off_metrics_line_does_not_break_the_plot_or_a_resume(tmp_path, tokenizer_512):
+    workdir = tmp_path / "run"
+    cfg = run_config(tokenizer_512, 4, **{"logging.loss_curve_png": True})
+    train(cfg, workdir, stop_at_step=2)
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "grad_norm": 1.2, "lo')  # a kill in the middle of a write
+    result = train(cfg, workdir)
+    assert result.step == 4
+    assert _loss_steps(workdir) == [1, 2, 3, 4]
+    assert all(line.startswith("{") and line.endswith("}")
+               for line in (workdir / "metrics.jsonl").read_text().splitlines())
+    assert (workdir / "loss_curve.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_after_sigkill_and_resume_every_step_is_logged_once(tmp_path, tokenizer_512, compile_cache_dir):
+    workdir = tmp_path / "run"
+    config = tmp_path / "config.json"
+    config.write_text(to_json(run_config(tokenizer_512, 100000, **{
+        "logging.tensorboard": True, "train.eval_every": 0, "checkpoint.every": 3, "checkpoint.keep": 2})))
+    proc = cli(["train", f"--config={config}", f"--workdir={workdir}", "--no-progress"], compile_cache_dir)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(_loss_steps(workdir)) >= 8:
+            break
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = max(_loss_steps(workdir))
+    resumed_from = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert resumed_from < killed_at, "the kill should leave logged steps after the last checkpoint"
+
+    end = killed_at + 2
+    resumed = cli(["train", f"--config={config}", f"--workdir={workdir}", "--no-progress",
+                   f"--config.train.steps={end}"], compile_cache_dir)
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert f"from step {resumed_from}" in out, out
+    assert _loss_steps(workdir) == list(range(1, end + 1))
+    assert _tensorboard_steps(workdir) == list(range(1, end + 1))
