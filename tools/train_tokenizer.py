@@ -3,6 +3,7 @@
     python tools/train_tokenizer.py --input 'data/*.jsonl' --algorithm bpe --vocab-size 32000 --output tok/
     python tools/train_tokenizer.py --hf-dataset wikitext --hf-config wikitext-103-raw-v1 --max-chars 2e9 ...
     python tools/train_tokenizer.py --builtin --vocab-size 4096 --output workdir/tokenizer   # no download
+    python tools/train_tokenizer.py --builtin --bert --vocab-size 4096 --output workdir/bert_tokenizer  # encoders
 
 The output loads with transformers.AutoTokenizer.from_pretrained(output). A small share of the
 documents (chosen by a hash of their text, so the same ones every run) is held out of training
@@ -38,12 +39,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pad-token", default="<pad>", help="'' for none")
     p.add_argument("--unk-token", default="<unk>", help="'' for none (not allowed for unigram/wordpiece)")
     p.add_argument("--special-tokens", nargs="*", default=[], help="more special tokens, kept whole")
+    p.add_argument("--mask-token", default="", help="the masked-LM task's mask token, e.g. [MASK]; '' for none")
+    p.add_argument("--cls-token", default="", help="with --sep-token: every encoding becomes CLS text SEP (encoders)")
+    p.add_argument("--sep-token", default="", help="separator token, e.g. [SEP]; see --cls-token")
+    p.add_argument("--bert", action="store_true", help="a BERT tokenizer: WordPiece, lowercased, with [PAD] [UNK] [CLS] "
+                   "[SEP] [MASK], [CLS] text [SEP] around every encoding and [SEP] ending every document (no BOS)")
     p.add_argument("--nfkc", action="store_true", help="NFKC-normalize text inside the tokenizer")
     p.add_argument("--lowercase", action="store_true", help="lowercase text inside the tokenizer")
     p.add_argument("--max-chars", type=float, default=0, help="stop after this many training characters (0: all)")
     p.add_argument("--holdout-fraction", type=float, default=0.01, help="share of documents held out for the summary")
     p.add_argument("--holdout-max-docs", type=int, default=2000, help="cap on held-out documents kept in memory")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.bert:
+        given = [f"--{k.replace('_', '-')}" for k, v in BERT_TOKENS.items() if getattr(args, k) != p.get_default(k)]
+        if given or args.algorithm not in ("bpe", "wordpiece"):
+            p.error(f"--bert sets the special tokens and the algorithm itself; drop {', '.join(given) or '--algorithm'}.")
+        for key, value in BERT_TOKENS.items():
+            setattr(args, key, value)
+        args.algorithm, args.lowercase = "wordpiece", True
+    if bool(args.cls_token) != bool(args.sep_token):
+        p.error("--cls-token and --sep-token go together (CLS text SEP).")
+    return args
+
+
+# What --bert sets: bert-base-uncased's special tokens.
+BERT_TOKENS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "bos_token": "", "eos_token": "[SEP]", "cls_token": "[CLS]",
+               "sep_token": "[SEP]", "mask_token": "[MASK]"}
 
 
 def is_held_out(text: str, fraction: float) -> bool:
@@ -63,8 +84,11 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
     if not args.eos_token:
         raise SourceError("--eos-token is required: shard_data.py ends every document with it.")
     named = {"bos_token": args.bos_token, "eos_token": args.eos_token, "pad_token": args.pad_token,
-             "unk_token": args.unk_token}
-    special = list(dict.fromkeys([t for t in named.values() if t] + list(args.special_tokens)))
+             "unk_token": args.unk_token, "cls_token": args.cls_token, "sep_token": args.sep_token,
+             "mask_token": args.mask_token}
+    # BERT's ids start [PAD]=0, [UNK], [CLS], [SEP], [MASK]; other tokenizers keep the order above
+    first = [named[k] for k in ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")] if args.bert else []
+    special = list(dict.fromkeys([t for t in [*first, *named.values()] if t] + list(args.special_tokens)))
     if args.vocab_size <= len(special):
         raise SourceError(f"--vocab-size {args.vocab_size} leaves no room beside {len(special)} special tokens.")
 
@@ -94,6 +118,12 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
                                    args.lowercase, args.min_frequency)
     start = time.time()
     tok.train_from_iterator(training_text(), trainer=trainer)
+    if args.cls_token:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{args.cls_token} $A {args.sep_token}", pair=f"{args.cls_token} $A {args.sep_token} $B:1 {args.sep_token}:1",
+            special_tokens=[(t, tok.token_to_id(t)) for t in dict.fromkeys((args.cls_token, args.sep_token))])
     if not stats["documents"]:
         raise SourceError("the corpus is empty: no training documents were read.")
     sample, sample_name = (held_out, "held-out") if held_out else (None, "")

@@ -33,6 +33,8 @@ class DataBundle:
 
 # The task each example format trains (task.name in the config).
 FORMAT_TASKS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify"}
+# Tasks that train on another task's format: masked language modelling reads the language model's text.
+SHARED_FORMATS = {"mlm": "text"}
 
 
 class PackedRowsIterator:
@@ -189,9 +191,9 @@ def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) ->
 def check_task(cfg, example_format: str, shards_dir) -> None:
     """The shards must hold the examples the configured task trains on (when the config names a task)."""
     task = cfg.get("task", {}).get("name") if hasattr(cfg, "get") else None
-    if task is None or FORMAT_TASKS[example_format] == task:
+    if task is None or FORMAT_TASKS[example_format] == task or SHARED_FORMATS.get(task) == example_format:
         return
-    needs = {"lm": "text", "sft": "sft or chat", "classify": "classify"}.get(task, "?")
+    needs = {"lm": "text", "sft": "sft or chat", "classify": "classify", "mlm": "text"}.get(task, "?")
     hint = " (classification data needs text and label fields)" if task == "classify" else ""
     where = f"data.shards_dir={shards_dir} holds {example_format} shards" if shards_dir else (
         "data.source=builtin is plain text (use data.source=shards with tools/shard_data.py --builtin-task for the demos)")

@@ -49,6 +49,11 @@ class ModelConfig:
     causal: bool = True  # False: bidirectional attention over non-padding tokens (encoders)
     head: str = "lm"  # output head, a name in lmtrain.model.heads.HEADS
     num_labels: int = 0  # classes of a classification head
+    # Encoder (BERT) family options; the defaults are the decoders' and change nothing there.
+    type_vocab_size: int = 0  # token-type (sentence A/B) embeddings added to the input; 0: none
+    norm_position: str = "pre"  # 'pre': x + f(norm(x)) and a final norm; 'post' (BERT): norm(x + f(x)), no final norm
+    embed_norm: bool = False  # a norm over the summed input embeddings (BERT)
+    pooling: str = "last"  # classify head: the 'last' real token (decoders) or 'cls': the first token via dense+tanh
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelConfig:
@@ -202,7 +207,7 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """GELU MLP with biases (GPT-2) or bias-free SwiGLU (Llama)."""
+    """GELU MLP with biases (GPT-2: tanh GELU, BERT: exact erf GELU, `mlp='gelu_exact'`) or bias-free SwiGLU (Llama)."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -221,14 +226,15 @@ class MLP(nnx.Module):
             gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
         else:
-            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=True)
+            h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=self.cfg.mlp != "gelu_exact")
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
         y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, self.b_out)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+    """Transformer block. Pre-norm (decoders): x + attn(norm(x)), then x + mlp(norm(x)). Post-norm
+    (`norm_position='post'`, BERT): norm(x + attn(x)), then norm(x + mlp(x)); the norms keep their names.
 
     The same code serves training (no `kv`) and cached decoding (`kv` given: returns (x, new kv)).
     """
@@ -244,10 +250,15 @@ class Block(nnx.Module):
         k1 = k2 = None
         if dropout_key is not None:
             k1, k2 = jax.random.split(dropout_key)
-        h = self.attn(self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv)
+        post = self.cfg.norm_position == "post"
+        h = self.attn(x_BxLxD if post else self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv)
         if kv is not None:
             h, kv = h
         x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k1)
-        h = self.mlp(self.mlp_norm(x_BxLxD))
+        if post:
+            x_BxLxD = self.attn_norm(x_BxLxD)
+        h = self.mlp(x_BxLxD if post else self.mlp_norm(x_BxLxD))
         x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k2)
+        if post:
+            x_BxLxD = self.mlp_norm(x_BxLxD)
         return x_BxLxD if kv is None else (x_BxLxD, kv)

@@ -1,7 +1,8 @@
 """The transformer and its functional interface (`ModelDef`) used by training, tasks and generation.
 
-One Transformer covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings) and
-Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied embeddings). It returns hidden
+One Transformer covers GPT-2 (learned positions, LayerNorm, GELU, biases, tied embeddings),
+Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention, untied embeddings) and, with `causal=False`,
+BERT-style encoders (token-type embeddings, an embedding norm, post-norm blocks). It returns hidden
 states; a head module (lmtrain.model.heads) turns them into logits. The blocks' parameters are
 stacked along a leading `layers` axis, so the same checkpoint layout serves both the scanned and
 the unrolled forward pass, and the KV-cache decode runs the very same blocks.
@@ -50,26 +51,38 @@ class Transformer(nnx.Module):
         self.pos_embed = (
             _param(rngs.params(), (cfg.max_seq_len, cfg.d_model), (None, "embed"), cfg.init_std / 2, dt) if learned else None
         )
+        self.type_embed = (
+            _param(rngs.params(), (cfg.type_vocab_size, cfg.d_model), (None, "embed"), cfg.init_std, dt)
+            if cfg.type_vocab_size else None
+        )
+        self.embed_norm = Norm(cfg) if cfg.embed_norm else None
         self.blocks = _stacked_blocks(cfg, rngs)
-        self.final_norm = Norm(cfg)
+        # post-norm blocks end in a norm already
+        self.final_norm = Norm(cfg) if cfg.norm_position == "pre" else None
         if cfg.head not in HEADS:
             raise ValueError(f"model.head='{cfg.head}' is unknown. Choose one of: {', '.join(HEADS)}.")
         self.head = HEADS[cfg.head](cfg, rngs)
 
-    def embed_tokens(self, tokens_BxL, positions_BxL):
+    def embed_tokens(self, tokens_BxL, positions_BxL, token_types_BxL=None):
         dtype = self.cfg.compute_dtype
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(dtype)
         if self.pos_embed is not None:
             x_BxLxD = x_BxLxD + jnp.take(self.pos_embed[...], positions_BxL, axis=0).astype(dtype)
+        if self.type_embed is not None:  # no token types given: every token is of type 0, as in transformers
+            types_BxL = jnp.zeros_like(tokens_BxL) if token_types_BxL is None else token_types_BxL
+            x_BxLxD = x_BxLxD + jnp.take(self.type_embed[...], types_BxL, axis=0).astype(dtype)
+        if self.embed_norm is not None:
+            x_BxLxD = self.embed_norm(x_BxLxD)
         return constrain(x_BxLxD, ("batch", "length", "act_embed"))
 
-    def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None, cache=None):
+    def hidden(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None, cache=None,
+               token_types_BxL=None):
         """Final hidden states [B, L, D]. With `cache` = (k_LxBxTxKxH, v_LxBxTxKxH, slot, mask_BxLxT), the
         tokens are decoded against a KV cache by the same blocks: returns (hidden, (k, v))."""
         cfg = self.cfg
         if positions_BxL is None:
             positions_BxL = jnp.broadcast_to(jnp.arange(tokens_BxL.shape[1]), tokens_BxL.shape)
-        x_BxLxD = self.embed_tokens(tokens_BxL, positions_BxL)
+        x_BxLxD = self.embed_tokens(tokens_BxL, positions_BxL, token_types_BxL)
         if dropout_key is not None:
             dropout_key, k = jax.random.split(dropout_key)
             x_BxLxD = _dropout(x_BxLxD, cfg.dropout, k)
@@ -84,7 +97,7 @@ class Transformer(nnx.Module):
                 return block(x, positions_BxL, None, None, (k_BxTxKxH, v_BxTxKxH, slot, mask_BxLxT))
 
             x_BxLxD, new_kv = jax.lax.scan(cached_layer, x_BxLxD, (block_state, k_LxBxTxKxH, v_LxBxTxKxH))
-            return self.final_norm(x_BxLxD), new_kv
+            return self._final_norm(x_BxLxD), new_kv
 
         def layer(x_BxLxD, layer_state, layer_index):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, layer_index)
@@ -101,13 +114,17 @@ class Transformer(nnx.Module):
         else:
             for i in range(cfg.n_layers):
                 x_BxLxD = layer(x_BxLxD, jax.tree.map(lambda a, i=i: a[i], block_state), i)
-        return self.final_norm(x_BxLxD)
+        return self._final_norm(x_BxLxD)
+
+    def _final_norm(self, x_BxLxD):
+        return x_BxLxD if self.final_norm is None else self.final_norm(x_BxLxD)
 
     def apply_head(self, x_BxLxD, segment_ids_BxL=None):
         return self.head(x_BxLxD, embed=self.embed, segment_ids_BxL=segment_ids_BxL)
 
-    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
-        return self.apply_head(self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key), segment_ids_BxL)
+    def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None, token_types_BxL=None):
+        x_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key, token_types_BxL=token_types_BxL)
+        return self.apply_head(x_BxLxD, segment_ids_BxL)
 
 
 def _nested_set(tree: dict, keys, value) -> None:
@@ -144,18 +161,22 @@ class ModelDef:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def apply(self, params: dict, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
-        """The head's output: logits [B, L, padded vocab] for 'lm', [B, num_labels] for 'classify'."""
-        return self.bind(params)(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key)
+    def apply(self, params: dict, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None,
+              token_types_BxL=None):
+        """The head's output: logits [B, L, padded vocab] for 'lm' and 'mlm', [B, num_labels] for 'classify',
+        [B, L, num_labels] for 'token_classify', the pooled [B, D] for 'pool'."""
+        return self.bind(params)(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key, token_types_BxL)
 
-    def hidden(self, params: dict, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None):
-        return self.bind(params).hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key)
+    def hidden(self, params: dict, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None,
+               token_types_BxL=None):
+        return self.bind(params).hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key,
+                                        token_types_BxL=token_types_BxL)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         total = 0
         for path, leaf in jax.tree_util.tree_flatten_with_path(self.shapes)[0]:
             name = path[0].key
-            if not include_embeddings and name in ("embed", "pos_embed"):
+            if not include_embeddings and name in ("embed", "pos_embed", "type_embed"):
                 continue
             n = 1
             for s in leaf.shape:

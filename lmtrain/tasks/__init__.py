@@ -12,6 +12,7 @@ TASKS = {
     "lm": "lmtrain.tasks.lm:LanguageModelling",
     "sft": "lmtrain.tasks.sft:SupervisedFineTuning",
     "classify": "lmtrain.tasks.classify:Classification",
+    "mlm": "lmtrain.tasks.mlm:MaskedLanguageModelling",
 }
 
 
