@@ -24,7 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path, local_dir
 
@@ -253,10 +252,11 @@ def load_model(path, which: str | int = "latest"):
             cfg, params = load_hf_model(local)
         return ModelDef(cfg), params, path
     from lmtrain.config import load_config
+    from lmtrain.tasks import workdir_model_config
     from lmtrain.train import checkpoint
 
     cfg = load_config(str(config_path))
-    model_def = ModelDef(ModelConfig.from_config(cfg.model).for_training())
+    model_def = ModelDef(workdir_model_config(cfg, path))
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
     has_steps = (path / "checkpoints").exists() and any(p.name.isdigit() for p in (path / "checkpoints").iterdir())
     if has_steps or not cfg.train.init_from:

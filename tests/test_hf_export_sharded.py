@@ -46,12 +46,12 @@ def test_sharded_restore_exports_bit_identically_to_one_device(tmp_path, monkeyp
         assert (tmp_path / "sharded" / name).read_bytes() == (tmp_path / "single" / name).read_bytes(), name
 
 
-def test_a_mesh_that_does_not_fit_restores_onto_one_device(capsys):
+def test_a_mesh_that_does_not_fit_restores_onto_one_device(capsys, tmp_path):
     cfg = small_config("llama", **{"mesh.data": 1, "mesh.fsdp": 16, "mesh.tensor": 1})
-    assert export_shardings(cfg) is None
+    assert export_shardings(cfg, tmp_path) is None
     assert "does not fit the 8 device(s) here" in capsys.readouterr().err
-    shardings = export_shardings(cfg, (2, 2, 2))
+    shardings = export_shardings(cfg, tmp_path, (2, 2, 2))
     assert tuple(shardings["blocks"]["attn"]["wq"].spec) == (None, "fsdp", "tensor", None)
-    assert export_shardings(cfg, (1, 1, 1)) is None
+    assert export_shardings(cfg, tmp_path, (1, 1, 1)) is None
     with pytest.raises(hf_export.HFInteropError, match="mesh"):  # d_model 64 does not split 3 ways
-        export_shardings(small_config("llama", **{"mesh.data": 1, "mesh.fsdp": 3, "mesh.tensor": 1}), (1, 3, 1))
+        export_shardings(small_config("llama", **{"mesh.data": 1, "mesh.fsdp": 3, "mesh.tensor": 1}), tmp_path, (1, 3, 1))

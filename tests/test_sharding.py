@@ -44,6 +44,7 @@ def _run(cfg, mesh_shape, batches):
     model_def = parts.model_def
     with axis_rules(mesh, rules):
         state, shardings, _ = create_sharded_state(model_def, parts.tx, 0, mesh, rules, parts.plan)
+        initial_params = jax.tree.map(lambda x: x.copy(), state["params"])  # the step donates the state
         batch_sharding = NamedSharding(mesh, PartitionSpec(logical_to_spec(("batch",), rules, mesh)[0], None))
         step = jax.jit(parts.train_step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
         losses = []
@@ -56,8 +57,10 @@ def _run(cfg, mesh_shape, batches):
             ce, _, n = token_loss_sums(logits, batch["targets"], batch["loss_mask"], cfg.model.vocab_size)
             return ce / n
 
+        # Gradients at the initial parameters, which are identical on every mesh: after a few steps the
+        # parameters themselves differ by rounding, and so would their gradients.
         grads = jax.jit(jax.grad(loss_fn), in_shardings=(shardings["params"], batch_sharding))(
-            state["params"], jax.device_put(batches[0], batch_sharding))
+            initial_params, jax.device_put(batches[0], batch_sharding))
     return np.array(losses), jax.device_get(grads), shardings
 
 

@@ -128,7 +128,7 @@ def test_classify_trains_from_a_language_model_with_a_fresh_head_and_reports_met
     workdir = tmp_path / "cls"
     cfg = _cfg("classify", tok, classify, **{"train.init_from": str(lm_dir), "train.steps": 2, "optimizer.lr": 1e-30})
     result = train(cfg, workdir)
-    labels = json.loads((workdir / "labels.json").read_text())["labels"]
+    labels = json.loads((workdir / "labels.json").read_text())
     assert len(labels) == 6 and result.metrics.keys() >= {"val_accuracy", "val_f1_macro", "val_loss"}
     assert (workdir / "confusion_matrix.png").stat().st_size > 1000
     tuned = _flat(_params(workdir))

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import functools
 import json
 import math
@@ -52,6 +51,7 @@ from lmtrain.interop.hf_import import (
 )
 from lmtrain.model.layers import ModelConfig
 from lmtrain.paths import as_path, is_remote
+from lmtrain.tasks import workdir_model_config
 
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
 # Source config keys that lmtrain's model does not determine and that survive an import/export round trip.
@@ -451,15 +451,6 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     return out_dir
 
 
-def workdir_model_config(cfg) -> ModelConfig:
-    """The model a WORKDIR trains: config.model with the head of its task ('classify' for task.name='classify')."""
-    model_cfg = ModelConfig.from_config(cfg.model)
-    task = cfg.get("task") or {}
-    if task.get("name") == "classify":
-        model_cfg = dataclasses.replace(model_cfg, head="classify")
-    return model_cfg
-
-
 def workdir_labels(workdir: epath.Path) -> list[str] | None:
     """The class names, in class order, that a classify WORKDIR keeps in labels.json (a JSON list)."""
     path = workdir / LABELS_FILE
@@ -474,7 +465,7 @@ def workdir_labels(workdir: epath.Path) -> list[str] | None:
     return [str(x) for x in labels]
 
 
-def export_shardings(cfg, mesh_shape: tuple[int, int, int] | None = None):
+def export_shardings(cfg, workdir, mesh_shape: tuple[int, int, int] | None = None):
     """The params' shardings on the WORKDIR's training mesh (or on `mesh_shape`); None means one device.
 
     A single process whose devices do not fit the training mesh (a model trained on a pod, exported on a
@@ -503,7 +494,7 @@ def export_shardings(cfg, mesh_shape: tuple[int, int, int] | None = None):
         print(f"lmtrain export: note: the WORKDIR's mesh does not fit the {n} device(s) here ({e}); the "
               "parameters are restored onto one device.", file=sys.stderr)
         return None
-    model_def = ModelDef(workdir_model_config(cfg))
+    model_def = ModelDef(workdir_model_config(cfg, workdir))
     try:
         return param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
     except ValueError as e:
@@ -533,14 +524,14 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
                              f"(for example {workdir / 'hf'}).")
     _agree_on_target(out, force)  # before the restore, which can take minutes for a large model
     try:
-        shardings = export_shardings(load_config(str(workdir / "config.json")), mesh_shape)
+        shardings = export_shardings(load_config(str(workdir / "config.json")), workdir, mesh_shape)
         cfg, params = restore_params(str(workdir), which, shardings)
     except (FileNotFoundError, ConfigError) as e:
         raise HFInteropError(str(e)) from None
     source = workdir / SOURCE_CONFIG
     generation = workdir / SOURCE_GENERATION_CONFIG
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
-    model_cfg = workdir_model_config(cfg)
+    model_cfg = workdir_model_config(cfg, workdir)
     return export_params(
         model_cfg,
         params,
@@ -551,7 +542,7 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         force=force,
-        labels=workdir_labels(workdir) if model_cfg.head == "classify" else None,
+        labels=workdir_labels(workdir) if model_cfg.head in ("classify", "token_classify") else None,
     )
 
 

@@ -74,7 +74,7 @@ class Classification(Task):
         check_labels(self.labels, data.labels, self.cfg.data.shards_dir)
         workdir = as_path(workdir)
         if data_index == 0 and not (workdir / LABELS_FILE).exists():
-            atomic_write_text(workdir / LABELS_FILE, json.dumps({"labels": self.labels}, indent=1))
+            atomic_write_text(workdir / LABELS_FILE, json.dumps(self.labels))  # a JSON list, in class order
         return data
 
     def loss_fn(self, model_def: ModelDef):

@@ -216,7 +216,7 @@ class Evaluate:
     def __call__(self, run) -> dict:
         sums = None
         for batch in run.data.eval_batches(self.max_batches):
-            out = run.eval_fn(run.state["params"], run.global_batch(batch))
+            out = run.eval_fn(run.params(), run.global_batch(batch))
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)  # summed on device, read once
         if sums is None:
             return {}
@@ -225,6 +225,8 @@ class Evaluate:
         metrics = run.task.eval_metrics(sums)
         if not metrics:
             return {}
+        params = run.params() if hasattr(run, "params") else run.state["params"]  # frozen ones too, where kept apart
+        metrics.update(run.task.extra_eval(run.model_def, params, run.data))
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         run.writer.write(run.step, scalars)
         run.progress.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))

@@ -432,21 +432,58 @@ def _restore_tree(path: epath.Path, target: dict, item: str | None = None) -> di
 def restore_params(workdir, which: str | int = "latest", shardings=None):
     """(config, params) from a WORKDIR checkpoint, without the optimizer state.
 
-    With `shardings` (a tree like the params of NamedShardings), each host reads only its shards.
+    Parameters the checkpoint does not hold (frozen ones: a LoRA run's base, frozen layers) are rebuilt
+    as training built them: the seed's initialisation overlaid with train.init_from. With `shardings` (a
+    tree like the params of NamedShardings), each host reads only its shards.
     """
     from lmtrain.config import load_config
-    from lmtrain.model import ModelConfig, ModelDef
+    from lmtrain.model import ModelDef
+    from lmtrain.tasks import workdir_model_config
 
     workdir = as_path(workdir)
     cfg = load_config(str(workdir / "config.json"))
     step = select_step(workdir, which)
-    model_def = ModelDef(ModelConfig.from_config(cfg.model).for_training())
+    model_def = ModelDef(workdir_model_config(cfg, workdir))
     shapes = model_def.shapes
     if shardings is None:
         one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: one, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    return cfg, _restore_tree(checkpoint_dir(workdir) / str(step) / "state", target, "params")
+    state_dir = checkpoint_dir(workdir) / str(step) / "state"
+    stored = _stored_leaves(state_dir, "params")
+    flat_target = {tuple(getattr(k, "key", k) for k in kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+    held = {k: v for k, v in flat_target.items() if k in stored}
+    params = _restore_tree(state_dir, _nest_keys(held), "params")
+    missing = {k: v for k, v in flat_target.items() if k not in stored}
+    if missing:
+        rebuilt = _rebuild_frozen(cfg, model_def, _nest_keys(missing))
+        params = _merge_trees(params, rebuilt)
+    return cfg, params
+
+
+def _merge_trees(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _rebuild_frozen(cfg, model_def, target: dict) -> dict:
+    """The parameters of `target` as training made them: the seed's draw, then train.init_from over it."""
+    from lmtrain.train.state import init_params_fn
+
+    shardings = jax.tree.map(lambda t: t.sharding, target)
+    keep = lambda full: _select(full, target)  # noqa: E731
+    params = jax.jit(lambda: keep(init_params_fn(model_def, cfg.train.seed)()), out_shardings=shardings)()
+    if cfg.train.init_from:
+        which = int(cfg.train.init_from_which) if str(cfg.train.init_from_which).isdigit() else cfg.train.init_from_which
+        loaded, _, _ = load_init_params(cfg.train.init_from, target, which)
+        params = _merge_trees(params, loaded)
+    return params
+
+
+def _select(full: dict, like: dict) -> dict:
+    return {k: _select(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
 
 
 def save_init_params(workdir, params: dict) -> epath.Path:

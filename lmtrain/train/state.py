@@ -16,13 +16,22 @@ from lmtrain.parallel.partitioning import AxisRules, param_shardings
 from lmtrain.train.optimizer import ParamPlan
 
 
+def init_params_fn(model_def: ModelDef, seed: int):
+    """The model's initial parameters, as every run with this seed draws them."""
+    return lambda: model_def.init(jax.random.fold_in(jax.random.key(seed), 0))
+
+
 def init_state_fn(model_def: ModelDef, tx: optax.GradientTransformation, seed: int, plan: ParamPlan | None = None):
+    """The initial train state: `params` (trainable), `frozen` (the rest), the optimizer state of the
+    trainable ones, the step and the RNG."""
+
     def init() -> dict:
         key = jax.random.key(seed)
-        params = model_def.init(jax.random.fold_in(key, 0))
-        trainable = plan.split(params)[0] if plan is not None else params
+        params = init_params_fn(model_def, seed)()
+        trainable, frozen = plan.split(params) if plan is not None else (params, {})
         return {
-            "params": params,
+            "params": trainable,
+            "frozen": frozen,
             "opt_state": tx.init(trainable),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(jax.random.fold_in(key, 1)),
@@ -71,12 +80,17 @@ def state_shardings(abstract_state: dict, model_def: ModelDef, mesh: Mesh, rules
                     return NamedSharding(mesh, spec)
         return replicated
 
+    def subset(tree_abstract):
+        return jax.tree_util.tree_map_with_path(lambda path, _: by_path[_path_keys(path)][0], tree_abstract)
+
     return {
-        "params": p_shardings,
+        "params": subset(abstract_state["params"]),
+        "frozen": subset(abstract_state.get("frozen", {})),
         "opt_state": jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"]),
         "step": replicated,
         "rng": replicated,
     }
+
 
 
 def _lookup_shape(tree, path):

@@ -40,24 +40,23 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int, plan: ParamPlan | None = None):
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int):
     """The jittable step. Gradients are taken and accumulated in the parameters' dtype (float32
     master weights); `update_finite` tells the loop whether the new parameters may be saved.
 
-    With a `plan`, only its trainable parameters are differentiated and updated (the optimizer state
-    holds only them); frozen ones pass through unchanged, bit for bit.
+    `state["params"]` holds the trainable parameters only: they are differentiated and updated, and
+    the optimizer state mirrors them. `state["frozen"]` (the rest: a frozen base under LoRA, frozen
+    layers) joins them in the forward pass and passes through unchanged, bit for bit.
     """
-    split = plan.split if plan is not None else (lambda p: (p, {}))
-    merge = ParamPlan.merge if plan is not None else (lambda t, f: t)
 
     def objective(trainable, frozen, batch, rng):
-        loss_sum, weight, metrics = loss_fn(merge(trainable, frozen), batch, rng)
+        loss_sum, weight, metrics = loss_fn(ParamPlan.merge(trainable, frozen), batch, rng)
         return loss_sum, (weight, metrics)
 
     grad_fn = jax.value_and_grad(objective, has_aux=True)
 
     def train_step(state: dict, batch: dict) -> tuple[dict, dict]:
-        params, frozen = split(state["params"])
+        params, frozen = state["params"], state.get("frozen", {})
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if grad_accum == 1:
             (loss_sum, (weight, sums)), grads = grad_fn(params, frozen, batch, rng)
@@ -82,7 +81,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accu
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         params = optax.apply_updates(params, updates)
-        new_state = {**state, "params": merge(params, frozen), "opt_state": opt_state, "step": state["step"] + 1}
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {
             "loss": loss_sum / denom,
             **{k: v / denom for k, v in sums.items()},

@@ -39,7 +39,7 @@ from lmtrain.train.actions import (
 )
 from lmtrain.train.checkpoint import Checkpointer, CheckpointError, load_init_params
 from lmtrain.train.optimizer import ParamPlan, make_optimizer
-from lmtrain.train.state import abstract_with_shardings, init_state_fn, state_shardings
+from lmtrain.train.state import abstract_with_shardings, init_params_fn, init_state_fn, state_shardings
 from lmtrain.train.step import make_train_step
 
 DONE = "done.json"
@@ -196,7 +196,7 @@ class Components:
         model_def = ModelDef(task.model_config())
         plan = ParamPlan.from_rules(model_def.shapes, cfg.optimizer.param_rules)
         tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, plan, plan.split(model_def.shapes)[0])
-        train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum, plan)
+        train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum)
         return cls(task, model_def, plan, tx, schedule, train_step)
 
 
@@ -227,6 +227,10 @@ class Run:
             out[key] = jax.make_array_from_process_local_data(self._shardings[ndim], value, global_shape)
         return out
 
+    def params(self) -> dict:
+        """All the model's parameters: the trainable ones and the frozen ones."""
+        return ParamPlan.merge(self.state["params"], self.state.get("frozen", {}))
+
     def save(self, eval_metrics: dict | None) -> None:
         meta = {
             "tokens_seen": self.tokens_seen,
@@ -234,20 +238,31 @@ class Run:
             "eval": eval_metrics or {},
             "early_stopping": self.early_stopping.state() if self.early_stopping else None,
             "config": self.cfg.to_dict(),
+            # Frozen parameters are not saved: they come from this base (and the seed) again on resume.
+            "base": {"init_from": self.cfg.train.init_from, "which": self.cfg.train.init_from_which,
+                     "frozen": bool(self.state.get("frozen"))},
         }
         meta = json.loads(json.dumps(meta, default=list))
-        self.ckpt.save(self.step, self.state, self.data.train.get_state(), meta, eval_metrics)
+        saved = {k: v for k, v in self.state.items() if k != "frozen"}  # rebuilt on resume, never saved
+        self.ckpt.save(self.step, saved, self.data.train.get_state(), meta, eval_metrics)
         self.last_saved = self.step
 
 
-def _restore_or_init(run: Run, tx, plan, rules, log) -> None:
+def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
+    """Resume from the latest good checkpoint, or initialise (and start from train.init_from). Frozen
+    parameters are never in a checkpoint: they are rebuilt as they were first made (the seed's
+    initialisation, overlaid with train.init_from), so a LoRA run's checkpoint holds only the adapters."""
     cfg, model_def, mesh = run.cfg, run.model_def, run.mesh
     init = init_state_fn(model_def, tx, cfg.train.seed, plan)
     abstract = jax.eval_shape(init)
     shardings = state_shardings(abstract, model_def, mesh, rules)
-    restored = run.ckpt.restore_latest(abstract_with_shardings(abstract, shardings))
+    saved = [k for k in abstract if k != "frozen"]
+    restored = run.ckpt.restore_latest(abstract_with_shardings({k: abstract[k] for k in saved},
+                                                               {k: shardings[k] for k in saved}))
     if restored is not None:
-        run.state = restored.state
+        frozen = jax.jit(lambda: plan.split(init_params_fn(model_def, cfg.train.seed)())[1],
+                         out_shardings=shardings["frozen"])()
+        run.state = {**restored.state, "frozen": frozen}
         run.data.train.set_state(restored.data_state)
         run.step = restored.step
         run.tokens_seen = int(restored.meta.get("tokens_seen", 0))
@@ -255,15 +270,26 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> None:
         run.last_eval = restored.meta.get("eval") or {}
         run.last_saved = restored.step
         log(f"lmtrain: resuming {run.workdir} from step {restored.step}")
+        parts = ("frozen",)
     else:
         run.state = jax.jit(init, out_shardings=shardings)()
-        if cfg.train.init_from:
-            target = abstract_with_shardings(abstract["params"], shardings["params"])
-            params, fresh, unused = load_init_params(cfg.train.init_from, target, _which(cfg.train.init_from_which))
-            run.state["params"] = ParamPlan.merge(params, _only(run.state["params"], fresh))
+        parts = ("params", "frozen")
+    if cfg.train.init_from and any(run.state[k] for k in parts):
+        target = abstract_with_shardings({k: abstract[k] for k in parts}, {k: shardings[k] for k in parts})
+        merged_target = ParamPlan.merge(*(target[k] for k in parts)) if len(parts) == 2 else target["frozen"]
+        params, fresh, unused = load_init_params(cfg.train.init_from, merged_target, _which(cfg.train.init_from_which))
+        for k in parts:
+            run.state[k] = ParamPlan.merge(_only(params, _paths(run.state[k])), _only(run.state[k], fresh))
+        if restored is None:
             log(f"lmtrain: starting from parameters {cfg.train.init_from}"
                 + (f"; new: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
     return shardings
+
+
+def _paths(tree: dict) -> list[str]:
+    from lmtrain.train.optimizer import param_paths
+
+    return list(param_paths(tree))
 
 
 def _which(value: str) -> str | int:
@@ -274,7 +300,7 @@ def _only(params: dict, paths: list[str]) -> dict:
     from lmtrain.train.optimizer import _nest, param_paths
 
     flat = param_paths(params)
-    return _nest({p: flat[p] for p in paths})
+    return _nest({p: flat[p] for p in paths if p in flat})
 
 
 def train(cfg, workdir, show_progress: bool | None = None, stop_at_step: int | None = None,
@@ -430,7 +456,7 @@ def _finish(run: Run) -> TrainResult:
         if run.last_eval:
             print(f"lmtrain: done at step {run.step}. " + ", ".join(f"{k} {v:.4g}" for k, v in run.last_eval.items()))
     if cfg.train.sample_tokens and run.task.head == "lm":
-        sample = sample_text(run.model_def, run.state["params"], run.data.tokenizer, cfg.train.sample_prompt,
+        sample = sample_text(run.model_def, run.params(), run.data.tokenizer, cfg.train.sample_prompt,
                              cfg.train.sample_tokens, cfg.train.seed)  # every host takes part
         if is_main:
             print(f"lmtrain: sample (prompt {cfg.train.sample_prompt!r}):\n{sample}\n", flush=True)
