@@ -184,22 +184,20 @@ def _read_params(workdir, step):
 
 
 @pytest.mark.slow
-def test_best_by_a_max_metric_survives_restarts_and_exports(tmp_path, tokenizer_512):
-    """keep=1 and a 'max' metric (val_perplexity, so the best is an early step): stop, resume, resume."""
+def test_best_by_a_max_metric_survives_a_restart_and_exports(tmp_path, tokenizer_512):
+    """keep=1 and a 'max' metric (val_perplexity, so the best is the early step): stop at 2, resume to 4."""
     from lmtrain.interop import hf_export
 
     workdir = tmp_path / "run"
     es = {"train.early_stopping.metric": "val_perplexity", "train.early_stopping.mode": "max"}
-    train(run_config(tokenizer_512, 6, **es), workdir, stop_at_step=2)
-    train(run_config(tokenizer_512, 6, **es), workdir, stop_at_step=4)
-    train(run_config(tokenizer_512, 6, **es), workdir)
+    train(run_config(tokenizer_512, 4, **es), workdir, stop_at_step=2)
+    train(run_config(tokenizer_512, 4, **es), workdir)
     evals = {r["step"]: r["val_perplexity"] for r in _records(workdir) if "val_perplexity" in r}
-    assert sorted(evals) == [2, 4, 6]
-    best = max(evals, key=evals.get)
-    assert best < 6, f"the loss did not fall, so this run cannot show the best being kept: {evals}"
-    assert best in _steps(workdir) and 6 in _steps(workdir)
-    assert select_step(workdir, "best") == best
-    assert json.loads((workdir / "done.json").read_text())["best_step"] == best
+    assert sorted(evals) == [2, 4]
+    assert evals[2] > evals[4], f"the loss did not fall, so this run cannot show the best being kept: {evals}"
+    assert _steps(workdir) == [2, 4], "keep=1 keeps the latest (4) and the best (2)"
+    assert select_step(workdir, "best") == 2
+    assert json.loads((workdir / "done.json").read_text())["best_step"] == 2
     out = tmp_path / "export"
     assert hf_export.main([str(workdir), str(out), "--which", "best"]) == 0
     assert list(out.glob("*.safetensors")) and (out / "config.json").exists()
@@ -227,10 +225,6 @@ def test_nan_update_is_never_saved_and_the_error_names_the_last_good_step(tmp_pa
     assert "last good checkpoint is step 1" in message, message
     assert _steps(workdir) == [1]
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(_read_params(workdir, 1)))
-    # Resuming stops at the same update again, with the same last good step, and saves nothing.
-    with pytest.raises(TrainingDiverged, match="last good checkpoint is step 1"):
-        train(cfg, workdir)
-    assert _steps(workdir) == [1]
 
 
 @pytest.mark.slow
@@ -362,8 +356,9 @@ def _train_args(tokenizer_512, workdir, steps=100000, **kw) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_second_signal_during_the_final_save_keeps_the_checkpoint(tmp_path, tokenizer_512, compile_cache_dir, second):
+def test_more_signals_during_the_final_save_keep_the_checkpoint(tmp_path, tokenizer_512, compile_cache_dir):
+    """SIGTERM at step 2, a second SIGTERM while the final save is waited for, and Ctrl-C (SIGINT) while the
+    checkpointer closes (the issue's window: the handlers were already gone and the checkpoint was lost)."""
     import subprocess
 
     workdir = tmp_path / "run"
@@ -374,16 +369,17 @@ def test_second_signal_during_the_final_save_keeps_the_checkpoint(tmp_path, toke
     output.wait_for("step 2/", 300)
     proc.send_signal(signal.SIGTERM)
     output.wait_for("TEST: waiting for the final save", 120)
-    proc.send_signal(second)
-    output.wait_for("TEST: closing the checkpointer", 120)  # the issue's window: handlers were gone by then
-    proc.send_signal(second)
+    proc.send_signal(signal.SIGTERM)
+    output.wait_for("TEST: closing the checkpointer", 120)
+    proc.send_signal(signal.SIGINT)
     out = output.finish()
     assert proc.returncode == 0, out
-    assert "already stopping" in out and "Traceback" not in out, out
+    assert "SIGTERM again: already stopping" in out and "SIGINT again: already stopping" in out, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     stopped_at = int(out.split("stopped by SIGTERM at step ")[1].split(";")[0])
     assert _steps(workdir) == [stopped_at]
-    assert ckpt_lib.verify_checksums(workdir / "checkpoints" / str(stopped_at)) is None
     assert (workdir / "checkpoints" / str(stopped_at) / ckpt_lib.CHECKSUMS).exists()
+    assert ckpt_lib.verify_checksums(workdir / "checkpoints" / str(stopped_at)) is None
 
 
 @pytest.mark.slow
