@@ -5,6 +5,7 @@ import dataclasses
 import importlib.util
 import math
 import os
+import re
 
 import jax
 import numpy as np
@@ -387,3 +388,197 @@ def test_mlm_loss_is_normalised_over_the_global_batch(bert_tokenizer):
     assert 0 < float(w0) < float(w1) / 2
     np.testing.assert_allclose(float(metrics["loss"]), (float(l0) + float(l1)) / (float(w0) + float(w1)), rtol=1e-5)
     assert abs(float(metrics["loss"]) - (float(l0) / float(w0) + float(l1) / float(w1)) / 2) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="session")
+def bert_text_shards(bert_tokenizer, tmp_path_factory):
+    from tools import shard_data
+
+    out = tmp_path_factory.mktemp("bert") / "shards"
+    assert shard_data.main(["--builtin", "--max-docs", "40", "--tokenizer", bert_tokenizer, "--output", str(out),
+                            "--val-fraction", "0.1", "--workers", "1", "--quiet"]) == 0
+    return str(out)
+
+
+def _train_mlm(tokenizer, shards, workdir, stop_at_step=None):
+    from lmtrain.train.trainer import train
+
+    cfg = mlm_config(tokenizer, **{"data.shards_dir": shards, "train.steps": 6, "train.eval_every": 6,
+                                   "train.eval_batches": 2, "checkpoint.every": 3, "checkpoint.async_save": False,
+                                   "model.dropout": 0.1})
+    return train(cfg, workdir, show_progress=False, stop_at_step=stop_at_step)
+
+
+@pytest.mark.slow
+def test_mlm_pretraining_resumes_exactly(bert_tokenizer, bert_text_shards, tmp_path):
+    """Masks (and dropout) come from the step's key: a run stopped at step 3 and resumed ends where a straight
+    run does, to the bit."""
+    from lmtrain.train.checkpoint import restore_params
+
+    straight = _train_mlm(bert_tokenizer, bert_text_shards, tmp_path / "straight")
+    _train_mlm(bert_tokenizer, bert_text_shards, tmp_path / "resumed", stop_at_step=3)
+    resumed = _train_mlm(bert_tokenizer, bert_text_shards, tmp_path / "resumed")
+    assert set(straight.metrics) == {"val_loss", "val_perplexity", "val_accuracy"}
+    assert resumed.metrics == straight.metrics
+    a, b = (restore_params(str(tmp_path / name), "latest", None)[1] for name in ("straight", "resumed"))
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
+
+
+def test_mlm_needs_a_mask_token_and_an_encoder(tmp_path):
+    from lmtrain.tasks import make_task
+    from tools import train_tokenizer
+
+    tok = tmp_path / "bpe"
+    assert train_tokenizer.main(["--builtin", "--max-docs", "20", "--vocab-size", "300", "--output", str(tok)]) == 0
+    with pytest.raises(ConfigError, match="has no mask token.*--bert"):
+        _ = make_task(mlm_config(str(tok), **{"model.vocab_size": 300})).tables
+    with pytest.raises(ConfigError, match=r"model\.causal=False"):
+        make_task(mlm_config(str(tok), **{"model.causal": True}))
+    with pytest.raises(ConfigError, match="data.source=shards and data.tokenizer_dir"):
+        make_task(mlm_config("", **{"data.source": "builtin"}))
+
+
+NER_RECORDS = [
+    {"tokens": ["Alice", "Smith", "visited", "Paris", "yesterday"], "tags": ["B-PER", "I-PER", "O", "B-LOC", "O"]},
+    {"tokens": ["Bob", "joined", "Acme", "Corporation", "."], "tags": ["B-PER", "O", "B-ORG", "I-ORG", "O"]},
+]
+
+
+def _ner_file(path, n=60):
+    import json
+
+    rng = np.random.default_rng(0)
+    names, places = ["Alice", "Bob", "Carol", "Dave"], ["Paris", "Oslo", "Tokyo", "Lima"]
+    with open(path, "w") as f:
+        for _ in range(n):
+            person, place = rng.choice(names), rng.choice(places)
+            f.write(json.dumps({"tokens": [person, "flew", "to", place, "."], "tags": ["B-PER", "O", "O", "B-LOC", "O"]})
+                    + "\n")
+        for record in NER_RECORDS:
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def ner_shards(bert_tokenizer, tmp_path_factory):
+    from tools import shard_data
+
+    root = tmp_path_factory.mktemp("ner")
+    out = root / "shards"
+    assert shard_data.main(["--input", str(_ner_file(root / "ner.jsonl")), "--format", "ner", "--tokenizer",
+                            bert_tokenizer, "--output", str(out), "--seq-len", "16", "--val-fraction", "0.2",
+                            "--labels", "B-LOC,B-ORG,B-PER,I-ORG,I-PER,O", "--workers", "1", "--quiet"]) == 0
+    return str(out)
+
+
+def test_ner_examples_tag_each_word_s_first_piece(bert_tokenizer):
+    from lmtrain.data.examples import TokenClassifyEncoder
+    from lmtrain.data.packing import token_classify_batch
+    from lmtrain.data.shards import decode_record, encode_record
+    from lmtrain.data.tokenizer import load_tokenizer
+
+    hf = load_tokenizer(bert_tokenizer)
+    encoder = TokenClassifyEncoder(hf.backend_tokenizer, max_tokens=64)
+    record = NER_RECORDS[0]
+    example = encoder.encode(record, "x.jsonl:1")
+    pieces = hf.convert_ids_to_tokens(example.tokens.tolist())
+    assert pieces[0] == "[CLS]" and pieces[-1] == "[SEP]" and example.label[0] is None and example.label[-1] is None
+    tagged = [(p, t) for p, t in zip(pieces, example.label) if t is not None]
+    assert [t for _, t in tagged] == record["tags"] and all(not p.startswith("##") for p, _ in tagged)
+    assert len(pieces) > len(record["tokens"]) + 2  # some words are several pieces: those carry no tag
+    ids = np.asarray([-1 if t is None else 7 for t in example.label], np.int16)
+    tokens, token_labels, _ = decode_record("ner", np.uint16, encode_record("ner", np.uint16, example.tokens, ids))
+    np.testing.assert_array_equal(token_labels, ids)
+    batch = token_classify_batch([(tokens, token_labels)], 32, 2)
+    assert batch["weights"][0].sum() == 5 and batch["weights"][1].sum() == 0 and batch["labels"].max() == 7
+    short = TokenClassifyEncoder(hf.backend_tokenizer, max_tokens=4).encode(record, "x.jsonl:1")
+    assert len(short.tokens) == 4 and hf.convert_ids_to_tokens([int(short.tokens[-1])]) == ["[SEP]"]
+
+
+def test_ner_records_with_the_wrong_tag_count_are_refused_by_line(bert_tokenizer, tmp_path, capsys):
+    import json
+
+    from tools import shard_data
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(NER_RECORDS[0]) + "\n" + json.dumps({"tokens": ["a", "b"], "tags": ["O"]}) + "\n")
+    code = shard_data.main(["--input", str(bad), "--format", "ner", "--tokenizer", bert_tokenizer, "--output",
+                            str(tmp_path / "out"), "--seq-len", "16", "--quiet", "--workers", "1"])
+    assert code == 2
+    assert re.search(r"bad\.jsonl.*2.*2 words, 1 tags", capsys.readouterr().err)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def _seqeval_entities(tags):
+    """seqeval's get_entities (default mode) for one sequence: a set of (type, start, end)."""
+    out, start, kind = set(), None, None
+    for i, tag in enumerate([*tags, "O"]):
+        prefix, typ = (tag[0], tag[2:]) if tag != "O" else ("O", None)
+        ends = start is not None and (prefix in ("O", "B") or typ != kind)
+        if ends:
+            out.add((kind, start, i - 1))
+            start = None
+        if prefix == "B" or (prefix == "I" and start is None):
+            start, kind = i, typ
+    return out
+
+
+def test_entity_counts_agree_with_seqeval_s_rules():
+    from lmtrain.tasks.token_classify import bio_scheme, entity_counts
+
+    labels = ["B-LOC", "B-PER", "I-LOC", "I-PER", "O"]
+    kind_C, type_C = (jax.numpy.asarray(x) for x in bio_scheme(labels))
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 5, (64, 12)), rng.integers(0, 5, (64, 12))
+    pred[:32] = gold[:32]
+    weights = (rng.random((64, 12)) > 0.2).astype(np.float32)
+    tp, n_gold, n_pred = (int(x) for x in entity_counts(gold, pred, weights, kind_C, type_C))
+    want_tp = want_gold = want_pred = 0
+    for g, p, w in zip(gold, pred, weights):
+        g_entities = _seqeval_entities([labels[i] for i in g[w > 0]])
+        p_entities = _seqeval_entities([labels[i] for i in p[w > 0]])
+        want_tp, want_gold, want_pred = (want_tp + len(g_entities & p_entities), want_gold + len(g_entities),
+                                         want_pred + len(p_entities))
+    assert (tp, n_gold, n_pred) == (want_tp, want_gold, want_pred) and 0 < tp < n_gold
+    assert bio_scheme(["PER", "O"]) is None
+
+
+@pytest.mark.slow
+def test_token_classify_trains_and_exports_to_bert_for_token_classification(bert_tokenizer, ner_shards, tmp_path):
+    import json
+
+    from transformers import BertForTokenClassification
+
+    from lmtrain.interop.hf_export import export_workdir
+    from lmtrain.train.trainer import train
+
+    cfg = encoder_config(**{"task.name": "token_classify", "data.source": "shards", "data.shards_dir": ner_shards,
+                            "data.tokenizer_dir": bert_tokenizer, "model.vocab_size": 256, "train.steps": 30,
+                            "train.eval_every": 30, "train.eval_batches": 0, "optimizer.lr": 3e-3,
+                            "checkpoint.every": 30})
+    result = train(cfg, tmp_path / "wd", show_progress=False)
+    assert result.metrics["val_entity_f1"] > 0.5 and result.metrics["val_accuracy"] > 0.8
+    labels = json.loads((tmp_path / "wd" / "labels.json").read_text())
+    assert labels == ["B-LOC", "B-ORG", "B-PER", "I-ORG", "I-PER", "O"]
+    out = export_workdir(tmp_path / "wd", tmp_path / "hf")
+    model = BertForTokenClassification.from_pretrained(str(out)).eval()
+    assert model.config.id2label == dict(enumerate(labels))
+
+
+def test_imported_token_classifier_gets_its_task_and_labels(tmp_path):
+    import json
+
+    from transformers import BertForTokenClassification
+
+    from lmtrain.config import load_config
+    from lmtrain.interop.hf_import import import_hf
+
+    random_hf_encoder("bert", BertForTokenClassification, tmp_path / "hf")
+    workdir = import_hf(tmp_path / "hf", tmp_path / "wd")
+    cfg = load_config(str(workdir / "config.json"))
+    assert (cfg.task.name, cfg.model.num_labels, cfg.model.causal) == ("token_classify", 3, False)
+    assert json.loads((workdir / "labels.json").read_text()) == LABELS

@@ -81,9 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test-fraction", type=float, default=None,
                    help="share in a test split (task formats; default 0, 0.1 for --builtin-task)")
     t = p.add_argument_group("task data (--format sft, chat, classify; see the README's fine-tuning section)")
-    t.add_argument("--format", default="text", choices=("text", "sft", "chat", "classify"),
+    t.add_argument("--format", default="text", choices=("text", "sft", "chat", "classify", "ner"),
                    help="text: documents for language modelling (default); sft: prompt/completion records;\n"
-                        "chat: `messages` rendered with the tokenizer's chat template; classify: text/label records")
+                        "chat: `messages` rendered with the tokenizer's chat template; classify: text/label records;\n"
+                        "ner: words and one tag per word (token classification, e.g. named entities)")
     t.add_argument("--builtin-task", default="", choices=("", "sft", "classify"),
                    help="a demo task made from Python's standard library (no download): sft (signature ->\n"
                         "docstring summary) or classify (which area of the stdlib a docstring is from)")
@@ -98,6 +99,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     t.add_argument("--completion-field", default="completion")
     t.add_argument("--messages-field", default="messages")
     t.add_argument("--label-field", default="label")
+    t.add_argument("--tokens-field", default="tokens", help="ner: the list of words")
+    t.add_argument("--tags-field", default="tags", help="ner: the list of tags, one per word (strings or ints)")
     t.add_argument("--chat-template", default="", help="chat: a Jinja chat template file, instead of the tokenizer's")
     t.add_argument("--labels", default="", help="classify: the label set, comma-separated, in the order of the "
                    "class ids (default: the training labels, sorted)")
@@ -486,7 +489,8 @@ def split_of_example(key: str, val_fraction: float, test_fraction: float) -> str
 
 def _example_key(example_format: str, record: dict, args: argparse.Namespace) -> str:
     """What decides an example's split: its input, so one prompt or text never lands in two splits."""
-    field = {"sft": args.prompt_field, "chat": args.messages_field, "classify": args.text_field}[example_format]
+    field = {"sft": args.prompt_field, "chat": args.messages_field, "classify": args.text_field,
+             "ner": args.tokens_field}[example_format]
     return json.dumps(record.get(field), sort_keys=True, ensure_ascii=False)
 
 
@@ -546,12 +550,13 @@ def _first_pass(args: argparse.Namespace, encoder, records, key_of, val: float, 
     train_labels: set = set()
     seen: list[tuple[object, str, str]] = []
     for record, where in records():
-        label = encoder.validate(record, where)
+        found = encoder.validate(record, where)
         split = split_of_example(key_of(record), val, test)
-        first_seen.setdefault(label, where)
-        if split == "train":
-            train_labels.add(label)
-        seen.append((label, split, where))
+        for label in found if getattr(encoder, "per_token", False) else [found]:  # ner: every tag of the record
+            first_seen.setdefault(label, where)
+            if split == "train":
+                train_labels.add(label)
+            seen.append((label, split, where))
     if not any(split == "train" for _, split, _ in seen):
         raise SourceError(f"no training examples: all {len(seen)} examples fall into validation or test "
                           f"(--val-fraction {val}, --test-fraction {test}).")
@@ -585,7 +590,7 @@ def _first_pass(args: argparse.Namespace, encoder, records, key_of, val: float, 
 
 def shard_examples(args: argparse.Namespace) -> dict:
     """The task formats (sft, chat, classify): records -> examples -> shards, with a manifest like text's."""
-    from lmtrain.data.examples import ChatEncoder, ClassifyEncoder, SftEncoder, load_chat_template
+    from lmtrain.data.examples import ChatEncoder, ClassifyEncoder, SftEncoder, TokenClassifyEncoder, load_chat_template
 
     example_format, records, corpus, val, test = _task_source(args)
     if args.seq_len <= 1:
@@ -604,13 +609,15 @@ def shard_examples(args: argparse.Namespace) -> dict:
         template = load_chat_template(args.chat_template) if args.chat_template else None
         encoder = ChatEncoder(load_hf_tokenizer(args.tokenizer), args.seq_len + 1, args.too_long, args.train_on_prompt,
                               args.messages_field, template)
+    elif example_format == "ner":
+        encoder = TokenClassifyEncoder(tokenizer, args.seq_len, args.too_long, args.tokens_field, args.tags_field)
     else:
         encoder = ClassifyEncoder(tokenizer, args.seq_len, args.too_long, args.text_field, args.label_field)
 
     def key_of(record: dict) -> str:
         return _example_key(example_format, record, args)
 
-    labels = _first_pass(args, encoder, records, key_of, val, test, example_format == "classify")
+    labels = _first_pass(args, encoder, records, key_of, val, test, example_format in ("classify", "ner"))
     label_ids = {str(v): i for i, v in enumerate(labels or [])}
     splits = SPLITS + (("test",) if test > 0 else ())
     options = {k: v for k, v in vars(args).items() if k not in ("quiet", "force", "staging_dir", "output", "workers",
@@ -638,15 +645,22 @@ def shard_examples(args: argparse.Namespace) -> dict:
             if example is None:
                 continue
             split = split_of_example(key_of(record), val, test)
-            label_id = label_ids[str(example.label)] if labels is not None else None
+            label_id = label_ids[str(example.label)] if example_format == "classify" else None
+            mask = example.mask
+            if example_format == "ner":  # per-token label ids take the mask's place; -1: not a target
+                mask = np.asarray([-1 if t is None else label_ids[str(t)] for t in example.label], np.int16)
             info = totals[split]
             info["documents"] += 1
             info["tokens"] += len(example.tokens)
-            if example.mask is not None:
+            if example_format == "ner":
+                info["target_tokens"] += int((mask >= 0).sum())
+                for token_label in mask[mask >= 0]:
+                    info["label_counts"][token_label] += 1
+            elif example.mask is not None:
                 info["target_tokens"] += int(example.mask[1:].sum())  # the first token is never a target
             if label_id is not None:
                 info["label_counts"][label_id] += 1
-            if writers[split].wants() and writers[split].write(example.tokens, example.mask, label_id,
+            if writers[split].wants() and writers[split].write(example.tokens, mask, label_id,
                                                                example_format) is not None:
                 output.save_progress(writers)
         bar.close()
@@ -818,7 +832,10 @@ def _print_examples(manifest: dict) -> None:
         print(f"labels ({len(labels)}, in class-id order): {', '.join(map(str, labels))}")
     for split, info in manifest["splits"].items():
         extra = ""
-        if labels is not None and info["documents"]:
+        if manifest["example_format"] == "ner" and info["target_tokens"]:
+            majority = max(info["label_counts"]) / info["target_tokens"]
+            extra = f", {info['target_tokens']} tagged tokens, majority-tag baseline {majority:.3f}"
+        elif labels is not None and info["documents"]:
             majority = max(info["label_counts"]) / info["documents"]
             extra = f", majority-class baseline {majority:.3f}"
         elif "target_tokens" in info:

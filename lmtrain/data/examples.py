@@ -257,6 +257,59 @@ class ClassifyEncoder:
         return Example(tokens, label=label)
 
 
+class TokenClassifyEncoder:
+    """Named-entity records, words and one tag per word (CoNLL style: {"tokens": ["EU", "rejects", ...],
+    "tags": ["B-ORG", "O", ...]}) -> the words' tokens, with the tokenizer's special tokens (e.g. [CLS] ...
+    [SEP]), and a tag per token: each word's first piece carries the word's tag; its other pieces and the
+    special tokens carry none (None: not trained or scored), as transformers' token-classification examples
+    do. Too long: 'truncate' keeps the first max_tokens (and the closing special token), 'drop' drops it."""
+
+    per_token = True  # validate() returns a record's tags, not one label
+
+    def __init__(self, tokenizer, max_tokens: int, too_long: str = "truncate", tokens_field: str = "tokens",
+                 tags_field: str = "tags"):
+        self.tokenizer, self.max_tokens, self.too_long = tokenizer, max_tokens, too_long
+        self.tokens_field, self.tags_field = tokens_field, tags_field
+        self.counts: Counter = Counter()
+
+    def words_and_tags(self, record: dict, where: str) -> tuple[list[str], list]:
+        words = _field(record, self.tokens_field, where, "--tokens-field")
+        tags = _field(record, self.tags_field, where, "--tags-field")
+        if not isinstance(words, list) or not words or not all(isinstance(w, str) for w in words):
+            raise ExampleError(f"{where}: field '{self.tokens_field}' must be a non-empty list of words (strings).")
+        if not isinstance(tags, list) or len(tags) != len(words):
+            n = len(tags) if isinstance(tags, list) else type(tags).__name__
+            raise ExampleError(f"{where}: field '{self.tags_field}' must list one tag per word: {len(words)} words, "
+                               f"{n} tags.")
+        for tag in tags:
+            if isinstance(tag, bool) or not isinstance(tag, int | str) or (isinstance(tag, str) and not tag):
+                raise ExampleError(f"{where}: tag {tag!r} is not a string or an integer.")
+        return words, tags
+
+    def validate(self, record: dict, where: str) -> list:
+        """Check the record; return its distinct tags."""
+        return list(dict.fromkeys(self.words_and_tags(record, where)[1]))
+
+    def encode(self, record: dict, where: str) -> Example | None:
+        words, tags = self.words_and_tags(record, where)
+        enc = self.tokenizer.encode(words, is_pretokenized=True, add_special_tokens=True)
+        token_tags, previous = [], None
+        for word in enc.word_ids:
+            token_tags.append(tags[word] if word is not None and word != previous else None)
+            previous = word
+        tokens = list(enc.ids)
+        if len(tokens) > self.max_tokens:
+            if self.too_long == "drop":
+                self.counts["dropped_too_long"] += 1
+                return None
+            closing = enc.word_ids[-1] is None  # keep the closing special token ([SEP])
+            cut = self.max_tokens - int(closing)
+            tokens = tokens[:cut] + tokens[-1:] * int(closing)
+            token_tags = token_tags[:cut] + [None] * int(closing)
+            self.counts["truncated"] += 1
+        return Example(np.asarray(tokens, np.int64), label=token_tags)
+
+
 def ordered_labels(labels: set, where_first: Callable[[object], str]) -> list:
     """The label set in a fixed order: integers ascending, or strings sorted; a mix is an error."""
     kinds = {type(v) for v in labels}

@@ -32,7 +32,7 @@ class DataBundle:
 
 
 # The task each example format trains (task.name in the config).
-FORMAT_TASKS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify"}
+FORMAT_TASKS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify", "ner": "token_classify"}
 # Tasks that train on another task's format: masked language modelling reads the language model's text.
 SHARED_FORMATS = {"mlm": "text"}
 
@@ -193,7 +193,8 @@ def check_task(cfg, example_format: str, shards_dir) -> None:
     task = cfg.get("task", {}).get("name") if hasattr(cfg, "get") else None
     if task is None or FORMAT_TASKS[example_format] == task or SHARED_FORMATS.get(task) == example_format:
         return
-    needs = {"lm": "text", "sft": "sft or chat", "classify": "classify", "mlm": "text"}.get(task, "?")
+    needs = {"lm": "text", "sft": "sft or chat", "classify": "classify", "mlm": "text",
+             "token_classify": "ner"}.get(task, "?")
     hint = " (classification data needs text and label fields)" if task == "classify" else ""
     where = f"data.shards_dir={shards_dir} holds {example_format} shards" if shards_dir else (
         "data.source=builtin is plain text (use data.source=shards with tools/shard_data.py --builtin-task for the demos)")

@@ -36,6 +36,7 @@ from lmtrain.data.packing import (
     classify_batch,
     pad_row,
     rows_dict_to_batch,
+    token_classify_batch,
 )
 from lmtrain.paths import as_path
 
@@ -45,8 +46,11 @@ SPLITS = ("train", "validation")  # every shard directory has these; "test" is o
 OPTIONAL_SPLITS = ("test",)
 # What a record holds, by the manifest's example_format (absent: text). Tokens are little-endian
 # token_dtype; a loss mask is one uint8 per token after them; a label is a little-endian int32
-# index into the manifest's `labels` before them.
-EXAMPLE_FORMATS = ("text", "sft", "chat", "classify")
+# index into the manifest's `labels` before them; ner token labels are one little-endian int16 per token after
+# them (an index into `labels`, -1 where the token is not a target).
+EXAMPLE_FORMATS = ("text", "sft", "chat", "classify", "ner")
+# Formats read one example per row (never packed): a label per row (classify), or per token (ner).
+ROW_FORMATS = ("classify", "ner")
 WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads a single document
 
 
@@ -116,17 +120,22 @@ def encode_record(example_format: str, dtype: np.dtype, tokens: np.ndarray, mask
         return data + np.asarray(mask, np.uint8).tobytes()
     if example_format == "classify":
         return np.int32(label_id).astype("<i4").tobytes() + data
+    if example_format == "ner":  # `mask` holds the per-token label ids
+        return data + np.asarray(mask).astype("<i2").tobytes()
     return data
 
 
 def decode_record(example_format: str, dtype: np.dtype, record: bytes) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """(tokens, mask or None, label id or -1) of one record."""
+    """(tokens, mask or None, label id or -1) of one record; for ner the mask slot holds the per-token label ids."""
     dtype = np.dtype(dtype).newbyteorder("<")
     if example_format in ("sft", "chat"):
         n = len(record) // (dtype.itemsize + 1)
         return (np.frombuffer(record, dtype, n), np.frombuffer(record, np.uint8, n, offset=n * dtype.itemsize), -1)
     if example_format == "classify":
         return np.frombuffer(record, dtype, offset=4), None, int(np.frombuffer(record, "<i4", 1)[0])
+    if example_format == "ner":
+        n = len(record) // (dtype.itemsize + 2)
+        return np.frombuffer(record, dtype, n), np.frombuffer(record, "<i2", n, offset=n * dtype.itemsize), -1
     return np.frombuffer(record, dtype), None, -1
 
 
@@ -229,7 +238,7 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
         raise ShardError(f"{path}: key 'example_format' is '{example_format}', not one of {', '.join(EXAMPLE_FORMATS)}.")
     if example_format != "text":
         need(manifest, "seq_len", int, "seq_len")
-    if example_format == "classify":
+    if example_format in ROW_FORMATS:
         need(manifest, "labels", list, "labels")
     for split in SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in manifest["splits"]):
         info = need(manifest["splits"], split, dict, f"splits.{split}")
@@ -414,13 +423,18 @@ class FoldSubset:
         return self._source.__getitems__([self.indices[i] for i in indices])
 
 
+def row_batch(fmt: str, examples: list, seq_len: int, batch_rows: int, pad_id: int) -> dict:
+    """The batch of a one-example-per-row format: (tokens, label id) for classify, (tokens, token label ids) for ner."""
+    return (classify_batch if fmt == "classify" else token_classify_batch)(examples, seq_len, batch_rows, pad_id)
+
+
 class _PackedBatchIterator(grain.DatasetIterator):
     """Packs a host's endless document stream into batches; its state is the next row's start.
 
     `docs[k]` is the k-th document (raw bytes) of this host's stream. Rows are produced lazily, so
     a document split over two rows, or over two batches, is resumed mid-document. By format:
     text documents are packed and split over rows (RowPacker); sft/chat examples are packed whole
-    (ExamplePacker, the state's offset is then always 0); classify examples are one per row.
+    (ExamplePacker, the state's offset is then always 0); classify and ner examples are one per row.
     """
 
     def __init__(self, docs: grain.MapDataset, dtype: np.dtype, rows_per_batch: int, row_len: int, identity: dict,
@@ -444,8 +458,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
         tokens, mask, label = decode_record(self._format, self._dtype, self._docs[self._read_doc])
         k = self._read_doc
         self._read_doc += 1
-        if self._format == "classify":
-            self._rows.append(({"tokens": tokens, "label": label}, k + 1, 0))
+        if self._format in ROW_FORMATS:
+            self._rows.append(({"tokens": tokens, "label": label if self._format == "classify" else mask}, k + 1, 0))
             return
         if self._format != "text":
             rows = self._packer.add(tokens, mask)
@@ -475,9 +489,9 @@ class _PackedBatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [self._next_row() for _ in range(self._rows_per_batch)]
-        if self._format == "classify":
-            return classify_batch([(r["tokens"], r["label"]) for r in rows], self._row_len, self._rows_per_batch,
-                                  self._pad_id)
+        if self._format in ROW_FORMATS:
+            return row_batch(self._format, [(r["tokens"], r["label"]) for r in rows], self._row_len,
+                             self._rows_per_batch, self._pad_id)
         return rows_dict_to_batch(rows)
 
     def get_state(self) -> dict:
@@ -544,7 +558,7 @@ class ShardedTrainIterator:
             identity.update(cv_folds=cv_folds, cv_fold=cv_fold)
         dataset = _PackedBatchDataset(docs, dtype=np.dtype(manifest["token_dtype"]).newbyteorder("<"),
                                       rows_per_batch=global_batch_size // data_count,
-                                      row_len=seq_len if self.example_format == "classify" else seq_len + 1,
+                                      row_len=seq_len if self.example_format in ROW_FORMATS else seq_len + 1,
                                       identity=identity, example_format=self.example_format,
                                       pad_id=int(manifest.get("pad_id", 0)))
         if prefetch:
@@ -626,14 +640,14 @@ def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_in
     source = split_source(shards_dir, split, manifest, cv_folds, cv_fold)
     per_host = global_batch_size // data_count
     lo, hi = data_index * per_host, (data_index + 1) * per_host
-    row_len = seq_len if fmt == "classify" else seq_len + 1
+    row_len = seq_len if fmt in ROW_FORMATS else seq_len + 1
     packer = RowPacker(row_len, np.int32) if fmt == "text" else ExamplePacker(row_len)
     pending: list = []
     emitted = 0
 
     def batch_of(rows):
-        if fmt == "classify":
-            return classify_batch(rows[lo:hi], seq_len, per_host, int(manifest.get("pad_id", 0)))
+        if fmt in ROW_FORMATS:
+            return row_batch(fmt, rows[lo:hi], seq_len, per_host, int(manifest.get("pad_id", 0)))
         while len(rows) < global_batch_size:
             row = pad_row(row_len)
             rows.append(row if fmt != "text" else {k: v for k, v in row.items() if k != "weights"})
@@ -641,8 +655,8 @@ def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_in
 
     def add(record: bytes) -> list:
         tokens, mask, label = decode_record(fmt, dtype, record)
-        if fmt == "classify":
-            return [(tokens, label)]
+        if fmt in ROW_FORMATS:
+            return [(tokens, label if fmt == "classify" else mask)]
         return packer.add(tokens, mask) if fmt != "text" else packer.add(tokens)
 
     for start in range(0, len(source), 256):
@@ -654,7 +668,7 @@ def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_in
                 emitted += 1
                 if max_batches and emitted >= max_batches:
                     return
-    if fmt != "classify":
+    if fmt not in ROW_FORMATS:
         pending.extend(packer.finish())
     if pending:
         yield batch_of(pending)

@@ -111,6 +111,9 @@ class Family:
     def is_classifier(self, hf: dict) -> bool:
         return self.classifier in (hf.get("architectures") or [])
 
+    def is_token_classifier(self, hf: dict) -> bool:
+        return dict(self.heads).get("token_classify") in (hf.get("architectures") or [])
+
 
 # ---------------------------------------------------------------------------------------------- conversions
 

@@ -61,6 +61,8 @@ SOURCE_CONFIG = "hf_config.json"
 SOURCE_GENERATION_CONFIG = "hf_generation_config.json"
 # A classifier's class names in class order (a JSON list), shared with the classify task and `lmtrain export`.
 LABELS_FILE = "labels.json"
+# The task an imported encoder's WORKDIR trains, by the head it imported into.
+ENCODER_TASKS = {"mlm": "mlm", "pool": "mlm", "token_classify": "token_classify"}
 
 # safetensors dtype codes. safetensors' own numpy reader cannot return bfloat16 (the dtype of most released
 # checkpoints), so SafetensorsReader reads the documented format directly, with ml_dtypes for bfloat16.
@@ -310,11 +312,12 @@ def model_config_from_hf(hf_dir: str | os.PathLike, param_dtype: str = "float32"
 
 
 def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
-    """A *ForSequenceClassification model's label names in class order (`id2label`); None for a causal LM."""
+    """A *ForSequenceClassification (or *ForTokenClassification) model's label names in class order (`id2label`);
+    None for a causal LM."""
     hf_dir = _hf_dir(hf_dir)
     hf = read_hf_config(hf_dir)
     family = family_for_hf_config(hf, hf.source)
-    return classifier_labels(hf) if family.is_classifier(hf) else None
+    return classifier_labels(hf) if family.is_classifier(hf) or family.is_token_classifier(hf) else None
 
 
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, shardings=None) -> dict:
@@ -441,6 +444,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
             raise HFInteropError(f"{hf_dir} holds a sequence classifier, and this lmtrain has no classify task to "
                                  "train it; import a *ForCausalLM model instead.")
         cfg.task.name = "classify"
+    if head in ENCODER_TASKS:  # a bare encoder (the 'pool' head) continues masked-LM pretraining
+        cfg.task.name = ENCODER_TASKS[head]
     for key, value in fields.items():
         cfg.model[key] = value
     cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
@@ -467,7 +472,7 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         (hf_dir / "config.json").copy(workdir / SOURCE_CONFIG, overwrite=True)
         if (hf_dir / "generation_config.json").is_file():
             (hf_dir / "generation_config.json").copy(workdir / SOURCE_GENERATION_CONFIG, overwrite=True)
-        if head == "classify":
+        if head in ("classify", "token_classify"):
             (workdir / LABELS_FILE).write_text(json.dumps(read_hf_labels(hf_dir)))
         (workdir / "config.json").write_text(to_json(cfg))
     return workdir
