@@ -52,6 +52,20 @@ def tokenizer_512(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def tokenizer_4096(tmp_path_factory) -> str:
+    """The vocabulary size of the configs' `runlocal` forms, trained on the documents the config runs use."""
+    from lmtrain.data.builtin_corpus import builtin_documents
+    from lmtrain.data.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tok4096") / "tokenizer"
+    train_bpe_tokenizer(builtin_documents(CONFIG_RUN_DOCS), 4096, out)
+    return str(out)
+
+
+CONFIG_RUN_DOCS = 80
+
+
 def run_config(tokenizer_dir: str, steps: int = 4, family: str = "llama", **overrides):
     """A tiny model on packed builtin text: evaluates and checkpoints every 2 steps, logs every step."""
     return small_config(family, **{
