@@ -52,6 +52,7 @@ DEFAULT_AXIS_RULES = (
     ("head_dim", None),
     ("vocab", "tensor"),
     ("layers", None),
+    ("lora_rank", None),
 )
 
 
@@ -87,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     m.attention_impl = "auto"  # 'xla', 'cudnn' (flash kernel on GPU), 'chunked' (query blocks; fast on CPU) or 'auto'
     m.logits_dtype = "float32"  # dtype of the [batch, length, vocab] logits; the loss is always reduced in float32
     m.num_labels = 0  # classes of the classification head (task.name='classify'; set from the data's labels)
+    m.lora_rank = 0  # LoRA: adapters of this rank on lora_targets, base frozen (0: full fine-tuning)
+    m.lora_alpha = 16.0  # LoRA: the update is scaled by lora_alpha / lora_rank
+    m.lora_dropout = 0.0  # LoRA: dropout on each adapter's input
+    m.lora_targets = ("q", "v")  # LoRA: q, k, v, o, gate, up, down, or a family's names (q_proj, c_attn, query, ...)
     # Encoders (BERT): bidirectional attention and the BERT family's parts; see configs/bert_tiny.py.
     m.causal = True  # False: every token attends to every non-padding token of its segment (encoders)
     m.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0 for none
@@ -131,6 +136,10 @@ def base_config() -> ml_collections.ConfigDict:
     # 'no_decay', 'lr=X' (learning-rate multiplier). Later rules override earlier ones for the same
     # property; every rule must match at least one parameter. Paths look like 'blocks/attn/wq', 'embed'.
     o.param_rules = DEFAULT_PARAM_RULES
+    # Presets that add rules before param_rules: '' (none), 'embeddings' (freeze the token and position
+    # embeddings), 'blocks:N' (freeze the first N blocks), 'all_but_head' (train only the head: a linear
+    # probe for classify). Several can be joined with '+', e.g. 'embeddings+blocks:4'.
+    o.freeze = ""
     o.clip_norm = 1.0  # global-norm gradient clipping, 0 to disable
     o.schedule = "cosine"  # 'cosine', 'linear', 'constant' or 'wsd' (warmup-stable-decay)
     o.warmup_steps = 100  # linear warmup to lr; step 1 already takes lr / warmup_steps
@@ -395,7 +404,7 @@ _NON_NEGATIVE = (
     "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
     "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
 )
-PARAM_RULE_LABELS = ("train", "freeze", "decay", "no_decay", "lr=X")
+PARAM_RULE_LABELS = ("train", "freeze", "freeze_layers=A-B", "decay", "no_decay", "lr=X")
 
 
 def _get(cfg, dotted: str):
@@ -422,6 +431,17 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1].")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
+    if m.lora_rank:
+        from lmtrain.model.lora import LoRAError, resolve_targets
+
+        if m.lora_rank < 0 or not m.lora_alpha > 0 or not 0.0 <= m.lora_dropout < 1.0:
+            raise ConfigError(f"model.lora_rank={m.lora_rank}, lora_alpha={m.lora_alpha}, lora_dropout={m.lora_dropout}: "
+                              "the rank must be positive, alpha positive, and dropout in [0, 1).")
+        try:
+            resolve_targets(tuple(m.lora_targets), m.mlp)
+        except LoRAError as e:
+            raise ConfigError(str(e)) from None
+    freeze_presets(o.freeze, m.n_layers)
     if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:
         raise ConfigError(f"data.cv_folds={cfg.data.cv_folds}: use 0 (no cross-validation) or k >= 2 folds.")
     if cfg.data.cv_folds and not 0 <= cfg.data.cv_fold < cfg.data.cv_folds:
@@ -460,10 +480,35 @@ def check_param_rules(rules) -> list[tuple]:
             if mult < 0:
                 raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a non-negative number, e.g. 'lr=0.1'.")
             out.append((regex, "lr_mult", mult))
+        elif isinstance(label, str) and label.startswith("freeze_layers="):
+            lo, sep, hi = label[len("freeze_layers="):].partition("-")
+            if not (lo.isdigit() and sep and hi.isdigit() and int(lo) <= int(hi)):
+                raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a block range, e.g. "
+                                  "'freeze_layers=0-3' (blocks 0 to 3, inclusive).")
+            out.append((regex, "frozen_layers", (int(lo), int(hi))))
         else:
             raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} is unknown. "
                               f"Labels: {', '.join(PARAM_RULE_LABELS)}.")
     return out
+
+
+def freeze_presets(spec: str, n_layers: int) -> tuple:
+    """The rules that `optimizer.freeze` presets stand for."""
+    rules: tuple = ()
+    for item in filter(None, (part.strip() for part in spec.split("+"))):
+        if item == "embeddings":
+            rules += ((r"^(embed|pos_embed|type_embed)$", "freeze"),)
+        elif item == "all_but_head":
+            rules += ((r".", "freeze"), (r"^head/", "train"))
+        elif item.startswith("blocks:") and item[len("blocks:"):].isdigit():
+            n = int(item[len("blocks:"):])
+            if not 1 <= n <= n_layers:
+                raise ConfigError(f"optimizer.freeze='{item}': the model has {n_layers} blocks; freeze 1 to {n_layers}.")
+            rules += ((r"^blocks/", f"freeze_layers=0-{n - 1}"),)
+        else:
+            raise ConfigError(f"optimizer.freeze='{item}' is unknown. Presets: embeddings, blocks:N, all_but_head "
+                              "(join several with '+'), or write optimizer.param_rules.")
+    return rules
 
 
 def config_arg(arg: str, allowed: tuple[str, ...], name: str) -> str:

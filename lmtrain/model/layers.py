@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.model.attention import attend
+from lmtrain.model.lora import maybe_lora, resolve_targets
 from lmtrain.parallel.partitioning import constrain
 
 
@@ -54,6 +55,10 @@ class ModelConfig:
     norm_position: str = "pre"  # 'pre': x + f(norm(x)) and a final norm; 'post' (BERT): norm(x + f(x)), no final norm
     embed_norm: bool = False  # a norm over the summed input embeddings (BERT)
     pooling: str = "last"  # classify head: the 'last' real token (decoders) or 'cls': the first token via dense+tanh
+    lora_rank: int = 0  # LoRA adapters of this rank on lora_targets (0: none)
+    lora_alpha: float = 16.0  # adapter scale alpha / rank
+    lora_dropout: float = 0.0  # dropout on an adapter's input (training only)
+    lora_targets: tuple = ()  # projections to adapt: q, k, v, o, gate, up, down (or family names: q_proj, c_attn, ...)
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelConfig:
@@ -61,6 +66,10 @@ class ModelConfig:
         values = {k: v for k, v in model_cfg.items() if k in fields}
         if "rope_scaling" in values:
             values["rope_scaling"] = tuple(values["rope_scaling"] or ())
+        if values.get("lora_rank"):
+            values["lora_targets"] = resolve_targets(tuple(values.get("lora_targets") or ()), values.get("mlp", "swiglu"))
+        else:
+            values["lora_targets"] = ()
         return cls(**values)
 
     def for_training(self) -> ModelConfig:
@@ -147,13 +156,20 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def dense(x, kernel: nnx.Param, equation: str, dtype, bias: nnx.Param | None = None):
+def dense(x, kernel: nnx.Param, equation: str, dtype, bias: nnx.Param | None = None, adapter=None, key=None):
     """Every projection of the model goes through here: `einsum(equation, x, kernel)` in the compute
-    dtype, plus an optional bias. Adapters (LoRA) wrap this one function, not each einsum."""
+    dtype, plus an optional bias and an optional adapter (LoRA: its low-rank update, with `key` for
+    its dropout). A new kind of adapter wraps this one function, not each einsum."""
     y = jnp.einsum(equation, x, kernel[...].astype(dtype))
     if bias is not None:
         y = y + bias[...].astype(dtype)
+    if adapter is not None:
+        y = y + adapter(x, dtype, key)
     return y
+
+
+def _keys(key, n: int) -> list:
+    return [None] * n if key is None else list(jax.random.split(key, n))
 
 
 class Attention(nnx.Module):
@@ -173,12 +189,17 @@ class Attention(nnx.Module):
         self.bk = _param(None, (nkv, hd), ("kv_heads", "head_dim"), 0, dt) if qkv_bias else None
         self.bv = _param(None, (nkv, hd), ("kv_heads", "head_dim"), 0, dt) if qkv_bias else None
         self.bo = _param(None, (d,), ("embed",), 0, dt) if cfg.use_bias else None
+        self.lora_wq = maybe_lora(cfg, "q", (d, nh, hd), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
+        self.lora_wk = maybe_lora(cfg, "k", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), "bld,dkh->blkh", rngs)
+        self.lora_wv = maybe_lora(cfg, "v", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), "bld,dkh->blkh", rngs)
+        self.lora_wo = maybe_lora(cfg, "o", (nh, hd, d), ("heads", "head_dim", "embed"), "blnh,nhd->bld", rngs)
 
-    def project_qkv(self, x_BxLxD, positions_BxL):
+    def project_qkv(self, x_BxLxD, positions_BxL, key=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
-        q_BxLxNxH = dense(x_BxLxD, self.wq, "bld,dnh->blnh", dtype, self.bq)
-        k_BxLxKxH = dense(x_BxLxD, self.wk, "bld,dkh->blkh", dtype, self.bk)
-        v_BxLxKxH = dense(x_BxLxD, self.wv, "bld,dkh->blkh", dtype, self.bv)
+        kq, kk, kv = _keys(key, 3)
+        q_BxLxNxH = dense(x_BxLxD, self.wq, "bld,dnh->blnh", dtype, self.bq, self.lora_wq, kq)
+        k_BxLxKxH = dense(x_BxLxD, self.wk, "bld,dkh->blkh", dtype, self.bk, self.lora_wk, kk)
+        v_BxLxKxH = dense(x_BxLxD, self.wv, "bld,dkh->blkh", dtype, self.bv, self.lora_wv, kv)
         if cfg.pos_embedding == "rope":
             inv_freq = rope_inverse_frequencies(cfg)
             q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, inv_freq)
@@ -188,17 +209,19 @@ class Attention(nnx.Module):
         v_BxLxKxH = constrain(v_BxLxKxH, ("batch", "length", "act_kv_heads", None))
         return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
-    def project_out(self, out_BxLxNxH):
-        y_BxLxD = dense(out_BxLxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, self.bo)
+    def project_out(self, out_BxLxNxH, key=None):
+        y_BxLxD = dense(out_BxLxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, self.bo, self.lora_wo, key)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, kv=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, kv=None, key=None):
         """Without `kv`: the attention output. With `kv` = (k_BxTxKxH, v_BxTxKxH, slot, mask_BxLxT), the
-        L new tokens are written into the cache at `slot` and attend over it: (output, (k, v))."""
-        q, k, v = self.project_qkv(x_BxLxD, positions_BxL)
+        L new tokens are written into the cache at `slot` and attend over it: (output, (k, v)).
+        `key` drives the adapters' dropout (training only)."""
+        k_in, k_out = _keys(key, 2)
+        q, k, v = self.project_qkv(x_BxLxD, positions_BxL, k_in)
         if kv is None:
             out = attend(q, k, v, segment_ids_BxT=segment_ids_BxL, causal=self.cfg.causal, impl=self.cfg.attention_impl)
-            return self.project_out(out)
+            return self.project_out(out, k_out)
         k_cache_BxTxKxH, v_cache_BxTxKxH, slot, mask_BxLxT = kv
         k_cache_BxTxKxH = jax.lax.dynamic_update_slice(k_cache_BxTxKxH, k.astype(k_cache_BxTxKxH.dtype), (0, slot, 0, 0))
         v_cache_BxTxKxH = jax.lax.dynamic_update_slice(v_cache_BxTxKxH, v.astype(v_cache_BxTxKxH.dtype), (0, slot, 0, 0))
@@ -218,17 +241,21 @@ class MLP(nnx.Module):
         self.w_out = _param(rngs.params(), (f, d), ("mlp", "embed"), out_std, dt)
         self.b_in = _param(None, (f,), ("mlp",), 0, dt) if cfg.use_bias else None
         self.b_out = _param(None, (d,), ("embed",), 0, dt) if cfg.use_bias else None
+        self.lora_w_in = maybe_lora(cfg, "up", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
+        self.lora_w_gate = maybe_lora(cfg, "gate", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
+        self.lora_w_out = maybe_lora(cfg, "down", (f, d), ("mlp", "embed"), "blf,fd->bld", rngs)
 
-    def __call__(self, x_BxLxD):
+    def __call__(self, x_BxLxD, key=None):
         dtype = self.cfg.compute_dtype
-        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, self.b_in)
+        k_in, k_gate, k_out = _keys(key, 3)
+        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, self.b_in, self.lora_w_in, k_in)
         if self.w_gate is not None:
-            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype)
+            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype, None, self.lora_w_gate, k_gate)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=self.cfg.mlp != "gelu_exact")
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
-        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, self.b_out)
+        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, self.b_out, self.lora_w_out, k_out)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
 
@@ -247,17 +274,19 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None, kv=None):
-        k1 = k2 = None
+        k1 = k2 = k_attn = k_mlp = None
         if dropout_key is not None:
             k1, k2 = jax.random.split(dropout_key)
+            if self.cfg.lora_dropout > 0:
+                k_attn, k_mlp = jax.random.fold_in(dropout_key, 3), jax.random.fold_in(dropout_key, 4)
         post = self.cfg.norm_position == "post"
-        h = self.attn(x_BxLxD if post else self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv)
+        h = self.attn(x_BxLxD if post else self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv, k_attn)
         if kv is not None:
             h, kv = h
         x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k1)
         if post:
             x_BxLxD = self.attn_norm(x_BxLxD)
-        h = self.mlp(x_BxLxD if post else self.mlp_norm(x_BxLxD))
+        h = self.mlp(x_BxLxD if post else self.mlp_norm(x_BxLxD), k_mlp)
         x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k2)
         if post:
             x_BxLxD = self.mlp_norm(x_BxLxD)

@@ -63,4 +63,4 @@ def default_mode(metric: str) -> str:
 
 def dropout_key(model_cfg: ModelConfig, rng: jax.Array | None) -> jax.Array | None:
     """The dropout key to pass the model: None when dropout is off, so no random bits are drawn."""
-    return rng if (rng is not None and model_cfg.dropout > 0) else None
+    return rng if (rng is not None and (model_cfg.dropout > 0 or model_cfg.lora_dropout > 0)) else None

@@ -36,7 +36,8 @@ ITEMS = ("state", "data", "meta")
 class _QuietOrbax(logging.Filter):
     """Orbax logs these on every save without metrics and every read-only open; they are expected here."""
 
-    EXPECTED = ("did not provide metrics", "read_only=True", "Given directory is read only")
+    EXPECTED = ("did not provide metrics", "read_only=True", "Given directory is read only",
+                "Metadata file does not exist")
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(text in record.getMessage() for text in self.EXPECTED)

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lmtrain.config import OPTIMIZERS, SCHEDULES, ConfigError, check_param_rules
@@ -55,6 +56,13 @@ def param_paths(tree: Mapping, prefix: str = "") -> dict[str, object]:
     return out
 
 
+def shapes_at(shapes: Mapping, path: str) -> tuple[int, ...]:
+    node = shapes
+    for key in path.split("/"):
+        node = node[key]
+    return tuple(node.shape)
+
+
 def _nest(flat: Mapping[str, object]) -> dict:
     tree: dict = {}
     for path, value in flat.items():
@@ -73,25 +81,46 @@ class ParamPlan:
     trainable: dict[str, bool]
     decay: dict[str, bool]
     lr_mult: dict[str, float]
+    frozen_layers: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # blocks lo..hi, inclusive
 
     @classmethod
-    def from_rules(cls, shapes: Mapping, rules, weight_decay_default: bool = True) -> ParamPlan:
+    def from_rules(cls, shapes: Mapping, rules, weight_decay_default: bool = True, where: str = "optimizer.param_rules"
+                   ) -> ParamPlan:
         paths = list(param_paths(shapes))
         trainable = dict.fromkeys(paths, True)
         decay = dict.fromkeys(paths, weight_decay_default)
         lr_mult = dict.fromkeys(paths, 1.0)
-        tables = {"trainable": trainable, "decay": decay, "lr_mult": lr_mult}
+        frozen_layers: dict[str, tuple[int, int]] = {}
+        tables = {"trainable": trainable, "decay": decay, "lr_mult": lr_mult, "frozen_layers": frozen_layers}
         for i, (regex, prop, value) in enumerate(check_param_rules(rules)):
             hits = [p for p in paths if regex.search(p)]
             if not hits:
                 raise ConfigError(
-                    f"optimizer.param_rules[{i}]: regex {regex.pattern!r} matches no parameter. "
+                    f"{where}[{i}]: regex {regex.pattern!r} matches no parameter. "
                     f"Parameters look like: {', '.join(paths[:6])}, ...")
+            if prop == "frozen_layers":
+                stacked = [p for p in hits if p.startswith("blocks/")]
+                if len(stacked) != len(hits):
+                    raise ConfigError(f"{where}[{i}]: a layer range applies to block parameters (blocks/...), not to "
+                                      f"{', '.join(p for p in hits if p not in stacked)}.")
+                n_layers = shapes_at(shapes, stacked[0])[0]
+                if value[1] >= n_layers:
+                    raise ConfigError(f"{where}[{i}]: blocks {value[0]}-{value[1]} do not exist; the model has "
+                                      f"{n_layers} blocks (0-{n_layers - 1}).")
             for p in hits:
                 tables[prop][p] = value
         if not any(trainable.values()):
-            raise ConfigError("optimizer.param_rules freeze every parameter; nothing would train.")
-        return cls(trainable, decay, lr_mult)
+            raise ConfigError(f"{where} freeze every parameter; nothing would train.")
+        return cls(trainable, decay, lr_mult, {p: r for p, r in frozen_layers.items() if trainable[p]})
+
+    def layer_masks(self, shapes: Mapping) -> dict:
+        """{path: bool [n_layers]} (True: the block trains) for block parameters frozen in part."""
+        masks = {}
+        for path, (lo, hi) in self.frozen_layers.items():
+            mask = np.ones(shapes_at(shapes, path)[0], bool)
+            mask[lo : hi + 1] = False
+            masks[path] = mask
+        return _nest(masks)
 
     def split(self, params: Mapping) -> tuple[dict, dict]:
         """(trainable, frozen) sub-dicts of `params`; each holds only its own leaves."""

@@ -40,14 +40,35 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int):
+def _masked(tree: dict, masks: dict, fn) -> dict:
+    """Apply fn(leaf, mask_L) to the leaves that have a per-layer mask; the others pass unchanged."""
+    return {k: (_masked(v, masks[k], fn) if isinstance(v, dict) else fn(v, masks[k])) if k in masks else v
+            for k, v in tree.items()}
+
+
+def _layers_like(mask_L, x):
+    return jnp.asarray(mask_L).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _masked_pair(new: dict, old: dict, masks: dict) -> dict:
+    """`new` where the mask trains the block, `old` (bit for bit) where it is frozen."""
+    return {k: (_masked_pair(v, old[k], masks[k]) if isinstance(v, dict) else jnp.where(_layers_like(masks[k], v), v, old[k]))
+            if k in masks else v for k, v in new.items()}
+
+
+def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accum: int, layer_masks: dict | None = None):
     """The jittable step. Gradients are taken and accumulated in the parameters' dtype (float32
     master weights); `update_finite` tells the loop whether the new parameters may be saved.
 
     `state["params"]` holds the trainable parameters only: they are differentiated and updated, and
     the optimizer state mirrors them. `state["frozen"]` (the rest: a frozen base under LoRA, frozen
     layers) joins them in the forward pass and passes through unchanged, bit for bit.
+
+    `layer_masks` ({path: bool [n_layers]}) freezes some blocks of a stacked parameter: their gradient is
+    zeroed before the optimizer (so clipping and moments ignore them) and their values are kept exactly
+    (weight decay included).
     """
+    layer_masks = layer_masks or {}
 
     def objective(trainable, frozen, batch, rng):
         loss_sum, weight, metrics = loss_fn(ParamPlan.merge(trainable, frozen), batch, rng)
@@ -79,8 +100,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, grad_accu
             (grads, loss_sum, weight, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum)))
         denom = jnp.maximum(weight, 1e-9)
         grads = jax.tree.map(lambda g: g / denom, grads)
+        grads = _masked(grads, layer_masks, lambda g, m: jnp.where(_layers_like(m, g), g, 0))
         updates, opt_state = tx.update(grads, state["opt_state"], params)
+        old = params
         params = optax.apply_updates(params, updates)
+        if layer_masks:
+            params = _masked_pair(params, old, layer_masks)
         new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
         metrics = {
             "loss": loss_sum / denom,

@@ -178,6 +178,18 @@ class BatchLayout:
 # ---------------------------------------------------------------------------------------------- the run
 
 
+def param_rules(cfg, model_cfg, task) -> tuple:
+    """The parameter rules a run applies: LoRA's (base frozen, adapters and a task head trained), then the
+    optimizer.freeze presets, then optimizer.param_rules (later rules override earlier ones)."""
+    rules: tuple = ()
+    if model_cfg.lora_rank:
+        rules += ((r".", "freeze"), (r"(^|/)lora_", "train"))
+        if task.head != "lm":  # a task head (classify, ...) is new: it trains fully
+            rules += ((r"^head/", "train"),)
+    rules += config_lib.freeze_presets(cfg.optimizer.freeze, cfg.model.n_layers)
+    return rules + tuple(tuple(r) for r in cfg.optimizer.param_rules)
+
+
 @dataclasses.dataclass
 class Components:
     """What a config builds before any device memory is used: the task, the model, the parameter plan,
@@ -194,9 +206,9 @@ class Components:
     def from_config(cls, cfg) -> Components:
         task = make_task(cfg)
         model_def = ModelDef(task.model_config())
-        plan = ParamPlan.from_rules(model_def.shapes, cfg.optimizer.param_rules)
+        plan = ParamPlan.from_rules(model_def.shapes, param_rules(cfg, model_def.cfg, task))
         tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, plan, plan.split(model_def.shapes)[0])
-        train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum)
+        train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum, plan.layer_masks(model_def.shapes))
         return cls(task, model_def, plan, tx, schedule, train_step)
 
 
@@ -369,7 +381,8 @@ def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_s
         run.early_stopping = EarlyStopping(es.metric, es_mode, es.patience, es.min_delta)
         shardings = _restore_or_init(run, tx, plan, rules, log)
         n_train, n_frozen = plan.counts(model_def.shapes)
-        log(f"lmtrain: {(n_train + n_frozen) / 1e6:.2f}M parameters" + (f" ({n_frozen / 1e6:.2f}M frozen)" if n_frozen else "")
+        log(f"lmtrain: {(n_train + n_frozen) / 1e6:.2f}M parameters" + (f" ({n_train / 1e6:.3f}M trained, "
+            f"{n_frozen / 1e6:.2f}M frozen: no gradient, no optimizer state)" if n_frozen else "")
             + f", task {task.name}, mesh data={mesh_shape[0]} fsdp={mesh_shape[1]} tensor={mesh_shape[2]} "
             f"on {jax.device_count()} {jax.devices()[0].platform} device(s)")
         replicated = NamedSharding(mesh, PartitionSpec())
