@@ -17,7 +17,7 @@ import ml_collections
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Default parameter rules: no weight decay on norms, biases, embeddings and the LM head. A tied
