@@ -213,3 +213,27 @@ def test_attend_routes_documents_to_the_packed_layout_on_cudnn(monkeypatch):
     attention.attend(q, k, v, segment_ids_BxT=_segments(1, 32, [5]), causal=False, impl="cudnn")
     attention.attend(q, k, v, impl="cudnn")  # no documents: plain causal cuDNN
     assert calls == [False, "cudnn"]
+
+
+@pytest.mark.skipif(not attention.cudnn_packing_available(), reason="needs a Hopper (or newer) GPU with cuDNN >= 9.6")
+def test_cudnn_packed_kernel_equals_dense_mask_on_gpu():
+    """On the GPU itself: the real packed cuDNN kernel against the dense segment mask (bf16), GQA included."""
+    q, k, v = (x.astype(jnp.bfloat16) for x in _qkv(2, 512, 8, 2, 64, seed=6))
+    seg = jnp.concatenate([_segments(1, 512, [100, 101, 300]), _segments(1, 512, [256])])
+
+    def packed(q, k, v):
+        return attention.attend(q, k, v, segment_ids_BxT=seg, causal=True, impl="cudnn")
+
+    def dense(q, k, v):
+        return attention._dense_attention(q, k, v, seg, True, "xla")
+
+    def loss(fn):
+        return lambda q, k, v: (fn(q, k, v).astype(jnp.float32) ** 2).sum()
+
+    np.testing.assert_allclose(np.asarray(jax.jit(packed)(q, k, v), np.float32), np.asarray(dense(q, k, v), np.float32),
+                               atol=2e-2, rtol=2e-2)
+    ours = jax.jit(jax.grad(loss(packed), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.jit(jax.grad(loss(dense), argnums=(0, 1, 2)))(q, k, v)
+    for name, a, b in zip("qkv", ours, ref):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=5e-2, rtol=5e-2,
+                                   err_msg=f"d{name}")

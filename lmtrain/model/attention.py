@@ -217,8 +217,13 @@ def cudnn_packing_available() -> bool:
     if jax.default_backend() != "gpu":
         return False
     try:
+        import inspect
+
         from jax._src.cudnn import fused_attention_stablehlo as fa
 
+        params = inspect.signature(fa.dot_product_attention).parameters
+        if not {"q_seqlen", "kv_seqlen", "q_offsets", "kv_offsets", "mask_type"} <= set(params):
+            return False
         return bool(fa.check_compute_capability("9.0")) and fa.check_cudnn_version() >= 90600
     except Exception:  # an older or newer JAX without this private API: keep the dense mask
         return False
