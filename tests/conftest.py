@@ -1,11 +1,17 @@
-"""Test set-up: 8 fake CPU devices for the sharding tests, set before JAX is imported anywhere."""
+"""Test set-up: 8 fake CPU devices for the sharding tests, set before JAX is imported anywhere, and one
+persistent JAX compilation cache for the whole session (subprocesses inherit it through the environment):
+the suite trains the same tiny models many times, and on 2 CPU cores compiling is most of each run."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("LMTRAIN_SINGLE_HOST", "1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "lmtrain-test-jax-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lmtrain.config import ConfigError
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.parallel.mesh import make_mesh
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
@@ -95,5 +96,5 @@ def test_uneven_parameter_sharding_names_the_parameter():
     from lmtrain.parallel.partitioning import param_shardings
 
     mesh = make_mesh((1, 1, 4), jax.devices()[:4])
-    with pytest.raises(ValueError, match=r"blocks/mlp/w_(gate|in).*size 102.*mlp"):
+    with pytest.raises(ConfigError, match=r"blocks/mlp/w_(gate|in).*size 102.*mlp"):
         param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)

@@ -93,8 +93,14 @@ class PackedRowsIterator:
 
 
 def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, data_index: int, data_count: int):
+    """Deterministic validation batches over the packed rows; the last one is filled with padding rows
+    (segment 0, so no loss), so a split smaller than one batch is still evaluated."""
     local = global_batch // data_count
-    n_batches = len(rows["tokens"]) // global_batch
+    n_rows = len(rows["tokens"])
+    n_batches = -(-n_rows // global_batch)
+    if n_batches * global_batch > n_rows:
+        pad = n_batches * global_batch - n_rows
+        rows = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)]) for k, v in rows.items()}
 
     def batches(max_batches: int = 0, split: str = "validation") -> Iterator[dict]:
         if split != "validation":
@@ -107,6 +113,19 @@ def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, data_index:
             )
 
     return batches
+
+
+def _builtin_tokenizer(tok_dir, train_docs: list[str], vocab_size: int):
+    """The WORKDIR's tokenizer, trained on the first start by process 0 while the others wait for it."""
+    import jax
+
+    if not tok_dir.exists() and jax.process_index() == 0:
+        train_bpe_tokenizer(train_docs, vocab_size, tok_dir)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("lmtrain_builtin_tokenizer")
+    return load_tokenizer(tok_dir)
 
 
 def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -> DataBundle:
@@ -124,16 +143,16 @@ def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -
         in_fold = [cv_fold_of(t.encode("utf-8"), folds) == fold for t in train_docs]
         val_docs = [t for t, held in zip(train_docs, in_fold) if held]
         train_docs = [t for t, held in zip(train_docs, in_fold) if not held]
+    if not val_docs and cfg.train.eval_every:
+        raise ConfigError(f"data.max_docs={d.max_docs} leaves no validation document (data.val_fraction="
+                          f"{d.val_fraction}). Raise data.max_docs or data.val_fraction, or set train.eval_every=0.")
     tok_dir = as_path(d.tokenizer_dir) if d.tokenizer_dir else as_path(workdir) / "tokenizer"
-    if tok_dir.exists():
-        tokenizer = load_tokenizer(tok_dir)
-    else:
-        tokenizer = train_bpe_tokenizer(train_docs, cfg.model.vocab_size, tok_dir)
+    tokenizer = _builtin_tokenizer(tok_dir, train_docs, cfg.model.vocab_size)
     check_vocab(tokenizer, cfg.model.vocab_size, tok_dir)
     eos = eos_id(tokenizer)
 
     def pack(texts, keep_partial):
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
         return packing.pack_documents((np.array([*x, eos], np.int32) for x in ids), d.seq_len, keep_partial)
 
     train_rows, val_rows = pack(train_docs, False), pack(val_docs, True)

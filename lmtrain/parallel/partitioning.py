@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lmtrain.config import ConfigError
+
 AxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, AxisRules] | None] = contextvars.ContextVar("lmtrain_axis_rules", default=None)
@@ -79,7 +81,7 @@ def param_shardings(logical_axes_tree, mesh: Mesh, rules: AxisRules, shapes_tree
                     n *= mesh.shape[p]
                 if size % n:
                     name = "/".join(str(getattr(k, "key", k)) for k in path)
-                    raise ValueError(
+                    raise ConfigError(
                         f"parameter '{name}' dim {dim} (size {size}, logical axis '{axes[dim]}') does not divide "
                         f"evenly over mesh axes {parts} of total size {n}. Change the model size or the mesh."
                     )
