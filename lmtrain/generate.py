@@ -258,9 +258,12 @@ def load_model(path, which: str | int = "latest"):
     cfg = load_config(str(config_path))
     model_def = ModelDef(workdir_model_config(cfg, path))
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
+    from lmtrain.interop.hf_export import export_shardings
+
     has_steps = (path / "checkpoints").exists() and any(p.name.isdigit() for p in (path / "checkpoints").iterdir())
     if has_steps or not cfg.train.init_from:
-        _, params = checkpoint.restore_params(path, which)
+        # Sharded over the training mesh when this job's devices fit it (a model larger than one device).
+        _, params = checkpoint.restore_params(path, which, export_shardings(cfg, path))
     else:  # an imported WORKDIR that has not been trained yet
         if which != "latest":
             raise GenerationError(f"{path} has no checkpoints yet, only the imported parameters; use --which latest.")
