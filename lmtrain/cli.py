@@ -16,6 +16,11 @@ COMMANDS = {
 }
 
 
+# Commands that read or write sharded checkpoints: under a multi-process launcher every process joins the
+# job (`train` does it inside, after installing its signal handlers).
+JOINS_A_JOB = ("import", "export", "generate", "eval")
+
+
 def _usage() -> str:
     lines = ["usage: lmtrain COMMAND [options]   (lmtrain COMMAND --help for its options; lmtrain --version)", "",
              "commands:"]
@@ -63,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmtrain: command '{name}' is not available in this build ({e.name} missing).", file=sys.stderr)
             return 2
         raise
+    if name in JOINS_A_JOB:
+        from lmtrain.config import ConfigError
+        from lmtrain.parallel.mesh import maybe_initialize_distributed
+
+        try:  # one process per host: they form one JAX job before touching a checkpoint
+            maybe_initialize_distributed()
+        except ConfigError as e:
+            print(f"lmtrain {name}: error: {e}", file=sys.stderr)
+            return 2
     return int(module.main(rest) or 0)
 
 

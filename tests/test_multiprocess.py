@@ -89,7 +89,7 @@ def test_sigterm_to_one_process_stops_all_with_a_checkpoint_and_resume_is_exact(
     step = int(out.split("stopped by a signal on another host at step ")[1].split(";")[0])
     assert 2 <= step < STEPS
     assert (workdir / "checkpoints" / str(step)).is_dir()
-    assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").iterdir()) == [
+    assert sorted(p.name for p in (workdir / "checkpoints" / str(step) / "data").glob("process_*")) == [
         "process_0-of-2.json", "process_1-of-2.json"]
     resumed = Job(args, n=2, devices=4, log_dir=root / "logs-resumed")
     resumed.check()
