@@ -13,6 +13,7 @@ COMMANDS = {
     "generate": ("lmtrain.generate", "generate text from a WORKDIR with a KV cache"),
     "launch": ("lmtrain.launch", "run training on a Cloud TPU slice, relaunched after preemptions until done"),
     "sweep": ("lmtrain.sweep", "search hyperparameters with optuna, one WORKDIR per trial"),
+    "eval": ("lmtrain.evaluate.cli", "evaluate a model: task metrics, eval.json and an HTML report"),
 }
 
 

@@ -44,6 +44,11 @@ class Task:
     def eval_metrics(self, sums: dict) -> dict[str, float]:
         raise NotImplementedError
 
+    def extra_eval(self, model_def: ModelDef, params: dict, data) -> dict[str, float]:
+        """Metrics a summed eval step cannot give (scores of generated text, say), merged into each evaluation's.
+        Every process calls it with the same arguments; `data` is the run's DataBundle."""
+        return {}
+
     def write_eval_artifacts(self, sums: dict, workdir) -> list[str]:
         """Pictures or tables drawn from the final evaluation (e.g. a confusion matrix); their paths."""
         return []

@@ -16,6 +16,26 @@ from lmtrain.tasks.lm import LanguageModelling
 class SupervisedFineTuning(LanguageModelling):
     name = "sft"
     head = "lm"
+    METRIC_MODES = {**LanguageModelling.METRIC_MODES, "val_bleu": "max", "val_chrf": "max", "val_rouge_l": "max",
+                    "val_exact_match": "max"}
+    _generation = None  # lmtrain.evaluate.scoring.ValidationGeneration, built at the first evaluation
+
+    def extra_eval(self, model_def, params, data) -> dict[str, float]:
+        """BLEU, chrF, ROUGE-L and exact match of greedy generations for the first task.eval_generate_examples
+        validation examples (0: none), logged as val_bleu, val_chrf, val_rouge_l, val_exact_match."""
+        n = self.cfg.task.eval_generate_examples
+        if not n:
+            return {}
+        from lmtrain.evaluate.metrics import EvalError
+
+        try:
+            if self._generation is None:
+                from lmtrain.evaluate.scoring import ValidationGeneration
+
+                self._generation = ValidationGeneration(self.cfg, model_def, data.tokenizer, n)
+            return self._generation(params)
+        except EvalError as e:
+            raise ConfigError(f"task.eval_generate_examples={n}: {e} Set it to 0 to turn generation off.") from None
 
     def make_data(self, workdir, data_index: int, data_count: int):
         if self.cfg.data.source != "shards":

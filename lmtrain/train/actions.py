@@ -225,8 +225,7 @@ class Evaluate:
         metrics = run.task.eval_metrics(sums)
         if not metrics:
             return {}
-        params = run.params() if hasattr(run, "params") else run.state["params"]  # frozen ones too, where kept apart
-        metrics.update(run.task.extra_eval(run.model_def, params, run.data))
+        metrics.update(run.task.extra_eval(run.model_def, run.params(), run.data))
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
         run.writer.write(run.step, scalars)
         run.progress.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
