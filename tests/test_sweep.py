@@ -435,3 +435,38 @@ def test_real_trainer_sweep_prunes_through_on_eval(tmp_path):
     assert all(os.path.isdir(os.path.join(r["workdir"], "checkpoints", "5")) for r in rows)
     best = config_lib.load_config(str(tmp_path / "s" / "best_config.json"))
     assert best.optimizer.lr == 3e-3
+
+
+@pytest.mark.slow
+def test_real_trainer_cross_validation_reports_mean_and_std_over_folds(builtin_shards, tmp_path, capsys):
+    """`lmtrain sweep --cv-folds 2`: each fold trains the real trainer on the other fold and validates on its own."""
+    import numpy as np
+
+    tok, shards_dir = builtin_shards
+    space = tmp_path / "space.yaml"
+    space.write_text(textwrap.dedent(f"""
+        base_config: tiny:smoke
+        overrides: {{data.shards_dir: {shards_dir}, data.tokenizer_dir: {tok}, model.vocab_size: 1024,
+                    data.seq_len: 32, model.max_seq_len: 32, data.batch_size: 8, train.steps: 4,
+                    train.eval_every: 2, train.eval_batches: 0, checkpoint.every: 2, optimizer.warmup_steps: 1,
+                    train.sample_tokens: 0, logging.tensorboard: false, logging.loss_curve_png: false}}
+        sampler: grid
+        pruner: none
+        params:
+          optimizer.lr: [3.0e-3]
+    """))
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}", "--cv-folds=2"]) == 0
+    assert "±" in capsys.readouterr().out
+    row = next(csv.DictReader(open(tmp_path / "s" / "trials.csv")))
+    folds = []
+    for k in range(2):
+        fold_dir = os.path.join(row["workdir"], f"fold_{k}")
+        cfg = config_lib.load_config(os.path.join(fold_dir, "config.json"))
+        assert (cfg.data.cv_folds, cfg.data.cv_fold) == (2, k)
+        done = json.loads(open(os.path.join(fold_dir, "done.json")).read())
+        folds.append(done["metrics"]["val_loss"])  # each fold's own held-out validation loss
+    assert folds[0] != folds[1]
+    assert float(row["val_loss"]) == pytest.approx(np.mean(folds), rel=1e-6)
+    assert float(row["std"]) == pytest.approx(np.std(folds), rel=1e-6)
+    best = json.loads((tmp_path / "s" / "best.json").read_text())
+    assert best["std"] == pytest.approx(np.std(folds), rel=1e-6)
