@@ -61,6 +61,8 @@ _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<
 _STAGING, _ASIDE = "export-tmp", "export-old"
 # Written last: an export directory without it is unfinished (the rule object stores rely on).
 _COMPLETE_MARKER = "config.json"
+# A PEFT adapter export (--adapter) writes its adapter_config.json last instead.
+_MARKERS = (_COMPLETE_MARKER, "adapter_config.json")
 
 
 def parse_size(text: str) -> int:
@@ -252,20 +254,21 @@ def _new_sibling(out: epath.Path, kind: str) -> epath.Path:
 
 
 def _is_complete(directory: epath.Path) -> bool:
-    return (directory / _COMPLETE_MARKER).is_file()
+    return any((directory / marker).is_file() for marker in _MARKERS)
 
 
 def _copy_files(source: epath.Path, target: epath.Path) -> None:
     """Copy a flat directory's files, the completion marker last (object stores: the write order is the signal)."""
     target.mkdir(parents=True, exist_ok=True)
-    for f in sorted(source.iterdir(), key=lambda p: p.name == _COMPLETE_MARKER):
+    for f in sorted(source.iterdir(), key=lambda p: p.name in _MARKERS):
         f.copy(target / f.name, overwrite=True)
 
 
 def _remove_files(directory: epath.Path) -> None:
     """Delete a directory, the completion marker first, so that a kill half-way never leaves it looking whole."""
-    if (directory / _COMPLETE_MARKER).exists():
-        (directory / _COMPLETE_MARKER).unlink()
+    for marker in _MARKERS:
+        if (directory / marker).exists():
+            (directory / marker).unlink()
     directory.rmtree()
 
 
@@ -312,7 +315,7 @@ def check_target(out: epath.Path, force: bool) -> None:
             "contents are kept until the new export is complete)."
         )
     subdirs = [n for n in entries if (out / n).is_dir()]
-    if subdirs or _COMPLETE_MARKER not in entries:
+    if subdirs or not set(_MARKERS) & set(entries):
         why = f"it holds directories ({', '.join(subdirs[:3])})" if subdirs else "it has no config.json"
         raise HFInteropError(
             f"{out} does not look like an earlier model export ({why}); --force replaces only a directory of "
@@ -378,6 +381,10 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     Every process must call this; process 0 writes.
     """
     out_dir = as_path(out_dir)
+    if cfg.lora_rank:  # a LoRA model exports as the ordinary model it computes: adapters merged into their weights
+        from lmtrain.interop.lora_export import merge_adapters
+
+        cfg, params = merge_adapters(cfg, params)
     source_config = source_config or {}
     preferred = next((f for f in ("gpt2", "llama", "mistral", "qwen2", "bert", "roberta")
                       if source_config.get("model_type") == f), None)
@@ -503,8 +510,12 @@ def export_shardings(cfg, workdir, mesh_shape: tuple[int, int, int] | None = Non
 
 def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which: str | int = "latest",
                    dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False,
-                   mesh_shape: tuple[int, int, int] | None = None) -> epath.Path:
+                   mesh_shape: tuple[int, int, int] | None = None, adapter: bool = False, base: bool = False,
+                   base_model: str | None = None) -> epath.Path:
     """Export WORKDIR's checkpoint `which` ('latest', 'best' or a step number).
+
+    A LoRA run exports with its adapters merged; `adapter` writes them as a PEFT adapter directory instead (with
+    `base_model` as its base_model_name_or_path), and `base` writes the base model they apply to.
 
     The parameters are restored sharded over the WORKDIR's training mesh; `mesh_shape` (data, fsdp, tensor)
     overrides it, and (1, 1, 1) restores onto one device. Every process of a multi-host job must call this.
@@ -532,6 +543,19 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     generation = workdir / SOURCE_GENERATION_CONFIG
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
     model_cfg = workdir_model_config(cfg, workdir)
+    if adapter or base:
+        from lmtrain.interop import lora_export
+
+        if not model_cfg.lora_rank:
+            raise HFInteropError(f"{workdir} is not a LoRA run (model.lora_rank=0): it has no adapters and no separate "
+                                 "base; export the whole model without --adapter or --base.")
+        if adapter:
+            source_config = read_json(source) if source.is_file() else None
+            return lora_export.export_adapter(
+                model_cfg, params, out, trained=lora_export.trained_paths(workdir, which),
+                base_model=base_model or lora_export.default_base_model(workdir, source_config),
+                source_config=source_config, dtype=dtype, force=force)
+        model_cfg, params = lora_export.without_adapters(model_cfg, params)
     return export_params(
         model_cfg,
         params,
@@ -557,6 +581,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
     parser.add_argument("--force", action="store_true",
                         help="replace an earlier export in OUT_DIR (only once the new one is complete)")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--adapter", action="store_true",
+                      help="a LoRA run: write its adapters as a PEFT adapter directory (default: merged into the model)")
+    lora.add_argument("--base", action="store_true", help="a LoRA run: write the base model its adapters apply to")
+    parser.add_argument("--base-model", default=None,
+                        help="with --adapter: base_model_name_or_path for adapter_config.json (a hub name or directory)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     which = int(args.which) if args.which.isdigit() else args.which
     if which not in ("latest", "best") and not isinstance(which, int):
@@ -564,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         out = export_workdir(args.workdir, args.out_dir, which, args.dtype, parse_size(args.max_shard_size),
-                             force=args.force)
+                             force=args.force, adapter=args.adapter, base=args.base, base_model=args.base_model)
     except HFInteropError as e:
         print(f"lmtrain export: error: {e}", file=sys.stderr)
         return 2
@@ -572,8 +602,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain export: error: {e.filename or args.out_dir}: {e.strerror or e}. Nothing was published; "
               "fix that and export again.", file=sys.stderr)
         return 2
+    load = (f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})" if args.adapter else
+            f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     print(f"lmtrain export: {args.workdir} ({args.which}) -> {out} in {time.perf_counter() - start:.1f}s. Load with "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}).")
+          f"{load}.")
     return 0
 
 

@@ -420,8 +420,12 @@ def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> 
 
 
 def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int = 1, tensor: int = 1,
-              param_dtype: str = "float32", overwrite: bool = False) -> epath.Path:
+              param_dtype: str = "float32", overwrite: bool = False,
+              adapter_dir: str | os.PathLike | None = None) -> epath.Path:
     """Write WORKDIR/config.json, WORKDIR/init_params and WORKDIR/tokenizer from the HF model in `hf_dir`.
+
+    With `adapter_dir` (a PEFT LoRA adapter of that model), the WORKDIR continues training the adapter: its
+    tensors join init_params as the LoRA parameters and its settings become model.lora_* (lmtrain.interop.lora_import).
 
     config.json is written last: a WORKDIR without it is an unfinished import, which the next import replaces.
     """
@@ -432,6 +436,11 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
 
     hf_dir, workdir = _hf_dir(hf_dir), as_path(workdir)
     is_main = jax.process_index() == 0
+    adapter = None
+    if adapter_dir is not None:  # checked whole before anything is written
+        from lmtrain.interop.lora_import import read_peft_adapter
+
+        adapter = read_peft_adapter(adapter_dir, hf_dir)
     _check_workdir(hf_dir, workdir, overwrite)  # every process: each raises alike rather than one hanging
     family, fields, notes = model_config_from_hf(hf_dir, param_dtype)
     for note in notes:
@@ -448,6 +457,10 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         cfg.task.name = ENCODER_TASKS[head]
     for key, value in fields.items():
         cfg.model[key] = value
+    if adapter is not None:
+        adapter.configure(cfg)
+        for note in adapter.notes:
+            print(f"lmtrain import: note: {note}")
     cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
     # Fine-tuning is on the user's text, tokenized with this model's tokenizer: the trainer stops with a
     # message until data.shards_dir is given, rather than training on the built-in corpus.
@@ -464,7 +477,9 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
 
     if is_main and _copy_tokenizer(hf_dir, workdir / "tokenizer"):
         cfg.data.tokenizer_dir = str(workdir / "tokenizer")
-    params = load_hf_params(hf_dir, model_cfg, family, shardings)
+    params = load_hf_params(hf_dir, dataclasses.replace(model_cfg, lora_rank=0, lora_targets=()), family, shardings)
+    if adapter is not None:
+        params = adapter.add_to(params, model_cfg, shardings)
     if is_main and (workdir / "init_params").exists():  # --force, or left by an import killed before config.json
         (workdir / "init_params").rmtree()
     save_init_params(str(workdir), params)
@@ -474,6 +489,10 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
             (hf_dir / "generation_config.json").copy(workdir / SOURCE_GENERATION_CONFIG, overwrite=True)
         if head in ("classify", "token_classify"):
             (workdir / LABELS_FILE).write_text(json.dumps(read_hf_labels(hf_dir)))
+        if adapter is not None:
+            from lmtrain.interop.lora_import import write_source_config
+
+            write_source_config(adapter, workdir)
         (workdir / "config.json").write_text(to_json(cfg))
     return workdir
 
@@ -520,10 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--param-dtype", default="float32", choices=("float32", "bfloat16"),
                         help="storage dtype of the imported parameters")
     parser.add_argument("--force", action="store_true", help="overwrite an existing WORKDIR/config.json")
+    parser.add_argument("--adapter", default=None, metavar="PEFT_DIR",
+                        help="a PEFT LoRA adapter of HF_DIR's model to continue training (adapter_config.json and "
+                             "adapter_model.safetensors)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     start = time.perf_counter()
     try:
-        workdir = import_hf(args.hf_dir, args.workdir, args.fsdp, args.tensor, args.param_dtype, args.force)
+        workdir = import_hf(args.hf_dir, args.workdir, args.fsdp, args.tensor, args.param_dtype, args.force,
+                            adapter_dir=args.adapter)
     except HFInteropError as e:
         print(f"lmtrain import: error: {e}", file=sys.stderr)
         return 2
