@@ -18,6 +18,7 @@ from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.train.state import create_sharded_state
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
+from tests.test_tasks import task_shards  # noqa: F401 - the built-in task shards, a fixture
 
 ALL = ("q", "k", "v", "o", "up", "down")
 
@@ -180,3 +181,63 @@ def test_bad_rules_and_presets_are_clear_errors():
         validate(small_config("llama", **{"optimizer.freeze": "blocks:9"}), 8)
     with pytest.raises(ConfigError, match="optimizer.freeze='bogus' is unknown"):
         validate(small_config("llama", **{"optimizer.freeze": "bogus"}), 8)
+
+
+# ---------------------------------------------------------------------------------------------- LoRA for each task
+
+
+@pytest.fixture(scope="module")
+def task_base(tmp_path_factory):
+    """A base model to start from (an init_params directory, as `lmtrain import` writes), vocabulary 1024."""
+    from lmtrain.train.checkpoint import save_init_params
+
+    root = tmp_path_factory.mktemp("task_base")
+    cfg = ModelConfig.from_config(small_config("llama", **{"model.vocab_size": 1024, "model.max_seq_len": 32}).model)
+    save_init_params(str(root), ModelDef(cfg).init(jax.random.key(7)))
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm", "sft", "classify"])
+def test_lora_trains_each_task_with_the_base_frozen(task, task_shards, task_base, tmp_path):  # noqa: F811
+    """lm, sft and classify train through LoRA: the checkpoint holds the adapters (and, for classify, the new head,
+    which trains fully), the base is the init_from weights bit for bit, and the language-model losses fall."""
+    from lmtrain.train.checkpoint import _stored_leaves, restore_params
+
+    tok, sft, classify = task_shards
+    data = {"lm": {"data.tokenizer_dir": tok, "data.max_docs": 60},
+            "sft": {"data.source": "shards", "data.tokenizer_dir": tok, "data.shards_dir": sft},
+            "classify": {"data.source": "shards", "data.tokenizer_dir": tok, "data.shards_dir": classify}}[task]
+    workdir = tmp_path / task
+    train(small_config("llama", **{
+        "task.name": task, "model.vocab_size": 1024, "model.max_seq_len": 32, "data.seq_len": 32, "train.steps": 8,
+        "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 8, "optimizer.lr": 3e-3,
+        "optimizer.weight_decay": 0.1, "model.lora_rank": 4, "model.lora_targets": ("q", "v", "o", "up", "down"),
+        "train.init_from": str(task_base), **data}), workdir)
+    stored = {"/".join(map(str, k)) for k in _stored_leaves(workdir / "checkpoints" / "8" / "state", "params")}
+    adapters = {p for p in stored if "/lora_" in p}
+    assert len(adapters) == 10 and stored - adapters == ({"head/score"} if task == "classify" else set())
+    _, tuned = restore_params(workdir)
+    base = _init(task_base, tuned)
+    for path in ("embed", "blocks/attn/wq", "blocks/mlp/w_in", "final_norm/scale"):
+        np.testing.assert_array_equal(np.asarray(_at(tuned, path)), np.asarray(_at(base, path)), err_msg=path)
+    assert np.abs(np.asarray(tuned["blocks"]["mlp"]["lora_w_out"]["b"])).max() > 0
+    losses = _losses(workdir)
+    assert len(losses) == 8 and all(np.isfinite(losses))
+    if task != "classify":  # a classifier on a random base is chance at first and stays near it for 8 steps
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def _at(tree, path):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _init(base_dir, like):
+    """The init_params of `base_dir` for the parameters of `like` that it holds."""
+    from lmtrain.train.checkpoint import load_init_params
+
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+    return load_init_params(str(base_dir), target)[0]
