@@ -131,7 +131,7 @@ def _torch_step(model, opt, sched, batch, clip: float) -> float:
     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     opt.step()
     sched.step()
-    return float(loss)
+    return float(loss.detach())
 
 
 def _accuracy_lmtrain(parts, params, batches) -> float:
