@@ -275,7 +275,7 @@ def test_a_peft_adapter_imports_with_equal_logits_loss_and_gradients(imported_pe
             module.p = 0.0
     out = reference(torch.tensor(ids, dtype=torch.long), labels=torch.tensor(ids, dtype=torch.long))
     out.loss.backward()
-    assert abs(float(loss) - float(out.loss)) <= 1e-5
+    assert abs(float(loss) - out.loss.item()) <= 1e-5
     torch_grads = dict(reference.named_parameters())
     for layer in range(model_cfg.n_layers):
         peft_b = torch_grads[f"base_model.model.model.layers.{layer}.self_attn.q_proj.lora_B.default.weight"].grad
