@@ -602,8 +602,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain export: error: {e.filename or args.out_dir}: {e.strerror or e}. Nothing was published; "
               "fix that and export again.", file=sys.stderr)
         return 2
+    written = json.loads((as_path(out) / "config.json").read_text()).get("architectures", []) if not args.adapter \
+        and (as_path(out) / "config.json").exists() else []
+    loader = "AutoModelForCausalLM" if not written or written[0].endswith("LMHeadModel") or \
+        written[0].endswith("ForCausalLM") else f"{written[0]}"
     load = (f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})" if args.adapter else
-            f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+            f"transformers.{loader}.from_pretrained({str(out)!r})")
     print(f"lmtrain export: {args.workdir} ({args.which}) -> {out} in {time.perf_counter() - start:.1f}s. Load with "
           f"{load}.")
     return 0

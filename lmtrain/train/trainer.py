@@ -80,9 +80,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def check_resume_compatible(cfg, stored: dict, workdir) -> None:
     """Refuse, before anything is written, a config that the WORKDIR's checkpoint cannot continue."""
-    new, old = _flat(cfg.to_dict()), _flat(stored)
+    # A key the stored config lacks (written before the key existed) had its default then.
+    defaults = _flat(config_lib.base_config().to_dict())
+    new, old = _flat(cfg.to_dict()), {**defaults, **_flat(stored)}
     changed = []
-    for key in sorted(set(new) | set(old)):
+    for key in sorted(set(new)):  # keys since removed from lmtrain are no longer compared
         a, b = old.get(key), new.get(key)
         if isinstance(a, list | tuple) and isinstance(b, list | tuple):
             a, b = json.loads(json.dumps(a)), json.loads(json.dumps(b))
