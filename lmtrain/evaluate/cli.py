@@ -225,6 +225,10 @@ def main(argv: list[str] | None = None) -> int:
                             "--completion-field.")
         result = _load_and_evaluate(args.model, _which(args.which), eval_set, names, args, mesh_shape, "model")
         baseline = _baseline(args, eval_set, names, mesh_shape)
+        import jax
+
+        if jax.process_index() != 0:  # every process of a multi-host job scores; the first one writes
+            return 0
         out = args.out or default_out(args.model, result, eval_set.split)
         kept = keep_earlier(out)
         json_path, html_path = write_reports(out, result, baseline)
