@@ -104,6 +104,20 @@ def test_auto_picks_splash_on_tpu_cudnn_on_gpu(monkeypatch):
     assert attention.choose_impl("auto", jnp.bfloat16, 4096, True) == "cudnn"
 
 
+def test_auto_on_cpu_chunks_causal_attention_by_length(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert attention.choose_impl("auto", jnp.float32, 256, True) == "chunked"
+    assert attention.choose_impl("auto", jnp.float32, 64, True) == "xla"
+    assert attention.choose_impl("auto", jnp.float32, 256, False) == "xla"
+    assert [attention.cpu_chunk(t) for t in (64, 128, 256, 512, 1024, 4096)] == [32, 32, 64, 64, 128, 256]
+
+
+def test_chunked_default_block_equals_xla():
+    q, k, v = _qkv(2, 256, 4, 2, 16, seed=7)
+    seg = _segments(2, 256, [50, 130])
+    np.testing.assert_allclose(attention.chunked_causal_attention(q, k, v, seg), _xla(q, k, v, seg, True), atol=2e-6)
+
+
 def test_splash_refuses_cpu_and_odd_lengths():
     q, k, v = _qkv(1, 256, 2, 2, 32)
     with pytest.raises(ValueError, match="runs on TPU only"):

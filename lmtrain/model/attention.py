@@ -22,7 +22,6 @@ from jax.sharding import PartitionSpec
 
 from lmtrain.parallel import partitioning
 
-ATTENTION_CHUNK = 256
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked", "splash")
 # Splash tiles: the largest that divides the sequence. 512 is what MaxText uses on v4/v5; the kernel
 # needs multiples of 128 (TPU lanes), so a sequence that 128 does not divide goes to XLA.
@@ -35,6 +34,18 @@ CUDNN_MAX_SEGMENTS = 16
 SPLASH_INTERPRET = False
 
 
+def cpu_chunk(length: int) -> int:
+    """Query block of the chunked attention: the largest power of two up to 4 * sqrt(length), at least 16.
+
+    Smaller blocks skip more of the masked upper triangle, larger ones make better matmuls. Measured on
+    XLA:CPU (2 cores, fwd+bwd, see BENCHMARKS.md): the best block was 32 at T=128, 64 at T=256, 64-128
+    at T=512 and 128 at T=1024, which this rule gives."""
+    chunk = 16
+    while chunk * 2 <= 4 * math.sqrt(length):
+        chunk *= 2
+    return chunk
+
+
 def splash_block(length: int) -> int:
     """The splash tile for this sequence length, 0 when the kernel cannot take it."""
     return next((b for b in SPLASH_BLOCKS if length % b == 0), 0)
@@ -42,7 +53,7 @@ def splash_block(length: int) -> int:
 
 def choose_impl(requested: str, dtype, length: int, causal: bool) -> str:
     """'auto' picks the splash kernel on TPU (sequence a multiple of 128), cuDNN flash attention on GPU
-    (bf16/fp16), query-chunked causal attention for long sequences on CPU, and XLA's fused attention
+    (bf16/fp16), query-chunked causal attention on CPU from 128 tokens, and XLA's fused attention
     otherwise."""
     if requested != "auto":
         return requested
@@ -51,16 +62,18 @@ def choose_impl(requested: str, dtype, length: int, causal: bool) -> str:
         return "splash"
     if backend == "gpu" and dtype in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    if causal and backend == "cpu" and length >= 2 * ATTENTION_CHUNK and length % ATTENTION_CHUNK == 0:
+    if causal and backend == "cpu" and length >= 128:
         return "chunked"
     return "xla"
 
 
-def chunked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, chunk: int = ATTENTION_CHUNK):
-    """Causal attention computed one block of `chunk` queries at a time against only the keys at or
-    before the block: half the FLOPs of the full masked product and a [chunk, T] score tile instead
-    of [T, T]. Same result as jax.nn.dot_product_attention(is_causal=True) with the segment mask."""
+def chunked_causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_ids_BxT=None, chunk: int = 0):
+    """Causal attention computed one block of `chunk` queries (default `cpu_chunk(T)`) at a time against
+    only the keys at or before the block: about half the FLOPs of the full masked product and a
+    [chunk, T] score tile instead of [T, T]. Same result as jax.nn.dot_product_attention(is_causal=True)
+    with the segment mask."""
     b, t, n, h = q_BxTxNxH.shape
+    chunk = chunk or cpu_chunk(t)
     kv_heads = k_BxTxKxH.shape[2]
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
     outs = []
