@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -470,3 +471,20 @@ def test_real_trainer_cross_validation_reports_mean_and_std_over_folds(builtin_s
     assert float(row["std"]) == pytest.approx(np.std(folds), rel=1e-6)
     best = json.loads((tmp_path / "s" / "best.json").read_text())
     assert best["std"] == pytest.approx(np.std(folds), rel=1e-6)
+
+
+def test_the_readme_s_example_space_is_valid(tmp_path):
+    """The search space the README shows parses, names only real config keys, and builds trial configs."""
+    import re
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("\n## Tune hyperparameters"):]
+    yaml_text = re.search(r"```yaml\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "space.yaml").write_text(yaml_text)
+    spec = sweep.parse_spec(sweep.load_space(tmp_path / "space.yaml"), "README.md")
+    base = sweep.resolve_base_config(spec)
+    spec = sweep.validate_space(spec, base)
+    assert {p.key for p in spec.params} >= {"optimizer.lr", "data.batch_size"}
+    for p in spec.params:
+        value = p.choices[-1] if p.kind == "categorical" else (int(p.high) if p.kind == "int" else p.high)
+        sweep.trial_config(base, {p.key: value})
