@@ -295,6 +295,31 @@ def test_classify_shards_labels_batches_and_padding(tok_dir, tmp_path, capsys):
     assert load_manifest(tmp_path / "e")["labels"] == manifest["labels"]
 
 
+def test_integer_labels_sort_as_numbers_and_class_ids_follow_that_order(tok_dir, tmp_path, capsys):
+    """JSON integer labels 2, 10, 1: the classes are [1, 2, 10] (as strings they would sort 1, 10, 2), the manifest
+    keeps them integers, and each example's class id is its label's position in that list."""
+    from lmtrain.data.shards import split_source
+
+    values = [2, 10, 1]
+    records = [{"text": f"r{i} " + " ".join(WORDS[i % 7 : i % 7 + 3]), "label": values[i % 3]} for i in range(12)]
+    assert shard(tok_dir, write_jsonl(tmp_path / "d.jsonl", records), tmp_path / "ints", "--format", "classify",
+                 "--val-fraction", "0") == 0
+    assert "labels (3, in class-id order): 1, 2, 10" in capsys.readouterr().out
+    manifest = load_manifest(tmp_path / "ints")
+    assert manifest["labels"] == [1, 2, 10] and all(type(v) is int for v in manifest["labels"])
+    assert manifest["splits"]["train"]["label_counts"] == [4, 4, 4]
+    from lmtrain.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tok_dir)
+    source = split_source(tmp_path / "ints", "train")
+    want = {r["text"]: [1, 2, 10].index(r["label"]) for r in records}
+    got = {}
+    for i in range(len(source)):
+        tokens, _, label_id = decode_record("classify", np.dtype(manifest["token_dtype"]), source[i])
+        got[tok.decode(tokens.tolist())] = label_id
+    assert got == want
+
+
 @pytest.mark.parametrize("case", ["missing_field", "empty_completion", "no_assistant", "empty_assistant",
                                   "unseen_label", "no_label", "label_not_in_list"])
 def test_bad_task_data_is_a_clear_error_naming_file_and_line(tok_dir, tmp_path, capsys, case):
