@@ -190,3 +190,43 @@ def test_sft_trains_and_the_loss_falls(task_shards, tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()
               if '"loss"' in line]
     assert result.step == 8 and losses[-1] < losses[0] and jnp.isfinite(result.metrics["val_loss"])
+
+
+def test_class_weights_weight_each_example_by_its_class_and_a_zero_weight_removes_a_class(task_shards):
+    """task.class_weights: loss = sum(ce * w) / sum(w) with w = weight[label] (and the batch's padding weight);
+    weight 0 on a class gives the plain loss over the other classes' examples alone."""
+    from lmtrain.data.shards import ShardedTrainIterator
+
+    tok, _, classify = task_shards
+    it = ShardedTrainIterator(classify, 32, 16, seed=0, prefetch=0)
+    batch = next(it)
+    it.close()
+    batch["weights"] = batch["weights"].copy()
+    batch["weights"][-1] = 0.0  # a filler row, as in an evaluation batch: out of the loss whatever its class
+    labels = batch["labels"]
+    assert len(set(labels[batch["weights"] > 0].tolist())) >= 3 and (labels[batch["weights"] > 0] == 0).any()
+    weights = (0.0, 1.0, 2.5, 0.5, 4.0, 1.5)
+    plain = make_task(_cfg("classify", tok, classify))
+    weighted = make_task(_cfg("classify", tok, classify, **{"task.class_weights": weights}))
+    model_def = ModelDef(plain.model_config())
+    params = model_def.init(jax.random.key(3))
+
+    def loss(task, b):
+        loss_sum, weight, metrics = task.loss_fn(model_def)(params, b, None)
+        return float(loss_sum) / float(weight), float(weight), float(metrics["accuracy"])
+
+    logits = np.asarray(model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"]), np.float64)
+    log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    ce = log_z - logits[np.arange(len(labels)), labels]
+    w = batch["weights"] * np.asarray(weights)[labels]
+    got, got_weight, got_correct = loss(weighted, batch)
+    assert got_weight == pytest.approx(w.sum())
+    assert got == pytest.approx(np.sum(ce * w) / np.sum(w), rel=1e-5)
+    assert got_correct == pytest.approx(np.sum((logits.argmax(-1) == labels) * w))
+    assert abs(got - loss(plain, batch)[0]) > 1e-3  # the weights change the loss
+
+    # Weight 0 on class 0, 1 elsewhere: the same loss as the unweighted one with class 0's examples masked out.
+    only_zero = make_task(_cfg("classify", tok, classify, **{"task.class_weights": (0.0, *[1.0] * 5)}))
+    masked = {**batch, "weights": batch["weights"] * (labels != 0)}
+    np.testing.assert_allclose(loss(only_zero, batch)[:2], loss(plain, masked)[:2], rtol=1e-6)
+    assert abs(loss(only_zero, batch)[0] - loss(plain, batch)[0]) > 1e-4
