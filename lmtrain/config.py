@@ -221,6 +221,20 @@ def config_from_dict(values: dict, source: str = "dict") -> ml_collections.Confi
     return cfg
 
 
+def parse_overrides(parser, rest: list[str]) -> dict[str, str]:
+    """{'optimizer.lr': '1e-3', ...} from the --config.KEY=VALUE arguments argparse left over; anything else is a
+    usage error through `parser` (exit status 2, no traceback)."""
+    overrides = {}
+    for item in rest:
+        if not item.startswith("--config."):
+            parser.error(f"unrecognised argument {item!r}; config overrides look like --config.optimizer.lr=1e-3")
+        key, sep, value = item[len("--config."):].partition("=")
+        if not sep:
+            parser.error(f"override {item!r} has no value; write --config.{key}=VALUE")
+        overrides[key] = value
+    return overrides
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Load `NAME`, `NAME:ARG`, `path/to/config.py`, `path.py:ARG` or a resolved `config.json`; return it locked."""
     name, _, arg = spec.partition(":")

@@ -42,6 +42,7 @@ import numpy as np
 
 from lmtrain import config as config_lib
 from lmtrain.paths import as_path, atomic_write_text, is_remote
+from lmtrain.trees import flat_paths
 
 SWEEP_VERSION = 1
 # The data selection the trainer reads for cross-validation (lmtrain.config, lmtrain.data.shards): with
@@ -393,17 +394,8 @@ def _identity(spec: SweepSpec, base: ml_collections.ConfigDict) -> dict:
     return {"config": json.loads(config_lib.to_json(base)), **{k: d[k] for k in IDENTITY_FIELDS}}
 
 
-def _flatten(d, prefix: str = "") -> dict:
-    if isinstance(d, dict):
-        out = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): d}
-
-
 def _differences(old: dict, new: dict) -> list[str]:
-    a, b = _flatten(old), _flatten(new)
+    a, b = flat_paths(old, "."), flat_paths(new, ".")
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
             if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
@@ -990,15 +982,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--cv-folds", type=int, help="k-fold cross-validation: every trial trains k times, once per "
                         "held-out fold, and scores the mean (overrides the space file's cv_folds; 0: off)")
     args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; config overrides look like --config.optimizer.lr=1e-3")
-        key, sep, value = item[len("--config."):].partition("=")
-        if not sep:
-            parser.error(f"override {item!r} has no value; write --config.{key}=VALUE")
-        overrides[key] = value
-    return args, overrides
+    return args, config_lib.parse_overrides(parser, rest)
 
 
 def main(argv: list[str] | None = None, train_fn: TrainFn | None = None) -> int:

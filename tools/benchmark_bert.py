@@ -36,6 +36,7 @@ from lmtrain.config import load_config  # noqa: E402
 from lmtrain.data import shards as shards_lib  # noqa: E402
 from lmtrain.train.state import init_state_fn  # noqa: E402
 from lmtrain.train.trainer import Components  # noqa: E402
+from lmtrain.trees import flat_paths, nest_paths  # noqa: E402
 
 
 def _config(args):
@@ -59,28 +60,10 @@ def _initial_state(parts, cfg):
     if cfg.train.init_from:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["params"])
         params, fresh, _ = load_init_params(cfg.train.init_from, target, "latest")
-        flat_fresh = {p: v for p, v in _flat(state["params"]).items() if p in fresh}
-        state["params"] = ParamPlan.merge(params, _nest(flat_fresh))
+        flat_fresh = {p: v for p, v in flat_paths(state["params"]).items() if p in fresh}
+        state["params"] = ParamPlan.merge(params, nest_paths(flat_fresh))
         state["opt_state"] = parts.tx.init(parts.plan.split(state["params"])[0])
     return state
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
-def _nest(flat):
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 def _torch_model(cfg, params, labels, directory):

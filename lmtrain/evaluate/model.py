@@ -17,6 +17,7 @@ import numpy as np
 from lmtrain.evaluate.metrics import EvalError
 from lmtrain.model import ModelDef
 from lmtrain.paths import as_path, local_dir
+from lmtrain.trees import flat_keys, nest_keys
 
 EVAL_TASKS = ("lm", "sft", "classify")  # the WORKDIR tasks whose models `lmtrain eval` scores
 
@@ -181,14 +182,14 @@ def _workdir_params(root, cfg, model_def: ModelDef, target: dict, which) -> tupl
     step = ckpt.select_step(root, which)
     state_dir = ckpt.checkpoint_dir(root) / str(step) / "state"
     stored = ckpt._stored_leaves(state_dir, "params")
-    flat = _flat(target)
+    flat = flat_keys(target)
     held = {k: v for k, v in flat.items() if stored.get(k) == tuple(v.shape)}
     if not held:
         raise EvalError(f"{state_dir}: none of its parameters fits the model in {root / 'config.json'}.")
-    params = ckpt._restore_tree(state_dir, _nest(held), "params")
+    params = ckpt._restore_tree(state_dir, nest_keys(held), "params")
     missing = {k: v for k, v in flat.items() if k not in held}
     if missing:
-        params = _merge(params, start_params(cfg, model_def, _nest(missing)))
+        params = _merge(params, start_params(cfg, model_def, nest_keys(missing)))
     how = {"latest": "latest", "best": f"best by {ckpt._best_rule(root)[0]}"}.get(which, "")
     return params, f"step {step}" + (f" ({how})" if how else "")
 
@@ -214,23 +215,6 @@ def start_params(cfg, model_def: ModelDef, target: dict) -> dict:
         loaded, _, _ = ckpt.load_init_params(cfg.train.init_from, target, which)
         params = _merge(params, loaded)
     return params
-
-
-def _flat(tree: dict, prefix: tuple = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
-
-
-def _nest(flat: dict) -> dict:
-    tree: dict = {}
-    for keys, value in flat.items():
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return tree
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -249,6 +249,17 @@ def _siblings(out: epath.Path, kind: str) -> list[epath.Path]:
     return sorted(p for p in out.parent.glob(f".{out.name}.{kind}-*"))
 
 
+def new_staging_dir(out_dir: epath.Path) -> epath.Path:
+    """A fresh hidden sibling of OUT_DIR to write an export into before it is published whole."""
+    staging = _new_sibling(out_dir, _STAGING)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as e:
+        raise HFInteropError(f"cannot create {staging} next to {out_dir} ({e.strerror or e}); export into a "
+                             "directory whose parent you can write.") from None
+    return staging
+
+
 def _new_sibling(out: epath.Path, kind: str) -> epath.Path:
     return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -425,12 +436,7 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
                 produce(item)
         return out_dir
 
-    staging = _new_sibling(out_dir, _STAGING)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise HFInteropError(f"cannot create {staging} next to {out_dir} ({e.strerror or e}); export into a "
-                             "directory whose parent you can write.") from None
+    staging = new_staging_dir(out_dir)
     try:
         weight_map = {}
         for name, items in zip(names, shards, strict=True):

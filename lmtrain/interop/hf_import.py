@@ -44,6 +44,7 @@ from lmtrain.interop.hf_families import (
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path, is_remote
+from lmtrain.trees import flat_paths, nest_paths
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 TOKENIZER_FILES = (
@@ -269,25 +270,6 @@ def _layer_sharding(sharding):
     return sharding
 
 
-def _flat_paths(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out.update(_flat_paths(value, path + "/") if isinstance(value, dict) else {path: value})
-    return out
-
-
-def _nest(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def _hf_dir(hf_dir: str | os.PathLike) -> epath.Path:
     path = as_path(hf_dir)
     if not path.is_dir():
@@ -328,10 +310,10 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
     """
     hf_dir = _hf_dir(hf_dir)
     model_def = ModelDef(cfg)
-    shapes = _flat_paths(model_def.shapes)
+    shapes = flat_paths(model_def.shapes)
     if shardings is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), model_def.shapes)
-    flat_shardings = _flat_paths(shardings)
+    flat_shardings = flat_paths(shardings)
     rules = family.rules(cfg)
     covered = [p for rule in rules for p in rule.lm]
     if sorted(covered) != sorted(shapes):  # a bug in the family table, not in the user's input
@@ -359,7 +341,7 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
         want = shapes[path]
         if value.shape != want.shape or value.dtype != want.dtype:
             raise AssertionError(f"{path}: built {value.shape} {value.dtype}, model wants {want.shape} {want.dtype}")
-    return _nest(params)
+    return nest_paths(params)
 
 
 def load_hf_model(hf_dir: str | os.PathLike, shardings_fn=None, param_dtype: str = "float32") -> tuple[

@@ -297,7 +297,7 @@ def export_adapter(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *
                    force: bool = False) -> epath.Path:
     """Write the adapters of `params` (a LoRA model's parameters) as a PEFT adapter directory. Every process
     must call this; process 0 writes. Like `export_params`, OUT appears only once whole."""
-    from lmtrain.interop.hf_export import _STAGING, DTYPES, _agree_on_target, _new_sibling, _publish
+    from lmtrain.interop.hf_export import DTYPES, _agree_on_target, _publish, new_staging_dir
 
     out_dir = as_path(out_dir)
     source_config = source_config or {}
@@ -310,12 +310,7 @@ def export_adapter(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *
     _agree_on_target(out_dir, force)
     if jax.process_index() != 0:
         return out_dir
-    staging = _new_sibling(out_dir, _STAGING)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise HFInteropError(f"cannot create {staging} next to {out_dir} ({e.strerror or e}); export into a "
-                             "directory whose parent you can write.") from None
+    staging = new_staging_dir(out_dir)
     try:
         write_safetensors(staging / ADAPTER_WEIGHTS, tensors, metadata)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))  # last: marks it whole

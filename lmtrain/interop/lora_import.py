@@ -103,12 +103,13 @@ class PeftAdapter:
 
     def add_to(self, params: dict, model_cfg: ModelConfig, shardings: dict) -> dict:
         """`params` (the base's, possibly sharded) with the adapters added and the modules_to_save replaced."""
-        from lmtrain.interop.hf_import import _flat_paths, _nest, _place
+        from lmtrain.interop.hf_import import _place
         from lmtrain.model.transformer import ModelDef
+        from lmtrain.trees import flat_paths, nest_paths
 
-        shapes = _flat_paths(ModelDef(model_cfg).shapes)
-        flat_shardings = _flat_paths(shardings)
-        flat = _flat_paths(params)
+        shapes = flat_paths(ModelDef(model_cfg).shapes)
+        flat_shardings = flat_paths(shardings)
+        flat = flat_paths(params)
         for path, (a, b) in self.lora.items():
             parent, name = path.rsplit("/", 1)
             for factor, value in (("a", a), ("b", b)):
@@ -120,7 +121,7 @@ class PeftAdapter:
             flat[path] = _place(value.astype(shapes[path].dtype), flat_shardings[path])
         if sorted(flat) != sorted(shapes):
             raise AssertionError(f"adapter import built {sorted(set(flat) ^ set(shapes))} wrongly")
-        return _nest(flat)
+        return nest_paths(flat)
 
 
 def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> PeftAdapter:

@@ -29,6 +29,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lmtrain.config import ConfigError
 from lmtrain.paths import as_path, files_under
+from lmtrain.trees import nest_keys
 
 ITEMS = ("state", "data", "meta")
 
@@ -454,10 +455,10 @@ def restore_params(workdir, which: str | int = "latest", shardings=None):
     stored = _stored_leaves(state_dir, "params")
     flat_target = {tuple(getattr(k, "key", k) for k in kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
     held = {k: v for k, v in flat_target.items() if k in stored}
-    params = _restore_tree(state_dir, _nest_keys(held), "params")
+    params = _restore_tree(state_dir, nest_keys(held), "params")
     missing = {k: v for k, v in flat_target.items() if k not in stored}
     if missing:
-        rebuilt = _rebuild_frozen(cfg, model_def, _nest_keys(missing))
+        rebuilt = _rebuild_frozen(cfg, model_def, nest_keys(missing))
         params = _merge_trees(params, rebuilt)
     return cfg, params
 
@@ -536,15 +537,5 @@ def load_init_params(spec: str, target: dict, which: str | int = "latest") -> tu
                               "(different names or shapes). Check model.* against the source's config.json.")
     fresh = sorted("/".join(map(str, k)) for k in flat_target if k not in usable)
     unused = sorted("/".join(map(str, k)) for k in stored if k not in flat_target)
-    partial = _nest_keys(usable)
+    partial = nest_keys(usable)
     return _restore_tree(path, partial, item), fresh, unused
-
-
-def _nest_keys(flat: dict[tuple, object]) -> dict:
-    tree: dict = {}
-    for keys, value in flat.items():
-        node = tree
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-        node[keys[-1]] = value
-    return tree

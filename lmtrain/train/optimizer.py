@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from lmtrain.config import OPTIMIZERS, SCHEDULES, ConfigError, check_param_rules
+from lmtrain.trees import flat_paths, nest_paths
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
@@ -47,13 +48,9 @@ def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
 # ---------------------------------------------------------------------------------------------- parameter rules
 
 
-def param_paths(tree: Mapping, prefix: str = "") -> dict[str, object]:
+def param_paths(tree: Mapping) -> dict[str, object]:
     """{'blocks/attn/wq': leaf, ...} for a nested dict of parameters (or of their shapes)."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        out.update(param_paths(value, path + "/") if isinstance(value, Mapping) else {path: value})
-    return out
+    return flat_paths(tree)
 
 
 def shapes_at(shapes: Mapping, path: str) -> tuple[int, ...]:
@@ -61,17 +58,6 @@ def shapes_at(shapes: Mapping, path: str) -> tuple[int, ...]:
     for key in path.split("/"):
         node = node[key]
     return tuple(node.shape)
-
-
-def _nest(flat: Mapping[str, object]) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,17 +106,17 @@ class ParamPlan:
             mask = np.ones(shapes_at(shapes, path)[0], bool)
             mask[lo : hi + 1] = False
             masks[path] = mask
-        return _nest(masks)
+        return nest_paths(masks)
 
     def split(self, params: Mapping) -> tuple[dict, dict]:
         """(trainable, frozen) sub-dicts of `params`; each holds only its own leaves."""
         flat = param_paths(params)
-        return (_nest({p: v for p, v in flat.items() if self.trainable[p]}),
-                _nest({p: v for p, v in flat.items() if not self.trainable[p]}))
+        return (nest_paths({p: v for p, v in flat.items() if self.trainable[p]}),
+                nest_paths({p: v for p, v in flat.items() if not self.trainable[p]}))
 
     @staticmethod
     def merge(trainable: Mapping, frozen: Mapping) -> dict:
-        return _nest({**param_paths(frozen), **param_paths(trainable)})
+        return nest_paths({**param_paths(frozen), **param_paths(trainable)})
 
     def counts(self, shapes: Mapping) -> tuple[int, int]:
         """(trainable, frozen) parameter counts."""
@@ -139,7 +125,7 @@ class ParamPlan:
         return train, sum(sizes.values()) - train
 
     def _tree(self, table: Mapping, params: Mapping):
-        return _nest({p: table[p] for p in param_paths(params)})
+        return nest_paths({p: table[p] for p in param_paths(params)})
 
 
 # ---------------------------------------------------------------------------------------------- optimizers
