@@ -131,6 +131,15 @@ def test_classify_trains_from_a_language_model_with_a_fresh_head_and_reports_met
     labels = json.loads((workdir / "labels.json").read_text())
     assert len(labels) == 6 and result.metrics.keys() >= {"val_accuracy", "val_f1_macro", "val_loss"}
     assert (workdir / "confusion_matrix.png").stat().st_size > 1000
+    # Each evaluation logs per-class precision/recall/F1 and the confusion matrix over the validation examples.
+    evals = [r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines()) if "val_loss" in r]
+    assert evals and all({f"val_f1/{c}" for c in labels} <= r.keys() for r in evals)
+    matrix = np.asarray(evals[-1]["val_confusion_matrix"])
+    assert matrix.shape == (6, 6)
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(evals[-1]["val_accuracy"])
+    for i, c in enumerate(labels):
+        if matrix[i].sum():
+            assert evals[-1][f"val_recall/{c}"] == pytest.approx(matrix[i, i] / matrix[i].sum())
     tuned = _flat(_params(workdir))
     # The body came from the language model (lr 1e-30 leaves float32 weights as they were); the head is new.
     np.testing.assert_array_equal(np.asarray(tuned["blocks/attn/wq"]), lm_params["blocks/attn/wq"])

@@ -141,7 +141,7 @@ def loss_curve_png(metrics_jsonl: str | os.PathLike, title: str) -> str | None:
     series: dict[str, tuple[list, list]] = {}
     for r in records:
         for key, value in r.items():
-            if key == "loss" or key.startswith("val_"):
+            if key == "loss" or (key.startswith("val_") and "/" not in key):  # per-class scores would crowd it
                 if isinstance(value, int | float) and math.isfinite(value):
                     xs, ys = series.setdefault(key, ([], []))
                     xs.append(r.get("step", len(xs)))

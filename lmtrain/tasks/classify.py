@@ -106,14 +106,19 @@ class Classification(Task):
     def eval_metrics(self, sums: dict) -> dict:
         if not float(sums.get("examples", 0)):
             return {}
-        scores = classification_metrics_from_counts(np.rint(np.asarray(sums["confusion"])), self.labels)
-        return {
+        counts_CxC = np.rint(np.asarray(sums["confusion"])).astype(np.int64)
+        scores = classification_metrics_from_counts(counts_CxC, self.labels)
+        metrics = {
             "val_loss": float(sums["ce_sum"]) / float(sums["examples"]),
             "val_accuracy": scores["accuracy"],
             "val_precision_macro": scores["precision_macro"],
             "val_recall_macro": scores["recall_macro"],
             "val_f1_macro": scores["f1_macro"],
         }
+        for label, s in scores["per_class"].items():  # logged (metrics.jsonl, TensorBoard), not printed
+            metrics.update({f"val_{name}/{label}": s[name] for name in ("precision", "recall", "f1")})
+        metrics["val_confusion_matrix"] = counts_CxC  # [true, predicted]; in metrics.jsonl as a list of rows
+        return metrics
 
     def write_eval_artifacts(self, sums: dict, workdir) -> list[str]:
         import base64

@@ -227,8 +227,10 @@ class Evaluate:
             return {}
         metrics.update(run.task.extra_eval(run.model_def, run.params(), run.data))
         scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-        run.writer.write(run.step, scalars)
-        run.progress.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items()))
+        arrays = {k: np.asarray(v).tolist() for k, v in metrics.items() if np.ndim(v) > 0}
+        run.writer.write(run.step, scalars, arrays)
+        # Per-class scores ('val_f1/CLASS') go to the logs; the console line keeps the headline metrics.
+        run.progress.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if "/" not in k))
         es = self.early_stopping
         if es.metric not in scalars:
             from lmtrain.config import ConfigError

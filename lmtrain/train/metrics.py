@@ -108,10 +108,11 @@ class MetricsWriter:
                 logdir = self._tb_local
             self.tb = SummaryWriter(str(logdir), purge_step=resume_step + 1 if resume_step else None)
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, arrays: dict | None = None) -> None:
+        """Scalars go to metrics.jsonl and TensorBoard; `arrays` (a confusion matrix: nested lists) to metrics.jsonl."""
         if not self.enabled:
             return
-        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}}
+        record = {"step": int(step), **{k: float(v) for k, v in metrics.items()}, **(arrays or {})}
         self._buffer.append(json.dumps(record) + "\n")
         if not self.remote or time.monotonic() - self._last_flush > self._flush_every:
             self._flush_records()

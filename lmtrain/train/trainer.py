@@ -41,6 +41,7 @@ from lmtrain.train.checkpoint import Checkpointer, CheckpointError, load_init_pa
 from lmtrain.train.optimizer import ParamPlan, make_optimizer
 from lmtrain.train.state import abstract_with_shardings, init_params_fn, init_state_fn, state_shardings
 from lmtrain.train.step import make_train_step
+from lmtrain.trees import flat_paths, nest_paths
 
 DONE = "done.json"
 
@@ -71,18 +72,11 @@ class TrainResult:
 # ---------------------------------------------------------------------------------------------- the WORKDIR
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-    return out
-
-
 def check_resume_compatible(cfg, stored: dict, workdir) -> None:
     """Refuse, before anything is written, a config that the WORKDIR's checkpoint cannot continue."""
     # A key the stored config lacks (written before the key existed) had its default then.
-    defaults = _flat(config_lib.base_config().to_dict())
-    new, old = _flat(cfg.to_dict()), {**defaults, **_flat(stored)}
+    defaults = flat_paths(config_lib.base_config().to_dict(), ".")
+    new, old = flat_paths(cfg.to_dict(), "."), {**defaults, **flat_paths(stored, ".")}
     changed = []
     for key in sorted(set(new)):  # keys since removed from lmtrain are no longer compared
         a, b = old.get(key), new.get(key)
@@ -311,10 +305,10 @@ def _which(value: str) -> str | int:
 
 
 def _only(params: dict, paths: list[str]) -> dict:
-    from lmtrain.train.optimizer import _nest, param_paths
+    from lmtrain.train.optimizer import param_paths
 
     flat = param_paths(params)
-    return _nest({p: flat[p] for p in paths if p in flat})
+    return nest_paths({p: flat[p] for p in paths if p in flat})
 
 
 def train(cfg, workdir, show_progress: bool | None = None, stop_at_step: int | None = None,
@@ -469,7 +463,8 @@ def _finish(run: Run) -> TrainResult:
             print(f"lmtrain: {run.stop_reason}; stopped at step {run.step}. The best checkpoint (step "
                   f"{es.best_step}) is what `lmtrain export --which best` picks.", flush=True)
         if run.last_eval:
-            print(f"lmtrain: done at step {run.step}. " + ", ".join(f"{k} {v:.4g}" for k, v in run.last_eval.items()))
+            print(f"lmtrain: done at step {run.step}. "
+                  + ", ".join(f"{k} {v:.4g}" for k, v in run.last_eval.items() if "/" not in k))
     if cfg.train.sample_tokens and run.task.head == "lm":
         sample = sample_text(run.model_def, run.params(), run.data.tokenizer, cfg.train.sample_prompt,
                              cfg.train.sample_tokens, cfg.train.seed)  # every host takes part
@@ -520,15 +515,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, dict[str, str]]:
     parser.add_argument("--stop-at-step", type=int, default=None,
                         help="stop cleanly with a checkpoint after this step (e.g. to fit a scheduler's time slot)")
     args, rest = parser.parse_known_args(argv)
-    overrides = {}
-    for item in rest:
-        if not item.startswith("--config."):
-            parser.error(f"unrecognised argument {item!r}; overrides look like --config.optimizer.lr=1e-3")
-        key, sep, value = item[len("--config."):].partition("=")
-        if not sep:
-            parser.error(f"override {item!r} has no value; write --config.{key}=VALUE")
-        overrides[key] = value
-    return args, overrides
+    return args, config_lib.parse_overrides(parser, rest)
 
 
 def main(argv: list[str] | None = None) -> int:
