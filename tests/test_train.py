@@ -159,15 +159,27 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, builtin_shards):
 
 @pytest.mark.slow
 def test_default_job_trains_through_the_cli_and_loss_falls(tmp_path, builtin_shards):
+    """The default job through the CLI, stopped with --stop-at-step and run again as the message says; with
+    --no-progress it still prints every validation line, and the sample is text, not a Python repr."""
     workdir = tmp_path / "tiny"
-    proc = _cli(["train", "--config=tiny:smoke", f"--workdir={workdir}", "--config.train.log_every=1",
-                 *_shards_args(builtin_shards)])
+    args = ["train", "--config=tiny:smoke", f"--workdir={workdir}", "--config.train.log_every=1", "--no-progress",
+            *_shards_args(builtin_shards)]
+    first = _cli([*args, "--stop-at-step=10"])
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
+    assert "To resume, run the same command without --stop-at-step" in out, out
+    assert "step 10: val_loss" in out, out
+    proc = _cli(args)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    assert "from step 10" in out, out
     losses = _losses(workdir)
     steps = sorted(losses)
+    assert steps == list(range(1, 21)), steps
     assert losses[steps[-1]] < losses[steps[0]] - 0.5, losses
-    assert "val_loss" in out and "val_perplexity" in out and "sample (prompt" in out
+    assert "step 20: val_loss" in out and "val_perplexity" in out and "sample (prompt" in out
+    sample = out.split("sample (prompt 'The '):\n", 1)[1].split("\nlmtrain:", 1)[0]
+    assert sample.startswith("The") and "\\n" not in sample, sample
     assert (workdir / "loss_curve.png").stat().st_size > 1000
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 128
@@ -184,3 +196,11 @@ def test_missing_shards_directory_says_how_to_make_it(tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert f"data.shards_dir={tmp_path / 'nope'} does not exist" in err and "tools/shard_data.py" in err
+
+
+def test_version(capsys):
+    import lmtrain
+    from lmtrain.cli import main
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lmtrain {lmtrain.__version__}"
