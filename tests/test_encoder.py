@@ -413,6 +413,7 @@ def _train_mlm(tokenizer, shards, workdir, stop_at_step=None):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 CPU cores: run by `-m heavy` (.ci/run runs it)
 def test_mlm_pretraining_resumes_exactly(bert_tokenizer, bert_text_shards, tmp_path):
     """Masks (and dropout) come from the step's key: a run stopped at step 3 and resumed ends where a straight
     run does, to the bit."""

@@ -276,6 +276,7 @@ def _losses(workdir: pathlib.Path) -> dict[int, list[float]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 CPU cores: run by `-m heavy` (.ci/run runs it)
 def test_preempted_real_run_matches_an_uninterrupted_one(tmp_path, fake_gcloud):
     from lmtrain import config as config_lib
     from tests.helpers import small_config
@@ -364,6 +365,7 @@ sys.exit(max(codes))
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.heavy  # minutes on 2 CPU cores: run by `-m heavy` (.ci/run runs it)
 def test_slurm_sbatch_runs_one_process_per_task_and_requeues_until_done(tmp_path):
     from lmtrain import config as config_lib
     from tests.helpers import small_config

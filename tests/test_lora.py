@@ -78,7 +78,8 @@ def test_lora_rules_freeze_the_base_and_train_adapters_and_a_task_head():
 
 
 @pytest.mark.multidevice
-@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 4, 2), (2, 2, 2)])
+@pytest.mark.parametrize("mesh_shape", [pytest.param((8, 1, 1), marks=pytest.mark.heavy),
+                                        pytest.param((1, 4, 2), marks=pytest.mark.heavy), (2, 2, 2)])
 def test_lora_sharded_equals_unsharded_with_scan_and_remat(mesh_shape):
     cfg = _lora_cfg(**{"model.scan_layers": True, "model.remat": "full", "model.n_kv_heads": 4})
     rng = np.random.default_rng(0)
@@ -198,7 +199,7 @@ def task_base(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["lm", "sft", "classify"])
+@pytest.mark.parametrize("task", [pytest.param("lm", marks=pytest.mark.heavy), "sft", "classify"])
 def test_lora_trains_each_task_with_the_base_frozen(task, task_shards, task_base, tmp_path):  # noqa: F811
     """lm, sft and classify train through LoRA: the checkpoint holds the adapters (and, for classify, the new head,
     which trains fully), the base is the init_from weights bit for bit, and the language-model losses fall."""

@@ -89,7 +89,8 @@ def test_gqa_and_families_have_the_documented_parameters():
     assert llama.shapes["embed"].shape[0] == 256 and llama.logical_axes["embed"] == ("vocab", "embed")
 
 
-@pytest.mark.parametrize("kv_heads, segments", [(4, False), (2, True), (1, True)])
+@pytest.mark.parametrize("kv_heads, segments", [pytest.param(4, False, marks=pytest.mark.heavy), (2, True),
+                                               pytest.param(1, True, marks=pytest.mark.heavy)])
 def test_chunked_attention_equals_fused_attention(kv_heads, segments):
     from lmtrain.model.attention import chunked_causal_attention
 

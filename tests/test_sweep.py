@@ -415,6 +415,7 @@ def test_command_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 CPU cores: run by `-m heavy` (.ci/run runs it)
 def test_real_trainer_sweep_prunes_through_on_eval(tmp_path):
     # lr 1e-6 learns nothing in 5 steps, so its first validation loss is above trial 0's: the median pruner
     # (one startup trial) stops it there through the trainer's on_eval, with a checkpoint.
@@ -439,6 +440,7 @@ def test_real_trainer_sweep_prunes_through_on_eval(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # minutes on 2 CPU cores: run by `-m heavy` (.ci/run runs it)
 def test_real_trainer_cross_validation_reports_mean_and_std_over_folds(builtin_shards, tmp_path, capsys):
     """`lmtrain sweep --cv-folds 2`: each fold trains the real trainer on the other fold and validates on its own."""
     import numpy as np
