@@ -121,6 +121,67 @@ def test_frozen_parameter_is_bit_identical_and_has_no_optimizer_state():
     assert parts.plan.counts(parts.model_def.shapes)[1] == before["embed"].size + before["blocks"]["attn_norm"]["scale"].size
 
 
+@pytest.mark.slow
+def test_all_but_head_trains_only_the_head_of_a_language_model_and_of_a_classifier():
+    """optimizer.freeze='all_but_head' (a linear probe): the head trains; embeddings, blocks and norms are frozen,
+    kept out of the optimizer and bit-identical after steps."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from lmtrain.model import ModelDef
+    from lmtrain.train.trainer import param_rules
+
+    cfg = small_config("llama", **{"optimizer.freeze": "all_but_head", "optimizer.lr": 1e-2,
+                                   "optimizer.weight_decay": 0.5})
+    parts, state, step = _state_and_step(cfg)
+    assert parts.plan.trainable == {p: p.startswith("head/") for p in parts.plan.trainable} and parts.plan.trainable["head/w"]
+    assert list(param_paths(state["params"])) == ["head/w"]
+    before = param_paths(jax.tree.map(np.asarray, _params(state)))
+    for seed in range(2):
+        state, _ = step(state, _batch(seed))
+    after = param_paths(jax.tree.map(np.asarray, _params(state)))
+    for path, value in before.items():
+        if path == "head/w":
+            assert not np.array_equal(after[path], value)
+        else:
+            np.testing.assert_array_equal(after[path], value, err_msg=path)
+
+    # A classifier's head is head/score: the preset leaves it the only trainable parameter.
+    classify_def = ModelDef(dataclasses.replace(parts.model_def.cfg, head="classify", num_labels=3))
+    plan = ParamPlan.from_rules(classify_def.shapes, param_rules(cfg, classify_def.cfg, SimpleNamespace(head="classify")))
+    assert [p for p, t in plan.trainable.items() if t] == ["head/score"]
+    assert len(plan.trainable) > 5  # embeddings, blocks and norms: all there, all frozen
+
+
+@pytest.mark.slow
+def test_freezing_middle_layers_keeps_exactly_them_bit_identical():
+    """'freeze_layers=1-2' on a 4-block model: blocks 1 and 2 of every stacked block parameter do not move (weight
+    decay and momentum on), blocks 0 and 3 train."""
+    cfg = small_config("llama", **{"model.n_layers": 4, "model.scan_layers": True, "optimizer.name": "sgd",
+                                   "optimizer.lr": 1e-2,
+                                   "optimizer.weight_decay": 0.5,
+                                   "optimizer.param_rules": (*small_config("llama").optimizer.param_rules,
+                                                             (r"^blocks/", "freeze_layers=1-2"))})
+    parts = Components.from_config(cfg)
+    state = init_state_fn(parts.model_def, parts.tx, 0, parts.plan)()  # eager and scanned: cheaper than compiling it
+    step = jax.jit(parts.train_step)
+    assert set(parts.plan.frozen_layers.values()) == {(1, 2)}
+    before = param_paths(jax.tree.map(np.asarray, _params(state)))
+    for seed in range(2):
+        state, metrics = step(state, _batch(seed))
+        assert bool(metrics["update_finite"])
+    after = param_paths(jax.tree.map(np.asarray, _params(state)))
+    blocks = [p for p in before if p.startswith("blocks/")]
+    assert len(blocks) >= 6
+    for path in blocks:
+        assert before[path].shape[0] == 4, path
+        for layer in (1, 2):
+            np.testing.assert_array_equal(after[path][layer], before[path][layer], err_msg=f"{path} block {layer}")
+        for layer in (0, 3):
+            assert not np.array_equal(after[path][layer], before[path][layer]), f"{path} block {layer} did not train"
+    assert not np.array_equal(after["embed"], before["embed"])
+
+
 @pytest.mark.parametrize("name", ["adamw", "sgd", "lion"])
 def test_lr_rule_multiplies_the_updates(name):
     base = small_config("llama", **{"optimizer.name": name, "optimizer.warmup_steps": 0, "optimizer.clip_norm": 0.0})
