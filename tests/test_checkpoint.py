@@ -204,6 +204,42 @@ def test_best_by_a_max_metric_survives_a_restart_and_exports(tmp_path, tokenizer
 
 
 @pytest.mark.slow
+def test_init_from_which_best_or_latest_starts_from_that_checkpoint(tmp_path, tokenizer_512):
+    """A source WORKDIR whose best checkpoint (step 1 by val_loss) is not its latest (step 2), written by the
+    training Checkpointer with parameters of the model's shapes (different at each step); runs started from it
+    with init_from_which=best / latest hold that step's parameters (lr 1e-30 leaves float32 weights
+    bit-identical after their one step)."""
+    from lmtrain.model import ModelConfig, ModelDef
+
+    def cfg(**kw):
+        return run_config(tokenizer_512, 1, **{"optimizer.lr": 1e-30, "optimizer.warmup_steps": 0,
+                                               "train.eval_every": 0, "checkpoint.every": 1, **kw})
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "config.json").write_text(to_json(cfg()))
+    model_def = ModelDef(ModelConfig.from_config(cfg().model))
+    rng = np.random.default_rng(0)  # numpy draws: no model initialisation to compile
+    want = {step: jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype), model_def.shapes)
+            for step in (1, 2)}
+    ck = Checkpointer(source, keep=2)
+    try:
+        for step, val_loss in ((1, 2.0), (2, 3.0)):
+            ck.save(step, {"params": want[step], "step": np.int32(step)}, {"step": step}, {"eval": {"val_loss": val_loss}},
+                    {"val_loss": val_loss})
+    finally:
+        ck.close()
+    assert select_step(source, "best") == 1 and select_step(source, "latest") == 2
+    assert not np.array_equal(want[1]["embed"], want[2]["embed"])
+    for which, step in (("best", 1), ("latest", 2)):
+        workdir = tmp_path / which
+        train(cfg(**{"train.init_from": str(source), "train.init_from_which": which}), workdir)
+        got = _read_params(workdir, 1)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want[step]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b, err_msg=f"init_from_which={which}")
+
+
+@pytest.mark.slow
 def test_nan_update_is_never_saved_and_the_error_names_the_last_good_step(tmp_path, tokenizer_512):
     """lr=1e30 without clipping: step 1's update is finite (parameters ~1e30, saved), step 2 overflows.
     lr=1e39 (inf in float32): step 1's update itself is non-finite, and nothing is saved."""
