@@ -114,6 +114,38 @@ def test_perplexity_and_bits_per_byte_by_hand_and_raw_text_equals_shards(workdir
     assert again["bits_per_byte"] == pytest.approx(m["bits_per_byte"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_a_hugging_face_export_evaluates_like_its_workdir(workdirs, task_data, tmp_path, capsys):
+    """`lmtrain eval HF_DIR`: the `lmtrain export` of the language model scores the same perplexity as the WORKDIR
+    (same weights, same tokens), on text shards and on raw text."""
+    from lmtrain.interop import hf_export
+
+    _, text, _, _ = task_data
+    hf = tmp_path / "hf"
+    assert hf_export.main([workdirs["lm"], str(hf)]) == 0
+    args = ("--data", text, "--split", "validation", "--max-examples", 3, "--mesh", "1,1,1")
+    mine = run_eval(capsys, workdirs["lm"], *args, "--out", tmp_path / "workdir")["result"]
+    theirs = run_eval(capsys, hf, *args, "--out", tmp_path / "hf_eval")
+    assert (tmp_path / "hf_eval" / "eval.json").is_file()
+    assert theirs["result"]["checkpoint"] == "the Hugging Face weights" and mine["checkpoint"].startswith("step 3")
+    m, w = theirs["result"]["metrics"], mine["metrics"]
+    assert math.isfinite(m["perplexity"]) and m["perplexity"] > 1
+    assert m["tokens"] == w["tokens"] and m["bytes"] == w["bytes"]
+    assert m["perplexity"] == pytest.approx(w["perplexity"], rel=1e-4)
+    assert m["bits_per_byte"] == pytest.approx(w["bits_per_byte"], rel=1e-4)
+
+    # Raw text is tokenized with the export's own tokenizer (written by lmtrain export): the same tokens again.
+    model = load_eval_model(workdirs["lm"], mesh_shape=(1, 1, 1))
+    from lmtrain.data import shards
+
+    source = shards.split_source(text, "validation")
+    raw = tmp_path / "docs.jsonl"
+    raw.write_text("".join(json.dumps({"text": model.tokenizer.decode(np.frombuffer(source[i], "<u2")[:-1].tolist())})
+                           + "\n" for i in range(3)))
+    again = run_eval(capsys, hf, "--data", raw, "--mesh", "1,1,1", "--out", tmp_path / "raw")["result"]["metrics"]
+    assert again["tokens"] == m["tokens"] and again["perplexity"] == pytest.approx(m["perplexity"], rel=1e-4)
+
+
 # ----------------------------------------------------------------------------- generation
 
 
