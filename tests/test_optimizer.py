@@ -4,6 +4,8 @@ its parameters, float32 master weights under bf16 storage, and dropout that diff
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -340,3 +342,21 @@ def test_dropout_masks_differ_between_steps_and_vanish_without_dropout(dropout):
         assert bool(m["update_finite"])
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.parametrize("overrides, named", [
+    ({"optimizer.freeze": "embeddings"}, "optimizer.param_rules[0]"),
+    ({"model.lora_rank": 4}, "optimizer.param_rules[0]"),
+    ({}, "optimizer.param_rules[0]"),
+])
+def test_a_rule_error_names_the_user_s_rule_not_its_place_among_presets_and_lora(overrides, named):
+    """Presets and LoRA add rules before the user's; an error must still point at the key the user wrote."""
+    cfg = _small_config("llama", **overrides, **{"optimizer.param_rules": ((r"^no_such_param", "freeze"),)})
+    with pytest.raises(ConfigError, match=rf"^{re.escape(named)}: regex '\^no_such_param' matches no parameter"):
+        Components.from_config(cfg)
+
+
+def test_a_preset_that_does_not_fit_the_model_is_named():
+    cfg = _small_config("gpt2", **{"optimizer.freeze": "all_but_head"})  # GPT-2 ties its head to the embedding
+    with pytest.raises(ConfigError, match=r"^optimizer.freeze='all_but_head': regex '\^head/' matches no parameter"):
+        Components.from_config(cfg)

@@ -70,8 +70,9 @@ class ParamPlan:
     frozen_layers: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)  # blocks lo..hi, inclusive
 
     @classmethod
-    def from_rules(cls, shapes: Mapping, rules, weight_decay_default: bool = True, where: str = "optimizer.param_rules"
-                   ) -> ParamPlan:
+    def from_rules(cls, shapes: Mapping, rules, weight_decay_default: bool = True, where: str = "optimizer.param_rules",
+                   names: list[str] | None = None) -> ParamPlan:
+        """`names[i]` says where rule i came from in error messages (default: `where[i]`)."""
         paths = list(param_paths(shapes))
         trainable = dict.fromkeys(paths, True)
         decay = dict.fromkeys(paths, weight_decay_default)
@@ -79,19 +80,20 @@ class ParamPlan:
         frozen_layers: dict[str, tuple[int, int]] = {}
         tables = {"trainable": trainable, "decay": decay, "lr_mult": lr_mult, "frozen_layers": frozen_layers}
         for i, (regex, prop, value) in enumerate(check_param_rules(rules)):
+            name = names[i] if names else f"{where}[{i}]"
             hits = [p for p in paths if regex.search(p)]
             if not hits:
                 raise ConfigError(
-                    f"{where}[{i}]: regex {regex.pattern!r} matches no parameter. "
+                    f"{name}: regex {regex.pattern!r} matches no parameter. "
                     f"Parameters look like: {', '.join(paths[:6])}, ...")
             if prop == "frozen_layers":
                 stacked = [p for p in hits if p.startswith("blocks/")]
                 if len(stacked) != len(hits):
-                    raise ConfigError(f"{where}[{i}]: a layer range applies to block parameters (blocks/...), not to "
+                    raise ConfigError(f"{name}: a layer range applies to block parameters (blocks/...), not to "
                                       f"{', '.join(p for p in hits if p not in stacked)}.")
                 n_layers = shapes_at(shapes, stacked[0])[0]
                 if value[1] >= n_layers:
-                    raise ConfigError(f"{where}[{i}]: blocks {value[0]}-{value[1]} do not exist; the model has "
+                    raise ConfigError(f"{name}: blocks {value[0]}-{value[1]} do not exist; the model has "
                                       f"{n_layers} blocks (0-{n_layers - 1}).")
             for p in hits:
                 tables[prop][p] = value

@@ -177,13 +177,21 @@ class BatchLayout:
 def param_rules(cfg, model_cfg, task) -> tuple:
     """The parameter rules a run applies: LoRA's (base frozen, adapters and a task head trained), then the
     optimizer.freeze presets, then optimizer.param_rules (later rules override earlier ones)."""
-    rules: tuple = ()
+    return tuple(rule for _, rule in named_param_rules(cfg, model_cfg, task))
+
+
+def named_param_rules(cfg, model_cfg, task) -> list[tuple[str, tuple]]:
+    """(where the rule comes from, for error messages; the rule) for each of `param_rules`."""
+    named = []
     if model_cfg.lora_rank:
-        rules += ((r".", "freeze"), (r"(^|/)lora_", "train"))
+        named += [("model.lora_rank (LoRA freezes the base)", (r".", "freeze")),
+                  ("model.lora_rank (LoRA trains the adapters)", (r"(^|/)lora_", "train"))]
         if task.head != "lm":  # a task head (classify, ...) is new: it trains fully
-            rules += ((r"^head/", "train"),)
-    rules += config_lib.freeze_presets(cfg.optimizer.freeze, cfg.model.n_layers)
-    return rules + tuple(tuple(r) for r in cfg.optimizer.param_rules)
+            named.append((f"model.lora_rank (LoRA trains the new {task.head} head)", (r"^head/", "train")))
+    for item in filter(None, (part.strip() for part in cfg.optimizer.freeze.split("+"))):
+        named += [(f"optimizer.freeze='{item}'", rule) for rule in config_lib.freeze_presets(item, cfg.model.n_layers)]
+    named += [(f"optimizer.param_rules[{k}]", tuple(r)) for k, r in enumerate(cfg.optimizer.param_rules)]
+    return named
 
 
 @dataclasses.dataclass
@@ -202,7 +210,8 @@ class Components:
     def from_config(cls, cfg) -> Components:
         task = make_task(cfg)
         model_def = ModelDef(task.model_config())
-        plan = ParamPlan.from_rules(model_def.shapes, param_rules(cfg, model_def.cfg, task))
+        named = named_param_rules(cfg, model_def.cfg, task)
+        plan = ParamPlan.from_rules(model_def.shapes, [rule for _, rule in named], names=[name for name, _ in named])
         tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, plan, plan.split(model_def.shapes)[0])
         train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum, plan.layer_masks(model_def.shapes))
         return cls(task, model_def, plan, tx, schedule, train_step)
