@@ -34,3 +34,39 @@ def builtin_shards(tmp_path_factory):
     assert shard_data.main(["--builtin", "--max-docs", "150", "--tokenizer", str(tok), "--output", str(shards),
                             "--val-fraction", "0.1", "--shard-mb", "0.1", "--workers", "1", "--quiet"]) == 0
     return str(tok), str(shards)
+
+
+# The `heavy` set beyond the tests marked in their files: each takes ~15 s or more on 2 CPU cores and a lighter
+# test in the default run covers the same code path (listed beside it). `.ci/run` runs them with `-m heavy`.
+HEAVY = (
+    "test_sharding.py::test_sharded_equals_unsharded[",  # ~2 min each; test_lora.py (2,2,2) mesh stays
+    "test_multiprocess.py::",  # the whole module: several jax.distributed processes; test_mesh.py stays
+    "test_train.py::test_sigterm_leaves_a_resumable_checkpoint",  # stop/resume: the default-job CLI test
+    "test_train.py::test_resume_ignores_a_checkpoint_whose_save_was_killed",
+    "test_checkpoint.py::test_more_signals_during_the_final_save_keep_the_checkpoint",
+    "test_checkpoint.py::test_best_by_a_max_metric_survives_a_restart_and_exports",
+    "test_checkpoint.py::test_init_from_which_best_or_latest_starts_from_that_checkpoint",
+    "test_train_logs.py::test_after_sigkill_and_resume_every_step_is_logged_once_and_the_plot_is_drawn",
+    "test_lora.py::test_lora_run_keeps_the_base_bit_identical_checkpoints_only_adapters_and_resumes_exactly",
+    "test_lora.py::test_adapters_start_at_zero_and_merge_exactly[llama]",  # [gpt2] stays
+    "test_lora.py::test_lora_trains_each_task_with_the_base_frozen[",
+    "test_lora_interop.py::test_a_peft_adapter_imports_with_equal_logits_loss_and_gradients",
+    "test_lora_interop.py::test_lmtrain_export_of_a_lora_run_merged_adapter_and_base",
+    "test_model.py::test_chunked_attention_equals_fused_attention[",  # the in-model chunked test stays
+    "test_gcs.py::test_lmtrain_train_on_a_gcs_workdir_resumes_like_a_local_run",  # test_data_gcs.py stays
+    "test_encoder.py::test_mlm_sharded_equals_unsharded",
+    "test_encoder.py::test_encoder_classifier_trains_on_the_pooled_cls_token",
+    "test_configs.py::test_local_form_trains_on_packed_text_and_the_loss_falls[gpt2_medium]",  # tiny, gpt2_small stay
+    "test_configs.py::test_local_form_trains_on_packed_text_and_the_loss_falls[llama_1b]",
+    "test_configs.py::test_local_form_trains_on_packed_text_and_the_loss_falls[llama2_7b]",
+    "test_hf_export_sharded.py::test_sharded_restore_exports_bit_identically_to_one_device",
+    "test_hf_import.py::test_the_printed_path_shards_with_the_model_tokenizer_and_trains_from_the_imported_weights",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        node = item.nodeid.split("/")[-1]
+        if node.startswith(HEAVY):
+            item.add_marker(pytest.mark.heavy)
