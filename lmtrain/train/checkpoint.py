@@ -19,7 +19,9 @@ import errno
 import json
 import logging
 import sys
+import threading
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -188,9 +190,51 @@ def _is_disk_full(error: BaseException) -> bool:
     return False
 
 
+class _DiskFullNoise(logging.Filter):
+    """Drops asyncio's "exception was never retrieved" records for writes that failed on a full disk."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is None and "No space left on device" in record.getMessage():
+            return False
+        return not (error is not None and _is_disk_full(error))
+
+
+def _quiet_disk_full_in_background_threads() -> None:
+    """A full disk fails every asynchronous write of a save at once: Orbax's save thread dies with the error and
+    each of its asyncio write tasks is logged with a traceback (hundreds of lines). The save's own error reaches
+    the training thread, which reports it in one line (`_raise_if_disk_full`), so these copies are dropped; any
+    other error in those threads is printed as before."""
+    if getattr(threading.excepthook, "_lmtrain_disk_full", False):
+        return
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None and _is_disk_full(args.exc_value):
+            return
+        previous(args)
+
+    hook._lmtrain_disk_full = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+    for name in ("asyncio", "absl"):  # absl: Orbax's own "save thread failed" records, with the traceback
+        logging.getLogger(name).addFilter(_DiskFullNoise())
+    # TensorStore's I/O threads then find the save's event loop closed and print that through sys.excepthook.
+    previous_sys = sys.excepthook
+
+    def sys_hook(kind, value, tb) -> None:
+        frames = traceback.extract_tb(tb)
+        late_callback = (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
+                         and bool(frames) and frames[0].name == "call_soon_threadsafe")
+        if not late_callback:
+            previous_sys(kind, value, tb)
+
+    sys.excepthook = sys_hook
+
+
 class Checkpointer:
     def __init__(self, workdir, keep: int = 2, async_save: bool = True, best_metric: str = "val_loss",
                  best_mode: str = "min", checksums: bool = True):
+        _quiet_disk_full_in_background_threads()
         self.directory = checkpoint_dir(workdir)
         self.best_metric, self.best_mode = best_metric, best_mode
         self.checksums = checksums
