@@ -7,7 +7,6 @@
 from configs.gpt2_small import gpt2_family
 from lmtrain.config import base_config, shrink_to_cpu
 
-
 ARGS = ("runlocal",)  # what --config=gpt2_medium:ARG accepts
 
 

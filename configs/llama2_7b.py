@@ -9,7 +9,6 @@ Sized for a pod slice: FSDP over hosts, tensor parallelism inside a host.
 from configs.llama_1b import llama_family
 from lmtrain.config import base_config, shrink_to_cpu
 
-
 ARGS = ("runlocal",)  # what --config=llama2_7b:ARG accepts
 
 

@@ -12,7 +12,6 @@ is trained into WORKDIR/tokenizer at first start.
 
 from lmtrain.config import base_config
 
-
 ARGS = ("smoke",)  # what --config=tiny:ARG accepts
 
 
