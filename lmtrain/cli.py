@@ -59,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_xla_defaults()  # before any JAX backend starts
     if name == "train":
         _hold_stop_signals()
+    if name in ("train", "sweep"):  # the commands that save checkpoints
+        from lmtrain.train.checkpoint import quiet_disk_full_noise
+
+        quiet_disk_full_noise()
     if name not in COMMANDS:
         print(f"lmtrain: unknown command '{name}'.\n\n{_usage()}", file=sys.stderr)
         return 2

@@ -200,13 +200,18 @@ class _DiskFullNoise(logging.Filter):
         return not (error is not None and _is_disk_full(error))
 
 
-def _quiet_disk_full_in_background_threads() -> None:
-    """A full disk fails every asynchronous write of a save at once: Orbax's save thread dies with the error and
-    each of its asyncio write tasks is logged with a traceback (hundreds of lines). The save's own error reaches
-    the training thread, which reports it in one line (`_raise_if_disk_full`), so these copies are dropped; any
-    other error in those threads is printed as before."""
-    if getattr(threading.excepthook, "_lmtrain_disk_full", False):
+_QUIET = []  # set once per process by quiet_disk_full_noise
+
+
+def quiet_disk_full_noise() -> None:
+    """For the `lmtrain` commands that save checkpoints. A full disk fails every asynchronous write of a save at
+    once: Orbax's save thread dies with the error and each of its asyncio write tasks is logged with a traceback
+    (hundreds of lines). The save's own error reaches the training thread, which reports it in one line
+    (`_raise_if_disk_full`), so these copies are dropped; any other error in those threads prints as before.
+    Process-wide hooks, so the command line installs them (once), not the library."""
+    if _QUIET:
         return
+    _QUIET.append(True)
     previous = threading.excepthook
 
     def hook(args: threading.ExceptHookArgs) -> None:
@@ -214,7 +219,6 @@ def _quiet_disk_full_in_background_threads() -> None:
             return
         previous(args)
 
-    hook._lmtrain_disk_full = True  # type: ignore[attr-defined]
     threading.excepthook = hook
     for name in ("asyncio", "absl"):  # absl: Orbax's own "save thread failed" records, with the traceback
         logging.getLogger(name).addFilter(_DiskFullNoise())
@@ -234,7 +238,6 @@ def _quiet_disk_full_in_background_threads() -> None:
 class Checkpointer:
     def __init__(self, workdir, keep: int = 2, async_save: bool = True, best_metric: str = "val_loss",
                  best_mode: str = "min", checksums: bool = True):
-        _quiet_disk_full_in_background_threads()
         self.directory = checkpoint_dir(workdir)
         self.best_metric, self.best_mode = best_metric, best_mode
         self.checksums = checksums
