@@ -131,7 +131,7 @@ def test_all_but_head_trains_only_the_head_of_a_language_model_and_of_a_classifi
     from types import SimpleNamespace
 
     from lmtrain.model import ModelDef
-    from lmtrain.train.trainer import param_rules
+    from lmtrain.train.trainer import named_param_rules
 
     cfg = small_config("llama", **{"optimizer.freeze": "all_but_head", "optimizer.lr": 1e-2,
                                    "optimizer.weight_decay": 0.5})
@@ -150,7 +150,8 @@ def test_all_but_head_trains_only_the_head_of_a_language_model_and_of_a_classifi
 
     # A classifier's head is head/score: the preset leaves it the only trainable parameter.
     classify_def = ModelDef(dataclasses.replace(parts.model_def.cfg, head="classify", num_labels=3))
-    plan = ParamPlan.from_rules(classify_def.shapes, param_rules(cfg, classify_def.cfg, SimpleNamespace(head="classify")))
+    rules = named_param_rules(cfg, classify_def.cfg, SimpleNamespace(head="classify"))
+    plan = ParamPlan.from_rules(classify_def.shapes, [rule for _, rule in rules])
     assert [p for p, t in plan.trainable.items() if t] == ["head/score"]
     assert len(plan.trainable) > 5  # embeddings, blocks and norms: all there, all frozen
 

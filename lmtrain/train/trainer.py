@@ -174,14 +174,10 @@ class BatchLayout:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def param_rules(cfg, model_cfg, task) -> tuple:
-    """The parameter rules a run applies: LoRA's (base frozen, adapters and a task head trained), then the
-    optimizer.freeze presets, then optimizer.param_rules (later rules override earlier ones)."""
-    return tuple(rule for _, rule in named_param_rules(cfg, model_cfg, task))
-
-
 def named_param_rules(cfg, model_cfg, task) -> list[tuple[str, tuple]]:
-    """(where the rule comes from, for error messages; the rule) for each of `param_rules`."""
+    """The parameter rules a run applies, each with where it comes from (for error messages): LoRA's (base frozen,
+    adapters and a task head trained), then the optimizer.freeze presets, then optimizer.param_rules (later rules
+    override earlier ones)."""
     named = []
     if model_cfg.lora_rank:
         named += [("model.lora_rank (LoRA freezes the base)", (r".", "freeze")),
