@@ -135,7 +135,11 @@ def run_child(cmd: list[str], timeout_s: float, env: dict, log: Log) -> tuple[st
         status = "ok" if proc.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
         _end_group(proc)
-        out, _ = proc.communicate()
+        try:
+            out, _ = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:  # a process that left the group still holds the pipe: stop reading
+            proc.stdout.close()
+            out = "(output lost: a process outside the step's group held it open)"
         status = "timeout"
     log.write(out or "", echo=False)
     return status, proc.returncode, out or ""
@@ -428,12 +432,15 @@ def parse_args(argv: list[str] | None):
 def child_env(dry_run: bool) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
-    if dry_run:
+    if dry_run:  # one CPU device, like the one-GPU machine (not the 8 fake devices a test session may ask for)
         env["JAX_PLATFORMS"] = "cpu"
+        flags = env.get("XLA_FLAGS", "").split()
+        env["XLA_FLAGS"] = " ".join(f for f in flags if not f.startswith("--xla_force_host_platform_device_count"))
     return env
 
 
-def run(args, measurements=MEASUREMENTS) -> dict:
+def run(args, measurements: tuple[Measurement, ...] | None = None) -> dict:
+    measurements = MEASUREMENTS if measurements is None else measurements
     start = time.monotonic()
     deadline = start + args.budget_s
     args.out.mkdir(parents=True, exist_ok=True)
