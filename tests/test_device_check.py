@@ -11,6 +11,8 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
+import zipfile
 
 import pytest
 
@@ -198,3 +200,35 @@ def test_out_environment_variable_is_the_default_directory(tmp_path, monkeypatch
     args = device_check.parse_args(["--dry-run", "--only", "dpo_vs_sft_step"])
     device_check.run(args)
     assert (tmp_path / "from_env" / "device_check.json").exists()
+
+
+def _fake_wheel(folder: pathlib.Path, name: str) -> pathlib.Path:
+    """A minimal pure-Python wheel holding one module `name`."""
+    folder.mkdir()
+    path = folder / f"{name}-1.0-py3-none-any.whl"
+    info = f"{name}-1.0.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}.py", "VALUE = 7\n")
+        z.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def test_with_no_index_reachable_the_install_uses_the_carried_wheels(tmp_path, monkeypatch):
+    """The device machine reaches no index: pip is not left to retry for minutes; the wheels in --wheels are
+    installed into a folder of their own that the measurements import from."""
+    monkeypatch.setattr(device_check, "package_index", lambda python: "http://127.0.0.1:9/simple")  # nothing listens
+    _fake_wheel(tmp_path / "whl", "devcheck_fake_dep")
+    args = device_check.parse_args(["--out", str(tmp_path / "out"), "--wheels", str(tmp_path / "whl")])
+    args.out.mkdir()
+    env = device_check.child_env(False)
+    t0 = time.monotonic()
+    record = device_check.install(args, env, time.monotonic() + 120, device_check.Log(args.out / "device_check.log"))
+    assert time.monotonic() - t0 < 60
+    assert record["status"] == "skipped" and "no connection" in record["error"]
+    assert record["wheels"] == {"status": "ok", "files": ["devcheck_fake_dep-1.0-py3-none-any.whl"]}
+    assert "-e .[gpu]" in record["command"]  # no CUDA JAX here: the gpu extra would be asked for
+    value = subprocess.run([sys.executable, "-c", "import devcheck_fake_dep; print(devcheck_fake_dep.VALUE)"],
+                           capture_output=True, text=True, env=env)
+    assert value.stdout.strip() == "7", value.stderr

@@ -339,7 +339,8 @@ def install(args, env: dict, deadline: float, log: Log) -> dict:
                                         "--no-compile", "--target", str(site), *map(str, wheels)], 120, env, log)
         record["wheels"] = {"status": w_status, "files": [w.name for w in wheels]}
         if w_status == "ok":
-            env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            paths = [str(REPO), str(site), *env.get("PYTHONPATH", "").split(os.pathsep)]
+            env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
         else:
             record["wheels"]["error"] = _tail(w_out)
     return record
@@ -431,7 +432,8 @@ def parse_args(argv: list[str] | None):
 
 def child_env(dry_run: bool) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(REPO), env.get("PYTHONPATH", "")) if x)
+    paths = [str(REPO), *env.get("PYTHONPATH", "").split(os.pathsep)]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
     if dry_run:  # one CPU device, like the one-GPU machine (not the 8 fake devices a test session may ask for)
         env["JAX_PLATFORMS"] = "cpu"
         flags = env.get("XLA_FLAGS", "").split()
