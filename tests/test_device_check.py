@@ -96,12 +96,15 @@ def test_dry_run_measures_with_a_real_tool_and_lists_every_measurement(tmp_path)
     assert report["install"] == {"status": "skipped", "reason": "--dry-run"}
     assert "--segments" in report["measurements"]["gpt2_small_packed"]["command"]
     assert "| gpt2_small_packed | ok |" in proc.stdout  # the table is printed last, for the device tool's output tail
+    versions = next(line for line in proc.stdout.splitlines() if line.startswith("Python "))  # printed before measuring
+    assert proc.stdout.index(versions) < proc.stdout.index("== gpt2_small_packed")
+    assert all(f"{name} {report['environment'][name]}" in versions for name in ("jax", "jaxlib", "flax"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["device_check.json", "device_check.log", "device_check.md"]
 
 
 @pytest.mark.heavy
 def test_full_dry_run_measures_everything(tmp_path):
-    """Every tool, as on the GPU, on tiny shapes (about 3.5 minutes on 2 busy cores)."""
+    """Every tool, as on the GPU, on tiny shapes (2 to 3.5 minutes on 2 busy cores)."""
     proc = run_script(tmp_path, "--dry-run", "--budget-s", "1200")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     check_report(tmp_path, {m.name for m in device_check.MEASUREMENTS if m.tool != "feature"})

@@ -377,14 +377,17 @@ def table_row(name: str, r: dict) -> str:
     return "| " + " | ".join(str(c).replace("|", "/") for c in cells) + " |"
 
 
+def environment_lines(e: dict) -> list[str]:
+    return [f"Device: {e.get('device_count', '?')} x {e.get('device_kind', '?')} ({e.get('platform', '?')}); "
+            f"nvidia-smi: {e.get('nvidia_smi', '?')}.",
+            f"Python {e.get('python', '?')}, jax {e.get('jax', '?')}, jaxlib {e.get('jaxlib', '?')}, "
+            f"flax {e.get('flax', '?')}, optax {e.get('optax', '?')}; lmtrain {e.get('git_commit', '?')}."]
+
+
 def markdown(report: dict) -> str:
-    e = report["environment"]
     lines = [f"Device check ({'dry run, CPU, tiny shapes: not a benchmark' if report['dry_run'] else 'accelerator'}), "
              f"{report['started']}, {report['elapsed_s']:.0f} s of a {report['budget_s']:.0f} s budget.",
-             f"Device: {e.get('device_count', '?')} x {e.get('device_kind', '?')} ({e.get('platform', '?')}); "
-             f"nvidia-smi: {e.get('nvidia_smi', '?')}.",
-             f"Python {e.get('python', '?')}, jax {e.get('jax', '?')}, jaxlib {e.get('jaxlib', '?')}, "
-             f"flax {e.get('flax', '?')}, optax {e.get('optax', '?')}; lmtrain {e.get('git_commit', '?')}.", "",
+             *environment_lines(report["environment"]), "",
              "| measurement | status | tokens/s | MFU | step | memory | compile | earlier (BENCHMARKS.md, H100) | command |",
              "|---|---|---|---|---|---|---|---|---|"]
     lines += [table_row(name, r) for name, r in report["measurements"].items()]
@@ -456,7 +459,9 @@ def run(args, measurements: tuple[Measurement, ...] | None = None) -> dict:
     else:
         report["install"] = install(args, env, deadline, log)
     report["environment"] = probe_environment(args, env, log)
-    log.write("versions: " + json.dumps(report["environment"]))
+    log.write("\n".join(environment_lines(report["environment"])))
+    log.write("environment: " + json.dumps(report["environment"]), echo=False)
+    write_report(report, args.out)
     if "lmtrain_error" in report["environment"]:
         report["hint"] = ("lmtrain does not import here: install its dependencies (pip install -e .), or carry the missing "
                           "wheels in .whl (BENCHMARKS.md, 'Device check')")
