@@ -168,6 +168,23 @@ def test_steps_past_the_budget_are_skipped_and_recorded(tmp_path, monkeypatch):
     report, _ = _run_fakes(tmp_path, monkeypatch, {"ok": 30}, budget_s=0)
     assert report["measurements"]["ok"]["status"] == "skipped"
     assert "budget spent" in report["measurements"]["ok"]["error"]
+    monkeypatch.setattr(device_check, "MEASUREMENTS", (Measurement("ok", "ok", "benchmark", dry_args=("--mode=ok",)),))
+    assert device_check.main(["--dry-run", "--out", str(tmp_path / "again"), "--budget-s", "0"]) == 1  # not measured
+
+
+def test_without_an_accelerator_the_real_shapes_are_not_started(tmp_path, monkeypatch):
+    """Not a dry run, but JAX came up on the CPU (a broken CUDA install): every tool step fails at once with the
+    reason instead of running GPU shapes into its timeout."""
+    fake = tmp_path / "fake_tool.py"
+    fake.write_text(FAKE_TOOL)
+    monkeypatch.setitem(device_check.TOOLS, "benchmark", str(fake))
+    monkeypatch.setattr(device_check, "PROBE", "import json; print('PROBE ' + json.dumps({'platform': 'cpu', 'tasks': [], "
+                                               "'commands': []}))")
+    monkeypatch.setattr(device_check, "MEASUREMENTS", (Measurement("ok", "ok", "benchmark", args=("--mode=ok",)),))
+    assert device_check.main(["--skip-install", "--out", str(tmp_path / "out")]) == 1
+    result = json.loads((tmp_path / "out" / "device_check.json").read_text())["measurements"]["ok"]
+    assert result["status"] == "failed" and "no accelerator: JAX's first device is cpu" in result["error"]
+    assert "command" not in result  # nothing was run
 
 
 def test_a_feature_that_exists_now_asks_for_its_measurement(tmp_path, monkeypatch):

@@ -39,6 +39,7 @@ STATUSES = ("ok", "failed", "timeout", "skipped", "not_available")
 TINY = ["--config.data.batch_size=2", "--config.data.seq_len=32", "--config.model.n_layers=1"]
 TINY_LORA = ["--set", "data.batch_size=2", "--set", "data.seq_len=32", "--set", "model.n_layers=1"]
 DRY_PEAK_TFLOPS = "1"  # a nominal peak so that the dry run's MFU goes through the same arithmetic
+ACCELERATORS = ("gpu", "tpu")  # jax.Device.platform on the machines the real shapes are for
 MIN_STEP_S = 30  # a measurement is not started with less of the budget left than this
 
 
@@ -466,6 +467,8 @@ def run(args, measurements: tuple[Measurement, ...] | None = None) -> dict:
         report["hint"] = ("lmtrain does not import here: install its dependencies (pip install -e .), or carry the missing "
                           "wheels in .whl (BENCHMARKS.md, 'Device check')")
         log.write(f"hint: {report['hint']}")
+    platform = report["environment"].get("platform")
+    no_accelerator = not args.dry_run and platform not in ACCELERATORS
     for m in measurements:
         remaining = deadline - time.monotonic()
         base = {"title": m.title, "earlier": m.earlier}
@@ -473,6 +476,9 @@ def run(args, measurements: tuple[Measurement, ...] | None = None) -> dict:
             result = {"status": "skipped", "error": "not selected (--only)"}
         elif m.tool == "feature":
             result = feature_status(m, report["environment"])
+        elif no_accelerator:  # the GPU shapes on a CPU would only run into their timeouts
+            result = {"status": "failed", "error": f"no accelerator: JAX's first device is {platform or 'unknown'} "
+                                                   f"({report['environment'].get('jax_error', 'see device_check.log')})"}
         elif remaining < MIN_STEP_S:
             result = {"status": "skipped", "error": f"budget spent ({remaining:.0f} s left of {args.budget_s:.0f})"}
         else:
@@ -493,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run(args)
     print("\n" + markdown(report), flush=True)
     print(f"wrote {args.out / 'device_check.json'}, device_check.md and device_check.log")
-    failed = [n for n, r in report["measurements"].items() if r["status"] in ("failed", "timeout")]
+    failed = [n for n, r in report["measurements"].items()
+              if r["status"] in ("failed", "timeout") or r.get("error", "").startswith("budget spent")]
     return 1 if failed else 0
 
 
