@@ -61,8 +61,9 @@ def _peak_memory_bytes() -> tuple[str, int]:
 class LmtrainRunner:
     """lmtrain's jitted train step (the trainer's own), compiled and warmed up on construction."""
 
-    def __init__(self, cfg, warmup: int, segments: bool):
+    def __init__(self, cfg, warmup: int, segments: bool, peak_flops: float | None = None):
         self.cfg = cfg
+        self.peak_flops = peak_flops or metrics_lib.device_peak_flops()
         mesh_shape = config_lib.validate(cfg, jax.device_count())
         self.mesh, self.rules = make_mesh(mesh_shape), cfg.mesh.axis_rules
         parts = Components.from_config(cfg)
@@ -103,11 +104,12 @@ class LmtrainRunner:
     def summary(self, tok_s: float, step_s: float) -> dict:
         cfg = self.cfg
         flops = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len, metrics_lib.matmul_params(self.model_def))
-        peak = metrics_lib.device_peak_flops()
+        peak = self.peak_flops
         mem_kind, mem = _peak_memory_bytes()
         return {"impl": "lmtrain", "params_M": self.model_def.num_params() / 1e6, "tokens_per_s": tok_s,
                 "step_ms": 1000 * step_s, "compile_s": self.compile_s, "final_loss": self.last_loss,
                 "mfu": tok_s * flops / (peak * jax.device_count()) if peak else None,
+                "peak_tflops": peak / 1e12 if peak else None,
                 "tflops_per_s": tok_s * flops / 1e12, f"peak_mem_GiB ({mem_kind})": mem / 2**30}
 
 
@@ -230,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-threads", type=int, default=0, help="torch threads (0: as many as the machine's cores)")
     p.add_argument("--segments", action="store_true", help="pass segment ids (document masking) to attention")
     p.add_argument("--json", default="", help="append the results as JSON lines to this file")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's peak FLOP/s (in TFLOP/s) for MFU, where the built-in table lacks it (0: the table)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = config_lib.load_config(args.config)
     config_lib.apply_overrides(cfg, dict(r[len("--config."):].split("=", 1) for r in rest))
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {cfg.data.batch_size} x seq {cfg.data.seq_len}; compute {cfg.model.dtype}; "
           f"attention {cfg.model.attention_impl}; remat {cfg.model.remat}; load {os.getloadavg()[0]:.2f}")
     threads = args.torch_threads or os.cpu_count() or 1
-    runners = [LmtrainRunner(cfg, args.warmup, args.segments)]
+    runners = [LmtrainRunner(cfg, args.warmup, args.segments, args.peak_tflops * 1e12)]
     if args.torch_gpt:
         runners.append(TorchRunner(cfg, "gpt", args.warmup, threads))
     if args.torch:
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "a") as f:
             for r in results:
-                f.write(json.dumps({"config": args.config, **r}) + "\n")
+                f.write(json.dumps({"config": args.config, "segments": args.segments, **r}) + "\n")
     return 0
 
 

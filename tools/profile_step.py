@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--hlo", action="store_true", help="print each kernel's result shape and the ops of its fusion")
+    p.add_argument("--json", default="", help="also write the per-step times and the top kernels to this file (JSON)")
     args, rest = p.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = config_lib.load_config(args.config)
     config_lib.apply_overrides(cfg, dict(r[len("--config."):].split("=", 1) for r in rest))
@@ -127,6 +128,12 @@ def main(argv=None) -> int:
     described = describe_kernels(hlo, [n for n, _ in totals.most_common(args.top)]) if hlo else {}
     for name, us in totals.most_common(args.top):
         print(f"{100 * us / total:6.2f}%  {us / args.steps / 1000:8.3f} ms  {name[:60]:<40} {described.get(name, '')}")
+    if args.json:
+        summary = {"config": args.config, "steps": args.steps, "device_ms_per_step": total / args.steps / 1000,
+                   "wall_ms_per_step": 1000 * wall / args.steps, "kernels": len(totals),
+                   "top": [{"name": name, "ms_per_step": us / args.steps / 1000, "share": us / total}
+                           for name, us in totals.most_common(args.top)]}
+        pathlib.Path(args.json).write_text(json.dumps(summary, indent=1))
     return 0
 
 
