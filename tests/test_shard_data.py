@@ -321,3 +321,53 @@ def test_force_replaces_a_run_of_other_options_and_only_its_files(tokenizer_dir,
     assert {p.name for p in out.glob("*.array_record")} == listed < old_files  # old shards gone, no stale one left
     assert (out / "README.txt").read_text() == "kept"
     verify_shards(out)
+
+
+@pytest.mark.parametrize("record", [MANIFEST, shard_data.PROGRESS])
+def test_run_ids_of_an_edited_record_never_delete_outside_the_output(tokenizer_dir, tmp_path, monkeypatch, record):
+    """Run ids read back from manifest.json / .progress.json go into a glob of temporaries to delete: ids
+    not of the tool's 12-hex form ("*", "x/../../victim.txt") are ignored, so nothing else goes."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(120, seed=14))
+    out = tmp_path / "work" / "shards"
+    args = ("--shard-mb", "0.004", "--val-fraction", "0.1")
+    if record == MANIFEST:  # a finished run of other options, replaced with --force
+        assert shard(tokenizer_dir, corpus, out, *args, "--no-near-dedup") == 0
+        args += ("--force",)
+    else:  # an interrupted run of the same options, resumed
+        finish = ShardFileWriter.finish
+        calls = []
+
+        def dying_finish(self):
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(self.path.name)
+            return finish(self)
+
+        monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
+        with pytest.raises(KeyboardInterrupt):
+            shard(tokenizer_dir, corpus, out, *args)
+        monkeypatch.setattr(ShardFileWriter, "finish", finish)
+    data = json.loads((out / record).read_text())
+    data["run_ids"] = [*data.get("run_ids", []), "x/../../victim.txt", "*"]
+    (out / record).write_text(json.dumps(data))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside")
+    (out / ".d.tmp-x").mkdir()  # lets the traversing id's glob reach the parent directory
+    users = [out / ".cache.tmp-mine", tmp_path / "work" / ".x.tmp-mine"]
+    for path in users:
+        path.write_text("not the tool's")
+    assert shard(tokenizer_dir, corpus, out, *args) == 0
+    assert victim.read_text() == "outside"
+    assert all(path.read_text() == "not the tool's" for path in users)
+    verify_shards(out)
+
+
+def test_deleting_refuses_a_path_outside_the_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside")
+    with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
+        shard_data._unlink_inside(tmp_path / "out", tmp_path / "out" / ".." / "victim.txt")
+    assert victim.exists()
+    with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
+        shard_data._unlink_inside("gs://bucket/out", "gs://bucket/victim.txt")

@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -69,6 +70,7 @@ from lmtrain.paths import as_path, is_remote
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
 PROGRESS = ".progress.json"  # finished shards of an unfinished run, rewritten after each shard
+RUN_ID = re.compile(r"[0-9a-f]{12}")  # ShardOutput.run_id: the first 12 hex digits of a uuid4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -339,7 +341,7 @@ class ShardOutput:
         return self._finished
 
     def _run_ids(self) -> list[str]:
-        return list((self.resumed or {}).get("run_ids", []))
+        return _valid_run_ids(self.resumed or {})
 
     def claim(self) -> None:
         """Before the first file is written: record this run, clear what earlier runs provably left.
@@ -354,11 +356,11 @@ class ShardOutput:
             (self.out / MANIFEST).unlink(missing_ok=True)
             for old in self._old:
                 for name in _listed_shards(old):
-                    (self.out / name).unlink(missing_ok=True)
-                earlier += list(old.get("run_ids", []))
+                    _unlink_inside(self.out, self.out / name)
+                earlier += _valid_run_ids(old)
         for run_id in set(earlier):  # temporaries of killed runs recorded here; anything else is not ours
             for stale in self.out.glob(f".*.tmp-{run_id}"):
-                stale.unlink(missing_ok=True)
+                _unlink_inside(self.out, stale)
         self._write_progress(self.finished_shards())
         self.claimed = True
 
@@ -403,7 +405,7 @@ class RemoteOutput:
             new = set(_listed_shards(manifest))
             for name in _listed_shards(self._old):
                 if name not in new:
-                    (self.remote / name).unlink(missing_ok=True)
+                    _unlink_inside(self.remote, self.remote / name)
         for name in _listed_shards(manifest):
             as_path(self.stage / name).copy(self.remote / name, overwrite=True)
         as_path(self.stage / MANIFEST).copy(self.remote / MANIFEST, overwrite=True)
@@ -421,10 +423,32 @@ def _listed_shards(record: dict) -> list[str]:
     return [n for n in names if n and Path(n).name == n and not n.startswith(".")]
 
 
+def _valid_run_ids(record: dict) -> list[str]:
+    """The run ids a manifest or progress file records, those of this tool's format only: they go into a
+    glob of files to delete, so an edited file's "../x" or "*" must not widen it (such ids are ignored)."""
+    ids = record.get("run_ids")
+    return [i for i in ids if isinstance(i, str) and RUN_ID.fullmatch(i)] if isinstance(ids, list) else []
+
+
+def _unlink_inside(root, path) -> None:
+    """Delete `path` only if it lies directly inside `root` (a local directory or a gs:// prefix)."""
+    name = Path(str(path)).name
+    if is_remote(str(root)):  # object names: the path must be the prefix, a slash and a plain name
+        inside = str(path) == f"{str(root).rstrip('/')}/{name}"
+    else:  # a symlink's own entry may go (unlinking it leaves its target), so its directory is what counts
+        inside = Path(path).parent.resolve() == Path(root).resolve()
+    inside = inside and name not in ("", ".", "..")
+    if not inside:
+        raise ShardError(f"refusing to delete {path}: it is not a file inside the output {root}.")
+    path.unlink(missing_ok=True)
+
+
 def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
     """The finished shards of an earlier run that are still intact on disk, up to the first bad one."""
     good = []
     for entry in shards:
+        if not isinstance(entry, dict) or entry.get("file") not in _listed_shards({"shards": {"s": [entry]}}):
+            break  # only plain shard names inside the output (an edited progress file may hold others)
         path = out / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             break
