@@ -429,3 +429,24 @@ def test_parquet_records_and_classify_resume(tok_dir, tmp_path):
         for key in got:
             np.testing.assert_array_equal(got[key], batches[k][key], err_msg=f"batch {k}")
     resumed.close()
+
+
+@pytest.mark.parametrize("fmt", ["sft", "classify"])
+@pytest.mark.parametrize("case", ["lone_surrogate", "deep_nesting"])
+def test_json_that_is_no_text_is_a_one_line_error_naming_file_and_line(tok_dir, tmp_path, capsys, fmt, case):
+    """json accepts a lone surrogate escape and (up to a RecursionError) any nesting; neither is data."""
+    records = sft_records(3) if fmt == "sft" else classify_records(30)
+    bad = write_jsonl(tmp_path / "bad.jsonl", records)
+    field = "completion" if fmt == "sft" else "text"
+    with bad.open("a", encoding="utf-8") as f:
+        if case == "lone_surrogate":
+            f.write(json.dumps({"prompt": "q", "label": "positive", field: "broken "}).replace(
+                "broken ", "broken \\ud800 here") + "\n")
+            message = f"{bad}:{len(records) + 1}: the JSON holds a lone surrogate escape (\\ud800)"
+        else:
+            f.write("[" * 100_000 + "]" * 100_000 + "\n")
+            message = f"{bad}:{len(records) + 1}: JSON nested too deeply"
+    assert shard(tok_dir, bad, tmp_path / "out", "--format", fmt) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

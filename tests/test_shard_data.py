@@ -186,7 +186,8 @@ def test_rerun_of_a_complete_output_does_nothing(tokenizer_dir, tmp_path, capsys
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "missing_field", "malformed_json", "other_options"])
+@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "missing_field", "malformed_json", "other_options",
+                                  "lone_surrogate", "deep_nesting"])
 def test_bad_input_is_a_clear_error_and_leaves_existing_output_intact(tokenizer_dir, tmp_path, capsys, case):
     good = write_jsonl(tmp_path / "good.jsonl", make_docs(30, seed=7))
     out = tmp_path / "shards"
@@ -206,6 +207,12 @@ def test_bad_input_is_a_clear_error_and_leaves_existing_output_intact(tokenizer_
     elif case == "malformed_json":
         bad.write_text('{"text": "a fine first document here"}\n{"text": "unterminated\n', encoding="utf-8")
         message = f"{bad}:2: malformed JSON"
+    elif case == "lone_surrogate":  # json accepts it, but it is not text: the tokenizer would fail on it
+        bad.write_text('{"text": "a fine first document here"}\n{"text": "half a pair \\udc00 here"}\n')
+        message = f"{bad}:2: the JSON holds a lone surrogate escape (\\udc00)"
+    elif case == "deep_nesting":  # json recurses once per bracket
+        bad.write_text('{"text": "a fine first document here"}\n' + "[" * 100_000 + "\n", encoding="utf-8")
+        message = f"{bad}:2: JSON nested too deeply"
     else:
         bad, extra, message = good, ("--val-fraction", "0.5"), "holds shards made from other inputs or options"
     inputs = bad if case in ("empty_corpus", "other_options") else [good, bad]
