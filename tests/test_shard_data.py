@@ -3,8 +3,10 @@ resume, and clear errors on bad input that leave an existing output untouched.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -378,3 +380,38 @@ def test_deleting_refuses_a_path_outside_the_output(tmp_path):
     assert victim.exists()
     with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
         shard_data._unlink_inside("gs://bucket/out", "gs://bucket/victim.txt")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A real size-limited file system (root only), as tests/test_core_errors.py uses."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root to test this")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_rerun_finishes_the_same_shards(tokenizer_dir, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(3000, seed=15))  # ~400 KB of tokens
+    args = ("--shard-mb", "0.05", "--val-fraction", "0.05")
+    assert shard(tokenizer_dir, corpus, tmp_path / "reference", *args) == 0
+    with tmpfs(tmp_path / "disk", "128k") as disk:
+        out = disk / "shards"
+        capsys.readouterr()
+        assert shard(tokenizer_dir, corpus, out, *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"shard_data: error: the disk is full: writing shards to {out} failed.") and \
+            len(err.strip().splitlines()) == 1, err
+        assert not list(out.glob(".*.tmp-*")) and not (out / MANIFEST).exists()  # no half-written file is left
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert shard(tokenizer_dir, corpus, out, *args) == 0
+        assert snapshot(out) == snapshot(tmp_path / "reference") | {MANIFEST: (out / MANIFEST).read_bytes()}
+        reference = json.loads((tmp_path / "reference" / MANIFEST).read_text())
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert manifest["splits"] == reference["splits"]
+        verify_shards(out)

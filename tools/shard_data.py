@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
@@ -374,9 +375,19 @@ class ShardOutput:
 
     def finish(self, manifest: dict) -> None:
         """Write the manifest (last: a directory without it is unfinished) and drop the progress file."""
-        self.claim()
-        atomic_write_json(self.out / MANIFEST, manifest, tmp_tag=self.run_id)
+        try:
+            self.claim()
+            atomic_write_json(self.out / MANIFEST, manifest, tmp_tag=self.run_id)
+        except BaseException:
+            self.discard_temporaries()
+            raise
         (self.out / PROGRESS).unlink(missing_ok=True)
+
+    def discard_temporaries(self) -> None:
+        """On an error: delete this run's half-written files (a JSON file that a full disk cut short)."""
+        if self.out.is_dir():
+            for stale in self.out.glob(f".*.tmp-{self.run_id}"):
+                _unlink_inside(self.out, stale)
 
 
 class RemoteOutput:
@@ -696,6 +707,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
     except BaseException:
         for w in writers.values():
             w.abort()
+        output.discard_temporaries()
         raise
     for info in totals.values():
         if labels is None:
@@ -801,6 +813,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     except BaseException:
         for w in writers.values():
             w.abort()
+        output.discard_temporaries()
         raise
 
     manifest = {
@@ -867,12 +880,32 @@ def _print_examples(manifest: dict) -> None:
         print(f"{split}: {info['documents']} examples, {info['tokens']} tokens{extra}, {len(info['shards'])} shards")
 
 
+def is_disk_full(error: BaseException | None) -> bool:
+    """An OSError ENOSPC/EDQUOT, or ArrayRecord's RuntimeError that carries its text, anywhere in the chain."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, OSError | RuntimeError) and any(
+                text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         manifest = shard_corpus(args)
     except (SourceError, ConfigError) as e:
         print(f"shard_data: error: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        where = f"the staging directory of {args.output}" if is_remote(args.output) else args.output
+        print(f"shard_data: error: the disk is full: writing shards to {where} failed. Free space (or choose another "
+              "--output) and run the same command again: the shards finished so far are kept and reused.",
+              file=sys.stderr)
         return 2
     if manifest.get("example_format", "text") != "text":
         _print_examples(manifest)
