@@ -450,3 +450,16 @@ def test_json_that_is_no_text_is_a_one_line_error_naming_file_and_line(tok_dir, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("missing", ["NaN", "nan", ""])
+def test_a_csv_label_of_nan_is_a_missing_label_not_a_class(tok_dir, tmp_path, capsys, missing):
+    """pandas writes a missing label as NaN: it is refused like an empty label, never a class called 'NaN'."""
+    rows = [(r["text"], r["label"]) for r in classify_records(30)]
+    rows[4] = (rows[4][0], missing)
+    bad = tmp_path / "d.csv"
+    bad.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows), encoding="utf-8")
+    assert shard(tok_dir, bad, tmp_path / "out", "--format", "classify") == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:6: no label: field 'label' is {missing!r}, a missing value" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

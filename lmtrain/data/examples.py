@@ -21,6 +21,7 @@ import numpy as np
 from lmtrain.data.text_sources import SourceError
 
 TOO_LONG_POLICIES = ("truncate", "drop")
+MISSING_LABELS = ("", "nan")  # a label cell that means "none": empty, or NaN as pandas writes a missing value
 
 
 class ExampleError(SourceError):
@@ -235,7 +236,11 @@ class ClassifyEncoder:
             raise ExampleError(f"{where}: no label: field '{self.label_field}' is missing (fields: {keys}). "
                                "Classification data needs a label for every example; set --label-field.")
         value = record[self.label_field]
-        if isinstance(value, bool) or not isinstance(value, int | str) or (isinstance(value, str) and not value):
+        if isinstance(value, str) and value.strip().lower() in MISSING_LABELS:
+            raise ExampleError(f"{where}: no label: field '{self.label_field}' is {value!r}, a missing value (pandas "
+                               "writes one as NaN). Classification data needs a label for every example; fill it in "
+                               "or drop the row.")
+        if isinstance(value, bool) or not isinstance(value, int | str):
             raise ExampleError(f"{where}: label {value!r} is not a string or an integer.")
         return value
 
