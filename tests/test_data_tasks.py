@@ -463,3 +463,24 @@ def test_a_csv_label_of_nan_is_a_missing_label_not_a_class(tok_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert f"{bad}:6: no label: field 'label' is {missing!r}, a missing value" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_chat_template_file_is_refused_not_replaced_by_the_tokenizers(tok_dir, tmp_path, capsys):
+    template = tmp_path / "empty.jinja"
+    template.write_text("\n  \n", encoding="utf-8")
+    convs = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}]}]
+    assert shard(tok_dir, write_jsonl(tmp_path / "c.jsonl", convs), tmp_path / "out", "--format", "chat",
+                 "--chat-template", str(template)) == 2
+    err = capsys.readouterr().err
+    assert f"--chat-template {template} is empty" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_that_drops_the_content_is_refused(hf_tok):
+    """Only the end-of-turn text would be trained on: refused, as an empty completion is."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% else %}"
+                "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    encoder = ChatEncoder(hf_tok, 1000, chat_template=template)
+    with pytest.raises(ExampleError, match="c.jsonl:3: the chat template drops the content of assistant turn 1"):
+        encoder.encode({"messages": CONVERSATION[1:3]}, "c.jsonl:3")

@@ -96,9 +96,13 @@ def load_chat_template(path: str) -> str:
     from lmtrain.paths import as_path
 
     try:
-        return as_path(path).read_text(encoding="utf-8")
+        text = as_path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExampleError(f"--chat-template {path} cannot be read ({e}).") from None
+    if not text.strip():  # not a reason to fall back to the tokenizer's template: the user asked for this one
+        raise ExampleError(f"--chat-template {path} is empty; give a Jinja chat template (as in tokenizer_config.json)"
+                           ", or leave the option out to use the tokenizer's own.")
+    return text
 
 
 class ChatEncoder:
@@ -153,6 +157,10 @@ class ChatEncoder:
             if span is None or span[0] < cursor:
                 raise ExampleError(f"{where}: cannot find assistant turn {i} in the rendered conversation; the chat "
                                    "template changes the content. Use a template that keeps it, or --format sft.")
+            if m["content"].strip() not in full[span[0] : span[1]]:  # only the end-of-turn text would be trained
+                raise ExampleError(f"{where}: the chat template drops the content of assistant turn {i}, so only its "
+                                   "end-of-turn text would be trained on. Use a template that renders each "
+                                   "message's content.")
             spans.append(span)
             cursor = span[1]
         return full, spans
