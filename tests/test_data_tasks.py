@@ -94,7 +94,9 @@ def test_chat_mask_equals_transformers_assistant_tokens_mask(hf_tok, template):
     encoder = ChatEncoder(hf_tok, 1000, chat_template=text)
     conversations = [CONVERSATION, CONVERSATION[1:3],
                      [{"role": "user", "content": " spaced  "}, {"role": "assistant", "content": "  alpha beta  "},
-                      {"role": "user", "content": "x"}, {"role": "assistant", "content": "gamma\n\ndelta"}]]
+                      {"role": "user", "content": "x"}, {"role": "assistant", "content": "gamma\n\ndelta"}],
+                     # the assistant speaks first: its header is not a target either
+                     [{"role": "assistant", "content": "Hello there."}, *CONVERSATION[1:3]]]
     for messages in conversations:
         reference = hf_tok.apply_chat_template(messages, chat_template=text, tokenize=True, return_dict=True,
                                                return_assistant_tokens_mask=True)

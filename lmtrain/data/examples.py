@@ -169,14 +169,36 @@ class ChatEncoder:
         """Turn i spans from the end of the render of turns < i with the generation prompt to the end
         of the render of turns <= i (trailing whitespace excluded), when both are prefixes of the whole."""
         try:
-            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
             through = self.render(messages[: i + 1], add_generation_prompt=False)
+            before = (self.render(messages[:i], add_generation_prompt=True) if i
+                      else self._first_turn_header(through, messages[0]["content"]))
         except Exception:  # noqa: BLE001 - e.g. a template that insists on a final user turn
             return None
         end = len(through.rstrip())
         if not (full.startswith(through) and through.startswith(before)) or end <= len(before):
             return None
         return len(before), end
+
+    def _first_turn_header(self, through: str, content: str) -> str:
+        """What a conversation that opens with an assistant turn renders before its content: up to the end of
+        the template's assistant header (its generation prompt), which is not trained on, as transformers'
+        {% generation %} masks leave it out. Nothing if the header is not found before the content."""
+        header = self._generation_prompt()
+        start = through.find(content.strip())
+        at = through.rfind(header, 0, start) if header and start >= 0 else -1
+        return through[: at + len(header)] if at >= 0 else ""
+
+    def _generation_prompt(self) -> str:
+        """The text add_generation_prompt appends (e.g. '<|im_start|>assistant\\n'), from a one-turn probe."""
+        if not hasattr(self, "_header"):
+            probe = [{"role": "user", "content": "Q7"}]
+            try:
+                plain = self.render(probe, add_generation_prompt=False)
+                prompted = self.render(probe, add_generation_prompt=True)
+                self._header = prompted[len(plain) :] if prompted.startswith(plain) else ""
+            except Exception:  # noqa: BLE001
+                self._header = ""
+        return self._header
 
     def _span_by_search(self, full: str, content: str, cursor: int) -> tuple[int, int] | None:
         """For templates whose prefixes are not prefixes of the whole (e.g. a system prompt moved into
