@@ -486,3 +486,52 @@ def test_a_chat_template_that_drops_the_content_is_refused(hf_tok):
     encoder = ChatEncoder(hf_tok, 1000, chat_template=template)
     with pytest.raises(ExampleError, match="c.jsonl:3: the chat template drops the content of assistant turn 1"):
         encoder.encode({"messages": CONVERSATION[1:3]}, "c.jsonl:3")
+
+
+@pytest.mark.parametrize("template", sorted(END_OF_TURN))
+def test_the_bounded_render_equals_transformers_apply_chat_template(hf_tok, template):
+    text = (TEMPLATES / f"{template}.jinja").read_text()
+    encoder = ChatEncoder(hf_tok, 1000, chat_template=text)
+    messages = CONVERSATION[1:] if template == "mistral_v01" else CONVERSATION
+    for prefix in (messages, messages[:2], messages[1:3]):
+        for prompt in (False, True):
+            try:
+                want = hf_tok.apply_chat_template(prefix, chat_template=text, tokenize=False,
+                                                  add_generation_prompt=prompt)
+            except Exception as e:  # noqa: BLE001 - e.g. roles that must alternate: the same error
+                with pytest.raises(type(e), match=str(e)[:40]):
+                    encoder.render(prefix, add_generation_prompt=prompt)
+                continue
+            assert encoder.render(prefix, add_generation_prompt=prompt) == want
+
+
+CHATML_TURNS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE_BOMBS = {  # each would run for hours or allocate gigabytes unbounded
+    "nested_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took over"),
+    "repeat": ("{{ 'A' * 4000000000 }}", "makes a text or list of 4,000,000,000 items"),
+    "doubling": ("{% set ns = namespace(s='AAAA') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                 "makes a text or list of"),
+    "center": ("{{ 'x'|center(4000000000) }}", "makes a text or list of 4,000,000,000 items"),
+    "join": ("{{ range(100000)|join('A' * 100000) }}", "makes a text or list of"),
+    "format": ("{{ '%4000000000d'|format(1) }}", "makes a text or list of"),
+    "method": ("{{ 'x'.ljust(4000000000) }}", "makes a text or list of 4,000,000,000 items"),
+    "output": ("{% for i in range(100000) %}{% for j in range(100) %}{{ 'AAAA' }}{% endfor %}{% endfor %}",
+               "makes a text or list of"),
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(TEMPLATE_BOMBS))
+def test_a_chat_template_is_bounded_in_time_and_size(hf_tok, tmp_path, monkeypatch, bomb):
+    from lmtrain.data import chat_render
+    from lmtrain.data.examples import load_chat_template
+
+    monkeypatch.setattr(chat_render, "RENDER_SECONDS", 1.0)
+    code, message = TEMPLATE_BOMBS[bomb]
+    path = tmp_path / "bomb.jinja"
+    path.write_text(code + CHATML_TURNS, encoding="utf-8")
+    encoder = ChatEncoder(hf_tok, 1000, chat_template=load_chat_template(str(path)))
+    with pytest.raises(ExampleError) as error:
+        encoder.encode({"messages": CONVERSATION[1:3]}, "c.jsonl:1")
+    assert str(error.value).startswith(f"c.jsonl:1: the chat template --chat-template {path} ")
+    assert message in str(error.value) and "\n" not in str(error.value)

@@ -16,8 +16,10 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 
+import jinja2
 import numpy as np
 
+from lmtrain.data.chat_render import ChatTemplateRenderer, TemplateLimitError
 from lmtrain.data.text_sources import SourceError
 
 TOO_LONG_POLICIES = ("truncate", "drop")
@@ -26,6 +28,12 @@ MISSING_LABELS = ("", "nan")  # a label cell that means "none": empty, or NaN as
 
 class ExampleError(SourceError):
     """A task record that cannot become an example; the message names the file and line."""
+
+
+class ChatTemplateText(str):
+    """A chat template's text, knowing the file it was read from (for error messages)."""
+
+    source = ""
 
 
 @dataclasses.dataclass
@@ -102,7 +110,9 @@ def load_chat_template(path: str) -> str:
     if not text.strip():  # not a reason to fall back to the tokenizer's template: the user asked for this one
         raise ExampleError(f"--chat-template {path} is empty; give a Jinja chat template (as in tokenizer_config.json)"
                            ", or leave the option out to use the tokenizer's own.")
-    return text
+    template = ChatTemplateText(text)
+    template.source = f"--chat-template {path}"
+    return template
 
 
 class ChatEncoder:
@@ -121,11 +131,18 @@ class ChatEncoder:
         if not self.chat_template:
             raise ExampleError(f"tokenizer {getattr(hf_tokenizer, 'name_or_path', '')} has no chat template; give one "
                                "with --chat-template FILE (a Jinja template as in tokenizer_config.json).")
+        self.template_name = (getattr(self.chat_template, "source", "") or
+                              f"of tokenizer {getattr(hf_tokenizer, 'name_or_path', '')}")
+        try:  # rendered as apply_chat_template does, bounded in time and size (lmtrain.data.chat_render)
+            self._render = ChatTemplateRenderer(self.chat_template, self.template_name,
+                                                hf_tokenizer.special_tokens_map)
+        except jinja2.TemplateSyntaxError as e:
+            raise ExampleError(f"the chat template {self.template_name} is not valid Jinja (line {e.lineno}: "
+                               f"{e.message}).") from None
         self.counts: Counter = Counter()
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self._render(messages, add_generation_prompt)
 
     def messages(self, record: dict, where: str) -> list[dict]:
         messages = _field(record, self.messages_field, where, "--messages-field")
@@ -147,6 +164,8 @@ class ChatEncoder:
         """The rendered conversation and the character spans of its assistant turns."""
         try:
             full = self.render(messages, add_generation_prompt=False)
+        except TemplateLimitError:
+            raise
         except Exception as e:  # noqa: BLE001 - a template raises what it likes (raise_exception)
             raise ExampleError(f"{where}: the chat template cannot render this conversation ({e}).") from None
         spans, cursor = [], 0
@@ -172,6 +191,8 @@ class ChatEncoder:
             through = self.render(messages[: i + 1], add_generation_prompt=False)
             before = (self.render(messages[:i], add_generation_prompt=True) if i
                       else self._first_turn_header(through, messages[0]["content"]))
+        except TemplateLimitError:
+            raise
         except Exception:  # noqa: BLE001 - e.g. a template that insists on a final user turn
             return None
         end = len(through.rstrip())
@@ -196,6 +217,8 @@ class ChatEncoder:
                 plain = self.render(probe, add_generation_prompt=False)
                 prompted = self.render(probe, add_generation_prompt=True)
                 self._header = prompted[len(plain) :] if prompted.startswith(plain) else ""
+            except TemplateLimitError:
+                raise
             except Exception:  # noqa: BLE001
                 self._header = ""
         return self._header
@@ -219,6 +242,8 @@ class ChatEncoder:
             try:
                 text = self.render(probe, add_generation_prompt=False)
                 self._marker = text[text.rindex("A7") + 2 :].rstrip()
+            except TemplateLimitError:
+                raise
             except Exception:  # noqa: BLE001
                 self._marker = ""
         return self._marker
@@ -228,7 +253,10 @@ class ChatEncoder:
 
     def encode(self, record: dict, where: str) -> Example | None:
         messages = self.messages(record, where)
-        text, spans = self.assistant_spans(messages, where)
+        try:
+            text, spans = self.assistant_spans(messages, where)
+        except TemplateLimitError as e:
+            raise ExampleError(f"{where}: {e}") from None
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         tokens = np.asarray(enc["input_ids"], np.int64)
         offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
