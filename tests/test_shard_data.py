@@ -183,8 +183,11 @@ def test_rerun_of_a_complete_output_does_nothing(tokenizer_dir, tmp_path, capsys
     out = tmp_path / "shards"
     assert shard(tokenizer_dir, corpus, out) == 0
     before = snapshot(out)
+    capsys.readouterr()
     assert shard(tokenizer_dir, corpus, out) == 0
-    assert "already complete" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "already complete" in printed and f"kept the existing shards of {out}/{MANIFEST}" in printed
+    assert "wrote" not in printed  # it wrote nothing
     assert snapshot(out) == before
 
 

@@ -71,6 +71,7 @@ from lmtrain.paths import as_path, is_remote
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
 PROGRESS = ".progress.json"  # finished shards of an unfinished run, rewritten after each shard
+KEPT = "kept"  # marks a returned manifest that an earlier run wrote (this run wrote nothing); never saved
 RUN_ID = re.compile(r"[0-9a-f]{12}")  # ShardOutput.run_id: the first 12 hex digits of a uuid4
 
 
@@ -503,7 +504,7 @@ def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, 
         args.output) else None
     if remote is not None and remote.complete is not None:
         print(f"shard_data: {args.output} is already complete for these inputs and options; nothing to do.")
-        return remote, None, remote.complete
+        return remote, None, {**remote.complete, KEPT: True}
     out = remote.stage if remote is not None else Path(as_path(args.output))
     # the default staging directory is the tool's own cache: a stale run of other options there is replaced
     output = ShardOutput(out, fingerprint, args.force or (remote is not None and not args.staging_dir), splits)
@@ -512,6 +513,7 @@ def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, 
             remote.publish(output.complete)
         else:
             print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
+            return remote, output, {**output.complete, KEPT: True}
         return remote, output, output.complete
     return remote, output, None
 
@@ -892,6 +894,12 @@ def is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
+def _written(args: argparse.Namespace, manifest: dict) -> str:
+    if manifest.get(KEPT):
+        return f"kept the existing shards of {args.output}/{MANIFEST}: nothing was written"
+    return f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -909,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if manifest.get("example_format", "text") != "text":
         _print_examples(manifest)
-        print(f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s")
+        print(_written(args, manifest))
         return 0
     print(f"cleaning: {_removed_text(manifest['cleaning'])}")
     long_docs = manifest["long_documents"]
@@ -919,7 +927,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards "
               f"({manifest['token_dtype']})")
-    print(f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s")
+    print(_written(args, manifest))
     return 0
 
 
