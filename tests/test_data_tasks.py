@@ -535,3 +535,26 @@ def test_a_chat_template_is_bounded_in_time_and_size(hf_tok, tmp_path, monkeypat
         encoder.encode({"messages": CONVERSATION[1:3]}, "c.jsonl:1")
     assert str(error.value).startswith(f"c.jsonl:1: the chat template --chat-template {path} ")
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flag", ["--test-fraction", "--val-fraction"])
+def test_a_labelled_file_becomes_a_whole_evaluation_split(tok_dir, tmp_path, capsys, flag):
+    """--test-fraction 1 (or --val-fraction 1) with --labels-from: every example in that split, the training
+    shards' classes in their order, no split arithmetic and no training examples needed."""
+    train_out = tmp_path / "train"
+    assert shard(tok_dir, write_jsonl(tmp_path / "t.jsonl", classify_records(60)), train_out, "--format",
+                 "classify") == 0
+    records = classify_records(25, seed=3)[:-1] + [{"text": "only positive here", "label": "positive"}]
+    data = write_jsonl(tmp_path / "eval.jsonl", records)
+    out = tmp_path / "eval"
+    assert shard(tok_dir, data, out, "--format", "classify", flag, "1") == 2  # the classes must come from training
+    assert f"an evaluation-only set ({flag} 1)" in capsys.readouterr().err and not out.exists()
+    assert shard(tok_dir, data, out, "--format", "classify", flag, "1", "--labels-from", str(train_out)) == 0
+    manifest = load_manifest(out)
+    split = "test" if flag == "--test-fraction" else "validation"
+    assert manifest["labels"] == load_manifest(train_out)["labels"]
+    assert {s: info["documents"] for s, info in manifest["splits"].items()} == {
+        "train": 0, "validation": 25 if split == "validation" else 0, **({"test": 25} if split == "test" else {})}
+    batches = list(shard_eval_batches(out, SEQ_LEN, 5, split=split))
+    labels = [manifest["labels"][i] for b in batches for i, w in zip(b["labels"], b["weights"], strict=True) if w]
+    assert sorted(labels) == sorted(r["label"] for r in records)

@@ -518,8 +518,16 @@ def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, 
     return remote, output, None
 
 
+def eval_only(val_fraction: float, test_fraction: float) -> bool:
+    """Every example in validation (--val-fraction 1) or in test (--test-fraction 1): a labelled file made
+    into a whole evaluation split, classes from --labels-from (or --labels), no train split to speak of."""
+    return sorted((val_fraction, test_fraction)) == [0, 1]
+
+
 def split_of_example(key: str, val_fraction: float, test_fraction: float) -> str:
     """train, validation or test as a function of the example's key alone (validation as for text)."""
+    if eval_only(val_fraction, test_fraction):  # (h below can round to 1.0)
+        return "validation" if val_fraction == 1 else "test"
     h = xxhash.xxh64_intdigest(key.encode("utf-8")) / 2**64
     return "validation" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
 
@@ -594,7 +602,12 @@ def _first_pass(args: argparse.Namespace, encoder, records, key_of, val: float, 
             if split == "train":
                 train_labels.add(label)
             seen.append((label, split, where))
-    if not any(split == "train" for _, split, _ in seen):
+    if eval_only(val, test):
+        if classify and not (args.labels_from or args.labels):
+            flag = "--val-fraction 1" if val == 1 else "--test-fraction 1"
+            raise SourceError(f"an evaluation-only set ({flag}) takes its classes, in their order, from the training "
+                              "data: pass --labels-from TRAIN_SHARDS (or --labels).")
+    elif not any(split == "train" for _, split, _ in seen):
         raise SourceError(f"no training examples: all {len(seen)} examples fall into validation or test "
                           f"(--val-fraction {val}, --test-fraction {test}).")
     if not classify:
@@ -633,8 +646,11 @@ def shard_examples(args: argparse.Namespace) -> dict:
     if args.seq_len <= 1:
         raise SourceError(f"--format {example_format} needs --seq-len N (> 1): the data.seq_len you will train with; "
                           "longer examples follow --too-long.")
-    if val < 0 or test < 0 or val + test >= 1:
-        raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1.")
+    if test == 1 and args.val_fraction is None:  # an evaluation-only test set: no default validation share
+        val = 0.0
+    if val < 0 or test < 0 or (val + test >= 1 and not eval_only(val, test)):
+        raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1 (or "
+                          "one of them 1, the other 0: an evaluation-only set).")
     tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
     dtype = token_dtype(vocab_size)
     if example_format == "sft":
@@ -656,7 +672,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
 
     labels = _first_pass(args, encoder, records, key_of, val, test, example_format in ("classify", "ner"))
     label_ids = {str(v): i for i, v in enumerate(labels or [])}
-    splits = SPLITS + (("test",) if test > 0 else ())
+    splits = SPLITS + (("test",) if test > 0 else ())  # an evaluation-only set still lists an empty train split
     options = {k: v for k, v in vars(args).items() if k not in ("quiet", "force", "staging_dir", "output", "workers",
                                                                 "batch_docs")}
     fingerprint = {"corpus": corpus, "example_format": example_format, "options": options, "val_fraction": val,
@@ -701,7 +717,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
                                                                example_format) is not None:
                 output.save_progress(writers)
         bar.close()
-        if not totals["train"]["documents"]:
+        if not totals["train"]["documents"] and not eval_only(val, test):
             raise SourceError(f"no training examples: {read} records read, {sum(t['documents'] for t in totals.values())}"
                               f" kept, none in the training split (--val-fraction {val}, --test-fraction {test}).")
         for w in writers.values():
