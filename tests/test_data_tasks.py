@@ -94,7 +94,9 @@ def test_chat_mask_equals_transformers_assistant_tokens_mask(hf_tok, template):
     encoder = ChatEncoder(hf_tok, 1000, chat_template=text)
     conversations = [CONVERSATION, CONVERSATION[1:3],
                      [{"role": "user", "content": " spaced  "}, {"role": "assistant", "content": "  alpha beta  "},
-                      {"role": "user", "content": "x"}, {"role": "assistant", "content": "gamma\n\ndelta"}]]
+                      {"role": "user", "content": "x"}, {"role": "assistant", "content": "gamma\n\ndelta"}],
+                     # the assistant speaks first: its header is not a target either
+                     [{"role": "assistant", "content": "Hello there."}, *CONVERSATION[1:3]]]
     for messages in conversations:
         reference = hf_tok.apply_chat_template(messages, chat_template=text, tokenize=True, return_dict=True,
                                                return_assistant_tokens_mask=True)
@@ -429,3 +431,130 @@ def test_parquet_records_and_classify_resume(tok_dir, tmp_path):
         for key in got:
             np.testing.assert_array_equal(got[key], batches[k][key], err_msg=f"batch {k}")
     resumed.close()
+
+
+@pytest.mark.parametrize("fmt", ["sft", "classify"])
+@pytest.mark.parametrize("case", ["lone_surrogate", "deep_nesting"])
+def test_json_that_is_no_text_is_a_one_line_error_naming_file_and_line(tok_dir, tmp_path, capsys, fmt, case):
+    """json accepts a lone surrogate escape and (up to a RecursionError) any nesting; neither is data."""
+    records = sft_records(3) if fmt == "sft" else classify_records(30)
+    bad = write_jsonl(tmp_path / "bad.jsonl", records)
+    field = "completion" if fmt == "sft" else "text"
+    with bad.open("a", encoding="utf-8") as f:
+        if case == "lone_surrogate":
+            f.write(json.dumps({"prompt": "q", "label": "positive", field: "broken "}).replace(
+                "broken ", "broken \\ud800 here") + "\n")
+            message = f"{bad}:{len(records) + 1}: the JSON holds a lone surrogate escape (\\ud800)"
+        else:
+            f.write("[" * 100_000 + "]" * 100_000 + "\n")
+            message = f"{bad}:{len(records) + 1}: JSON nested too deeply"
+    assert shard(tok_dir, bad, tmp_path / "out", "--format", fmt) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("missing", ["NaN", "nan", ""])
+def test_a_csv_label_of_nan_is_a_missing_label_not_a_class(tok_dir, tmp_path, capsys, missing):
+    """pandas writes a missing label as NaN: it is refused like an empty label, never a class called 'NaN'."""
+    rows = [(r["text"], r["label"]) for r in classify_records(30)]
+    rows[4] = (rows[4][0], missing)
+    bad = tmp_path / "d.csv"
+    bad.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows), encoding="utf-8")
+    assert shard(tok_dir, bad, tmp_path / "out", "--format", "classify") == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:6: no label: field 'label' is {missing!r}, a missing value" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_chat_template_file_is_refused_not_replaced_by_the_tokenizers(tok_dir, tmp_path, capsys):
+    template = tmp_path / "empty.jinja"
+    template.write_text("\n  \n", encoding="utf-8")
+    convs = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a b"}]}]
+    assert shard(tok_dir, write_jsonl(tmp_path / "c.jsonl", convs), tmp_path / "out", "--format", "chat",
+                 "--chat-template", str(template)) == 2
+    err = capsys.readouterr().err
+    assert f"--chat-template {template} is empty" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_chat_template_that_drops_the_content_is_refused(hf_tok):
+    """Only the end-of-turn text would be trained on: refused, as an empty completion is."""
+    template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}{% else %}"
+                "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    encoder = ChatEncoder(hf_tok, 1000, chat_template=template)
+    with pytest.raises(ExampleError, match="c.jsonl:3: the chat template drops the content of assistant turn 1"):
+        encoder.encode({"messages": CONVERSATION[1:3]}, "c.jsonl:3")
+
+
+@pytest.mark.parametrize("template", sorted(END_OF_TURN))
+def test_the_bounded_render_equals_transformers_apply_chat_template(hf_tok, template):
+    text = (TEMPLATES / f"{template}.jinja").read_text()
+    encoder = ChatEncoder(hf_tok, 1000, chat_template=text)
+    messages = CONVERSATION[1:] if template == "mistral_v01" else CONVERSATION
+    for prefix in (messages, messages[:2], messages[1:3]):
+        for prompt in (False, True):
+            try:
+                want = hf_tok.apply_chat_template(prefix, chat_template=text, tokenize=False,
+                                                  add_generation_prompt=prompt)
+            except Exception as e:  # noqa: BLE001 - e.g. roles that must alternate: the same error
+                with pytest.raises(type(e), match=str(e)[:40]):
+                    encoder.render(prefix, add_generation_prompt=prompt)
+                continue
+            assert encoder.render(prefix, add_generation_prompt=prompt) == want
+
+
+CHATML_TURNS = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE_BOMBS = {  # each would run for hours or allocate gigabytes unbounded
+    "nested_loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "took over"),
+    "repeat": ("{{ 'A' * 4000000000 }}", "makes a text or list of 4,000,000,000 items"),
+    "doubling": ("{% set ns = namespace(s='AAAA') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                 "makes a text or list of"),
+    "center": ("{{ 'x'|center(4000000000) }}", "makes a text or list of 4,000,000,000 items"),
+    "join": ("{{ range(100000)|join('A' * 100000) }}", "makes a text or list of"),
+    "format": ("{{ '%4000000000d'|format(1) }}", "makes a text or list of"),
+    "method": ("{{ 'x'.ljust(4000000000) }}", "makes a text or list of 4,000,000,000 items"),
+    "output": ("{% for i in range(100000) %}{% for j in range(100) %}{{ 'AAAA' }}{% endfor %}{% endfor %}",
+               "makes a text or list of"),
+}
+
+
+@pytest.mark.parametrize("bomb", sorted(TEMPLATE_BOMBS))
+def test_a_chat_template_is_bounded_in_time_and_size(hf_tok, tmp_path, monkeypatch, bomb):
+    from lmtrain.data import chat_render
+    from lmtrain.data.examples import load_chat_template
+
+    monkeypatch.setattr(chat_render, "RENDER_SECONDS", 1.0)
+    code, message = TEMPLATE_BOMBS[bomb]
+    path = tmp_path / "bomb.jinja"
+    path.write_text(code + CHATML_TURNS, encoding="utf-8")
+    encoder = ChatEncoder(hf_tok, 1000, chat_template=load_chat_template(str(path)))
+    with pytest.raises(ExampleError) as error:
+        encoder.encode({"messages": CONVERSATION[1:3]}, "c.jsonl:1")
+    assert str(error.value).startswith(f"c.jsonl:1: the chat template --chat-template {path} ")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("flag", ["--test-fraction", "--val-fraction"])
+def test_a_labelled_file_becomes_a_whole_evaluation_split(tok_dir, tmp_path, capsys, flag):
+    """--test-fraction 1 (or --val-fraction 1) with --labels-from: every example in that split, the training
+    shards' classes in their order, no split arithmetic and no training examples needed."""
+    train_out = tmp_path / "train"
+    assert shard(tok_dir, write_jsonl(tmp_path / "t.jsonl", classify_records(60)), train_out, "--format",
+                 "classify") == 0
+    records = classify_records(25, seed=3)[:-1] + [{"text": "only positive here", "label": "positive"}]
+    data = write_jsonl(tmp_path / "eval.jsonl", records)
+    out = tmp_path / "eval"
+    assert shard(tok_dir, data, out, "--format", "classify", flag, "1") == 2  # the classes must come from training
+    assert f"an evaluation-only set ({flag} 1)" in capsys.readouterr().err and not out.exists()
+    assert shard(tok_dir, data, out, "--format", "classify", flag, "1", "--labels-from", str(train_out)) == 0
+    manifest = load_manifest(out)
+    split = "test" if flag == "--test-fraction" else "validation"
+    assert manifest["labels"] == load_manifest(train_out)["labels"]
+    assert {s: info["documents"] for s, info in manifest["splits"].items()} == {
+        "train": 0, "validation": 25 if split == "validation" else 0, **({"test": 25} if split == "test" else {})}
+    batches = list(shard_eval_batches(out, SEQ_LEN, 5, split=split))
+    labels = [manifest["labels"][i] for b in batches for i, w in zip(b["labels"], b["weights"], strict=True) if w]
+    assert sorted(labels) == sorted(r["label"] for r in records)

@@ -3,8 +3,10 @@ resume, and clear errors on bad input that leave an existing output untouched.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -181,12 +183,16 @@ def test_rerun_of_a_complete_output_does_nothing(tokenizer_dir, tmp_path, capsys
     out = tmp_path / "shards"
     assert shard(tokenizer_dir, corpus, out) == 0
     before = snapshot(out)
+    capsys.readouterr()
     assert shard(tokenizer_dir, corpus, out) == 0
-    assert "already complete" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "already complete" in printed and f"kept the existing shards of {out}/{MANIFEST}" in printed
+    assert "wrote" not in printed  # it wrote nothing
     assert snapshot(out) == before
 
 
-@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "missing_field", "malformed_json", "other_options"])
+@pytest.mark.parametrize("case", ["missing_file", "empty_corpus", "missing_field", "malformed_json", "other_options",
+                                  "lone_surrogate", "deep_nesting"])
 def test_bad_input_is_a_clear_error_and_leaves_existing_output_intact(tokenizer_dir, tmp_path, capsys, case):
     good = write_jsonl(tmp_path / "good.jsonl", make_docs(30, seed=7))
     out = tmp_path / "shards"
@@ -206,6 +212,12 @@ def test_bad_input_is_a_clear_error_and_leaves_existing_output_intact(tokenizer_
     elif case == "malformed_json":
         bad.write_text('{"text": "a fine first document here"}\n{"text": "unterminated\n', encoding="utf-8")
         message = f"{bad}:2: malformed JSON"
+    elif case == "lone_surrogate":  # json accepts it, but it is not text: the tokenizer would fail on it
+        bad.write_text('{"text": "a fine first document here"}\n{"text": "half a pair \\udc00 here"}\n')
+        message = f"{bad}:2: the JSON holds a lone surrogate escape (\\udc00)"
+    elif case == "deep_nesting":  # json recurses once per bracket
+        bad.write_text('{"text": "a fine first document here"}\n' + "[" * 100_000 + "\n", encoding="utf-8")
+        message = f"{bad}:2: JSON nested too deeply"
     else:
         bad, extra, message = good, ("--val-fraction", "0.5"), "holds shards made from other inputs or options"
     inputs = bad if case in ("empty_corpus", "other_options") else [good, bad]
@@ -321,3 +333,88 @@ def test_force_replaces_a_run_of_other_options_and_only_its_files(tokenizer_dir,
     assert {p.name for p in out.glob("*.array_record")} == listed < old_files  # old shards gone, no stale one left
     assert (out / "README.txt").read_text() == "kept"
     verify_shards(out)
+
+
+@pytest.mark.parametrize("record", [MANIFEST, shard_data.PROGRESS])
+def test_run_ids_of_an_edited_record_never_delete_outside_the_output(tokenizer_dir, tmp_path, monkeypatch, record):
+    """Run ids read back from manifest.json / .progress.json go into a glob of temporaries to delete: ids
+    not of the tool's 12-hex form ("*", "x/../../victim.txt") are ignored, so nothing else goes."""
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(120, seed=14))
+    out = tmp_path / "work" / "shards"
+    args = ("--shard-mb", "0.004", "--val-fraction", "0.1")
+    if record == MANIFEST:  # a finished run of other options, replaced with --force
+        assert shard(tokenizer_dir, corpus, out, *args, "--no-near-dedup") == 0
+        args += ("--force",)
+    else:  # an interrupted run of the same options, resumed
+        finish = ShardFileWriter.finish
+        calls = []
+
+        def dying_finish(self):
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            calls.append(self.path.name)
+            return finish(self)
+
+        monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
+        with pytest.raises(KeyboardInterrupt):
+            shard(tokenizer_dir, corpus, out, *args)
+        monkeypatch.setattr(ShardFileWriter, "finish", finish)
+    data = json.loads((out / record).read_text())
+    data["run_ids"] = [*data.get("run_ids", []), "x/../../victim.txt", "*"]
+    (out / record).write_text(json.dumps(data))
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside")
+    (out / ".d.tmp-x").mkdir()  # lets the traversing id's glob reach the parent directory
+    users = [out / ".cache.tmp-mine", tmp_path / "work" / ".x.tmp-mine"]
+    for path in users:
+        path.write_text("not the tool's")
+    assert shard(tokenizer_dir, corpus, out, *args) == 0
+    assert victim.read_text() == "outside"
+    assert all(path.read_text() == "not the tool's" for path in users)
+    verify_shards(out)
+
+
+def test_deleting_refuses_a_path_outside_the_output(tmp_path):
+    (tmp_path / "out").mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside")
+    with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
+        shard_data._unlink_inside(tmp_path / "out", tmp_path / "out" / ".." / "victim.txt")
+    assert victim.exists()
+    with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
+        shard_data._unlink_inside("gs://bucket/out", "gs://bucket/victim.txt")
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str):
+    """A real size-limited file system (root only), as tests/test_core_errors.py uses."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root to test this")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_full_disk_is_a_one_line_error_and_the_rerun_finishes_the_same_shards(tokenizer_dir, tmp_path, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(3000, seed=15))  # ~400 KB of tokens
+    args = ("--shard-mb", "0.05", "--val-fraction", "0.05")
+    assert shard(tokenizer_dir, corpus, tmp_path / "reference", *args) == 0
+    with tmpfs(tmp_path / "disk", "128k") as disk:
+        out = disk / "shards"
+        capsys.readouterr()
+        assert shard(tokenizer_dir, corpus, out, *args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"shard_data: error: the disk is full: writing shards to {out} failed.") and \
+            len(err.strip().splitlines()) == 1, err
+        assert not list(out.glob(".*.tmp-*")) and not (out / MANIFEST).exists()  # no half-written file is left
+        subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)
+        assert shard(tokenizer_dir, corpus, out, *args) == 0
+        assert snapshot(out) == snapshot(tmp_path / "reference") | {MANIFEST: (out / MANIFEST).read_bytes()}
+        reference = json.loads((tmp_path / "reference" / MANIFEST).read_text())
+        manifest = json.loads((out / MANIFEST).read_text())
+        assert manifest["splits"] == reference["splits"]
+        verify_shards(out)

@@ -223,3 +223,27 @@ def test_the_real_vocab_size_and_the_config_flag_are_printed_with_a_warning_when
     rc, _ = train(tmp_path, "--input", str(corpus), "--vocab-size", "300", name="fits")
     captured = capsys.readouterr()
     assert rc == 0 and "--config.model.vocab_size=300 " in captured.out and "warning" not in captured.err
+
+
+def test_a_rerun_with_the_same_inputs_and_options_keeps_the_tokenizer(corpus, tmp_path, capsys):
+    """Re-running the quickstart must not stop at the tokenizer; other inputs or options still need --overwrite."""
+    args = ("--input", str(corpus), "--vocab-size", "300")
+    rc, out = train(tmp_path, *args)
+    assert rc == 0
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()}
+    capsys.readouterr()
+    rc, _ = train(tmp_path, *args)
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"{out} already holds a tokenizer trained on these inputs with these options; kept it" in printed
+    assert "--config.model.vocab_size=" in printed
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before
+    rc, _ = train(tmp_path, *args[:-1], "301")  # other options
+    assert rc == 2 and "exists (not a tokenizer of these inputs and options); pass --overwrite" in capsys.readouterr().err
+    changed = write_jsonl(tmp_path / "docs.jsonl", make_docs(300, seed=1))
+    rc, _ = train(tmp_path, "--input", str(changed), "--vocab-size", "300", name="tok2")
+    assert rc == 0
+    write_jsonl(changed, make_docs(301, seed=1))  # the same path, other content
+    rc, _ = train(tmp_path, "--input", str(changed), "--vocab-size", "300", name="tok2")
+    assert rc == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.iterdir()} == before

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import queue
+import re
 import shutil
 import sys
 import threading
@@ -69,6 +71,8 @@ from lmtrain.paths import as_path, is_remote
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
 PROGRESS = ".progress.json"  # finished shards of an unfinished run, rewritten after each shard
+KEPT = "kept"  # marks a returned manifest that an earlier run wrote (this run wrote nothing); never saved
+RUN_ID = re.compile(r"[0-9a-f]{12}")  # ShardOutput.run_id: the first 12 hex digits of a uuid4
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -339,7 +343,7 @@ class ShardOutput:
         return self._finished
 
     def _run_ids(self) -> list[str]:
-        return list((self.resumed or {}).get("run_ids", []))
+        return _valid_run_ids(self.resumed or {})
 
     def claim(self) -> None:
         """Before the first file is written: record this run, clear what earlier runs provably left.
@@ -354,11 +358,11 @@ class ShardOutput:
             (self.out / MANIFEST).unlink(missing_ok=True)
             for old in self._old:
                 for name in _listed_shards(old):
-                    (self.out / name).unlink(missing_ok=True)
-                earlier += list(old.get("run_ids", []))
+                    _unlink_inside(self.out, self.out / name)
+                earlier += _valid_run_ids(old)
         for run_id in set(earlier):  # temporaries of killed runs recorded here; anything else is not ours
             for stale in self.out.glob(f".*.tmp-{run_id}"):
-                stale.unlink(missing_ok=True)
+                _unlink_inside(self.out, stale)
         self._write_progress(self.finished_shards())
         self.claimed = True
 
@@ -372,9 +376,19 @@ class ShardOutput:
 
     def finish(self, manifest: dict) -> None:
         """Write the manifest (last: a directory without it is unfinished) and drop the progress file."""
-        self.claim()
-        atomic_write_json(self.out / MANIFEST, manifest, tmp_tag=self.run_id)
+        try:
+            self.claim()
+            atomic_write_json(self.out / MANIFEST, manifest, tmp_tag=self.run_id)
+        except BaseException:
+            self.discard_temporaries()
+            raise
         (self.out / PROGRESS).unlink(missing_ok=True)
+
+    def discard_temporaries(self) -> None:
+        """On an error: delete this run's half-written files (a JSON file that a full disk cut short)."""
+        if self.out.is_dir():
+            for stale in self.out.glob(f".*.tmp-{self.run_id}"):
+                _unlink_inside(self.out, stale)
 
 
 class RemoteOutput:
@@ -403,7 +417,7 @@ class RemoteOutput:
             new = set(_listed_shards(manifest))
             for name in _listed_shards(self._old):
                 if name not in new:
-                    (self.remote / name).unlink(missing_ok=True)
+                    _unlink_inside(self.remote, self.remote / name)
         for name in _listed_shards(manifest):
             as_path(self.stage / name).copy(self.remote / name, overwrite=True)
         as_path(self.stage / MANIFEST).copy(self.remote / MANIFEST, overwrite=True)
@@ -421,10 +435,32 @@ def _listed_shards(record: dict) -> list[str]:
     return [n for n in names if n and Path(n).name == n and not n.startswith(".")]
 
 
+def _valid_run_ids(record: dict) -> list[str]:
+    """The run ids a manifest or progress file records, those of this tool's format only: they go into a
+    glob of files to delete, so an edited file's "../x" or "*" must not widen it (such ids are ignored)."""
+    ids = record.get("run_ids")
+    return [i for i in ids if isinstance(i, str) and RUN_ID.fullmatch(i)] if isinstance(ids, list) else []
+
+
+def _unlink_inside(root, path) -> None:
+    """Delete `path` only if it lies directly inside `root` (a local directory or a gs:// prefix)."""
+    name = Path(str(path)).name
+    if is_remote(str(root)):  # object names: the path must be the prefix, a slash and a plain name
+        inside = str(path) == f"{str(root).rstrip('/')}/{name}"
+    else:  # a symlink's own entry may go (unlinking it leaves its target), so its directory is what counts
+        inside = Path(path).parent.resolve() == Path(root).resolve()
+    inside = inside and name not in ("", ".", "..")
+    if not inside:
+        raise ShardError(f"refusing to delete {path}: it is not a file inside the output {root}.")
+    path.unlink(missing_ok=True)
+
+
 def _verified_prefix(out: Path, shards: list[dict]) -> list[dict]:
     """The finished shards of an earlier run that are still intact on disk, up to the first bad one."""
     good = []
     for entry in shards:
+        if not isinstance(entry, dict) or entry.get("file") not in _listed_shards({"shards": {"s": [entry]}}):
+            break  # only plain shard names inside the output (an edited progress file may hold others)
         path = out / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             break
@@ -468,7 +504,7 @@ def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, 
         args.output) else None
     if remote is not None and remote.complete is not None:
         print(f"shard_data: {args.output} is already complete for these inputs and options; nothing to do.")
-        return remote, None, remote.complete
+        return remote, None, {**remote.complete, KEPT: True}
     out = remote.stage if remote is not None else Path(as_path(args.output))
     # the default staging directory is the tool's own cache: a stale run of other options there is replaced
     output = ShardOutput(out, fingerprint, args.force or (remote is not None and not args.staging_dir), splits)
@@ -477,12 +513,21 @@ def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, 
             remote.publish(output.complete)
         else:
             print(f"shard_data: {out} is already complete for these inputs and options; nothing to do.")
+            return remote, output, {**output.complete, KEPT: True}
         return remote, output, output.complete
     return remote, output, None
 
 
+def eval_only(val_fraction: float, test_fraction: float) -> bool:
+    """Every example in validation (--val-fraction 1) or in test (--test-fraction 1): a labelled file made
+    into a whole evaluation split, classes from --labels-from (or --labels), no train split to speak of."""
+    return sorted((val_fraction, test_fraction)) == [0, 1]
+
+
 def split_of_example(key: str, val_fraction: float, test_fraction: float) -> str:
     """train, validation or test as a function of the example's key alone (validation as for text)."""
+    if eval_only(val_fraction, test_fraction):  # (h below can round to 1.0)
+        return "validation" if val_fraction == 1 else "test"
     h = xxhash.xxh64_intdigest(key.encode("utf-8")) / 2**64
     return "validation" if h < val_fraction else "test" if h < val_fraction + test_fraction else "train"
 
@@ -557,7 +602,12 @@ def _first_pass(args: argparse.Namespace, encoder, records, key_of, val: float, 
             if split == "train":
                 train_labels.add(label)
             seen.append((label, split, where))
-    if not any(split == "train" for _, split, _ in seen):
+    if eval_only(val, test):
+        if classify and not (args.labels_from or args.labels):
+            flag = "--val-fraction 1" if val == 1 else "--test-fraction 1"
+            raise SourceError(f"an evaluation-only set ({flag}) takes its classes, in their order, from the training "
+                              "data: pass --labels-from TRAIN_SHARDS (or --labels).")
+    elif not any(split == "train" for _, split, _ in seen):
         raise SourceError(f"no training examples: all {len(seen)} examples fall into validation or test "
                           f"(--val-fraction {val}, --test-fraction {test}).")
     if not classify:
@@ -596,8 +646,11 @@ def shard_examples(args: argparse.Namespace) -> dict:
     if args.seq_len <= 1:
         raise SourceError(f"--format {example_format} needs --seq-len N (> 1): the data.seq_len you will train with; "
                           "longer examples follow --too-long.")
-    if val < 0 or test < 0 or val + test >= 1:
-        raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1.")
+    if test == 1 and args.val_fraction is None:  # an evaluation-only test set: no default validation share
+        val = 0.0
+    if val < 0 or test < 0 or (val + test >= 1 and not eval_only(val, test)):
+        raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1 (or "
+                          "one of them 1, the other 0: an evaluation-only set).")
     tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
     dtype = token_dtype(vocab_size)
     if example_format == "sft":
@@ -619,7 +672,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
 
     labels = _first_pass(args, encoder, records, key_of, val, test, example_format in ("classify", "ner"))
     label_ids = {str(v): i for i, v in enumerate(labels or [])}
-    splits = SPLITS + (("test",) if test > 0 else ())
+    splits = SPLITS + (("test",) if test > 0 else ())  # an evaluation-only set still lists an empty train split
     options = {k: v for k, v in vars(args).items() if k not in ("quiet", "force", "staging_dir", "output", "workers",
                                                                 "batch_docs")}
     fingerprint = {"corpus": corpus, "example_format": example_format, "options": options, "val_fraction": val,
@@ -664,7 +717,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
                                                                example_format) is not None:
                 output.save_progress(writers)
         bar.close()
-        if not totals["train"]["documents"]:
+        if not totals["train"]["documents"] and not eval_only(val, test):
             raise SourceError(f"no training examples: {read} records read, {sum(t['documents'] for t in totals.values())}"
                               f" kept, none in the training split (--val-fraction {val}, --test-fraction {test}).")
         for w in writers.values():
@@ -672,6 +725,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
     except BaseException:
         for w in writers.values():
             w.abort()
+        output.discard_temporaries()
         raise
     for info in totals.values():
         if labels is None:
@@ -777,6 +831,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     except BaseException:
         for w in writers.values():
             w.abort()
+        output.discard_temporaries()
         raise
 
     manifest = {
@@ -843,6 +898,24 @@ def _print_examples(manifest: dict) -> None:
         print(f"{split}: {info['documents']} examples, {info['tokens']} tokens{extra}, {len(info['shards'])} shards")
 
 
+def is_disk_full(error: BaseException | None) -> bool:
+    """An OSError ENOSPC/EDQUOT, or ArrayRecord's RuntimeError that carries its text, anywhere in the chain."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, OSError | RuntimeError) and any(
+                text in str(error) for text in ("No space left on device", "Disk quota exceeded")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _written(args: argparse.Namespace, manifest: dict) -> str:
+    if manifest.get(KEPT):
+        return f"kept the existing shards of {args.output}/{MANIFEST}: nothing was written"
+    return f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -850,9 +923,17 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ConfigError) as e:
         print(f"shard_data: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        if not is_disk_full(e):
+            raise
+        where = f"the staging directory of {args.output}" if is_remote(args.output) else args.output
+        print(f"shard_data: error: the disk is full: writing shards to {where} failed. Free space (or choose another "
+              "--output) and run the same command again: the shards finished so far are kept and reused.",
+              file=sys.stderr)
+        return 2
     if manifest.get("example_format", "text") != "text":
         _print_examples(manifest)
-        print(f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s")
+        print(_written(args, manifest))
         return 0
     print(f"cleaning: {_removed_text(manifest['cleaning'])}")
     long_docs = manifest["long_documents"]
@@ -862,7 +943,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, info in manifest["splits"].items():
         print(f"{split}: {info['documents']} documents, {info['tokens']} tokens, {len(info['shards'])} shards "
               f"({manifest['token_dtype']})")
-    print(f"wrote {args.output}/{MANIFEST} in {manifest['seconds']}s")
+    print(_written(args, manifest))
     return 0
 
 

@@ -21,7 +21,14 @@ from pathlib import Path
 
 import xxhash
 
-from lmtrain.data.text_sources import SourceError, add_corpus_args, check_spec, corpus_from_args, iter_documents
+from lmtrain.data.text_sources import (
+    SourceError,
+    add_corpus_args,
+    check_spec,
+    corpus_from_args,
+    expand_files,
+    iter_documents,
+)
 from lmtrain.data.tokenizer import ALGORITHMS, build_tokenizer, save_tokenizer_dir
 from lmtrain.paths import as_path, is_remote
 
@@ -77,8 +84,13 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
     spec = corpus_from_args(args)
     check_spec(spec)
     output = as_path(args.output)
+    fingerprint = run_fingerprint(args, spec)
     if output.exists() and not args.overwrite:
-        raise SourceError(f"output {output} exists; pass --overwrite to replace it.")
+        kept = _finished_summary(output, fingerprint)
+        if kept is not None:  # a re-run (e.g. of the quickstart) reuses the tokenizer instead of failing
+            return {**kept, "kept": True}
+        raise SourceError(f"output {output} exists (not a tokenizer of these inputs and options); pass --overwrite "
+                          "to replace it.")
     if args.algorithm in ("unigram", "wordpiece") and not args.unk_token:
         raise SourceError(f"--algorithm {args.algorithm} needs an --unk-token.")
     if not args.eos_token:
@@ -138,6 +150,7 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
         "training_chars": stats["chars"],
         "held_out_documents": stats["held_out_documents"],
         "train_seconds": round(time.time() - start, 2),
+        "fingerprint": fingerprint,
     }
     if sample:
         encoded = tok.encode_batch(sample, add_special_tokens=False)
@@ -150,6 +163,26 @@ def train_tokenizer(args: argparse.Namespace) -> dict:
         summary["compression_sample"] = "none held out (corpus too small for --holdout-fraction)"
     _save(tok, named, list(args.special_tokens), summary, output)
     return summary
+
+
+def run_fingerprint(args: argparse.Namespace, spec) -> dict:
+    """Everything that decides the tokenizer: the options and the inputs (a local file by size and mtime)."""
+    options = {k: v for k, v in sorted(vars(args).items()) if k not in ("output", "overwrite")}
+    fingerprint = {"options": options, "corpus": spec.describe()}
+    if spec.files:
+        fingerprint["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+    return json.loads(json.dumps(fingerprint))  # as it reads back from training_summary.json (tuples are lists)
+
+
+def _finished_summary(output, fingerprint: dict) -> dict | None:
+    """The summary of a finished tokenizer in `output` trained on the same inputs with the same options."""
+    try:
+        summary = json.loads((output / "training_summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("fingerprint") != fingerprint:
+        return None
+    return summary if (output / "tokenizer.json").exists() else None
 
 
 def _save(tok, named: dict, extra: list[str], summary: dict, output) -> None:
@@ -181,6 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ratio = summary["compression_bytes_per_token"]
     vocab, asked = summary["vocab_size"], summary["requested_vocab_size"]
+    if summary.get("kept"):
+        print(f"train_tokenizer: {args.output} already holds a tokenizer trained on these inputs with these options; "
+              f"kept it (pass --overwrite to train again). vocab size: {vocab}. Train with "
+              f"--config.model.vocab_size={vocab}.")
+        return 0
     print(f"tokenizer: {args.algorithm}, vocab {vocab}, trained on {summary['training_documents']} "
           f"documents ({summary['training_chars']} chars) in {summary['train_seconds']}s -> {args.output}")
     print(f"compression: {ratio} bytes/token on {summary['compression_sample']}" if ratio else

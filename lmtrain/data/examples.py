@@ -16,15 +16,24 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable
 
+import jinja2
 import numpy as np
 
+from lmtrain.data.chat_render import ChatTemplateRenderer, TemplateLimitError
 from lmtrain.data.text_sources import SourceError
 
 TOO_LONG_POLICIES = ("truncate", "drop")
+MISSING_LABELS = ("", "nan")  # a label cell that means "none": empty, or NaN as pandas writes a missing value
 
 
 class ExampleError(SourceError):
     """A task record that cannot become an example; the message names the file and line."""
+
+
+class ChatTemplateText(str):
+    """A chat template's text, knowing the file it was read from (for error messages)."""
+
+    source = ""
 
 
 @dataclasses.dataclass
@@ -95,9 +104,15 @@ def load_chat_template(path: str) -> str:
     from lmtrain.paths import as_path
 
     try:
-        return as_path(path).read_text(encoding="utf-8")
+        text = as_path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ExampleError(f"--chat-template {path} cannot be read ({e}).") from None
+    if not text.strip():  # not a reason to fall back to the tokenizer's template: the user asked for this one
+        raise ExampleError(f"--chat-template {path} is empty; give a Jinja chat template (as in tokenizer_config.json)"
+                           ", or leave the option out to use the tokenizer's own.")
+    template = ChatTemplateText(text)
+    template.source = f"--chat-template {path}"
+    return template
 
 
 class ChatEncoder:
@@ -116,11 +131,18 @@ class ChatEncoder:
         if not self.chat_template:
             raise ExampleError(f"tokenizer {getattr(hf_tokenizer, 'name_or_path', '')} has no chat template; give one "
                                "with --chat-template FILE (a Jinja template as in tokenizer_config.json).")
+        self.template_name = (getattr(self.chat_template, "source", "") or
+                              f"of tokenizer {getattr(hf_tokenizer, 'name_or_path', '')}")
+        try:  # rendered as apply_chat_template does, bounded in time and size (lmtrain.data.chat_render)
+            self._render = ChatTemplateRenderer(self.chat_template, self.template_name,
+                                                hf_tokenizer.special_tokens_map)
+        except jinja2.TemplateSyntaxError as e:
+            raise ExampleError(f"the chat template {self.template_name} is not valid Jinja (line {e.lineno}: "
+                               f"{e.message}).") from None
         self.counts: Counter = Counter()
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
+        return self._render(messages, add_generation_prompt)
 
     def messages(self, record: dict, where: str) -> list[dict]:
         messages = _field(record, self.messages_field, where, "--messages-field")
@@ -142,6 +164,8 @@ class ChatEncoder:
         """The rendered conversation and the character spans of its assistant turns."""
         try:
             full = self.render(messages, add_generation_prompt=False)
+        except TemplateLimitError:
+            raise
         except Exception as e:  # noqa: BLE001 - a template raises what it likes (raise_exception)
             raise ExampleError(f"{where}: the chat template cannot render this conversation ({e}).") from None
         spans, cursor = [], 0
@@ -152,6 +176,10 @@ class ChatEncoder:
             if span is None or span[0] < cursor:
                 raise ExampleError(f"{where}: cannot find assistant turn {i} in the rendered conversation; the chat "
                                    "template changes the content. Use a template that keeps it, or --format sft.")
+            if m["content"].strip() not in full[span[0] : span[1]]:  # only the end-of-turn text would be trained
+                raise ExampleError(f"{where}: the chat template drops the content of assistant turn {i}, so only its "
+                                   "end-of-turn text would be trained on. Use a template that renders each "
+                                   "message's content.")
             spans.append(span)
             cursor = span[1]
         return full, spans
@@ -160,14 +188,40 @@ class ChatEncoder:
         """Turn i spans from the end of the render of turns < i with the generation prompt to the end
         of the render of turns <= i (trailing whitespace excluded), when both are prefixes of the whole."""
         try:
-            before = self.render(messages[:i], add_generation_prompt=True) if i else ""
             through = self.render(messages[: i + 1], add_generation_prompt=False)
+            before = (self.render(messages[:i], add_generation_prompt=True) if i
+                      else self._first_turn_header(through, messages[0]["content"]))
+        except TemplateLimitError:
+            raise
         except Exception:  # noqa: BLE001 - e.g. a template that insists on a final user turn
             return None
         end = len(through.rstrip())
         if not (full.startswith(through) and through.startswith(before)) or end <= len(before):
             return None
         return len(before), end
+
+    def _first_turn_header(self, through: str, content: str) -> str:
+        """What a conversation that opens with an assistant turn renders before its content: up to the end of
+        the template's assistant header (its generation prompt), which is not trained on, as transformers'
+        {% generation %} masks leave it out. Nothing if the header is not found before the content."""
+        header = self._generation_prompt()
+        start = through.find(content.strip())
+        at = through.rfind(header, 0, start) if header and start >= 0 else -1
+        return through[: at + len(header)] if at >= 0 else ""
+
+    def _generation_prompt(self) -> str:
+        """The text add_generation_prompt appends (e.g. '<|im_start|>assistant\\n'), from a one-turn probe."""
+        if not hasattr(self, "_header"):
+            probe = [{"role": "user", "content": "Q7"}]
+            try:
+                plain = self.render(probe, add_generation_prompt=False)
+                prompted = self.render(probe, add_generation_prompt=True)
+                self._header = prompted[len(plain) :] if prompted.startswith(plain) else ""
+            except TemplateLimitError:
+                raise
+            except Exception:  # noqa: BLE001
+                self._header = ""
+        return self._header
 
     def _span_by_search(self, full: str, content: str, cursor: int) -> tuple[int, int] | None:
         """For templates whose prefixes are not prefixes of the whole (e.g. a system prompt moved into
@@ -188,6 +242,8 @@ class ChatEncoder:
             try:
                 text = self.render(probe, add_generation_prompt=False)
                 self._marker = text[text.rindex("A7") + 2 :].rstrip()
+            except TemplateLimitError:
+                raise
             except Exception:  # noqa: BLE001
                 self._marker = ""
         return self._marker
@@ -197,7 +253,10 @@ class ChatEncoder:
 
     def encode(self, record: dict, where: str) -> Example | None:
         messages = self.messages(record, where)
-        text, spans = self.assistant_spans(messages, where)
+        try:
+            text, spans = self.assistant_spans(messages, where)
+        except TemplateLimitError as e:
+            raise ExampleError(f"{where}: {e}") from None
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         tokens = np.asarray(enc["input_ids"], np.int64)
         offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)
@@ -235,7 +294,11 @@ class ClassifyEncoder:
             raise ExampleError(f"{where}: no label: field '{self.label_field}' is missing (fields: {keys}). "
                                "Classification data needs a label for every example; set --label-field.")
         value = record[self.label_field]
-        if isinstance(value, bool) or not isinstance(value, int | str) or (isinstance(value, str) and not value):
+        if isinstance(value, str) and value.strip().lower() in MISSING_LABELS:
+            raise ExampleError(f"{where}: no label: field '{self.label_field}' is {value!r}, a missing value (pandas "
+                               "writes one as NaN). Classification data needs a label for every example; fill it in "
+                               "or drop the row.")
+        if isinstance(value, bool) or not isinstance(value, int | str):
             raise ExampleError(f"{where}: label {value!r} is not a string or an integer.")
         return value
 

@@ -14,6 +14,7 @@ import dataclasses
 import glob
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 FILE_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                 ".csv": "csv"}
 TXT_UNITS = ("paragraph", "line", "file")
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair, or a lone one
 
 
 class SourceError(ValueError):
@@ -164,16 +166,33 @@ def iter_records(spec: CorpusSpec) -> Iterator[tuple[dict, str]]:
             return
 
 
+def parse_json_line(line: str, where: str):
+    """One JSON value of a .jsonl line, or a SourceError naming `where` for what json accepts but
+    nothing downstream can use: deep nesting (json recurses) and lone surrogate escapes (not text)."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
+    except RecursionError:
+        raise SourceError(f"{where}: JSON nested too deeply to read (over {sys.getrecursionlimit()} levels of "
+                          "brackets); fix or drop that line.") from None
+    if SURROGATE_ESCAPE.search(line):  # rare: only then is the whole value re-encoded to find a lone one
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end].encode("utf-8", "backslashreplace").decode("ascii")
+            raise SourceError(f"{where}: the JSON holds a lone surrogate escape ({bad}), half of a UTF-16 pair, "
+                              "which is not text; fix or drop that string.") from None
+    return value
+
+
 def _iter_jsonl_records(path: Path) -> Iterator[tuple[dict, str]]:
     with _open_text(path) as f:
         for number, line in _decode_guard(path, f):
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{where}: malformed JSON ({e.msg} at column {e.colno}).") from None
+            record = parse_json_line(line, where)
             if not isinstance(record, dict):
                 raise SourceError(f"{where}: expected a JSON object, got {type(record).__name__}.")
             yield record, where
@@ -285,10 +304,7 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
         for number, line in _decode_guard(path, f):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SourceError(f"{path}:{number}: malformed JSON ({e.msg} at column {e.colno}).") from None
+            record = parse_json_line(line, f"{path}:{number}")
             yield _text_of(record, text_field, f"{path}:{number}")
 
 
