@@ -237,6 +237,38 @@ def test_which_start_is_the_classifier_as_training_began(workdirs, task_data, tm
                                   np.asarray(lm.params["blocks"]["attn"]["wq"]))
 
 
+@pytest.mark.slow
+def test_rows_are_as_long_as_the_data_needs_and_scores_do_not_change(workdirs, task_data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Examples of at most 33 tokens are scored in rows of the bucket they need (32 positions), not the model's 48,
+    and every score equals scoring in rows of the whole window."""
+    from lmtrain.evaluate import scoring
+
+    _, _, sft, classify = task_data
+    runs = {}
+    for name, bucket in (("bucketed", scoring.bucket_length), ("whole_window", lambda needed, cap: cap)):
+        monkeypatch.setattr(scoring, "bucket_length", bucket)
+        runs[name] = (
+            run_eval(capsys, workdirs["classify"], "--data", classify, "--out", tmp_path / name / "c")["result"],
+            run_eval(capsys, workdirs["sft"], "--data", sft, "--max-examples", 5, "--max-new-tokens", 6,
+                     "--mesh", "1,1,1", "--out", tmp_path / name / "s")["result"])
+    (c, s), (c_full, s_full) = runs["bucketed"], runs["whole_window"]
+    assert (c["extra"]["row_len"], s["extra"]["row_len"]) == (32, 33)
+    assert (c_full["extra"]["row_len"], s_full["extra"]["row_len"]) == (48, 49)
+    assert c["metrics"] == c_full["metrics"] and c["samples"] == c_full["samples"]
+    assert s["metrics"]["tokens"] == s_full["metrics"]["tokens"]
+    assert s["metrics"]["loss"] == pytest.approx(s_full["metrics"]["loss"], rel=1e-6)
+    assert s["samples"] == s_full["samples"]
+
+
+def test_bucket_length_is_a_power_of_two_within_the_model():
+    from lmtrain.evaluate.scoring import bucket_length
+
+    assert [bucket_length(n, 512) for n in (1, 16, 17, 33, 100, 300, 512, 600)] == [16, 16, 32, 64, 128, 512, 512,
+                                                                                   512]
+    assert bucket_length(20, 24) == 24 and bucket_length(5, 8) == 8
+
+
 # ----------------------------------------------------------------------------- baseline, placement, storage
 
 

@@ -80,6 +80,16 @@ def metric_names(kind: str, value: str | None) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- one model
 
 
+def scoring_row_len(enc: examples_lib.Encoded, kind: str, max_seq_len: int) -> int:
+    """Tokens per scoring row: what the longest example needs, bucketed (scoring.bucket_length), not the model's
+    whole window. Encoding at the full window first means a document cut into windows still has a piece of the
+    full length, so the cut (and so every score) is what the full window gives."""
+    if kind == "classify":
+        return scoring.bucket_length(max((len(x) for x in enc.inputs), default=1), max_seq_len)
+    longest = max((len(tokens) for tokens, _ in enc.pieces), default=2)
+    return scoring.bucket_length(longest - 1, max_seq_len) + 1  # model positions, plus the last target
+
+
 def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Namespace, log=print) -> EvalResult:
     """Score one loaded model (lmtrain.evaluate.model.EvalModel) on the eval set."""
     kind = eval_set.kind
@@ -92,11 +102,12 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
                         "score it on classification data.")
     cfg = model.model_def.cfg
     rows = scoring.round_up(max(args.batch_size, 1), model.batch_multiple)
-    row_len = cfg.max_seq_len if kind == "classify" else cfg.max_seq_len + 1
-    enc = examples_lib.encode(eval_set, model.tokenizer, model.tokenizer_dir, cfg.vocab_size, row_len, model.labels)
+    full_len = cfg.max_seq_len if kind == "classify" else cfg.max_seq_len + 1
+    enc = examples_lib.encode(eval_set, model.tokenizer, model.tokenizer_dir, cfg.vocab_size, full_len, model.labels)
+    row_len = scoring_row_len(enc, kind, cfg.max_seq_len)
     loss_names = [n for n in names if METRICS[n].inputs == "loss"]
     text_names = [n for n in names if METRICS[n].inputs == "text"]
-    samples, extra = [dict(r) for r in enc.records], {"examples": len(enc.records)}
+    samples, extra = [dict(r) for r in enc.records], {"examples": len(enc.records), "row_len": row_len}
     with model.context():
         kw = {}
         if loss_names:

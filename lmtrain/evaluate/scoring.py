@@ -25,6 +25,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def bucket_length(needed: int, cap: int, smallest: int = 16) -> int:
+    """The scoring length for data that needs `needed` positions: the next power of two (at least `smallest`),
+    never more than `cap` (the model's positions). Buckets bound how many shapes an eval compiles, and short data
+    is not padded to a long model's whole window."""
+    return min(cap, max(smallest, 1 << max(needed - 1, 0).bit_length()))
+
+
 def loss_sums(model_def: ModelDef, params: dict, pieces: list[tuple[np.ndarray, np.ndarray]], row_len: int,
               batch_rows: int) -> tuple[float, int]:
     """(summed nats, scored tokens) of the pieces' targets, packed whole into rows of row_len as training packs."""
