@@ -57,6 +57,8 @@ DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16
 # Source config keys that lmtrain's model does not determine and that survive an import/export round trip.
 _CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path")
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
+# Tokens chat templates write after each message (ChatML, Llama 3, Gemma, Phi-3): a reply ends at one.
+END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
 # Hidden siblings of OUT: the export being written, and an old export moved aside by --force.
 _STAGING, _ASIDE = "export-tmp", "export-old"
 # Written last: an export directory without it is unfinished (the rule object stores rely on).
@@ -233,6 +235,41 @@ def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path) -> 
         for name in sorted(os.listdir(saved)):
             epath.Path(saved, name).copy(out_dir / name, overwrite=True)
     return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+
+
+def end_of_turn_tokens(template: str | None, token_id) -> list[str]:
+    """The end-of-turn tokens a chat template writes that are single tokens of the vocabulary (`token_id(text)`
+    gives a token's id, or None)."""
+    if not template:
+        return []
+    return [name for name in END_OF_TURN_NAMES if name in template and token_id(name) is not None]
+
+
+def shards_chat_template(shards_dir) -> str | None:
+    """The chat template the shards were made with: manifest.json's `chat_template` (or, as tools/shard_data.py
+    records it, its fingerprint's); None for shards of another format or a directory that is not there."""
+    path = as_path(shards_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    fingerprint = manifest.get("fingerprint") if isinstance(manifest.get("fingerprint"), dict) else {}
+    template = manifest.get("chat_template") or fingerprint.get("chat_template")
+    return template if isinstance(template, str) and template else None
+
+
+def workdir_chat_template(workdir) -> str | None:
+    """The chat template a WORKDIR trained with (its data.shards_dir's); None for a Hugging Face directory or a
+    run on other data."""
+    try:
+        raw = json.loads((as_path(workdir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    shards_dir = data.get("shards_dir") if isinstance(data, dict) else None
+    return shards_chat_template(shards_dir) if isinstance(shards_dir, str) and shards_dir else None
 
 
 def _first_line(e: BaseException) -> str:
