@@ -348,3 +348,31 @@ def test_bad_models_for_the_data_are_one_line_errors(workdirs, task_data, tmp_pa
     (tmp_path / "labels.jsonl").write_text('{"text": "Return the sum of two numbers.", "label": "poetry"}\n')
     err = eval_error(capsys, workdirs["classify"], "--data", tmp_path / "labels.jsonl", "--format", "classify")
     assert "label 'poetry' was never seen in training" in err and "labels.jsonl:1" in err
+
+
+def test_lmtrain_commands_do_not_print_the_pytorch_not_found_warning():
+    """Without PyTorch, transformers warns at import that models won't be available; lmtrain needs only its
+    tokenizers and configs, so its commands leave that warning out (torch is hidden from the child process)."""
+    import subprocess
+    import sys
+
+    hide_torch = "import sys; sys.modules['torch'] = None; "
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+
+    def stderr_of(code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", hide_torch + code], capture_output=True, text=True, env=env,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "PyTorch was not found" in stderr_of("import transformers")  # what the test would catch
+    assert "PyTorch was not found" not in stderr_of("import lmtrain.cli; import transformers")
+
+
+def test_a_shard_directory_that_does_not_exist_is_named_as_such(tmp_path):
+    from lmtrain.data.shards import ShardError, load_manifest
+
+    with pytest.raises(ShardError, match=r"shard directory .*nope does not exist; check the path"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(ShardError, match="has no manifest.json"):  # a directory without one is another matter
+        load_manifest(tmp_path)
