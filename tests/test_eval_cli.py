@@ -194,13 +194,15 @@ def test_classification_scores_by_hand_with_the_majority_baseline(workdirs, task
     from lmtrain.data import shards
 
     _, _, _, classify = task_data
-    result = run_eval(capsys, workdirs["classify"], "--data", classify, "--out", tmp_path)["result"]
+    assert cli.main(["--data", classify, "--out", str(tmp_path), workdirs["classify"]]) == 0
+    capsys_out = capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())["result"]
     m = result["metrics"]
     model = load_eval_model(workdirs["classify"], mesh_shape=(1, 1, 1))
     manifest = shards.load_manifest(classify)
     source = shards.split_source(classify, "test")  # the default split when the shards have one
     logits_fn = jax.jit(model.model_def.apply)
-    labels, preds = [], []
+    labels, preds, probs = [], [], []
     for i in range(len(source)):  # one example at a time, right-padded to one length (one compilation)
         tokens, _, label = shards.decode_record("classify", np.dtype("<u2"), source[i])
         inputs, segments = np.zeros((1, 48), np.int32), np.zeros((1, 48), np.int32)
@@ -208,13 +210,20 @@ def test_classification_scores_by_hand_with_the_majority_baseline(workdirs, task
         logits = logits_fn(model.params, inputs, np.arange(48, dtype=np.int32)[None], segments)
         labels.append(label)
         preds.append(int(np.argmax(np.asarray(logits)[0])))
+        probs.append(np.asarray(jax.nn.softmax(np.asarray(logits, np.float32)[0])))
     counts = np.zeros((6, 6), int)
     np.add.at(counts, (labels, preds), 1)
     assert m["confusion_matrix"] == counts.tolist() and m["labels"] == manifest["labels"]
     assert m["accuracy"] == pytest.approx(np.trace(counts) / len(labels))
     majority = int(np.argmax(manifest["splits"]["train"]["label_counts"]))
-    assert m["majority_class_accuracy"] == pytest.approx(labels.count(majority) / len(labels))
+    assert "majority_class_accuracy" not in m  # a reference point, not a score of the model
+    assert result["extra"]["train_majority_baseline"] == {
+        "label": manifest["labels"][majority], "accuracy": pytest.approx(labels.count(majority) / len(labels))}
     assert [s["prediction"] for s in result["samples"]] == [manifest["labels"][p] for p in preds]
+    for s, p in zip(result["samples"], probs):
+        assert list(s["probabilities"]) == [manifest["labels"][c] for c in np.argsort(-p, kind="stable")[:5]]
+        assert list(s["probabilities"].values()) == pytest.approx(np.sort(p)[::-1][:5].tolist(), abs=2e-4)
+    assert "train-majority baseline (not a model)" in capsys_out
     assert "confusion matrix" in open(tmp_path / "report.html").read().lower()
 
 

@@ -18,6 +18,8 @@ import json
 import sys
 import time
 
+import numpy as np
+
 from lmtrain.evaluate import examples as examples_lib
 from lmtrain.evaluate import scoring
 from lmtrain.evaluate.metrics import METRICS, EvalError, check_metrics, compute_metrics
@@ -120,10 +122,13 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
             extra["loss_seconds"] = round(time.perf_counter() - t0, 2)
         if kind == "classify":
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-            preds = scoring.class_predictions(model.model_def, model.params, enc.inputs, row_len, rows, int(pad or 0))
+            probs = scoring.class_probabilities(model.model_def, model.params, enc.inputs, row_len, rows,
+                                                int(pad or 0))
+            preds = np.argmax(probs, axis=-1).astype(int).tolist()
             kw.update(labels=enc.class_ids, preds=preds, label_names=model.labels)
-            for s, p in zip(samples, preds):
+            for s, p, row in zip(samples, preds, probs):
                 s["prediction"] = model.labels[p]
+                s["probabilities"] = top_probabilities(row, model.labels)
         if text_names:
             eos = model.tokenizer.eos_token_id
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (eos or 0)
@@ -139,11 +144,16 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
                                    "tokens_per_second": round(stats.tokens_per_second, 1)}
     metrics = compute_metrics(kind, names, **kw)
     majority = examples_lib.majority_class(eval_set)
-    if majority and "accuracy" in metrics:
-        metrics["majority_class_accuracy"] = majority["accuracy"]
-        extra["majority_class"] = majority["label"]
+    if majority and "accuracy" in metrics:  # a reference point, not a score of the model: kept out of metrics
+        extra["train_majority_baseline"] = majority
     return EvalResult(model=model.path, task=kind, metrics=metrics, samples=samples, checkpoint=model.checkpoint,
                       data=eval_set.describe(), metrics_jsonl=model.metrics_jsonl, extra=extra)
+
+
+def top_probabilities(probs, labels: list[str], top: int = 5) -> dict[str, float]:
+    """The `top` most likely classes and their probabilities, most likely first (rounded for the JSON file)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:top]
+    return {str(labels[c]): round(float(probs[c]), 4) for c in order}
 
 
 def _load_and_evaluate(path: str, which, eval_set, names, args, mesh_shape, role: str) -> EvalResult:
@@ -202,6 +212,17 @@ def keep_earlier(out_dir) -> str | None:
     return str(out / f"eval.{n}.json")
 
 
+def majority_baseline_line(result: EvalResult) -> str | None:
+    """The train-majority baseline in words. Not the share of the eval set's own most frequent class (what
+    tools/shard_data.py prints per split): the accuracy here of always answering the training split's most frequent
+    class, the rule a model that learned nothing but the class frequencies would follow."""
+    majority = result.extra.get("train_majority_baseline")
+    if not majority:
+        return None
+    return (f"train-majority baseline (not a model): always answering '{majority['label']}', the training split's "
+            f"most frequent class, scores accuracy {majority['accuracy']:.4g} on these examples")
+
+
 def print_summary(result: EvalResult, baseline: EvalResult | None) -> None:
     keys = [k for k, v in result.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
     width = max(len(k) for k in keys) if keys else 10
@@ -216,6 +237,9 @@ def print_summary(result: EvalResult, baseline: EvalResult | None) -> None:
             print(f"{k:<{width}}  {fb:>12}  {fa:>12}")
         else:
             print(f"{k:<{width}}  {fa}")
+    line = majority_baseline_line(result)
+    if line:
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:
