@@ -265,3 +265,21 @@ def test_a_failed_clean_up_after_publishing_is_a_note_not_a_failure(tmp_path, mo
     reloaded = _snapshot(out)
     export_params(cfg, _params(cfg, 2), out, force=True)  # the next export removes what was left
     assert _leftovers(out) == [] and _snapshot(out)["model.safetensors"] != reloaded["model.safetensors"]
+
+
+def test_recovery_never_deletes_files_a_user_put_in_out(tmp_path):
+    """An export moved aside by an interrupted --force is put back only where OUT is missing or empty: files the user
+    has since put in OUT are not an export's, and stay (the old export stays aside, named in a note)."""
+    cfg, out = _cfg(), tmp_path / "out"
+    export_params(cfg, _params(cfg, 0), out)
+    old = _snapshot(out)
+    aside = tmp_path / ".out.export-old-123-abc"
+    os.rename(out, aside)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    notes = recover_interrupted_export(as_path(out))
+    assert (out / "notes.txt").read_text() == "mine" and _snapshot(aside) == old
+    assert len(notes) == 1 and "was not put back" in notes[0]
+    (out / "notes.txt").unlink()
+    recover_interrupted_export(as_path(out))  # OUT empty again: the old export goes back
+    assert _snapshot(out) == old and _leftovers(out) == []

@@ -374,6 +374,11 @@ def recover_interrupted_export(out: epath.Path) -> list[str]:
             _remove_sibling(aside)
             notes.append(f"removed {aside}, the previous export kept until a replacing export finished")
             continue
+        if out.exists() and not is_remote(out) and any(out.iterdir()):
+            # A local OUT is renamed in whole, so an incomplete one holding files is not an export's: not ours to delete.
+            notes.append(f"kept {aside}, the previous export an interrupted export with --force moved aside: {out} "
+                         "now holds other files, so it was not put back; move it back yourself")
+            continue
         if out.exists():
             _remove_files(out)
         if is_remote(out):
