@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
+
+# transformers announces at import that PyTorch is missing (an advisory warning): lmtrain uses it for tokenizers and
+# configs only, which need no PyTorch, so every command would print a warning about nothing. Set before any command
+# imports transformers; a user's own setting wins.
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS = {

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
@@ -24,6 +25,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmtrain.data.packing import classify_batch
+from lmtrain.interop.hf_export import (
+    _EOS_NAMES,
+    end_of_turn_tokens,
+    export_shardings,
+    workdir_chat_template,
+    workdir_labels,
+)
+from lmtrain.interop.hf_import import read_hf_labels
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path, local_dir
 
@@ -40,6 +50,24 @@ class SamplingConfig:
     top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p (1.0: all)
     eos_id: int | None = None  # stop a row once it emits this token (None: never stop early)
     pad_id: int = 0  # fills the left padding and the slots after a row stopped
+    stop_ids: tuple[int, ...] = ()  # further tokens that stop a row (a chat model's end of turn, a --stop token)
+
+    @property
+    def ends(self) -> tuple[int, ...]:
+        """Every token that ends a row."""
+        return tuple(dict.fromkeys(((self.eos_id,) if self.eos_id is not None else ()) + tuple(self.stop_ids)))
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, max_new_tokens: int) -> None:
+    """Raise GenerationError, naming the option, for a value that would sample garbage or silently mean another."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise GenerationError(f"--temperature {temperature}: give 0 (greedy) or a positive number.")
+    if not 0 < top_p <= 1:  # NaN fails this too
+        raise GenerationError(f"--top-p {top_p}: give a probability mass above 0 and at most 1 (1: off).")
+    if top_k < 0:
+        raise GenerationError(f"--top-k {top_k}: give 0 (off) or a positive number of tokens.")
+    if max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens {max_new_tokens}: give at least 1.")
 
 
 @dataclasses.dataclass
@@ -69,7 +97,8 @@ def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float, top
         sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
         probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
         mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        kept_BxV = jnp.where(mass_before_BxV < top_p, sorted_BxV, jnp.inf)  # the top token is always kept
+        is_top_V = jnp.arange(sorted_BxV.shape[-1]) == 0  # the top token is always kept, whatever top_p is
+        kept_BxV = jnp.where((mass_before_BxV < top_p) | is_top_V, sorted_BxV, jnp.inf)
         logits_BxV = jnp.where(logits_BxV < kept_BxV.min(axis=-1, keepdims=True), -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
@@ -144,8 +173,8 @@ def make_generate_fn(model_def: ModelDef, sampling: SamplingConfig, use_cache: b
             next_B = sample_logits(logits_BxV[:, :vocab], step_key, s.temperature, s.top_k, s.top_p)
             next_B = jnp.where(done_B, s.pad_id, next_B)
             tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, next_B[:, None], (0, slot))
-            if s.eos_id is not None:
-                done_B = done_B | (next_B == s.eos_id)
+            if s.ends:
+                done_B = done_B | jnp.isin(next_B, jnp.asarray(s.ends, jnp.int32))
             if use_cache:
                 position_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxT, slot, 1, axis=1)
                 logits_Bx1xV, cache = _forward_with_cache(model, next_B[:, None], position_Bx1, slot, pad_B, cache)
@@ -200,9 +229,8 @@ def generate(model_def: ModelDef, params: dict, prompts: list[list[int]], sampli
     seconds = time.perf_counter() - start
     out = []
     for row in new_BxN.tolist():
-        if sampling.eos_id is not None and sampling.eos_id in row:
-            row = row[: row.index(sampling.eos_id) + 1]
-        out.append(row)
+        end = next((i for i, t in enumerate(row) if t in sampling.ends), None)
+        out.append(row if end is None else row[: end + 1])
     return GenerationResult(out, seconds, compile_seconds)
 
 
@@ -213,17 +241,16 @@ class _Tokenizer:
     """encode/decode over a transformers tokenizer directory or a bare tokenizer.json."""
 
     def __init__(self, directory: pathlib.Path):
-        self.eos_id = None
+        self.eos_id, self.chat_template = None, None
         try:
             from transformers import AutoTokenizer
 
             self._hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
             self.eos_id = self._hf.eos_token_id
             self.pad_id = self._hf.pad_token_id
+            self.chat_template = getattr(self._hf, "chat_template", None)
         except Exception:  # noqa: BLE001 - lmtrain's own tokenizers are a bare tokenizer.json
             from tokenizers import Tokenizer
-
-            from lmtrain.interop.hf_export import _EOS_NAMES
 
             self._hf = None
             self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
@@ -235,6 +262,12 @@ class _Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(ids) if self._hf is not None else self._tok.decode(ids)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of `text` when it is one token of the vocabulary (a special token such as <|im_end|>)."""
+        if self._hf is not None:
+            return self._hf.get_vocab().get(text)
+        return self._tok.token_to_id(text)
 
 
 def load_model(path, which: str | int = "latest"):
@@ -258,8 +291,6 @@ def load_model(path, which: str | int = "latest"):
     cfg = load_config(str(config_path))
     model_def = ModelDef(workdir_model_config(cfg, path))
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
-    from lmtrain.interop.hf_export import export_shardings
-
     has_steps = (path / "checkpoints").exists() and any(p.name.isdigit() for p in (path / "checkpoints").iterdir())
     if has_steps or not cfg.train.init_from:
         # Sharded over the training mesh when this job's devices fit it (a model larger than one device).
@@ -273,42 +304,116 @@ def load_model(path, which: str | int = "latest"):
     return model_def, params, tokenizer_dir if tokenizer_dir.is_dir() else None
 
 
+def check_prompts(prompts: list[str]) -> None:
+    """A prompt the shell passed as bytes that are not UTF-8 (held as surrogate escapes) cannot be tokenized."""
+    for n, prompt in enumerate(prompts, 1):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise GenerationError(f"--prompt number {n} is not valid UTF-8 text (the shell passed bytes that do "
+                                  "not decode as UTF-8); give the prompt as UTF-8.") from None
+
+
+def stop_strings(args: argparse.Namespace, model_path, tokenizer: _Tokenizer) -> list[str]:
+    """--stop strings, and for a chat model (a chat template, the training's or the tokenizer's) its end-of-turn
+    tokens: a reply ends there, and what follows would be the model writing the user's next turn."""
+    template = workdir_chat_template(model_path) or tokenizer.chat_template
+    defaults = [] if args.ignore_eos else end_of_turn_tokens(template, tokenizer.token_id)
+    return list(dict.fromkeys([*args.stop, *defaults]))
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """`text` up to (not including) the earliest stop string in it."""
+    cuts = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return text[: min(cuts)] if cuts else text
+
+
+def classify_prompts(model_def: ModelDef, params: dict, prompts: list[list[int]], pad_id: int) -> np.ndarray:
+    """[prompts, classes] class probabilities; prompts longer than the model are cut to its positions, as the
+    classify task's --too-long truncate does."""
+    seq_len = min(max(len(p) for p in prompts), model_def.cfg.max_seq_len)
+    batch = classify_batch([(np.asarray(p, np.int32), 0) for p in prompts], seq_len, len(prompts), pad_id)
+    logits_BxC = jax.jit(model_def.apply)(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    return np.asarray(jax.nn.softmax(jnp.asarray(logits_BxC, jnp.float32), axis=-1))
+
+
+def model_labels(path, num_labels: int) -> list[str]:
+    """A classifier's class names: WORKDIR/labels.json or a Hugging Face config's id2label (LABEL_i otherwise)."""
+    path = as_path(path)
+    labels = workdir_labels(path) if not is_hf_dir(path) else read_hf_labels(path)
+    return labels if labels and len(labels) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
+
+
+def is_hf_dir(path) -> bool:
+    raw = json.loads((as_path(path) / "config.json").read_text())
+    return "architectures" in raw or "model_type" in raw
+
+
+def print_classes(prompts: list[str], probs_PxC: np.ndarray, labels: list[str], top: int = 10) -> None:
+    for prompt, probs in zip(prompts, probs_PxC, strict=True):
+        order = np.argsort(-probs)
+        print(f"--- {prompt!r}\nlabel: {labels[order[0]]} (p={probs[order[0]]:.3f})")
+        for c in order[:top]:
+            print(f"  {labels[c]:<20} {probs[c]:.3f}")
+        if len(order) > top:
+            print(f"  ... {len(order) - top} more classes")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmtrain generate", description="Generate text with a KV cache.")
+    parser = argparse.ArgumentParser(prog="lmtrain generate", description="Generate text with a KV cache; a "
+                                     "classifier prints each prompt's class and the class probabilities.")
     parser.add_argument("path", help="WORKDIR (its checkpoint, or the parameters `lmtrain import` wrote) or an HF dir")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for a batch")
     parser.add_argument("--which", default="latest", help="checkpoint: 'latest', 'best' or a step number")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1] (1.0: off)")
+    parser.add_argument("--stop", action="append", default=[], metavar="STRING",
+                        help="end a generation at STRING, which is not printed; repeat for several (a chat "
+                        "model's end-of-turn token, such as <|im_end|>, is one by default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="recompute the full forward pass every step")
     parser.add_argument("--ignore-eos", action="store_true", help="always generate max-new-tokens tokens")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     which = int(args.which) if args.which.isdigit() else args.which
     try:
+        check_sampling(args.temperature, args.top_k, args.top_p, args.max_new_tokens)
+        prompts = args.prompt or [""]
+        check_prompts(prompts)
+        if any(not stop for stop in args.stop):
+            raise GenerationError("--stop needs a non-empty string.")
         model_def, params, tokenizer_dir = load_model(args.path, which)
         if tokenizer_dir is None:
             raise GenerationError(f"{args.path} has no tokenizer; generation needs one to encode the prompts.")
         with local_dir(tokenizer_dir) as local_tokenizer:
             tokenizer = _Tokenizer(pathlib.Path(local_tokenizer))
-        prompts = args.prompt or [""]
         ids = [tokenizer.encode(p) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0] for p in prompts]
+        pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+        head = model_def.cfg.head
+        if head == "classify":
+            probs = classify_prompts(model_def, params, ids, pad_id)
+            print_classes(prompts, probs, model_labels(args.path, model_def.cfg.num_labels))
+            return 0
+        if head != "lm":
+            raise GenerationError(f"{args.path} has a '{head}' head; lmtrain generate runs language models (and "
+                                  "classifiers). Score it with lmtrain eval.")
+        stops = stop_strings(args, args.path, tokenizer)
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             eos_id=None if args.ignore_eos else tokenizer.eos_id,
-            pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0),
+            pad_id=pad_id,
+            stop_ids=tuple(i for stop in stops if (i := tokenizer.token_id(stop)) is not None),
         )
         result = generate(model_def, params, ids, sampling, args.seed, use_cache=not args.no_cache)
     except (GenerationError, FileNotFoundError, ValueError) as e:
         print(f"lmtrain generate: error: {e}", file=sys.stderr)
         return 2
     for prompt, new in zip(prompts, result.tokens, strict=True):
-        print(f"--- {prompt!r}\n{prompt}{tokenizer.decode(new)}")
+        print(f"--- {prompt!r}\n{prompt}{cut_at_stop(tokenizer.decode(new), stops)}")
     print(f"lmtrain generate: {result.new_tokens} tokens in {result.seconds:.2f}s ({result.tokens_per_second:.1f} "
           f"tokens/s, KV cache {'off' if args.no_cache else 'on'}; compiled in {result.compile_seconds:.1f}s)")
     return 0

@@ -194,13 +194,15 @@ def test_classification_scores_by_hand_with_the_majority_baseline(workdirs, task
     from lmtrain.data import shards
 
     _, _, _, classify = task_data
-    result = run_eval(capsys, workdirs["classify"], "--data", classify, "--out", tmp_path)["result"]
+    assert cli.main(["--data", classify, "--out", str(tmp_path), workdirs["classify"]]) == 0
+    capsys_out = capsys.readouterr().out
+    result = json.loads((tmp_path / "eval.json").read_text())["result"]
     m = result["metrics"]
     model = load_eval_model(workdirs["classify"], mesh_shape=(1, 1, 1))
     manifest = shards.load_manifest(classify)
     source = shards.split_source(classify, "test")  # the default split when the shards have one
     logits_fn = jax.jit(model.model_def.apply)
-    labels, preds = [], []
+    labels, preds, probs = [], [], []
     for i in range(len(source)):  # one example at a time, right-padded to one length (one compilation)
         tokens, _, label = shards.decode_record("classify", np.dtype("<u2"), source[i])
         inputs, segments = np.zeros((1, 48), np.int32), np.zeros((1, 48), np.int32)
@@ -208,13 +210,20 @@ def test_classification_scores_by_hand_with_the_majority_baseline(workdirs, task
         logits = logits_fn(model.params, inputs, np.arange(48, dtype=np.int32)[None], segments)
         labels.append(label)
         preds.append(int(np.argmax(np.asarray(logits)[0])))
+        probs.append(np.asarray(jax.nn.softmax(np.asarray(logits, np.float32)[0])))
     counts = np.zeros((6, 6), int)
     np.add.at(counts, (labels, preds), 1)
     assert m["confusion_matrix"] == counts.tolist() and m["labels"] == manifest["labels"]
     assert m["accuracy"] == pytest.approx(np.trace(counts) / len(labels))
     majority = int(np.argmax(manifest["splits"]["train"]["label_counts"]))
-    assert m["majority_class_accuracy"] == pytest.approx(labels.count(majority) / len(labels))
+    assert "majority_class_accuracy" not in m  # a reference point, not a score of the model
+    assert result["extra"]["train_majority_baseline"] == {
+        "label": manifest["labels"][majority], "accuracy": pytest.approx(labels.count(majority) / len(labels))}
     assert [s["prediction"] for s in result["samples"]] == [manifest["labels"][p] for p in preds]
+    for s, p in zip(result["samples"], probs):
+        assert list(s["probabilities"]) == [manifest["labels"][c] for c in np.argsort(-p, kind="stable")[:5]]
+        assert list(s["probabilities"].values()) == pytest.approx(np.sort(p)[::-1][:5].tolist(), abs=2e-4)
+    assert "train-majority baseline (not a model)" in capsys_out
     assert "confusion matrix" in open(tmp_path / "report.html").read().lower()
 
 
@@ -235,6 +244,38 @@ def test_which_start_is_the_classifier_as_training_began(workdirs, task_data, tm
     lm = load_eval_model(workdirs["lm"], "latest", (1, 1, 1))
     np.testing.assert_array_equal(np.asarray(start.params["blocks"]["attn"]["wq"]),
                                   np.asarray(lm.params["blocks"]["attn"]["wq"]))
+
+
+@pytest.mark.slow
+def test_rows_are_as_long_as_the_data_needs_and_scores_do_not_change(workdirs, task_data, tmp_path, capsys,
+                                                                      monkeypatch):
+    """Examples of at most 33 tokens are scored in rows of the bucket they need (32 positions), not the model's 48,
+    and every score equals scoring in rows of the whole window."""
+    from lmtrain.evaluate import scoring
+
+    _, _, sft, classify = task_data
+    runs = {}
+    for name, bucket in (("bucketed", scoring.bucket_length), ("whole_window", lambda needed, cap: cap)):
+        monkeypatch.setattr(scoring, "bucket_length", bucket)
+        runs[name] = (
+            run_eval(capsys, workdirs["classify"], "--data", classify, "--out", tmp_path / name / "c")["result"],
+            run_eval(capsys, workdirs["sft"], "--data", sft, "--max-examples", 5, "--max-new-tokens", 6,
+                     "--mesh", "1,1,1", "--out", tmp_path / name / "s")["result"])
+    (c, s), (c_full, s_full) = runs["bucketed"], runs["whole_window"]
+    assert (c["extra"]["row_len"], s["extra"]["row_len"]) == (32, 33)
+    assert (c_full["extra"]["row_len"], s_full["extra"]["row_len"]) == (48, 49)
+    assert c["metrics"] == c_full["metrics"] and c["samples"] == c_full["samples"]
+    assert s["metrics"]["tokens"] == s_full["metrics"]["tokens"]
+    assert s["metrics"]["loss"] == pytest.approx(s_full["metrics"]["loss"], rel=1e-6)
+    assert s["samples"] == s_full["samples"]
+
+
+def test_bucket_length_is_a_power_of_two_within_the_model():
+    from lmtrain.evaluate.scoring import bucket_length
+
+    assert [bucket_length(n, 512) for n in (1, 16, 17, 33, 100, 300, 512, 600)] == [16, 16, 32, 64, 128, 512, 512,
+                                                                                   512]
+    assert bucket_length(20, 24) == 24 and bucket_length(5, 8) == 8
 
 
 # ----------------------------------------------------------------------------- baseline, placement, storage
@@ -316,3 +357,31 @@ def test_bad_models_for_the_data_are_one_line_errors(workdirs, task_data, tmp_pa
     (tmp_path / "labels.jsonl").write_text('{"text": "Return the sum of two numbers.", "label": "poetry"}\n')
     err = eval_error(capsys, workdirs["classify"], "--data", tmp_path / "labels.jsonl", "--format", "classify")
     assert "label 'poetry' was never seen in training" in err and "labels.jsonl:1" in err
+
+
+def test_lmtrain_commands_do_not_print_the_pytorch_not_found_warning():
+    """Without PyTorch, transformers warns at import that models won't be available; lmtrain needs only its
+    tokenizers and configs, so its commands leave that warning out (torch is hidden from the child process)."""
+    import subprocess
+    import sys
+
+    hide_torch = "import sys; sys.modules['torch'] = None; "
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+
+    def stderr_of(code: str) -> str:
+        done = subprocess.run([sys.executable, "-c", hide_torch + code], capture_output=True, text=True, env=env,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    assert "PyTorch was not found" in stderr_of("import transformers")  # what the test would catch
+    assert "PyTorch was not found" not in stderr_of("import lmtrain.cli; import transformers")
+
+
+def test_a_shard_directory_that_does_not_exist_is_named_as_such(tmp_path):
+    from lmtrain.data.shards import ShardError, load_manifest
+
+    with pytest.raises(ShardError, match=r"shard directory .*nope does not exist; check the path"):
+        load_manifest(tmp_path / "nope")
+    with pytest.raises(ShardError, match="has no manifest.json"):  # a directory without one is another matter
+        load_manifest(tmp_path)

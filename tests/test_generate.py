@@ -1,5 +1,7 @@
 """Generation: greedy ids equal transformers' `generate`, the KV cache changes nothing, seeds reproduce."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -103,3 +105,144 @@ def test_cli_generates_from_an_imported_workdir(tmp_path, capsys):
     assert "16 tokens in" in out and "tokens/s" in out and "KV cache on" in out
     assert generate_lib.main([str(hf_dir), "--prompt", "a dog", "--max-new-tokens", "4", "--no-cache"]) == 0
     assert "KV cache off" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- sampling values, prompts, stops
+
+
+@pytest.mark.parametrize("option, value", [("--top-p", "0"), ("--top-p", "-0.5"), ("--top-p", "2"), ("--top-p", "nan"),
+                                           ("--temperature", "nan"), ("--temperature", "-1"), ("--top-k", "-5"),
+                                           ("--temperature", "inf")])
+def test_bad_sampling_values_are_one_line_errors(tmp_path, capsys, option, value):
+    assert generate_lib.main([str(tmp_path / "no_model"), "--prompt", "a", option, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lmtrain generate: error: {option} {value.replace('inf', 'inf')}") and "\n" not in err, err
+
+
+def test_a_tiny_nucleus_keeps_the_most_likely_token():
+    logits = jnp.asarray([[0.0, 3.0, 1.0, 2.9, -1.0], [5.0, 0.0, 0.0, 0.0, 0.0]] * 128)
+    key = jax.random.key(3)
+    for top_p in (0.0, 1e-30):  # no token's mass reaches these: the top one is still kept
+        assert sample_logits(logits, key, 1.0, 0, top_p).tolist() == [1, 0] * 128
+        assert sample_logits(logits, key, 1.0, 2, top_p).tolist() == [1, 0] * 128
+
+
+def test_a_prompt_that_is_not_utf8_is_a_one_line_error(tmp_path, capsys):
+    prompt = b"caf\xe9".decode("utf-8", "surrogateescape")  # what Python makes of Latin-1 bytes in argv
+    assert generate_lib.main([str(tmp_path / "no_model"), "--prompt", "fine", "--prompt", prompt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lmtrain generate: error: --prompt number 2 is not valid UTF-8 text (the shell passed bytes that do "
+                   "not decode as UTF-8); give the prompt as UTF-8.")
+
+
+def test_generation_stops_at_stop_tokens_per_row(hf_and_lmtrain):
+    _, model_def, params = hf_and_lmtrain
+    greedy = generate(model_def, params, _prompts(), SamplingConfig(max_new_tokens=N_NEW)).tokens
+    stop_a, stop_b = greedy[1][4], greedy[0][6]
+    sampling = SamplingConfig(max_new_tokens=N_NEW, eos_id=None, stop_ids=(stop_a, stop_b))
+    stopped = generate(model_def, params, _prompts(), sampling).tokens
+    for full, cut in zip(greedy, stopped, strict=True):
+        end = min([full.index(t) + 1 for t in (stop_a, stop_b) if t in full], default=len(full))
+        assert cut == full[:end]
+    assert len(stopped[1]) <= 5 and len(stopped[0]) <= 7
+
+
+def _chat_hf_model(directory):
+    """A random Qwen2 model whose word-level tokenizer covers its whole vocabulary (so every generated token prints)
+    and has a ChatML template with its <|im_end|> token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    random_hf_model("qwen2_tied", directory)
+    specials = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(len(specials), VOCAB)])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  additional_special_tokens=specials[3:])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.save_pretrained(str(directory))
+    return tok
+
+
+def _printed(out: str) -> list[str]:
+    """The generations `lmtrain generate` printed, one per prompt (the lines after each '--- prompt' header)."""
+    blocks = out.split("--- ")[1:]
+    return [b.split("\n", 1)[1].rsplit("\nlmtrain generate:", 1)[0].rstrip("\n") for b in blocks]
+
+
+def test_stop_strings_end_the_printed_generation_and_chat_models_stop_at_end_of_turn(tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    tok = _chat_hf_model(hf_dir)
+    argv = [str(hf_dir), "--prompt", "w7 w9", "--max-new-tokens", "12"]
+    assert generate_lib.main([*argv, "--ignore-eos"]) == 0
+    (full,) = _printed(capsys.readouterr().out)
+    new = full[len("w7 w9"):]
+    words = re.findall(r"w\d+|<[^>]+>", new)
+    assert len(words) == 12
+    k = next(i for i, w in enumerate(words) if w != words[0])
+    stop = words[k]  # one token of the vocabulary: the decoding loop itself stops there
+    assert generate_lib.main([*argv, "--ignore-eos", "--stop", stop, "--stop", "never"]) == 0
+    out = capsys.readouterr().out
+    assert _printed(out) == ["w7 w9" + new[: new.index(stop)]] and stop not in _printed(out)[0][5:]
+    assert f"generate: {k + 1} tokens in" in out
+    stop = new[1:4]  # not a token: the printed text is cut before it
+    assert generate_lib.main([*argv, "--ignore-eos", "--stop", stop]) == 0
+    assert _printed(capsys.readouterr().out) == ["w7 w9" + new[:1]]
+
+    # the chat template's end-of-turn token is a default stop (a single token: the decoding loop stops at it)
+    tokenizer = generate_lib._Tokenizer(hf_dir)
+    args = generate_lib.argparse.Namespace(stop=["###"], ignore_eos=False)
+    assert generate_lib.stop_strings(args, hf_dir, tokenizer) == ["###", "<|im_end|>"]
+    assert tokenizer.token_id("<|im_end|>") == tok.convert_tokens_to_ids("<|im_end|>")
+    plain = tmp_path / "plain"
+    random_hf_model("qwen2_tied", plain, tokenizer=True)
+    assert generate_lib.stop_strings(args, plain, generate_lib._Tokenizer(plain)) == ["###"]
+    assert generate_lib.cut_at_stop("a reply<|im_end|>\n<|im_start|>user", ["<|im_end|>", "user"]) == "a reply"
+
+
+def test_a_workdir_trained_on_chat_shards_stops_at_the_templates_end_of_turn(tmp_path):
+    """The template recorded in the shards' manifest (tools/shard_data.py keeps it in the fingerprint) counts."""
+    import json
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+    (shards / "manifest.json").write_text(json.dumps({"fingerprint": {"chat_template": template}}))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"data": {"shards_dir": str(shards)}}))
+    assert generate_lib.workdir_chat_template(workdir) == template
+    (shards / "manifest.json").write_text(json.dumps({"chat_template": template}))
+    assert generate_lib.workdir_chat_template(workdir) == template
+    vocab = {"<|im_end|>": 7}
+    assert generate_lib.end_of_turn_tokens(template, vocab.get) == ["<|im_end|>"]
+    assert generate_lib.end_of_turn_tokens(template, {}.get) == []  # not one token of this vocabulary
+
+
+def test_generate_on_a_classifier_prints_the_label_and_class_probabilities(tmp_path, capsys):
+    from tests.test_hf_classifier import LABELS, random_hf_classifier
+    from tests.test_hf_import import tiny_tokenizer
+
+    hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
+    model = random_hf_classifier("qwen2", hf_dir)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(hf_dir))
+    assert hf_import.main([str(hf_dir), str(workdir)]) == 0
+    capsys.readouterr()
+    prompts = ["the cat sat on the mat", "a dog"]
+    for path in (workdir, hf_dir):
+        assert generate_lib.main([str(path), "--prompt", prompts[0], "--prompt", prompts[1]]) == 0
+        out = capsys.readouterr().out
+        for prompt, block in zip(prompts, out.split("--- ")[1:], strict=True):
+            with torch.no_grad():
+                ids = torch.tensor([tok.encode(prompt)])
+                want = torch.softmax(model(input_ids=ids).logits.float(), -1)[0].numpy()
+            lines = block.strip().splitlines()
+            assert lines[0] == repr(prompt)
+            best = int(np.argmax(want))
+            assert lines[1] == f"label: {LABELS[best]} (p={want[best]:.3f})"
+            shown = {line.split()[0]: float(line.split()[1]) for line in lines[2:]}
+            assert shown == pytest.approx(dict(zip(LABELS, want.tolist())), abs=2e-3)

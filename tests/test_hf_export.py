@@ -135,3 +135,67 @@ def test_shard_size_parsing_and_bad_workdir(tmp_path, capsys):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100KB") == 10**5
     assert hf_export.main([str(tmp_path / "nothing"), str(tmp_path / "out")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_the_training_chat_template_and_end_of_turn_eos_are_exported(tmp_path):
+    """The template the model was trained with becomes the export's (tokenizer_config.json's chat_template, which
+    apply_chat_template uses), over one the tokenizer had; generation_config.json stops at <|im_end|> and EOS."""
+    from tests.test_hf_import import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = "{{ 'not the template the model was trained with' }}"
+    tok.save_pretrained(str(tmp_path / "tok"))
+    cfg = ModelConfig.from_config(small_config("llama", **{"model.vocab_size": VOCAB}).model)
+    out = tmp_path / "hf"
+    export_params(cfg, _perturbed_params(cfg), out, tokenizer_dir=tmp_path / "tok", chat_template=CHATML)
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+    exported = AutoTokenizer.from_pretrained(str(out))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    assert exported.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nhello<|im_end|>\n")
+    im_end = exported.convert_tokens_to_ids("<|im_end|>")
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [exported.eos_token_id, im_end] and im_end != exported.eos_token_id
+
+    plain = tmp_path / "plain"  # no chat template anywhere: one EOS id, as before
+    export_params(cfg, _perturbed_params(cfg), plain, tokenizer_dir=tmp_path / "tok")
+    assert json.loads((plain / "generation_config.json").read_text())["eos_token_id"] == exported.eos_token_id
+
+
+@pytest.mark.slow
+def test_export_says_which_step_and_metric_and_takes_the_runs_chat_template(tmp_path, capsys):
+    workdir = tmp_path / "work"
+    cfg = small_config("llama", **{"model.vocab_size": 512, "data.max_docs": 60, "train.steps": 4, "train.eval_every": 2,
+                                   "train.eval_batches": 1, "checkpoint.every": 2, "checkpoint.async_save": False})
+    train(cfg, workdir)
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["val_loss"], r["step"]) for r in logged if "val_loss" in r]
+    best_loss, best_step = min(evals)
+    assert hf_export.main([str(workdir), str(tmp_path / "best"), "--which", "best"]) == 0
+    assert f"exported step {best_step} (best by val_loss={best_loss:.4g}) of {workdir}" in capsys.readouterr().out
+    assert hf_export.main([str(workdir), str(tmp_path / "two"), "--which", "2"]) == 0
+    assert "exported step 2 of" in capsys.readouterr().out
+
+    # a run on chat shards: the template its manifest records is the export's
+    shards = tmp_path / "chat_shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"fingerprint": {"chat_template": CHATML}}))
+    config = json.loads((workdir / "config.json").read_text())
+    config["data"]["shards_dir"] = str(shards)
+    (workdir / "config.json").write_text(json.dumps(config))
+    assert hf_export.main([str(workdir), str(tmp_path / "chat")]) == 0
+    assert "exported step 4 (latest) of" in capsys.readouterr().out
+    assert json.loads((tmp_path / "chat" / "tokenizer_config.json").read_text())["chat_template"] == CHATML
+
+
+def test_export_help_says_what_best_means(capsys):
+    with pytest.raises(SystemExit):
+        hf_export.main(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "lowest validation loss" not in help_text
+    assert "train.early_stopping.metric" in help_text and "val_accuracy" in help_text

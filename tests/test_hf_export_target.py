@@ -217,3 +217,69 @@ def test_gs_export_through_the_fake_gcs(fake_gcs, tmp_path):
     assert _snapshot(on_server) == _snapshot(local)
     assert sorted(n.split("/")[1] for n in fake_gcs.object_names() if n.startswith("models/")) == sorted(
         ["out"] * len(_snapshot(local))), "no staging or old prefix is left in the bucket"
+
+
+def test_a_symlinked_out_is_refused_and_an_old_link_left_aside_is_unlinked(tmp_path, capsys):
+    """Issue 19 item 7: --force onto a linked OUT published the export in the link's place, then failed (exit 2)
+    removing the moved-aside link, and that link made every later export fail. Now a linked OUT is refused before
+    anything is written; a link (or stray file) left among OUT's own siblings is removed as a link, never
+    followed."""
+    cfg = _cfg()
+    real, out = tmp_path / "real", tmp_path / "out"
+    export_params(cfg, _params(cfg, 0), real)
+    before = _snapshot(real)
+    out.symlink_to(real)
+    with pytest.raises(HFInteropError, match=r"is a symbolic link \(to .*real\); export into .*real itself"):
+        export_params(cfg, _params(cfg, 1), out, force=True)
+    assert out.is_symlink() and _snapshot(real) == before and _leftovers(real) == ["out"]
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")
+    assert hf_export.main([str(workdir), str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is a symbolic link" in err
+
+    # what the old bug left: OUT a real export, a moved-aside link to the user's directory, a stray file
+    out.unlink()
+    export_params(cfg, _params(cfg, 1), out)
+    (tmp_path / ".out.export-old-1-abc").symlink_to(real)
+    (tmp_path / ".out.export-tmp-1-abc").write_text("stray")
+    export_params(cfg, _params(cfg, 2), out, force=True)
+    assert _snapshot(real) == before, "the link's target is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real", "work"]
+
+
+def test_a_failed_clean_up_after_publishing_is_a_note_not_a_failure(tmp_path, monkeypatch, capsys):
+    cfg, out = _cfg(), tmp_path / "out"
+    export_params(cfg, _params(cfg, 0), out)
+
+    def fail(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(hf_export, "_remove_sibling", fail)
+    export_params(cfg, _params(cfg, 1), out, force=True)  # no exception: the new export is published
+    err = capsys.readouterr().err
+    assert "the new export is in" in err and "could not be removed" in err
+    monkeypatch.undo()
+    reloaded = _snapshot(out)
+    export_params(cfg, _params(cfg, 2), out, force=True)  # the next export removes what was left
+    assert _leftovers(out) == [] and _snapshot(out)["model.safetensors"] != reloaded["model.safetensors"]
+
+
+def test_recovery_never_deletes_files_a_user_put_in_out(tmp_path):
+    """An export moved aside by an interrupted --force is put back only where OUT is missing or empty: files the user
+    has since put in OUT are not an export's, and stay (the old export stays aside, named in a note)."""
+    cfg, out = _cfg(), tmp_path / "out"
+    export_params(cfg, _params(cfg, 0), out)
+    old = _snapshot(out)
+    aside = tmp_path / ".out.export-old-123-abc"
+    os.rename(out, aside)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    notes = recover_interrupted_export(as_path(out))
+    assert (out / "notes.txt").read_text() == "mine" and _snapshot(aside) == old
+    assert len(notes) == 1 and "was not put back" in notes[0]
+    (out / "notes.txt").unlink()
+    recover_interrupted_export(as_path(out))  # OUT empty again: the old export goes back
+    assert _snapshot(out) == old and _leftovers(out) == []

@@ -8,7 +8,15 @@ import math
 import pytest
 
 from lmtrain.evaluate.metrics import EvalError, compute_metrics
-from lmtrain.evaluate.report import EvalResult, read_json, render_html, to_json, write_reports
+from lmtrain.evaluate.report import (
+    EvalResult,
+    read_json,
+    render_html,
+    sentence_chrf,
+    shown_sample_indices,
+    to_json,
+    write_reports,
+)
 
 NASTY = 'x </td></tr><script>alert("hi")</script> & <b>bold</b>\n  indented'
 
@@ -85,7 +93,12 @@ def test_html_is_self_contained_and_samples_are_escaped(tmp_path):
     assert len(rows) == 3
     assert rows[2][1] == "def f():" and rows[2][2] == NASTY and rows[2][3].startswith(NASTY)
     assert rows[1][1] == "def <lambda>(x):"
-    assert rows[0][3].endswith("✓ matches") and rows[1][3].endswith("✗ differs")
+    # each generation is marked with its chrF against the reference and coloured by it; exact matches say so
+    assert rows[0][3].endswith("chrF 100.0 · ✓ exact match")
+    assert rows[1][3].endswith(f"chrF {sentence_chrf('nope', ['Identity & more.']):.1f}") and "differs" not in text
+    low = sentence_chrf("nope", ["Identity & more."])
+    assert low < 20 and f"background:hsl({round(1.2 * low)},70%,90%)" in text  # red end
+    assert "background:hsl(120,70%,90%)" in text  # green end
 
 
 def test_metrics_table_and_classification_plots():
@@ -145,3 +158,59 @@ def test_long_sample_lists_are_cut_in_html_but_kept_in_json():
     assert len([r for r in _parse(text).rows if r]) == 10
     assert len(json.loads(to_json(result))["result"]["samples"]) == 120
     assert math.isclose(metrics["accuracy"], 1.0)
+
+
+def test_sentence_chrf_is_sacrebleus():
+    import sacrebleu
+
+    assert sentence_chrf("Return a + b.", ["Return a + b."]) == 100.0
+    assert sentence_chrf("Return a - b", ["Return a + b."]) == sacrebleu.sentence_chrf("Return a - b",
+                                                                                       ["Return a + b."]).score
+    assert 0 < sentence_chrf("Return a - b", ["Return a + b."]) < 100
+
+
+def test_a_model_against_its_own_start_is_named_by_checkpoint_and_its_curve_drawn_once(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}]))
+    after = _classify_result([0, 1, 2, 0], model="runs/tiny_classify")
+    before = _classify_result([0, 0, 0, 0], model="runs/tiny_classify")
+    after.checkpoint, after.metrics_jsonl = "step 800 (latest)", str(log)
+    before.checkpoint = "start: the parameters training began with (seed 0 initialisation, then ...)"
+    before.metrics_jsonl = str(tmp_path / "." / "metrics.jsonl")  # the same file, named another way
+    text = render_html(after, before)
+    assert "<h1>lmtrain eval: tiny_classify (step 800) vs tiny_classify (start)</h1>" in text
+    assert text.count("Training curve") == 1 and text.count("alt='loss curve'") == 1
+    other = tmp_path / "other.jsonl"
+    other.write_text(log.read_text())
+    before.metrics_jsonl = str(other)  # two runs: two curves
+    assert render_html(after, before).count("alt='loss curve'") == 2
+
+
+def test_the_majority_baseline_is_a_reference_point_not_a_compared_metric():
+    after, before = _classify_result([0, 1, 2, 0]), _classify_result([0, 0, 0, 0], model="runs/base")
+    for r in (after, before):
+        r.extra["train_majority_baseline"] = {"label": "re", "accuracy": 0.5}
+    text = render_html(after, before)
+    assert "majority_class_accuracy" not in text and "higher is better)</td></tr><tr><td>majority" not in text
+    assert ("Train-majority baseline (a reference point, not a model): always answering <code>re</code>, the most "
+            "frequent class of the training split, scores accuracy 0.5000 on these examples.") in text
+    legacy = _classify_result([0, 1, 2, 0])  # an eval.json of an earlier version kept it among the metrics
+    legacy.metrics["majority_class_accuracy"], legacy.extra["majority_class"] = 0.25, "json"
+    text = render_html(legacy)
+    assert ">majority_class_accuracy<" not in text and "answering <code>json</code>" in text and "0.2500" in text
+
+
+def test_classify_samples_are_stratified_by_class_and_show_probabilities():
+    names = ["a", "b", "c"]
+    labels = [0] * 100 + [1] * 10 + [2] * 10  # shard order: nearly all one class first
+    metrics = compute_metrics("classify", labels=labels, preds=labels, label_names=names)
+    samples = [{"text": f"doc {i}", "label": names[y], "prediction": names[y],
+                "probabilities": {names[y]: 0.9, names[(y + 1) % 3]: 0.1}} for i, y in enumerate(labels)]
+    result = EvalResult("m", "classify", metrics, samples)
+    assert shown_sample_indices(result, 12) == [0, 1, 2, 3, 100, 101, 102, 103, 110, 111, 112, 113]
+    assert shown_sample_indices(result, 12) == shown_sample_indices(result, 12)
+    assert shown_sample_indices(result, 200) == list(range(120))
+    text = render_html(result, max_samples=12)
+    rows = [r for r in _parse(text).rows if r]
+    assert [r[0] for r in rows] == ["0", "1", "2", "3", "100", "101", "102", "103", "110", "111", "112", "113"]
+    assert rows[4][3].endswith("b 0.9000 · c 0.1000") and "stratified by class" in text

@@ -192,6 +192,9 @@ class ShardFileWriter:
 
 def load_manifest(shards_dir: str | os.PathLike) -> dict:
     path = as_path(shards_dir) / MANIFEST
+    if not path.parent.exists():
+        raise ShardError(f"shard directory {shards_dir} does not exist; check the path (config data.shards_dir or "
+                         "--data), or write it with tools/shard_data.py.")
     if not path.exists():
         hint = " (tools/shard_data.py was interrupted; re-run it to finish)" if path.parent.is_dir() else ""
         raise ShardError(f"shard directory {shards_dir} has no {MANIFEST}{hint}.")

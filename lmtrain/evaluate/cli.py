@@ -18,6 +18,8 @@ import json
 import sys
 import time
 
+import numpy as np
+
 from lmtrain.evaluate import examples as examples_lib
 from lmtrain.evaluate import scoring
 from lmtrain.evaluate.metrics import METRICS, EvalError, check_metrics, compute_metrics
@@ -80,6 +82,16 @@ def metric_names(kind: str, value: str | None) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- one model
 
 
+def scoring_row_len(enc: examples_lib.Encoded, kind: str, max_seq_len: int) -> int:
+    """Tokens per scoring row: what the longest example needs, bucketed (scoring.bucket_length), not the model's
+    whole window. Encoding at the full window first means a document cut into windows still has a piece of the
+    full length, so the cut (and so every score) is what the full window gives."""
+    if kind == "classify":
+        return scoring.bucket_length(max((len(x) for x in enc.inputs), default=1), max_seq_len)
+    longest = max((len(tokens) for tokens, _ in enc.pieces), default=2)
+    return scoring.bucket_length(longest - 1, max_seq_len) + 1  # model positions, plus the last target
+
+
 def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Namespace, log=print) -> EvalResult:
     """Score one loaded model (lmtrain.evaluate.model.EvalModel) on the eval set."""
     kind = eval_set.kind
@@ -92,11 +104,12 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
                         "score it on classification data.")
     cfg = model.model_def.cfg
     rows = scoring.round_up(max(args.batch_size, 1), model.batch_multiple)
-    row_len = cfg.max_seq_len if kind == "classify" else cfg.max_seq_len + 1
-    enc = examples_lib.encode(eval_set, model.tokenizer, model.tokenizer_dir, cfg.vocab_size, row_len, model.labels)
+    full_len = cfg.max_seq_len if kind == "classify" else cfg.max_seq_len + 1
+    enc = examples_lib.encode(eval_set, model.tokenizer, model.tokenizer_dir, cfg.vocab_size, full_len, model.labels)
+    row_len = scoring_row_len(enc, kind, cfg.max_seq_len)
     loss_names = [n for n in names if METRICS[n].inputs == "loss"]
     text_names = [n for n in names if METRICS[n].inputs == "text"]
-    samples, extra = [dict(r) for r in enc.records], {"examples": len(enc.records)}
+    samples, extra = [dict(r) for r in enc.records], {"examples": len(enc.records), "row_len": row_len}
     with model.context():
         kw = {}
         if loss_names:
@@ -109,10 +122,13 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
             extra["loss_seconds"] = round(time.perf_counter() - t0, 2)
         if kind == "classify":
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
-            preds = scoring.class_predictions(model.model_def, model.params, enc.inputs, row_len, rows, int(pad or 0))
+            probs = scoring.class_probabilities(model.model_def, model.params, enc.inputs, row_len, rows,
+                                                int(pad or 0))
+            preds = np.argmax(probs, axis=-1).astype(int).tolist()
             kw.update(labels=enc.class_ids, preds=preds, label_names=model.labels)
-            for s, p in zip(samples, preds):
+            for s, p, row in zip(samples, preds, probs):
                 s["prediction"] = model.labels[p]
+                s["probabilities"] = top_probabilities(row, model.labels)
         if text_names:
             eos = model.tokenizer.eos_token_id
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (eos or 0)
@@ -128,11 +144,16 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
                                    "tokens_per_second": round(stats.tokens_per_second, 1)}
     metrics = compute_metrics(kind, names, **kw)
     majority = examples_lib.majority_class(eval_set)
-    if majority and "accuracy" in metrics:
-        metrics["majority_class_accuracy"] = majority["accuracy"]
-        extra["majority_class"] = majority["label"]
+    if majority and "accuracy" in metrics:  # a reference point, not a score of the model: kept out of metrics
+        extra["train_majority_baseline"] = majority
     return EvalResult(model=model.path, task=kind, metrics=metrics, samples=samples, checkpoint=model.checkpoint,
                       data=eval_set.describe(), metrics_jsonl=model.metrics_jsonl, extra=extra)
+
+
+def top_probabilities(probs, labels: list[str], top: int = 5) -> dict[str, float]:
+    """The `top` most likely classes and their probabilities, most likely first (rounded for the JSON file)."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:top]
+    return {str(labels[c]): round(float(probs[c]), 4) for c in order}
 
 
 def _load_and_evaluate(path: str, which, eval_set, names, args, mesh_shape, role: str) -> EvalResult:
@@ -191,6 +212,17 @@ def keep_earlier(out_dir) -> str | None:
     return str(out / f"eval.{n}.json")
 
 
+def majority_baseline_line(result: EvalResult) -> str | None:
+    """The train-majority baseline in words. Not the share of the eval set's own most frequent class (what
+    tools/shard_data.py prints per split): the accuracy here of always answering the training split's most frequent
+    class, the rule a model that learned nothing but the class frequencies would follow."""
+    majority = result.extra.get("train_majority_baseline")
+    if not majority:
+        return None
+    return (f"train-majority baseline (not a model): always answering '{majority['label']}', the training split's "
+            f"most frequent class, scores accuracy {majority['accuracy']:.4g} on these examples")
+
+
 def print_summary(result: EvalResult, baseline: EvalResult | None) -> None:
     keys = [k for k, v in result.metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)]
     width = max(len(k) for k in keys) if keys else 10
@@ -205,6 +237,9 @@ def print_summary(result: EvalResult, baseline: EvalResult | None) -> None:
             print(f"{k:<{width}}  {fb:>12}  {fa:>12}")
         else:
             print(f"{k:<{width}}  {fa}")
+    line = majority_baseline_line(result)
+    if line:
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -320,7 +320,8 @@ def _raw_classify(eval_set, tokenizer, row_len, labels) -> Encoded:
 
 
 def majority_class(eval_set: EvalSet) -> dict | None:
-    """The training split's most frequent class and the accuracy of always answering it on this eval set."""
+    """The training split's most frequent class ('label') and the accuracy on this eval set of always answering it
+    ('accuracy')."""
     if eval_set.kind != "classify" or not eval_set.label_counts or not eval_set.stored:
         return None
     top = int(np.argmax(eval_set.label_counts))

@@ -18,12 +18,14 @@ import os
 from collections.abc import Sequence
 
 from lmtrain.evaluate.metrics import METRICS, EvalError, higher_is_better, normalize_whitespace
-from lmtrain.paths import as_path, atomic_write_text
+from lmtrain.paths import as_path, atomic_write_text, is_remote
 
 REPORT_VERSION = 1
 # Keys of `metrics` that are not one number; the report draws them as tables or plots instead.
 _STRUCTURED = ("per_class", "confusion_matrix", "labels")
 _COUNTS = ("tokens", "bytes", "examples")
+# Numbers that describe the data, not the model: shown beside the metrics, never compared as one.
+_REFERENCE_POINTS = ("majority_class_accuracy",)
 _ABOUT = {
     "loss": "mean loss per scored token (nats)",
     "precision_macro": "precision, mean over classes",
@@ -233,7 +235,28 @@ def _fmt(value) -> str:
 
 
 def _scalar_metrics(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k not in _STRUCTURED and isinstance(v, int | float)}
+    return {k: v for k, v in metrics.items()
+            if k not in _STRUCTURED and k not in _REFERENCE_POINTS and isinstance(v, int | float)}
+
+
+def _majority_baseline(result: EvalResult) -> dict | None:
+    """{'label', 'accuracy'} of always answering the training split's most frequent class (eval.json files of
+    earlier versions kept its accuracy among the metrics, as majority_class_accuracy)."""
+    found = result.extra.get("train_majority_baseline")
+    if found:
+        return found
+    if "majority_class_accuracy" in result.metrics:
+        return {"label": result.extra.get("majority_class", "?"), "accuracy": result.metrics["majority_class_accuracy"]}
+    return None
+
+
+def _majority_note(result: EvalResult) -> str:
+    majority = _majority_baseline(result)
+    if not majority:
+        return ""
+    return (f"<p class=note>Train-majority baseline (a reference point, not a model): always answering "
+            f"<code>{_esc(majority['label'])}</code>, the most frequent class of the training split, scores accuracy "
+            f"{_fmt(majority['accuracy'])} on these examples.</p>")
 
 
 def _metrics_table(result: EvalResult, baseline: EvalResult | None) -> str:
@@ -277,6 +300,13 @@ def _per_class_table(result: EvalResult) -> str:
             f"{rows}</table>")
 
 
+def _label(result: EvalResult) -> str:
+    """The model by name and checkpoint, 'tiny_classify (step 800)' or 'tiny_classify (start)': a model compared with
+    an earlier checkpoint of itself has the same name."""
+    tag = result.checkpoint.split(":")[0].split(" (")[0].strip()
+    return f"{_short(result.model)} ({tag})" if tag else _short(result.model)
+
+
 def _short(model: str) -> str:
     return model.rstrip("/").rsplit("/", 1)[-1] or model
 
@@ -288,11 +318,24 @@ def _is_classify(result: EvalResult) -> bool:
 def _sample_correct(result: EvalResult, sample: dict) -> bool | None:
     if _is_classify(result):
         return None if sample.get("label") is None else sample.get("prediction") == sample.get("label")
+    refs = _references(sample)
+    if refs is None:
+        return None
+    return normalize_whitespace(str(sample.get("generation", ""))) in {normalize_whitespace(r) for r in refs}
+
+
+def _references(sample: dict) -> list[str] | None:
     ref = sample.get("reference")
     if ref is None:
         return None
-    refs = [ref] if isinstance(ref, str) else list(ref)
-    return normalize_whitespace(str(sample.get("generation", ""))) in {normalize_whitespace(r) for r in refs}
+    return [ref] if isinstance(ref, str) else [str(r) for r in ref]
+
+
+def sentence_chrf(generation: str, references: list[str]) -> float:
+    """chrF of one generation against its references, 0-100 (sacrebleu's sentence_chrf, as the corpus metric)."""
+    import sacrebleu
+
+    return float(sacrebleu.sentence_chrf(generation, references).score)
 
 
 def _cell(value, correct: bool | None = None) -> str:
@@ -301,6 +344,46 @@ def _cell(value, correct: bool | None = None) -> str:
     cls = "" if correct is None else (" class=ok" if correct else " class=bad")
     mark = "" if correct is None else f"<div class=mark>{'✓ matches' if correct else '✗ differs'}</div>"
     return f"<td{cls}><div class=cell>{_esc(value)}</div>{mark}</td>"
+
+
+def _output_cell(result: EvalResult, sample: dict) -> str:
+    """A generation coloured by its chrF against the reference (red 0 to green 100), exact matches marked; a
+    prediction marked right or wrong, with the class probabilities."""
+    if not sample:
+        return _cell(None)
+    if _is_classify(result):
+        cell = _cell(sample.get("prediction"), _sample_correct(result, sample))
+        probs = sample.get("probabilities")
+        if probs:
+            shown = " · ".join(f"{name} {_fmt(float(p))}" for name, p in probs.items())
+            cell = cell[: -len("</td>")] + f"<div class=mark>{_esc(shown)}</div></td>"
+        return cell
+    generation, refs = sample.get("generation"), _references(sample)
+    if refs is None:
+        return _cell(generation)
+    score = sentence_chrf(str(generation or ""), refs)
+    exact = " · ✓ exact match" if _sample_correct(result, sample) else ""
+    hue = round(120 * score / 100)
+    return (f"<td style='background:hsl({hue},70%,90%)'><div class=cell>{_esc(generation)}</div>"
+            f"<div class=mark>chrF {score:.1f}{exact}</div></td>")
+
+
+def shown_sample_indices(result: EvalResult, max_samples: int) -> list[int]:
+    """Which samples the report shows, in their order: the first `max_samples`, or for classification a
+    deterministic stratified pick (the first example of each class, then the second of each, ...), so that a
+    shard order that starts with one class does not fill the table with it."""
+    n = len(result.samples)
+    if not _is_classify(result) or n <= max_samples:
+        return list(range(min(n, max_samples)))
+    by_class: dict[str, list[int]] = {}
+    for i, sample in enumerate(result.samples):
+        by_class.setdefault(str(sample.get("label")), []).append(i)
+    picked: list[int] = []
+    for rank in range(max(len(v) for v in by_class.values())):
+        for indices in by_class.values():
+            if rank < len(indices) and len(picked) < max_samples:
+                picked.append(indices[rank])
+    return sorted(picked)
 
 
 def _check_same_examples(result: EvalResult, baseline: EvalResult) -> None:
@@ -322,8 +405,8 @@ def _clip(text, n: int = 60) -> str:
 
 
 def _samples_table(result: EvalResult, baseline: EvalResult | None, max_samples: int) -> str:
-    samples = result.samples[:max_samples]
-    if not samples:
+    shown = shown_sample_indices(result, max_samples)
+    if not shown:
         return "<p class=note>No samples were kept.</p>"
     classify = _is_classify(result)
     src, ref, out = ("text", "label", "prediction") if classify else ("prompt", "reference", "generation")
@@ -331,27 +414,33 @@ def _samples_table(result: EvalResult, baseline: EvalResult | None, max_samples:
     if baseline:
         heads.insert(3, f"{out} (baseline)")
     rows = []
-    for i, s in enumerate(samples):
+    for i in shown:
+        s = result.samples[i]
         cells = [f"<td class=idx>{i}</td>", _cell(s.get(src)), _cell(s.get(ref))]
         if baseline:
-            b = baseline.samples[i] if i < len(baseline.samples) else {}
-            cells.append(_cell(b.get(out), _sample_correct(baseline, b) if b else None))
-        cells.append(_cell(s.get(out), _sample_correct(result, s)))
+            cells.append(_output_cell(baseline, baseline.samples[i] if i < len(baseline.samples) else {}))
+        cells.append(_output_cell(result, s))
         rows.append(f"<tr>{''.join(cells)}</tr>")
     head = "".join(f"<th class=idx>{h}</th>" if h == "#" else f"<th>{_esc(h)}</th>" for h in heads)
-    more = (f"<p class=note>Showing {len(samples)} of {len(result.samples)} samples; all are in the JSON file.</p>"
-            if len(result.samples) > len(samples) else "")
+    how = " (stratified by class: the first of each class, then the second, ...)" if classify else ""
+    more = (f"<p class=note>Showing {len(shown)} of {len(result.samples)} samples{how}; all are in the JSON "
+            "file.</p>" if len(result.samples) > len(shown) else "")
     return f"{more}<table class=samples><tr>{head}</tr>{''.join(rows)}</table>"
 
 
 def _plots(result: EvalResult, baseline: EvalResult | None) -> str:
     cards = []
     models = [("baseline", baseline), ("model", result)] if baseline else [("model", result)]
+    same_log = baseline is not None and bool(result.metrics_jsonl) and _same_file(result.metrics_jsonl,
+                                                                                   baseline.metrics_jsonl)
     for role, r in models:
+        if same_log and r is baseline:
+            continue  # one run's log: its curve is drawn once
         if r.metrics_jsonl and as_path(r.metrics_jsonl).exists():
             uri = loss_curve_png(r.metrics_jsonl, _short(r.model))
             if uri:
-                cards.append(f"<div class=card><h3>Training curve ({role})</h3><img alt='loss curve' src='{uri}'></div>")
+                heading = "Training curve" if same_log or not baseline else f"Training curve ({role})"
+                cards.append(f"<div class=card><h3>{heading}</h3><img alt='loss curve' src='{uri}'></div>")
     for role, r in models:
         cm, labels = r.metrics.get("confusion_matrix"), r.metrics.get("labels")
         if cm and labels:
@@ -359,6 +448,12 @@ def _plots(result: EvalResult, baseline: EvalResult | None) -> str:
             cards.append(f"<div class=card><h3>Confusion matrix ({role})</h3><img alt='confusion matrix' src='{uri}'>"
                          f"</div>")
     return f"<div class=row>{''.join(cards)}</div>" if cards else ""
+
+
+def _same_file(a: str, b: str) -> bool:
+    if not a or not b:
+        return False
+    return a == b or (not is_remote(a) and not is_remote(b) and os.path.realpath(a) == os.path.realpath(b))
 
 
 def _meta(result: EvalResult, role: str) -> str:
@@ -375,14 +470,14 @@ def render_html(result: EvalResult, baseline: EvalResult | None = None, max_samp
     """The report as one HTML string with everything embedded."""
     if baseline is not None:
         _check_same_examples(result, baseline)
-    title = f"lmtrain eval: {_short(result.model)}" + (f" vs {_short(baseline.model)}" if baseline else "")
+    title = f"lmtrain eval: {_label(result)}" + (f" vs {_label(baseline)}" if baseline else "")
     when = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     parts = [f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>{_esc(title)}</title>"
              f"<style>{_CSS}</style></head><body>", f"<h1>{_esc(title)}</h1>", _meta(result, "model")]
     if baseline:
         parts.append(_meta(baseline, "baseline"))
     parts.append(f"<div class=meta>written {_esc(when)}</div>")
-    parts += ["<h2>Metrics</h2>", _metrics_table(result, baseline)]
+    parts += ["<h2>Metrics</h2>", _metrics_table(result, baseline), _majority_note(result)]
     if result.metrics.get("per_class"):
         parts.append("<h2>Per class</h2><div class=row>")
         for role, r in ([("baseline", baseline)] if baseline else []) + [("model", result)]:

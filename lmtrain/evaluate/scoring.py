@@ -25,6 +25,13 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def bucket_length(needed: int, cap: int, smallest: int = 16) -> int:
+    """The scoring length for data that needs `needed` positions: the next power of two (at least `smallest`),
+    never more than `cap` (the model's positions). Buckets bound how many shapes an eval compiles, and short data
+    is not padded to a long model's whole window."""
+    return min(cap, max(smallest, 1 << max(needed - 1, 0).bit_length()))
+
+
 def loss_sums(model_def: ModelDef, params: dict, pieces: list[tuple[np.ndarray, np.ndarray]], row_len: int,
               batch_rows: int) -> tuple[float, int]:
     """(summed nats, scored tokens) of the pieces' targets, packed whole into rows of row_len as training packs."""
@@ -49,20 +56,21 @@ def loss_sums(model_def: ModelDef, params: dict, pieces: list[tuple[np.ndarray, 
     return nats, int(round(tokens))
 
 
-def class_predictions(model_def: ModelDef, params: dict, inputs: list[np.ndarray], seq_len: int, batch_rows: int,
-                      pad_id: int) -> list[int]:
-    """The argmax class of each text (a classifier reads its last real token)."""
+def class_probabilities(model_def: ModelDef, params: dict, inputs: list[np.ndarray], seq_len: int, batch_rows: int,
+                        pad_id: int) -> np.ndarray:
+    """[texts, classes] class probabilities of each text (a classifier reads its last real token)."""
     @jax.jit
-    def logits_fn(params, batch):
-        return model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+    def probs_fn(params, batch):
+        logits_BxC = model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        return jax.nn.softmax(logits_BxC.astype(np.float32), axis=-1)
 
-    preds: list[int] = []
+    probs = []
     for start in range(0, len(inputs), batch_rows):
         chunk = inputs[start:start + batch_rows]
         batch = classify_batch([(x, 0) for x in chunk], seq_len, batch_rows, pad_id)
-        logits_BxC = np.asarray(logits_fn(params, {k: batch[k] for k in ("inputs", "positions", "segment_ids")}))
-        preds += np.argmax(logits_BxC[: len(chunk)], axis=-1).astype(int).tolist()
-    return preds
+        probs.append(np.asarray(probs_fn(params, {k: batch[k] for k in ("inputs", "positions", "segment_ids")}))
+                     [: len(chunk)])
+    return np.concatenate(probs) if probs else np.zeros((0, model_def.cfg.num_labels), np.float32)
 
 
 @dataclasses.dataclass

@@ -52,11 +52,14 @@ from lmtrain.interop.hf_import import (
 from lmtrain.model.layers import ModelConfig
 from lmtrain.paths import as_path, is_remote
 from lmtrain.tasks import workdir_model_config
+from lmtrain.train import checkpoint
 
 DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
 # Source config keys that lmtrain's model does not determine and that survive an import/export round trip.
 _CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path")
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
+# Tokens chat templates write after each message (ChatML, Llama 3, Gemma, Phi-3): a reply ends at one.
+END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
 # Hidden siblings of OUT: the export being written, and an old export moved aside by --force.
 _STAGING, _ASIDE = "export-tmp", "export-old"
 # Written last: an export directory without it is unfinished (the rule object stores rely on).
@@ -201,8 +204,10 @@ def _local_dir(directory: epath.Path):
         yield tmp
 
 
-def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path) -> dict:
-    """Save the tokenizer into out_dir in the form AutoTokenizer loads; return its special token ids."""
+def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path, chat_template: str | None = None) -> dict:
+    """Save the tokenizer into out_dir in the form AutoTokenizer loads, with `chat_template` (the one the model was
+    trained with) as its chat template; return its special token ids and the ids of the template's end-of-turn
+    tokens ('end_of_turn_ids')."""
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         return {}
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -226,13 +231,69 @@ def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path) -> 
             if eos is not None:
                 tok.eos_token = eos
                 tok.bos_token = tok.bos_token or eos
+        if chat_template:
+            tok.chat_template = chat_template
         tok.save_pretrained(saved)
         extra = os.path.join(source, "chat_template.jinja")
-        if os.path.isfile(extra) and not os.path.exists(os.path.join(saved, "chat_template.jinja")):
+        if chat_template:
+            _write_chat_template(saved, chat_template)
+        elif os.path.isfile(extra) and not os.path.exists(os.path.join(saved, "chat_template.jinja")):
             shutil.copy2(extra, os.path.join(saved, "chat_template.jinja"))
         for name in sorted(os.listdir(saved)):
             epath.Path(saved, name).copy(out_dir / name, overwrite=True)
-    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+        template = chat_template or getattr(tok, "chat_template", None)
+        vocab = tok.get_vocab()
+        end_of_turn = [vocab[name] for name in end_of_turn_tokens(template if isinstance(template, str) else None,
+                                                                  vocab.get)]
+    return {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id,
+            "end_of_turn_ids": end_of_turn}
+
+
+def _write_chat_template(saved: str, template: str) -> None:
+    """The chat template both where transformers 4 reads it (tokenizer_config.json's chat_template) and where
+    transformers 5 writes and prefers it (chat_template.jinja): the same text in both, so neither can disagree."""
+    config_path = os.path.join(saved, "tokenizer_config.json")
+    config = json.loads(open(config_path, encoding="utf-8").read()) if os.path.isfile(config_path) else {}
+    config["chat_template"] = template
+    with open(config_path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    with open(os.path.join(saved, "chat_template.jinja"), "w", encoding="utf-8") as f:
+        f.write(template)
+
+
+def end_of_turn_tokens(template: str | None, token_id) -> list[str]:
+    """The end-of-turn tokens a chat template writes that are single tokens of the vocabulary (`token_id(text)`
+    gives a token's id, or None)."""
+    if not template:
+        return []
+    return [name for name in END_OF_TURN_NAMES if name in template and token_id(name) is not None]
+
+
+def shards_chat_template(shards_dir) -> str | None:
+    """The chat template the shards were made with: manifest.json's `chat_template` (or, as tools/shard_data.py
+    records it, its fingerprint's); None for shards of another format or a directory that is not there."""
+    path = as_path(shards_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict):
+        return None
+    fingerprint = manifest.get("fingerprint") if isinstance(manifest.get("fingerprint"), dict) else {}
+    template = manifest.get("chat_template") or fingerprint.get("chat_template")
+    return template if isinstance(template, str) and template else None
+
+
+def workdir_chat_template(workdir) -> str | None:
+    """The chat template a WORKDIR trained with (its data.shards_dir's); None for a Hugging Face directory or a
+    run on other data."""
+    try:
+        raw = json.loads((as_path(workdir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    data = raw.get("data") if isinstance(raw, dict) else None
+    shards_dir = data.get("shards_dir") if isinstance(data, dict) else None
+    return shards_chat_template(shards_dir) if isinstance(shards_dir, str) and shards_dir else None
 
 
 def _first_line(e: BaseException) -> str:
@@ -283,20 +344,40 @@ def _remove_files(directory: epath.Path) -> None:
     directory.rmtree()
 
 
+def _is_link(path: epath.Path) -> bool:
+    return not is_remote(path) and os.path.islink(str(path))
+
+
+def _remove_sibling(path: epath.Path) -> None:
+    """Delete one of OUT's own staging / moved-aside siblings. A link there (an earlier lmtrain moved a linked
+    OUT aside) is unlinked, never followed: what it points to is not the export's to delete; a stray file too."""
+    if _is_link(path) or path.is_file():
+        path.unlink()
+    else:
+        path.rmtree()
+
+
 def recover_interrupted_export(out: epath.Path) -> list[str]:
     """Undo what a killed export left next to `out`; returns what was done, for the user.
 
     - a staging directory is never published as it is: it is removed;
     - an old export moved aside is moved back if `out` is not complete, and removed otherwise.
+    Only OUT's own hidden siblings (`.OUT.export-tmp-*`, `.OUT.export-old-*`) are ever deleted, links among
+    them as links.
     """
     notes = []
     for staging in _siblings(out, _STAGING):
-        staging.rmtree()
+        _remove_sibling(staging)
         notes.append(f"removed {staging}, left by an interrupted export")
     for aside in _siblings(out, _ASIDE):
-        if _is_complete(out) or not _is_complete(aside):
-            aside.rmtree()
+        if _is_complete(out) or not _is_complete(aside) or _is_link(aside):
+            _remove_sibling(aside)
             notes.append(f"removed {aside}, the previous export kept until a replacing export finished")
+            continue
+        if out.exists() and not is_remote(out) and any(out.iterdir()):
+            # A local OUT is renamed in whole, so an incomplete one holding files is not an export's: not ours to delete.
+            notes.append(f"kept {aside}, the previous export an interrupted export with --force moved aside: {out} "
+                         "now holds other files, so it was not put back; move it back yourself")
             continue
         if out.exists():
             _remove_files(out)
@@ -307,6 +388,15 @@ def recover_interrupted_export(out: epath.Path) -> list[str]:
             os.rename(aside, out)
         notes.append(f"restored the previous export to {out} from {aside} (an export with --force was interrupted)")
     return notes
+
+
+def refuse_a_link(out: epath.Path) -> None:
+    """A symbolic link as OUT is refused: publishing renames directories, which would replace the link itself (not
+    what it points to) with the export."""
+    if _is_link(out):
+        target = os.path.realpath(str(out))
+        raise HFInteropError(f"{out} is a symbolic link (to {target}); export into {target} itself, or into a new "
+                             "directory.")
 
 
 def check_target(out: epath.Path, force: bool) -> None:
@@ -355,16 +445,21 @@ def _publish(staging: epath.Path, out: epath.Path) -> None:
     aside = _new_sibling(out, _ASIDE)
     os.rename(out, aside)
     os.rename(staging, out)  # a kill between the renames is undone by recover_interrupted_export
-    shutil.rmtree(aside)
+    try:  # published: failing to delete the old export now is a note, not a failed export
+        _remove_sibling(aside)
+    except OSError as e:
+        print(f"lmtrain export: note: the new export is in {out}, but the old one could not be removed from "
+              f"{aside} ({e.strerror or e}); the next export removes it.", file=sys.stderr)
 
 
 def _agree_on_target(out: epath.Path, force: bool) -> None:
     """Process 0 checks the target; every process raises if it refused, before any of them starts gathering."""
     error = ""
     if jax.process_index() == 0:
-        for note in recover_interrupted_export(out):
-            print(f"lmtrain export: note: {note}", file=sys.stderr)
         try:
+            refuse_a_link(out)
+            for note in recover_interrupted_export(out):
+                print(f"lmtrain export: note: {note}", file=sys.stderr)
             check_target(out, force)
         except HFInteropError as e:
             error = str(e)
@@ -384,10 +479,11 @@ def _agree_on_target(out: epath.Path, force: bool) -> None:
 def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *, source_config: dict | None = None,
                   generation_config: dict | None = None, tokenizer_dir: str | os.PathLike | None = None,
                   dtype: str = "float32", max_shard_bytes: int = 5 * 10**9, force: bool = False,
-                  labels: list[str] | None = None) -> epath.Path:
+                  labels: list[str] | None = None, chat_template: str | None = None) -> epath.Path:
     """Write `params` (an lmtrain params dict, possibly sharded over hosts) as a Hugging Face model directory:
     a *ForCausalLM for the 'lm' head, a *ForSequenceClassification with id2label/label2id from `labels` (names
-    in class order) for the 'classify' head.
+    in class order) for the 'classify' head. `chat_template` (the template the model was trained with) becomes the
+    tokenizer's, and its end-of-turn token an EOS id of generation_config.json.
 
     Every process must call this; process 0 writes.
     """
@@ -446,13 +542,10 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
             total = sum(int(np.prod(item[1].hf_shape)) * itemsize for item in plan)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (staging / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        token_ids = _export_tokenizer(as_path(tokenizer_dir) if tokenizer_dir else None, staging)
+        token_ids = _export_tokenizer(as_path(tokenizer_dir) if tokenizer_dir else None, staging, chat_template)
+        end_of_turn = token_ids.pop("end_of_turn_ids", [])
         config = _hf_config(cfg, family, source_config, dtype, token_ids, labels)
-        gen = dict(generation_config or {})
-        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            if gen.get(key) is None and config.get(key) is not None:
-                gen[key] = config[key]
-        gen = {k: v for k, v in gen.items() if v is not None}
+        gen = generation_settings(generation_config, config, end_of_turn)
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
         (staging / _COMPLETE_MARKER).write_text(json.dumps(config, indent=2, sort_keys=True))
         _publish(staging, out_dir)
@@ -462,6 +555,21 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
                 staging.rmtree()
         raise
     return out_dir
+
+
+def generation_settings(source: dict | None, config: dict, end_of_turn: list[int]) -> dict:
+    """generation_config.json: the source model's, with the config's special token ids where it has none, and a
+    chat model's end-of-turn tokens as EOS ids next to the EOS (transformers stops at any id of the list)."""
+    gen = dict(source or {})
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if gen.get(key) is None and config.get(key) is not None:
+            gen[key] = config[key]
+    if end_of_turn:
+        eos = gen.get("eos_token_id")
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        ids = list(dict.fromkeys([*ids, *end_of_turn]))
+        gen["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    return {k: v for k, v in gen.items() if v is not None}
 
 
 def workdir_labels(workdir: epath.Path) -> list[str] | None:
@@ -573,7 +681,23 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
         max_shard_bytes=max_shard_bytes,
         force=force,
         labels=workdir_labels(workdir) if model_cfg.head in ("classify", "token_classify") else None,
+        chat_template=workdir_chat_template(workdir),
     )
+
+
+def describe_checkpoint(workdir, which: str | int) -> str:
+    """Which step `which` names, and why: 'step 400 (best by val_accuracy=0.91)', 'step 400 (latest)'."""
+    workdir = as_path(workdir)
+    step = checkpoint.select_step(workdir, which)
+    if which == "latest":
+        return f"step {step} (latest)"
+    if which != "best":
+        return f"step {step}"
+    metric, _ = checkpoint._best_rule(workdir)
+    meta = checkpoint._read_meta(workdir, step)
+    value = (meta.get("eval") or {}).get(metric, meta.get(metric))
+    shown = f"{value:.4g}" if isinstance(value, int | float) else "?"
+    return f"step {step} (best by {metric}={shown})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -582,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("workdir", help="lmtrain WORKDIR with checkpoints/")
     parser.add_argument("out_dir", help="directory to create (config.json, safetensors, tokenizer); must be empty")
-    parser.add_argument("--which", default="latest", help="'latest', 'best' (lowest validation loss) or a step")
+    parser.add_argument("--which", default="latest", help="'latest', 'best' (the checkpoint with the best value of "
+                        "the run's train.early_stopping.metric: the lowest val_loss unless the run set another, such "
+                        "as val_accuracy) or a step number")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES), help="dtype of the written weights")
     parser.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
     parser.add_argument("--force", action="store_true",
@@ -614,8 +740,8 @@ def main(argv: list[str] | None = None) -> int:
         written[0].endswith("ForCausalLM") else f"{written[0]}"
     load = (f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})" if args.adapter else
             f"transformers.{loader}.from_pretrained({str(out)!r})")
-    print(f"lmtrain export: {args.workdir} ({args.which}) -> {out} in {time.perf_counter() - start:.1f}s. Load with "
-          f"{load}.")
+    print(f"lmtrain export: exported {describe_checkpoint(args.workdir, which)} of {args.workdir} -> {out} in "
+          f"{time.perf_counter() - start:.1f}s. Load with {load}.")
     return 0
 
 
