@@ -64,6 +64,8 @@ from lmtrain.data.text_sources import (
     expand_files,
     iter_documents,
 )
+from lmtrain.data.tokenizer import eos_id as hf_eos_id
+from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
 from lmtrain.paths import as_path, is_remote
 
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tools/train_tokenizer.py or any HF one)")
     p.add_argument("--output", required=True, help="shard directory to write")
+    p.add_argument("--eos-token", default="", help="the token that ends every document and sft completion (default: "
+                   "the tokenizer's EOS,\nor its separator when it has none, e.g. BERT's [SEP])")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="share of documents in the validation split (default 0.01; 0.1 for --builtin-task)")
     p.add_argument("--test-fraction", type=float, default=None,
@@ -255,7 +259,8 @@ def run_fingerprint(args: argparse.Namespace, spec: CorpusSpec, opts: CleaningOp
     if spec.files:  # a changed input file must not be mixed with shards of the old one
         inputs["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
     return {"corpus": inputs, "cleaning": dataclasses.asdict(opts), "val_fraction": args.val_fraction,
-            "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp}
+            "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp,
+            **({"eos_token": args.eos_token} if args.eos_token else {})}  # absent by default: older runs still match
 
 
 class SplitWriter:
@@ -439,27 +444,20 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def load_tokenizer(tokenizer_dir: str):
-    """(tokenizers.Tokenizer, eos id, vocab size, fingerprint) of a Hugging Face tokenizer directory.
+def load_tokenizer(tokenizer_dir: str, eos_token: str = ""):
+    """(tokenizers.Tokenizer, end-of-document id, vocab size, fingerprint) of a Hugging Face tokenizer directory.
 
-    Reads tokenizer.json and the EOS token from tokenizer_config.json or special_tokens_map.json
-    directly: importing transformers would cost seconds at every start for nothing.
+    Loaded by lmtrain's one loader (padding and truncation off, no code from the directory), so the
+    ids are those of transformers' own tokenizer call; the backend encodes in batches on every core.
+    Documents end with the EOS, or the separator of a tokenizer without one (BERT), or `eos_token`.
     """
-    from tokenizers import Tokenizer
-
     path = as_path(tokenizer_dir)
     if not (path / "tokenizer.json").exists():
         raise SourceError(f"tokenizer directory {path} has no tokenizer.json (make one with tools/train_tokenizer.py).")
-    tokenizer = Tokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
-    eos = None
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        eos = eos or (_read_json(path / name) or {}).get("eos_token")
-    if isinstance(eos, dict):  # older files store {"content": "</s>", ...}
-        eos = eos.get("content")
-    eos_id = tokenizer.token_to_id(eos) if eos else None
-    if eos_id is None:
-        raise SourceError(f"tokenizer {path} has no EOS token; shard_data.py ends every document with it.")
-    return tokenizer, int(eos_id), tokenizer.get_vocab_size(with_added_tokens=True), tokenizer_fingerprint(path)
+    hf = load_hf_tokenizer(path)
+    end_id = hf_eos_id(hf, eos_token)
+    tokenizer = hf.backend_tokenizer
+    return tokenizer, end_id, tokenizer.get_vocab_size(with_added_tokens=True), tokenizer_fingerprint(path)
 
 
 def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, ...]):
@@ -598,14 +596,12 @@ def shard_examples(args: argparse.Namespace) -> dict:
                           "longer examples follow --too-long.")
     if val < 0 or test < 0 or val + test >= 1:
         raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1.")
-    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
+    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer, args.eos_token)
     dtype = token_dtype(vocab_size)
     if example_format == "sft":
         encoder = SftEncoder(tokenizer, eos_id, args.seq_len + 1, args.too_long, args.train_on_prompt,
                              args.prompt_field, args.completion_field)
     elif example_format == "chat":
-        from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
-
         template = load_chat_template(args.chat_template) if args.chat_template else None
         encoder = ChatEncoder(load_hf_tokenizer(args.tokenizer), args.seq_len + 1, args.too_long, args.train_on_prompt,
                               args.messages_field, template)
@@ -720,7 +716,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     if args.max_doc_chars < 0:
         raise SourceError(f"--max-doc-chars {args.max_doc_chars} must be >= 0 (0: never split documents).")
     opts = cleaning_options(args)
-    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
+    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer, args.eos_token)
     dtype = token_dtype(vocab_size)
     fingerprint = run_fingerprint(args, spec, opts, tokenizer_fp)
     remote, output, done = open_output(args, fingerprint, SPLITS)
