@@ -198,3 +198,49 @@ def test_eos_token_option_ends_documents_and_must_be_in_the_vocabulary(family_di
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--eos-token '<eos>' is not a token of tokenizer" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "bad").exists()
+
+
+def remote_code_tokenizer(directory: Path, marker: Path) -> Path:
+    """A tokenizer directory whose tokenizer_config.json maps AutoTokenizer to its own tokenization_x.py,
+    which writes `marker` when it is imported (as the Hub's custom-code tokenizers are)."""
+    FAMILIES["gpt2"]().save_pretrained(str(directory))
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="XTokenizer", auto_map={"AutoTokenizer": ["tokenization_x.XTokenizer", None]})
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    (directory / "tokenization_x.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass XTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+    return directory
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_a_one_line_error_and_its_code_never_runs(tmp_path, capsys):
+    from lmtrain.config import ConfigError
+    from lmtrain.data.tokenizer import load_tokenizer
+
+    marker = tmp_path / "MARKER"
+    directory = remote_code_tokenizer(tmp_path / "custom", marker)
+    with pytest.raises(ConfigError, match=rf"^tokenizer directory {directory} needs its own Python code"):
+        load_tokenizer(directory)
+    records = write_jsonl(tmp_path / "d.jsonl", [{"text": "the cat sat on a mat and then it ran to see her dog"}])
+    code = shard_data.main(["--input", str(records), "--tokenizer", str(directory), "--output", str(tmp_path / "out"),
+                            "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(directory) in err and "own Python code" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_every_from_pretrained_call_in_the_package_refuses_remote_code():
+    """An ast sweep of lmtrain/ and tools/: each `X.from_pretrained(...)` passes trust_remote_code=False literally,
+    so no model or tokenizer directory can run its own Python (nor ask whether it may)."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    calls, unsafe = 0, []
+    for path in sorted([*(root / "lmtrain").rglob("*.py"), *(root / "tools").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+                calls += 1
+                flag = next((k.value for k in node.keywords if k.arg == "trust_remote_code"), None)
+                if not (isinstance(flag, ast.Constant) and flag.value is False):
+                    unsafe.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert calls >= 4 and not unsafe, f"from_pretrained without trust_remote_code=False: {unsafe}"
