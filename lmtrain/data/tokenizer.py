@@ -4,15 +4,21 @@ share `build_tokenizer`), save them as Hugging Face directories, and load them o
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
+
+import jinja2
 
 from lmtrain.data.packing import DataError
 from lmtrain.paths import as_path, copy_tree, is_remote, local_dir
 
 EOS = "<|endoftext|>"
 ALGORITHMS = ("bpe", "unigram", "wordpiece")
+# The turn markers of chat templates: ChatML/Qwen2 <|im_start|>, Llama 3 <|eot_id|>, Mistral [INST], Gemma
+# <start_of_turn>. A model learns a marker best as one token of its own.
+CHAT_MARKER = re.compile(r"<\|[^<>|\s]+\|>|\[/?[A-Z][A-Z_]*\]|<(?:start|end)_of_turn>")
 
 
 def build_tokenizer(algorithm: str, vocab_size: int, special_tokens: list[str], unk_token: str, nfkc: bool,
@@ -134,3 +140,27 @@ def eos_id(tokenizer, token: str = "") -> int:
             return int(getattr(tokenizer, role))
     raise DataError(f"tokenizer {name} has no EOS or separator token to end documents with; pass --eos-token "
                     "TOKEN, or add an EOS when training it.")
+
+
+def chat_template_markers(template: str) -> list[str]:
+    """The literal turn markers in a chat template's source (its string constants and text), in order."""
+    try:
+        literals = [value for _, kind, value in jinja2.Environment().lex(template) if kind in ("string", "data")]
+    except jinja2.TemplateSyntaxError:  # rendering reports the template's error; the markers are still in it
+        literals = [template]
+    return list(dict.fromkeys(m for text in literals for m in CHAT_MARKER.findall(text)))
+
+
+def split_markers(tokenizer, markers: Sequence[str]) -> list[str]:
+    """The markers `tokenizer` does not encode as a single token."""
+    return [m for m in markers if len(tokenizer.backend_tokenizer.encode(m, add_special_tokens=False).ids) != 1]
+
+
+def add_special_tokens(tokenizer, tokens: Sequence[str]) -> list[str]:
+    """Add the `tokens` not in the vocabulary as special tokens (never split, new ids after the last one);
+    return them. Tokens already in the vocabulary keep their ids."""
+    vocab = tokenizer.get_vocab()
+    new = [t for t in dict.fromkeys(tokens) if t not in vocab]
+    if new:
+        tokenizer.add_special_tokens({"extra_special_tokens": new}, replace_extra_special_tokens=False)
+    return new

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
 from lmtrain.data.packing import check_batch
+from lmtrain.data.shards import training_tokenizer_dir
 from lmtrain.model import ModelDef
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
@@ -290,7 +291,8 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
     if cfg.train.init_from and any(run.state[k] for k in parts):
         target = abstract_with_shardings({k: abstract[k] for k in parts}, {k: shardings[k] for k in parts})
         merged_target = ParamPlan.merge(*(target[k] for k in parts)) if len(parts) == 2 else target["frozen"]
-        params, fresh, unused = load_init_params(cfg.train.init_from, merged_target, _which(cfg.train.init_from_which))
+        params, fresh, unused = load_init_params(cfg.train.init_from, merged_target, _which(cfg.train.init_from_which),
+                                                 cfg.model.vocab_size, model_def.logical_axes)
         for k in parts:
             run.state[k] = ParamPlan.merge(_only(params, _paths(run.state[k])), _only(run.state[k], fresh))
         if restored is None:
@@ -330,6 +332,8 @@ def train(cfg, workdir, show_progress: bool | None = None, stop_at_step: int | N
 
 def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal) -> TrainResult:
     maybe_initialize_distributed()
+    if cfg.data.source == "shards" and cfg.data.shards_dir:  # shard_data --add-special-tokens saved its tokenizer there
+        cfg.data.tokenizer_dir = training_tokenizer_dir(cfg.data.shards_dir, cfg.data.tokenizer_dir)
     mesh_shape = config_lib.validate(cfg, jax.device_count())
     task = make_task(cfg)
     es_cfg = cfg.train.early_stopping

@@ -1,0 +1,124 @@
+"""Chat templates whose turn markers are not tokens of the tokenizer: shard_data warns, --add-special-tokens
+adds them (the extended tokenizer is saved beside the shards and named in the manifest), and training from a
+checkpoint with the smaller vocabulary grows its embedding and untied head, new rows the mean of the old."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+from lmtrain.data.shards import decode_record, load_manifest, split_source
+from lmtrain.data.tokenizer import chat_template_markers
+from lmtrain.interop import hf_import
+from lmtrain.train import trainer
+from lmtrain.train.checkpoint import restore_params
+from tests.test_tokenizer_families import FAMILIES
+from tools import shard_data
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+MARKERS = ["<|im_start|>", "<|im_end|>"]
+SEQ_LEN = 128
+CONVERSATIONS = [[{"role": "user", "content": f"the cat sat {i}"}, {"role": "assistant", "content": f"on a mat {i}"}]
+                 for i in range(6)]
+
+
+def test_markers_are_read_from_the_template_source():
+    assert chat_template_markers((TEMPLATES / "qwen2.jinja").read_text()) == MARKERS
+    assert chat_template_markers((TEMPLATES / "llama3.jinja").read_text()) == [
+        "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert chat_template_markers((TEMPLATES / "mistral_v03.jinja").read_text()) == ["[INST]", "[/INST]"]
+
+
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory) -> Path:
+    """A Qwen2 tokenizer without <|im_start|>/<|im_end|> in its vocabulary, with Qwen2's chat template."""
+    directory = tmp_path_factory.mktemp("qwen") / "tok"
+    tok = FAMILIES["qwen2"]()
+    tok.chat_template = (TEMPLATES / "qwen2.jinja").read_text()
+    tok.save_pretrained(str(directory))
+    return directory
+
+
+def chat_shards(tokenizer: Path, out: Path, *extra: str) -> int:
+    records = out.parent / f"{out.name}.jsonl"
+    records.write_text("".join(json.dumps({"messages": m}) + "\n" for m in CONVERSATIONS), encoding="utf-8")
+    return shard_data.main(["--input", str(records), "--tokenizer", str(tokenizer), "--output", str(out), "--quiet",
+                            "--format", "chat", "--seq-len", str(SEQ_LEN), "--val-fraction", "0", *extra])
+
+
+def stored_tokens(out: Path) -> list[list[int]]:
+    manifest, source = load_manifest(out), split_source(out, "train")
+    return [decode_record("chat", np.dtype(manifest["token_dtype"]), source[i])[0].tolist() for i in range(len(source))]
+
+
+def test_split_markers_warn_once_and_add_special_tokens_makes_each_one_id(qwen_dir, tmp_path, capsys):
+    base = AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True)
+    assert chat_shards(qwen_dir, tmp_path / "plain") == 0
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "<|im_start|>, <|im_end|> are not single tokens" in err
+    assert "--add-special-tokens auto" in err
+    assert load_manifest(tmp_path / "plain")["tokenizer"]["fingerprint"] == load_manifest(tmp_path / "plain")[
+        "fingerprint"]["tokenizer_fingerprint"]
+
+    assert chat_shards(qwen_dir, tmp_path / "added", "--add-special-tokens", "auto") == 0
+    assert "warning" not in capsys.readouterr().err
+    manifest = load_manifest(tmp_path / "added")
+    saved = tmp_path / "added" / "tokenizer"
+    assert manifest["tokenizer"]["dir"] == str(saved) and manifest["tokenizer"]["added_special_tokens"] == MARKERS
+    assert manifest["tokenizer"]["extends"]["dir"] == str(qwen_dir)
+    extended = AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
+    ids = extended.convert_tokens_to_ids(MARKERS)
+    assert ids == [len(base), len(base) + 1] and manifest["vocab_size"] == len(base) + 2
+    assert manifest["examples"]["truncated"] == 0
+    for tokens, messages in zip(stored_tokens(tmp_path / "added"), CONVERSATIONS, strict=True):
+        text = extended.apply_chat_template(messages, tokenize=False)
+        assert tokens == extended(text, add_special_tokens=False)["input_ids"]
+        assert tokens.count(ids[0]) == text.count(MARKERS[0]) == 3 and tokens.count(ids[1]) == 3
+
+
+def test_auto_needs_a_chat_template(qwen_dir, tmp_path, capsys):
+    records = tmp_path / "d.jsonl"
+    records.write_text(json.dumps({"text": "the cat sat on a mat and then it ran"}) + "\n", encoding="utf-8")
+    code = shard_data.main(["--input", str(records), "--tokenizer", str(qwen_dir), "--output", str(tmp_path / "o"),
+                            "--quiet", "--add-special-tokens", "auto"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--format chat" in err
+
+
+@pytest.mark.slow
+def test_training_from_a_smaller_vocabulary_grows_the_embedding_and_head_with_the_mean_row(qwen_dir, tmp_path, capsys):
+    """`lmtrain import` of a Qwen2 model whose vocabulary is the tokenizer's, chat shards with the markers added
+    (2 more tokens), then training from the imported WORKDIR: at step 0 (one step at a learning rate far below
+    float32's resolution) the old rows are the model's and each new row is the mean of the old rows."""
+    vocab = len(AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True))
+    hf_dir, imported, run = tmp_path / "hf", tmp_path / "imported", tmp_path / "run"
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                         tie_word_embeddings=False))
+    model.save_pretrained(str(hf_dir))
+    AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True).save_pretrained(str(hf_dir))
+    assert hf_import.main([str(hf_dir), str(imported)]) == 0
+    assert chat_shards(imported / "tokenizer", tmp_path / "shards", "--add-special-tokens", "auto") == 0
+    capsys.readouterr()
+    overrides = {"data.shards_dir": tmp_path / "shards", "task.name": "sft", "model.vocab_size": vocab + 2,
+                 "model.vocab_pad_multiple": 1,  # the embedding's shape changes too: (vocab padded to 128) -> vocab+2
+                 "data.seq_len": SEQ_LEN, "train.steps": 1, "optimizer.lr": 1e-30, "optimizer.warmup_steps": 0,
+                 "data.batch_size": 8, "train.sample_tokens": 0, "train.eval_every": 0,
+                 "logging.tensorboard": "false", "logging.loss_curve_png": "false"}
+    assert trainer.main(["--config", str(imported / "config.json"), "--workdir", str(run), "--no-progress",
+                         *(f"--config.{k}={v}" for k, v in overrides.items())]) == 0
+    cfg, params = restore_params(run)
+    assert cfg.data.tokenizer_dir == str(tmp_path / "shards" / "tokenizer")  # export/generate find the extended one
+    embed = model.model.embed_tokens.weight.detach().numpy()
+    head = model.lm_head.weight.detach().numpy()  # [vocab, d]; lmtrain's head is [d, vocab]
+    ours_embed, ours_head = np.asarray(jax.device_get(params["embed"])), np.asarray(jax.device_get(params["head"]["w"])).T
+    for ours, theirs in ((ours_embed, embed), (ours_head, head)):
+        assert ours.shape == (vocab + 2, 32)
+        np.testing.assert_array_equal(ours[:vocab], theirs)
+        mean = theirs.astype(np.float32).mean(axis=0)
+        np.testing.assert_allclose(ours[vocab:], np.stack([mean, mean]), rtol=1e-6, atol=1e-7)
