@@ -51,9 +51,9 @@ def chat_shards(tokenizer: Path, out: Path, *extra: str) -> int:
                             "--format", "chat", "--seq-len", str(SEQ_LEN), "--val-fraction", "0", *extra])
 
 
-def stored_tokens(out: Path) -> list[list[int]]:
+def stored_tokens(out, example_format: str = "chat") -> list[list[int]]:
     manifest, source = load_manifest(out), split_source(out, "train")
-    return [decode_record("chat", np.dtype(manifest["token_dtype"]), source[i])[0].tolist() for i in range(len(source))]
+    return [decode_record(example_format, np.dtype(manifest["token_dtype"]), source[i])[0].tolist() for i in range(len(source))]
 
 
 def test_split_markers_warn_once_and_add_special_tokens_makes_each_one_id(qwen_dir, tmp_path, capsys):
@@ -122,3 +122,25 @@ def test_training_from_a_smaller_vocabulary_grows_the_embedding_and_head_with_th
         np.testing.assert_array_equal(ours[:vocab], theirs)
         mean = theirs.astype(np.float32).mean(axis=0)
         np.testing.assert_allclose(ours[vocab:], np.stack([mean, mean]), rtol=1e-6, atol=1e-7)
+
+
+def test_an_extended_tokenizer_travels_with_gcs_shards_and_training_finds_it(qwen_dir, fake_gcs, tmp_path,
+                                                                              monkeypatch):
+    from lmtrain.data.shards import check_compatibility, training_tokenizer_dir
+
+    monkeypatch.chdir(tmp_path)
+    records = tmp_path / "d.jsonl"
+    records.write_text("".join(json.dumps({"text": f"the cat sat on a mat {i} <|x|> and ran"}) + "\n"
+                               for i in range(5)), encoding="utf-8")
+    shards_uri = f"{fake_gcs.url}/shards"
+    assert shard_data.main(["--input", str(records), "--tokenizer", str(qwen_dir), "--output", shards_uri, "--quiet",
+                            "--workers", "1", "--val-fraction", "0", "--add-special-tokens", "<|x|>"]) == 0
+    names = fake_gcs.object_names()
+    assert "shards/tokenizer/tokenizer.json" in names and "shards/manifest.json" in names
+    assert training_tokenizer_dir(shards_uri, str(qwen_dir)) == f"{shards_uri}/tokenizer"
+    assert training_tokenizer_dir(shards_uri, "") == f"{shards_uri}/tokenizer"
+    vocab = len(AutoTokenizer.from_pretrained(str(qwen_dir), local_files_only=True)) + 1
+    check_compatibility(shards_uri, f"{shards_uri}/tokenizer", vocab)
+    x_id = vocab - 1
+    assert all(tokens.count(x_id) == 1 for tokens in stored_tokens(shards_uri, "text"))
+
