@@ -112,6 +112,7 @@ def test_training_from_a_smaller_vocabulary_grows_the_embedding_and_head_with_th
                  "logging.tensorboard": "false", "logging.loss_curve_png": "false"}
     assert trainer.main(["--config", str(imported / "config.json"), "--workdir", str(run), "--no-progress",
                          *(f"--config.{k}={v}" for k, v in overrides.items())]) == 0
+    assert f"lmtrain: data.tokenizer_dir={tmp_path / 'shards' / 'tokenizer'}: " in capsys.readouterr().out
     cfg, params = restore_params(run)
     assert cfg.data.tokenizer_dir == str(tmp_path / "shards" / "tokenizer")  # export/generate find the extended one
     embed = model.model.embed_tokens.weight.detach().numpy()

@@ -332,14 +332,13 @@ def train(cfg, workdir, show_progress: bool | None = None, stop_at_step: int | N
 
 def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal) -> TrainResult:
     maybe_initialize_distributed()
-    if cfg.data.source == "shards" and cfg.data.shards_dir:  # shard_data --add-special-tokens saved its tokenizer there
-        cfg.data.tokenizer_dir = training_tokenizer_dir(cfg.data.shards_dir, cfg.data.tokenizer_dir)
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    _use_shards_tokenizer(cfg, log)
     mesh_shape = config_lib.validate(cfg, jax.device_count())
     task = make_task(cfg)
     es_cfg = cfg.train.early_stopping
     es_mode = es_cfg.mode or task.metric_mode(es_cfg.metric)
-    is_main = jax.process_index() == 0
-    log = print if is_main else (lambda *a, **k: None)
 
     prepare_workdir(workdir)
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -360,6 +359,18 @@ def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal)
         stop.finishing = True
         ckpt.close()
     return result
+
+
+def _use_shards_tokenizer(cfg, log) -> None:
+    """Train with the tokenizer shard_data --add-special-tokens saved beside the shards, when data.tokenizer_dir
+    is the one it extended; the saved config then names it, so export and generate use it too."""
+    if cfg.data.source != "shards" or not cfg.data.shards_dir:
+        return
+    extended = training_tokenizer_dir(cfg.data.shards_dir, cfg.data.tokenizer_dir)
+    if extended != str(cfg.data.tokenizer_dir):
+        log(f"lmtrain: data.tokenizer_dir={extended}: the tokenizer the shards were written with "
+            f"({cfg.data.tokenizer_dir or 'the tokenizer'} plus the tokens of shard_data --add-special-tokens)")
+        cfg.data.tokenizer_dir = extended
 
 
 def _read_done(workdir) -> dict | None:
