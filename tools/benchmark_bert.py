@@ -75,7 +75,8 @@ def _torch_model(cfg, params, labels, directory):
 
     export_params(cfg, jax.device_get(params), directory, labels=labels)
     model = BertForSequenceClassification.from_pretrained(directory, hidden_dropout_prob=cfg.dropout,
-                                                          attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+                                                          attention_probs_dropout_prob=0.0, classifier_dropout=0.0,
+                                                          trust_remote_code=False)
     return model.to(torch.float32).train()
 
 

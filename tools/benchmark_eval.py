@@ -49,7 +49,7 @@ def torch_side(hf_dir: str, prompts, batch: int, new_tokens: int, repeats: int, 
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32, trust_remote_code=False).eval()
     # no stop at EOS, as on lmtrain's side (min_new_tokens would instead forbid EOS and change the greedy tokens)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = pad_id

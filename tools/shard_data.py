@@ -26,6 +26,7 @@ import queue
 import re
 import shutil
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -49,6 +50,7 @@ from lmtrain.data.cleaning import (
 from lmtrain.data.shards import (
     FORMAT,
     MANIFEST,
+    SHARDS_TOKENIZER,
     SPLITS,
     ShardError,
     ShardFileWriter,
@@ -66,7 +68,15 @@ from lmtrain.data.text_sources import (
     expand_files,
     iter_documents,
 )
-from lmtrain.paths import as_path, is_remote
+from lmtrain.data.tokenizer import (
+    add_special_tokens,
+    chat_template_markers,
+    save_tokenizer_dir,
+    split_markers,
+)
+from lmtrain.data.tokenizer import eos_id as hf_eos_id
+from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
+from lmtrain.paths import as_path, copy_tree, is_remote
 
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
@@ -80,6 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_corpus_args(p)
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tools/train_tokenizer.py or any HF one)")
     p.add_argument("--output", required=True, help="shard directory to write")
+    p.add_argument("--add-special-tokens", default="", help="add these tokens (comma-separated) to the tokenizer as "
+                   "special tokens, or 'auto': the chat\ntemplate's markers that are not single tokens (e.g. "
+                   "<|im_start|>). The extended tokenizer is saved as\nOUTPUT/tokenizer and training uses it")
+    p.add_argument("--eos-token", default="", help="the token that ends every document and sft completion (default: "
+                   "the tokenizer's EOS,\nor its separator when it has none, e.g. BERT's [SEP])")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="share of documents in the validation split (default 0.01; 0.1 for --builtin-task)")
     p.add_argument("--test-fraction", type=float, default=None,
@@ -259,7 +274,8 @@ def run_fingerprint(args: argparse.Namespace, spec: CorpusSpec, opts: CleaningOp
     if spec.files:  # a changed input file must not be mixed with shards of the old one
         inputs["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
     return {"corpus": inputs, "cleaning": dataclasses.asdict(opts), "val_fraction": args.val_fraction,
-            "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp}
+            "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp,
+            **({"eos_token": args.eos_token} if args.eos_token else {})}  # absent by default: older runs still match
 
 
 class SplitWriter:
@@ -420,6 +436,8 @@ class RemoteOutput:
                     _unlink_inside(self.remote, self.remote / name)
         for name in _listed_shards(manifest):
             as_path(self.stage / name).copy(self.remote / name, overwrite=True)
+        if (self.stage / SHARDS_TOKENIZER).is_dir():  # --add-special-tokens: the tokenizer the manifest names
+            copy_tree(self.stage / SHARDS_TOKENIZER, self.remote / SHARDS_TOKENIZER, last=("tokenizer.json",))
         as_path(self.stage / MANIFEST).copy(self.remote / MANIFEST, overwrite=True)
         shutil.rmtree(self.stage)
         print(f"shard_data: uploaded {len(_listed_shards(manifest))} shards and {MANIFEST} to {self.remote}")
@@ -475,27 +493,73 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def load_tokenizer(tokenizer_dir: str):
-    """(tokenizers.Tokenizer, eos id, vocab size, fingerprint) of a Hugging Face tokenizer directory.
+@dataclasses.dataclass
+class ShardTokenizer:
+    """The tokenizer the shards are written with: --tokenizer as lmtrain loads it, plus any special tokens
+    --add-special-tokens adds; an extended tokenizer is saved beside the shards (OUTPUT/tokenizer), where
+    training finds it through the manifest."""
 
-    Reads tokenizer.json and the EOS token from tokenizer_config.json or special_tokens_map.json
-    directly: importing transformers would cost seconds at every start for nothing.
+    hf: object  # the transformers tokenizer (chat templates); its backend encodes in batches on every core
+    source: str  # --tokenizer
+    eos_id: int  # what ends every document and sft completion
+    fingerprint: str
+    added: list[str] = dataclasses.field(default_factory=list)
+    staged: tempfile.TemporaryDirectory | None = None  # the extended tokenizer's files until they join the shards
+
+    @property
+    def backend(self):
+        return self.hf.backend_tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def extend(self, option: str, chat_template: str | None) -> None:
+        """--add-special-tokens (a comma list, or 'auto': the chat template's markers that are not single
+        tokens); without it, warn once when the template's markers are split into pieces."""
+        markers = chat_template_markers(chat_template) if chat_template else []
+        split = split_markers(self.hf, markers)
+        if option.strip() == "auto":
+            if chat_template is None:
+                raise SourceError("--add-special-tokens auto adds the chat template's markers: use it with --format "
+                                  "chat, or list the tokens to add (--add-special-tokens '<|a|>,<|b|>').")
+            wanted = split
+        else:
+            wanted = [t.strip() for t in option.split(",") if t.strip()]
+            if split and not wanted:
+                print(f"shard_data: warning: the chat template's markers {', '.join(split)} are not single tokens of "
+                      f"tokenizer {self.source}, so the model must learn each as a sequence of pieces; pass "
+                      "--add-special-tokens auto to add them as special tokens (training then grows the model's "
+                      "embedding to the new vocabulary).", file=sys.stderr)
+        self.added = add_special_tokens(self.hf, wanted)
+        if self.added:
+            self.staged = tempfile.TemporaryDirectory(prefix="lmtrain-tokenizer-")
+            self.hf.save_pretrained(self.staged.name)
+            self.fingerprint = tokenizer_fingerprint(self.staged.name)
+
+    def manifest_entry(self, output: str) -> dict:
+        if not self.added:
+            return {"dir": str(as_path(self.source)), "fingerprint": self.fingerprint}
+        return {"dir": str(as_path(output) / SHARDS_TOKENIZER), "fingerprint": self.fingerprint,
+                "extends": {"dir": str(as_path(self.source)), "fingerprint": tokenizer_fingerprint(self.source)},
+                "added_special_tokens": self.added}
+
+    def save_beside(self, out: Path) -> None:
+        """The extended tokenizer into the shard directory, whole, before the manifest that names it."""
+        if self.staged is not None:
+            save_tokenizer_dir(lambda directory: copy_tree(self.staged.name, directory), out / SHARDS_TOKENIZER)
+
+
+def load_tokenizer(tokenizer_dir: str, eos_token: str = "") -> ShardTokenizer:
+    """--tokenizer loaded by lmtrain's one loader (padding and truncation off, no code from the directory),
+    so the ids are those of transformers' own tokenizer call. Documents end with the EOS, or the separator
+    of a tokenizer without one (BERT), or `eos_token`.
     """
-    from tokenizers import Tokenizer
-
     path = as_path(tokenizer_dir)
     if not (path / "tokenizer.json").exists():
         raise SourceError(f"tokenizer directory {path} has no tokenizer.json (make one with tools/train_tokenizer.py).")
-    tokenizer = Tokenizer.from_str((path / "tokenizer.json").read_text(encoding="utf-8"))
-    eos = None
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        eos = eos or (_read_json(path / name) or {}).get("eos_token")
-    if isinstance(eos, dict):  # older files store {"content": "</s>", ...}
-        eos = eos.get("content")
-    eos_id = tokenizer.token_to_id(eos) if eos else None
-    if eos_id is None:
-        raise SourceError(f"tokenizer {path} has no EOS token; shard_data.py ends every document with it.")
-    return tokenizer, int(eos_id), tokenizer.get_vocab_size(with_added_tokens=True), tokenizer_fingerprint(path)
+    hf = load_hf_tokenizer(path)
+    return ShardTokenizer(hf, tokenizer_dir, hf_eos_id(hf, eos_token), tokenizer_fingerprint(path))
 
 
 def open_output(args: argparse.Namespace, fingerprint: dict, splits: tuple[str, ...]):
@@ -651,21 +715,22 @@ def shard_examples(args: argparse.Namespace) -> dict:
     if val < 0 or test < 0 or (val + test >= 1 and not eval_only(val, test)):
         raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1 (or "
                           "one of them 1, the other 0: an evaluation-only set).")
-    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
-    dtype = token_dtype(vocab_size)
+    tok = load_tokenizer(args.tokenizer, args.eos_token)
+    tokenizer, eos_id = tok.backend, tok.eos_id
     if example_format == "sft":
         encoder = SftEncoder(tokenizer, eos_id, args.seq_len + 1, args.too_long, args.train_on_prompt,
                              args.prompt_field, args.completion_field)
     elif example_format == "chat":
-        from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
-
         template = load_chat_template(args.chat_template) if args.chat_template else None
-        encoder = ChatEncoder(load_hf_tokenizer(args.tokenizer), args.seq_len + 1, args.too_long, args.train_on_prompt,
+        encoder = ChatEncoder(tok.hf, args.seq_len + 1, args.too_long, args.train_on_prompt,
                               args.messages_field, template)
     elif example_format == "ner":
         encoder = TokenClassifyEncoder(tokenizer, args.seq_len, args.too_long, args.tokens_field, args.tags_field)
     else:
         encoder = ClassifyEncoder(tokenizer, args.seq_len, args.too_long, args.text_field, args.label_field)
+    tok.extend(args.add_special_tokens, getattr(encoder, "chat_template", None))
+    vocab_size, tokenizer_fp = tok.vocab_size, tok.fingerprint
+    dtype = token_dtype(vocab_size)
 
     def key_of(record: dict) -> str:
         return _example_key(example_format, record, args)
@@ -741,7 +806,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
         "vocab_size": vocab_size,
         "eos_id": eos_id,
         "pad_id": _pad_id(args.tokenizer, tokenizer, eos_id),
-        "tokenizer": {"dir": str(as_path(args.tokenizer)), "fingerprint": tokenizer_fp},
+        "tokenizer": tok.manifest_entry(args.output),
         "fingerprint": fingerprint,
         "options": options,
         "examples": {"read": read, "kept": sum(t["documents"] for t in totals.values()),
@@ -753,6 +818,7 @@ def shard_examples(args: argparse.Namespace) -> dict:
     if labels is not None:
         manifest["labels"] = labels
     _check_totals(manifest)
+    tok.save_beside(out)
     output.finish(manifest)
     if remote is not None:
         remote.publish(manifest)
@@ -774,9 +840,10 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     if args.max_doc_chars < 0:
         raise SourceError(f"--max-doc-chars {args.max_doc_chars} must be >= 0 (0: never split documents).")
     opts = cleaning_options(args)
-    tokenizer, eos_id, vocab_size, tokenizer_fp = load_tokenizer(args.tokenizer)
-    dtype = token_dtype(vocab_size)
-    fingerprint = run_fingerprint(args, spec, opts, tokenizer_fp)
+    tok = load_tokenizer(args.tokenizer, args.eos_token)
+    tok.extend(args.add_special_tokens, None)
+    tokenizer, eos_id, dtype = tok.backend, tok.eos_id, token_dtype(tok.vocab_size)
+    fingerprint = run_fingerprint(args, spec, opts, tok.fingerprint)
     remote, output, done = open_output(args, fingerprint, SPLITS)
     if done is not None:
         return done
@@ -837,9 +904,9 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     manifest = {
         "format": FORMAT,
         "token_dtype": dtype.name,
-        "vocab_size": vocab_size,
+        "vocab_size": tok.vocab_size,
         "eos_id": eos_id,
-        "tokenizer": {"dir": str(as_path(args.tokenizer)), "fingerprint": tokenizer_fp},
+        "tokenizer": tok.manifest_entry(args.output),
         "fingerprint": fingerprint,
         "options": {k: v for k, v in vars(args).items() if k not in ("quiet",)},
         "cleaning": report.summary(),
@@ -850,6 +917,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
         "seconds": round(time.time() - start, 2),
     }
     _check_totals(manifest)
+    tok.save_beside(out)
     output.finish(manifest)
     if remote is not None:
         remote.publish(manifest)

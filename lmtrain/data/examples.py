@@ -279,8 +279,10 @@ class ChatEncoder:
 
 
 class ClassifyEncoder:
-    """text/label records -> the text's tokens (as the tokenizer encodes it for transformers, special
-    tokens included) and the label. Too long: 'truncate' keeps the first max_tokens, 'drop' drops it."""
+    """text/label records -> the text's tokens (as transformers' tokenizer call encodes it, special tokens
+    included: [CLS] text [SEP] for BERT) and the label. Too long: 'truncate' cuts the text's end so that
+    the example with its special tokens is max_tokens long, keeping the closing [SEP] (as transformers'
+    truncation=True, max_length=max_tokens does); 'drop' drops it."""
 
     def __init__(self, tokenizer, max_tokens: int, too_long: str = "truncate", text_field: str = "text",
                  label_field: str = "label"):
@@ -310,13 +312,15 @@ class ClassifyEncoder:
     def encode(self, record: dict, where: str) -> Example | None:
         text = _text(record, self.text_field, where, "--text-field")
         label = self.label(record, where)
-        tokens = np.asarray(self.tokenizer.encode(text, add_special_tokens=True).ids, np.int64)
-        if len(tokens) > self.max_tokens:
+        content = self.tokenizer.encode(text, add_special_tokens=False)
+        room = self.max_tokens - self.tokenizer.num_special_tokens_to_add(False)
+        if len(content.ids) > room:
             if self.too_long == "drop":
                 self.counts["dropped_too_long"] += 1
                 return None
-            tokens = tokens[: self.max_tokens]
+            content.truncate(max(room, 0))
             self.counts["truncated"] += 1
+        tokens = np.asarray(self.tokenizer.post_process(content).ids, np.int64)  # adds the special tokens
         return Example(tokens, label=label)
 
 

@@ -96,6 +96,9 @@ def atomic_write_json(path: Path, obj: dict, tmp_tag: str = "") -> None:
     fsync_dir(path.parent)
 
 
+SHARDS_TOKENIZER = "tokenizer"  # a tokenizer extended by shard_data --add-special-tokens, beside the shards
+
+
 def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
     """sha256 of the tokenizer's tokenizer.json, re-serialized canonically (formatting does not count)."""
     path = as_path(tokenizer_dir) / "tokenizer.json"
@@ -287,6 +290,21 @@ def verify_shards(shards_dir: str | os.PathLike, data_index: int = 0, data_count
             raise ShardError(f"shard {path} is {size} bytes, the manifest says {entry['bytes']} (truncated?).")
         if sha256_file(path) != entry["sha256"]:
             raise ShardError(f"shard {path}: sha256 does not match the manifest; the file is corrupt.")
+
+
+def training_tokenizer_dir(shards_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> str:
+    """The tokenizer to train on these shards with: the one shard_data --add-special-tokens extended and saved
+    beside them, when data.tokenizer_dir is the tokenizer it extended (or unset); else data.tokenizer_dir."""
+    path = as_path(shards_dir) / MANIFEST
+    if not path.exists():
+        return str(tokenizer_dir)  # the start-up checks say what is missing
+    extends = load_manifest(shards_dir)["tokenizer"].get("extends")
+    if not isinstance(extends, dict):
+        return str(tokenizer_dir)
+    if tokenizer_dir and (not (as_path(tokenizer_dir) / "tokenizer.json").exists()
+                          or tokenizer_fingerprint(tokenizer_dir) != extends.get("fingerprint")):
+        return str(tokenizer_dir)  # another tokenizer: check_compatibility names the mismatch
+    return str(as_path(shards_dir) / SHARDS_TOKENIZER)
 
 
 def check_compatibility(shards_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, model_vocab_size: int) -> None:

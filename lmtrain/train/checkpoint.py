@@ -526,7 +526,8 @@ def _rebuild_frozen(cfg, model_def, target: dict) -> dict:
     params = jax.jit(lambda: keep(init_params_fn(model_def, cfg.train.seed)()), out_shardings=shardings)()
     if cfg.train.init_from:
         which = int(cfg.train.init_from_which) if str(cfg.train.init_from_which).isdigit() else cfg.train.init_from_which
-        loaded, _, _ = load_init_params(cfg.train.init_from, target, which)
+        loaded, _, _ = load_init_params(cfg.train.init_from, target, which, cfg.model.vocab_size,
+                                        model_def.logical_axes)
         params = _merge_trees(params, loaded)
     return params
 
@@ -559,14 +560,20 @@ def _stored_leaves(path: epath.Path, item: str | None) -> dict[tuple, tuple]:
     return out
 
 
-def load_init_params(spec: str, target: dict, which: str | int = "latest") -> tuple[dict, list[str], list[str]]:
+def load_init_params(spec: str, target: dict, which: str | int = "latest", vocab_size: int = 0,
+                     logical_axes: dict | None = None) -> tuple[dict, list[str], list[str]]:
     """Parameters to start from: `lmtrain import`'s init_params directory, or a WORKDIR's checkpoint.
 
     Every parameter of `target` (ShapeDtypeStructs with shardings) that the source holds with the same
     shape is read; the rest keep their fresh initialisation (a new classification head on a language
     model, for example). Returns (params read, paths left fresh, source paths not used).
+
+    With `vocab_size` and the model's `logical_axes`: a source with a smaller vocabulary (a tokenizer
+    extended by shard_data --add-special-tokens) has its embedding and untied head grown along the
+    vocab axis, each new row the mean of the source's rows, as transformers' resize_token_embeddings does.
     """
     path = as_path(spec)
+    source_vocab = _source_vocab_size(path)
     if not path.exists():
         raise CheckpointError(f"train.init_from={spec}: no such directory.")
     item = None
@@ -578,11 +585,64 @@ def load_init_params(spec: str, target: dict, which: str | int = "latest") -> tu
     stored = _stored_leaves(path, item)
     flat_target = {tuple(getattr(k, "key", k) for k in kp): leaf
                    for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
-    usable = {k: v for k, v in flat_target.items() if stored.get(k) == tuple(v.shape)}
+    grow = _vocab_growth(flat_target, stored, logical_axes, source_vocab, vocab_size)
+    usable = {k: v for k, v in flat_target.items() if stored.get(k) == tuple(v.shape) or k in grow}
     if not usable:
         raise CheckpointError(f"train.init_from={spec}: none of its parameters fits this model "
                               "(different names or shapes). Check model.* against the source's config.json.")
     fresh = sorted("/".join(map(str, k)) for k in flat_target if k not in usable)
     unused = sorted("/".join(map(str, k)) for k in stored if k not in flat_target)
-    partial = nest_keys(usable)
-    return _restore_tree(path, partial, item), fresh, unused
+    as_stored = {k: jax.ShapeDtypeStruct(stored[k], v.dtype, sharding=_replicated(v.sharding)) if k in grow else v
+                 for k, v in usable.items()}
+    params = _restore_tree(path, nest_keys(as_stored), item)
+    for keys, axis in grow.items():
+        leaf = params
+        for key in keys[:-1]:
+            leaf = leaf[key]
+        leaf[keys[-1]] = _grown(leaf[keys[-1]], axis, source_vocab, vocab_size, flat_target[keys])
+    return params, fresh, unused
+
+
+def _source_vocab_size(path: epath.Path) -> int:
+    """model.vocab_size of an init_from source (its WORKDIR's config.json), 0 when it has none."""
+    for config in (path / "config.json", path.parent / "config.json" if path.name == "init_params" else None):
+        if config is not None and config.is_file():
+            try:
+                return int(json.loads(config.read_text())["model"]["vocab_size"])
+            except (ValueError, KeyError, TypeError):
+                return 0
+    return 0
+
+
+def _vocab_growth(flat_target: dict, stored: dict, logical_axes: dict | None, source_vocab: int,
+                  vocab_size: int) -> dict[tuple, int]:
+    """{path: vocab axis} of the parameters to grow: over the vocab, stored for a smaller vocabulary."""
+    if not logical_axes or not 0 < source_vocab < vocab_size:
+        return {}
+    axes = {tuple(getattr(k, "key", k) for k in kp): names for kp, names in
+            jax.tree_util.tree_flatten_with_path(logical_axes, is_leaf=lambda x: isinstance(x, tuple))[0]}
+    grow = {}
+    for keys, leaf in flat_target.items():
+        names, shape = axes.get(keys, ()), stored.get(keys)
+        if "vocab" in names and shape is not None and len(shape) == len(leaf.shape):
+            axis = names.index("vocab")
+            same_elsewhere = all(a == b for i, (a, b) in enumerate(zip(shape, leaf.shape)) if i != axis)
+            if same_elsewhere and shape[axis] >= source_vocab:
+                grow[keys] = axis
+    return grow
+
+
+def _replicated(sharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()) if isinstance(
+        sharding, jax.sharding.NamedSharding) else sharding
+
+
+def _grown(array, axis: int, source_vocab: int, vocab_size: int, target: jax.ShapeDtypeStruct):
+    """`array`'s first source_vocab rows (along `axis`), then rows up to vocab_size that are their mean, then
+    zeros to the target's padded size."""
+    old = np.moveaxis(np.asarray(array.addressable_data(0)), axis, 0)[:source_vocab]
+    rows = np.zeros((target.shape[axis], *old.shape[1:]), old.dtype)
+    rows[:source_vocab] = old
+    rows[source_vocab:vocab_size] = old.astype(np.float32).mean(axis=0).astype(old.dtype)
+    full = np.moveaxis(rows, 0, axis)
+    return jax.make_array_from_callback(target.shape, target.sharding, lambda index: full[index])

@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
 from lmtrain.data.packing import check_batch
+from lmtrain.data.shards import training_tokenizer_dir
 from lmtrain.model import ModelDef
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
@@ -290,7 +291,8 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
     if cfg.train.init_from and any(run.state[k] for k in parts):
         target = abstract_with_shardings({k: abstract[k] for k in parts}, {k: shardings[k] for k in parts})
         merged_target = ParamPlan.merge(*(target[k] for k in parts)) if len(parts) == 2 else target["frozen"]
-        params, fresh, unused = load_init_params(cfg.train.init_from, merged_target, _which(cfg.train.init_from_which))
+        params, fresh, unused = load_init_params(cfg.train.init_from, merged_target, _which(cfg.train.init_from_which),
+                                                 cfg.model.vocab_size, model_def.logical_axes)
         for k in parts:
             run.state[k] = ParamPlan.merge(_only(params, _paths(run.state[k])), _only(run.state[k], fresh))
         if restored is None:
@@ -330,12 +332,13 @@ def train(cfg, workdir, show_progress: bool | None = None, stop_at_step: int | N
 
 def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal) -> TrainResult:
     maybe_initialize_distributed()
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    _use_shards_tokenizer(cfg, log)
     mesh_shape = config_lib.validate(cfg, jax.device_count())
     task = make_task(cfg)
     es_cfg = cfg.train.early_stopping
     es_mode = es_cfg.mode or task.metric_mode(es_cfg.metric)
-    is_main = jax.process_index() == 0
-    log = print if is_main else (lambda *a, **k: None)
 
     prepare_workdir(workdir)
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
@@ -356,6 +359,18 @@ def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal)
         stop.finishing = True
         ckpt.close()
     return result
+
+
+def _use_shards_tokenizer(cfg, log) -> None:
+    """Train with the tokenizer shard_data --add-special-tokens saved beside the shards, when data.tokenizer_dir
+    is the one it extended; the saved config then names it, so export and generate use it too."""
+    if cfg.data.source != "shards" or not cfg.data.shards_dir:
+        return
+    extended = training_tokenizer_dir(cfg.data.shards_dir, cfg.data.tokenizer_dir)
+    if extended != str(cfg.data.tokenizer_dir):
+        log(f"lmtrain: data.tokenizer_dir={extended}: the tokenizer the shards were written with "
+            f"({cfg.data.tokenizer_dir or 'the tokenizer'} plus the tokens of shard_data --add-special-tokens)")
+        cfg.data.tokenizer_dir = extended
 
 
 def _read_done(workdir) -> dict | None:
