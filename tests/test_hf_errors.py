@@ -103,6 +103,21 @@ def test_broken_index_is_named(tmp_path, capsys):
     assert str(index) in err and "not valid JSON" in err
 
 
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "sub/../../outside.safetensors", "/etc/passwd"])
+def test_index_naming_a_file_outside_the_directory_is_refused(tmp_path, capsys, entry):
+    random_hf_model("llama", tmp_path / "hf", max_shard_size="40KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[0]
+    shutil.copy(shard, tmp_path / "outside.safetensors")  # a readable file there: only the check can refuse it
+    content = json.loads(index.read_text())
+    tensor = next(t for t, f in content["weight_map"].items() if f == shard.name)
+    content["weight_map"][tensor] = entry
+    index.write_text(json.dumps(content))
+    err = _import_error(capsys, tmp_path / "hf", tmp_path / "work")
+    assert f"{index}: weight_map entry '{tensor}' is '{entry}', which is not a file inside" in err, err
+    assert not (tmp_path / "work" / "config.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------- config.json
 
 

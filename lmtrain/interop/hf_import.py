@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import posixpath
 import struct
 import sys
 import tempfile
@@ -184,6 +185,18 @@ def read_hf_config(hf_dir: epath.Path) -> HFConfig:
     return HFConfig(read_json(path, "a model configuration (an object)"), str(path))
 
 
+def _check_inside(directory: epath.Path, name: str, what: str) -> None:
+    """Refuse a file name (read from a file in `directory`) that leads outside `directory`.
+
+    The check is on the name itself (absolute, '..', a drive or URL scheme), not on where symlinks lead: the
+    Hugging Face cache links snapshot files into ../../blobs, and the directory's own links are the user's.
+    """
+    parts = posixpath.normpath(name.replace("\\", "/")).split("/")
+    if not name or posixpath.isabs(name) or ":" in name or parts[0] in ("..", "") or parts == ["."]:
+        raise HFInteropError(f"{what} is '{name}', which is not a file inside {directory}; an index may only "
+                             "name files in its own directory. Restore the index.")
+
+
 def safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
     """The checkpoint's safetensors files (single or sharded). Pickle checkpoints are refused unopened."""
     index = hf_dir / "model.safetensors.index.json"
@@ -191,6 +204,8 @@ def safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise HFInteropError(f"{index}: 'weight_map' must map tensor names to file names. Restore the file.")
+        for tensor, name in weight_map.items():
+            _check_inside(hf_dir, name, f"{index}: weight_map entry '{tensor}'")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
