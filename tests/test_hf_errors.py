@@ -92,6 +92,42 @@ def test_malformed_header_entry_and_unreadable_dtype_are_named(llama, tmp_path, 
     assert "header entry of tensor 'model.norm.weight' is malformed" in err
 
 
+def _rewrite_header(weights, edit) -> None:
+    """A new header (edited by `edit`) in front of the same data bytes."""
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _overlap(header):  # the final norm reads layer 0's attention norm bytes (same size)
+    header["model.norm.weight"]["data_offsets"] = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+
+
+def _wrong_size(header):
+    header["model.norm.weight"]["shape"] = [header["model.norm.weight"]["shape"][0] // 2]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_overlap, "data_offsets of tensor 'model.norm.weight' ("),
+    (_wrong_size, "tensor 'model.norm.weight' (F32 ["),
+    (None, "bytes after the last tensor are not part of any tensor"),
+])
+def test_safetensors_offsets_must_tile_the_data(llama, tmp_path, capsys, edit, expected):
+    weights = llama / "model.safetensors"
+    if edit is None:
+        weights.write_bytes(weights.read_bytes() + bytes(64))  # a polyglot tail the header does not cover
+    else:
+        _rewrite_header(weights, edit)
+    err = _import_error(capsys, llama, tmp_path / "work")
+    assert str(weights) in err and expected in err, err
+    if edit is _overlap:
+        assert "overlaps tensor 'model.layers.0.input_layernorm.weight'" in err, err
+    assert not (tmp_path / "work" / "config.json").exists()
+
+
 def test_broken_index_is_named(tmp_path, capsys):
     random_hf_model("llama", tmp_path / "hf", max_shard_size="40KB")
     index = tmp_path / "hf" / "model.safetensors.index.json"

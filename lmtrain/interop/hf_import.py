@@ -126,7 +126,7 @@ class SafetensorsReader:
         if not isinstance(header, dict):
             raise HFInteropError(f"{path}: not a safetensors file (its header is not a JSON object). {redo}")
         data_start = 8 + header_len
-        end_of_data, last = 0, None
+        spans = []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -140,14 +140,35 @@ class SafetensorsReader:
                                      f"{redo}") from None
             if name in self.entries:
                 raise HFInteropError(f"tensor '{name}' is stored twice: in {self.entries[name][0]} and {path}.")
+            if code in _DTYPES:  # another dtype is refused by name (check_dtype) if the import needs the tensor
+                want = np.dtype(_DTYPES[code]).itemsize * int(np.prod(shape, dtype=np.int64))
+                if end - start != want:
+                    raise HFInteropError(f"{path}: tensor '{name}' ({code} {list(shape)}) spans {end - start} bytes "
+                                         f"in its header, not {want}. {redo}")
             self.entries[name] = (path, code, shape, data_start + start, end - start)
-            if end > end_of_data:
-                end_of_data, last = end, name
-        if data_start + end_of_data > size:
+            spans.append((start, end, name))
+        self._check_tiling(path, sorted(spans), size - data_start, redo)
+
+    @staticmethod
+    def _check_tiling(path: epath.Path, spans: list[tuple[int, int, str]], data_len: int, redo: str) -> None:
+        """The tensors cover the data exactly, in order: none overlaps another (one tensor would read another's
+        bytes) and no bytes lie between or after them, as the safetensors format requires."""
+        position, previous = 0, None
+        for start, end, name in spans:
+            if start != position:
+                what = f"overlaps tensor '{previous}'" if start < position else \
+                    f"leaves bytes {position}..{start} unused before it"
+                raise HFInteropError(f"{path}: the header's data_offsets of tensor '{name}' ({start}, {end}) {what}; "
+                                     f"the tensors must tile the data exactly. {redo}")
+            position, previous = end, name
+        if position > data_len:
             raise HFInteropError(
-                f"{path} is truncated: it has {size} bytes, but its header places tensor '{last}' up to byte "
-                f"{data_start + end_of_data}. {redo}"
+                f"{path} is truncated: it has {data_len} data bytes, but its header places tensor '{previous}' up to "
+                f"byte {position} of the data. {redo}"
             )
+        if position < data_len:
+            raise HFInteropError(f"{path}: {data_len - position} bytes after the last tensor are not part of any "
+                                 f"tensor in the header; the tensors must tile the data exactly. {redo}")
 
     def names(self) -> set[str]:
         return set(self.entries)
