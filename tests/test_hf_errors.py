@@ -128,6 +128,27 @@ def test_safetensors_offsets_must_tile_the_data(llama, tmp_path, capsys, edit, e
     assert not (tmp_path / "work" / "config.json").exists()
 
 
+def test_a_refused_pickle_only_import_leaves_nothing(llama, tmp_path, capsys):
+    (llama / "model.safetensors").unlink()
+    (llama / "pytorch_model.bin").write_bytes(b"\x80\x05 never unpickled")
+    assert (llama / "tokenizer.json").is_file()  # what the import used to copy before it looked at the weights
+    assert "never unpickles" in _import_error(capsys, llama, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "existing").mkdir()
+    assert "never unpickles" in _import_error(capsys, llama, tmp_path / "existing")
+    assert list((tmp_path / "existing").iterdir()) == []
+
+
+def test_an_import_failing_while_writing_removes_the_workdir_it_created(llama, tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "new" / "init_params"))
+
+    monkeypatch.setattr(hf_import, "save_init_params", full_disk)
+    err = _import_error(capsys, llama, tmp_path / "new")
+    assert "No space left on device" in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_broken_index_is_named(tmp_path, capsys):
     random_hf_model("llama", tmp_path / "hf", max_shard_size="40KB")
     index = tmp_path / "hf" / "model.safetensors.index.json"

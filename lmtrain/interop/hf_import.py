@@ -34,6 +34,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
 from lmtrain.interop.hf_families import (
     Family,
     HFConfig,
@@ -42,9 +43,13 @@ from lmtrain.interop.hf_families import (
     classifier_labels,
     family_for_hf_config,
 )
+from lmtrain.interop.lora_import import read_peft_adapter, write_source_config
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
+from lmtrain.parallel.mesh import make_mesh
+from lmtrain.parallel.partitioning import param_shardings
 from lmtrain.paths import as_path, is_remote
+from lmtrain.train.checkpoint import save_init_params
 from lmtrain.trees import flat_paths, nest_paths
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -338,6 +343,13 @@ def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
     return classifier_labels(hf) if family.is_classifier(hf) or family.is_token_classifier(hf) else None
 
 
+def checked_checkpoint(hf_dir: epath.Path, cfg: ModelConfig, family: Family) -> tuple[SafetensorsReader, dict[str, str]]:
+    """(reader, canonical HF name -> name in the files) once the files, their headers and every tensor's name,
+    shape and dtype are checked against `cfg`: what an import refuses, it refuses here, before it writes."""
+    reader = SafetensorsReader(safetensors_files(hf_dir))
+    return reader, _check_tensors(reader, family, family.rules(cfg), cfg.n_layers, hf_dir)
+
+
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, shardings=None) -> dict:
     """The params dict of the HF model in `hf_dir`, streamed tensor by tensor onto `shardings` (default: one device).
 
@@ -354,8 +366,7 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
     covered = [p for rule in rules for p in rule.lm]
     if sorted(covered) != sorted(shapes):  # a bug in the family table, not in the user's input
         raise AssertionError(f"{family.name} rules cover {sorted(covered)} but the model has {sorted(shapes)}")
-    reader = SafetensorsReader(safetensors_files(hf_dir))
-    names = _check_tensors(reader, family, rules, cfg.n_layers, hf_dir)
+    reader, names = checked_checkpoint(hf_dir, cfg, family)
     dtype = cfg.weight_dtype
 
     def convert(rule: TensorRule, layer: int | None) -> tuple[np.ndarray, ...]:
@@ -427,6 +438,11 @@ def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> 
                              "of starting from the imported weights; import into a new WORKDIR.")
     if (workdir / "config.json").exists() and not overwrite:
         raise HFInteropError(f"{workdir} already holds a config.json; choose a new WORKDIR or pass --force.")
+
+
+def _prepare_workdir(workdir: epath.Path) -> bool:
+    """Create WORKDIR and prove it writable; True when this import created it (and so owns all of it)."""
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".lmtrain-write-test-{uuid.uuid4().hex}"
@@ -435,6 +451,7 @@ def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> 
     except OSError as e:
         raise HFInteropError(f"cannot write to WORKDIR {workdir} ({e.strerror or e}); choose a writable "
                              "directory.") from None
+    return created
 
 
 def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int = 1, tensor: int = 1,
@@ -447,17 +464,10 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
 
     config.json is written last: a WORKDIR without it is an unfinished import, which the next import replaces.
     """
-    from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
-    from lmtrain.parallel.mesh import make_mesh
-    from lmtrain.parallel.partitioning import param_shardings
-    from lmtrain.train.checkpoint import save_init_params
-
     hf_dir, workdir = _hf_dir(hf_dir), as_path(workdir)
     is_main = jax.process_index() == 0
     adapter = None
     if adapter_dir is not None:  # checked whole before anything is written
-        from lmtrain.interop.lora_import import read_peft_adapter
-
         adapter = read_peft_adapter(adapter_dir, hf_dir)
     _check_workdir(hf_dir, workdir, overwrite)  # every process: each raises alike rather than one hanging
     family, fields, notes = model_config_from_hf(hf_dir, param_dtype)
@@ -492,10 +502,25 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         shardings = param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
     except (ConfigError, ValueError) as e:
         raise HFInteropError(f"--fsdp={fsdp} --tensor={tensor} on {jax.device_count()} devices: {e}") from None
+    base_cfg = dataclasses.replace(model_cfg, lora_rank=0, lora_targets=())
+    checked_checkpoint(hf_dir, base_cfg, family)  # a checkpoint refused here leaves the WORKDIR untouched
 
+    created = _prepare_workdir(workdir)
+    try:
+        _write_workdir(hf_dir, workdir, cfg, base_cfg, model_cfg, family, shardings, adapter, head, is_main)
+    except BaseException:
+        if created and is_main:  # nothing there was the user's: an unfinished import leaves nothing behind
+            workdir.rmtree(missing_ok=True)
+        raise
+    return workdir
+
+
+def _write_workdir(hf_dir: epath.Path, workdir: epath.Path, cfg, base_cfg: ModelConfig, model_cfg: ModelConfig,
+                   family: Family, shardings, adapter, head: str, is_main: bool) -> None:
+    """Tokenizer, init_params, the source configs, then config.json last (what marks a finished import)."""
     if is_main and _copy_tokenizer(hf_dir, workdir / "tokenizer"):
         cfg.data.tokenizer_dir = str(workdir / "tokenizer")
-    params = load_hf_params(hf_dir, dataclasses.replace(model_cfg, lora_rank=0, lora_targets=()), family, shardings)
+    params = load_hf_params(hf_dir, base_cfg, family, shardings)
     if adapter is not None:
         params = adapter.add_to(params, model_cfg, shardings)
     if is_main and (workdir / "init_params").exists():  # --force, or left by an import killed before config.json
@@ -508,11 +533,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         if head in ("classify", "token_classify"):
             (workdir / LABELS_FILE).write_text(json.dumps(read_hf_labels(hf_dir)))
         if adapter is not None:
-            from lmtrain.interop.lora_import import write_source_config
-
             write_source_config(adapter, workdir)
         (workdir / "config.json").write_text(to_json(cfg))
-    return workdir
 
 
 def next_steps(workdir: epath.Path) -> str:
