@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import datetime
 import difflib
-import fcntl
 import importlib.util
 import io
 import itertools
@@ -41,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from lmtrain import config as config_lib
+from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.paths import as_path, atomic_write_text, is_remote
 from lmtrain.trees import flat_paths
 
@@ -400,36 +400,27 @@ def _differences(old: dict, new: dict) -> list[str]:
             if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
-class _SweepLock:
-    """One process per sweep directory; the OS drops the lock when the process dies, so a kill leaves none."""
+SWEEP_LOCK = "sweep.lock"
 
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, "sweep.lock")
-        self.fd = None
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise SweepError(f"another lmtrain sweep (pid {pid}) is running in {os.path.dirname(self.path)}; "
-                             "wait for it to finish or stop it first.") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+@contextlib.contextmanager
+def _sweep_lock(sweep_dir: str):
+    """One process per sweep directory (lmtrain.locking: the OS drops the lock when the process dies)."""
+    try:
+        lock = DirLock(sweep_dir, "lmtrain sweep", name=SWEEP_LOCK).acquire()
+    except DirectoryInUse as e:
+        raise SweepError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_sweep_dir(sweep_dir: str, identity: dict) -> list[str] | None:
     """None for a new sweep (the directory must hold nothing else); else how the stored sweep differs from this one."""
     meta_path = os.path.join(sweep_dir, "sweep.json")
     if not os.path.exists(meta_path):
-        others = [n for n in os.listdir(sweep_dir) if n != "sweep.lock"]
+        others = [n for n in os.listdir(sweep_dir) if n != SWEEP_LOCK]
         if others:
             raise SweepError(f"sweep directory {sweep_dir} is not empty and holds no sweep ({', '.join(sorted(others)[:3])}"
                              f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory.")
@@ -670,7 +661,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
     train_fn = train_fn or default_train_fn()
     os.makedirs(sweep_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _SweepLock(sweep_dir):
+    with _sweep_lock(sweep_dir):
         identity = _identity(spec, base)
         diffs = _check_sweep_dir(sweep_dir, identity)
         if diffs is None:

@@ -316,8 +316,8 @@ def test_a_directory_holding_another_sweep_is_refused(tmp_path):
 
 def test_one_process_per_sweep_directory(tmp_path):
     os.makedirs(tmp_path / "s")
-    with sweep._SweepLock(str(tmp_path / "s")):
-        with pytest.raises(sweep.SweepError, match=f"another lmtrain sweep \\(pid {os.getpid()}\\) is running"):
+    with sweep._sweep_lock(str(tmp_path / "s")):
+        with pytest.raises(sweep.SweepError, match=f"in use by another lmtrain sweep \\(pid {os.getpid()} on host "):
             sweep.run_sweep(make_spec(), tmp_path / "s", train_fn=fake_train, log=quiet)
 
 
