@@ -165,13 +165,18 @@ def load_space(path: str | os.PathLike) -> dict:
         import yaml
 
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise SweepError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from None
         except yaml.YAMLError as e:
-            raise SweepError(f"{path}: not valid YAML ({e}).") from None
+            raise SweepError(f"{path}: not valid YAML ({_one_line(str(e))}).") from None
     elif path.suffix == ".py":
         module_spec = importlib.util.spec_from_file_location(f"lmtrain_sweep_{path.stem}", str(path))
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:  # a decoding error of a file that is not UTF-8 is one too
+            raise SweepError(f"{path}: line {e.lineno}: {_one_line(str(e.msg))}.") from None
         if hasattr(module, "get_sweep"):
             raw = module.get_sweep()
         elif hasattr(module, "SWEEP"):
@@ -185,13 +190,20 @@ def load_space(path: str | os.PathLike) -> dict:
     return raw
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _number(value, where: str) -> float:
     if isinstance(value, bool):
         raise SweepError(f"{where}: expected a number, got {value!r}.")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise SweepError(f"{where}: expected a number, got {value!r}.") from None
+    if not math.isfinite(number):  # optuna would overflow on an infinite range, or sample NaN
+        raise SweepError(f"{where}: expected a finite number, got {value!r}.")
+    return number
 
 
 def _parse_param(key: str, raw, source: str) -> Param:
@@ -221,6 +233,8 @@ def _parse_param(key: str, raw, source: str) -> Param:
     if log and low <= 0:
         raise SweepError(f"{where}: a log-scale range needs low > 0 (got {raw['low']}).")
     step = _number(raw["step"], f"{where}.step") if raw.get("step") is not None else None
+    if step is not None and step <= 0:  # 0 was taken as 1, a negative step failed inside optuna
+        raise SweepError(f"{where}.step: must be positive (got {raw['step']}); leave it out for a continuous range.")
     if log and step is not None:
         raise SweepError(f"{where}: optuna takes either log or step, not both.")
     grid = tuple(_number(v, f"{where}.grid") for v in raw.get("grid", ()))

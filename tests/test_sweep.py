@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -115,6 +116,36 @@ def test_python_space_file(tmp_path):
 def test_bad_space_is_a_clear_error(raw, message):
     with pytest.raises(sweep.SweepError, match=message):
         sweep.parse_spec(raw, "space.yaml")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("params:\n  optimizer.lr: {type: float, low: 1.0e-4, high: .inf}\n",
+     "params.optimizer.lr.high: expected a finite number, got inf"),
+    ("params:\n  optimizer.lr: {type: float, low: .nan, high: 1.0}\n",
+     "params.optimizer.lr.low: expected a finite number, got nan"),
+    ("params:\n  optimizer.warmup_steps: {type: int, low: 0, high: 40, step: -2}\n",
+     "params.optimizer.warmup_steps.step: must be positive \\(got -2\\)"),
+    ("params:\n  optimizer.warmup_steps: {type: int, low: 0, high: 40, step: 0}\n",
+     "params.optimizer.warmup_steps.step: must be positive \\(got 0\\)"),
+    ("params:\n  optimizer.lr: {type: float, low: 0.1, high: 0.5, step: 0}\n",
+     "params.optimizer.lr.step: must be positive \\(got 0\\)"),
+    (b"params:\n  optimizer.lr: [0.001]  # \xe9t\xe9\n", "not UTF-8 text"),
+])
+def test_a_bad_space_file_is_one_line_naming_the_file_and_key(tmp_path, capsys, content, message):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"], train_fn=fake_train) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(f"{re.escape(str(space))}: {message}", err), err
+
+
+def test_a_python_space_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    space = tmp_path / "space.py"
+    space.write_bytes(b"SWEEP = {'params': {'optimizer.lr': [1e-3]}, 'metric': '\xe9t\xe9'}\n")
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"], train_fn=fake_train) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{space}: line 1: " in err and "utf-8" in err, err
 
 
 def test_unknown_config_key_names_it_and_suggests_close_ones():
