@@ -485,6 +485,9 @@ def cmd_logs(a: argparse.Namespace) -> int:
     if n < 1:
         raise LaunchError(f"TPU VM '{a.name}' in {a.zone} is not there (state {res.state()}); its logs went with it. "
                           "Logs collected by `lmtrain launch run` are in its --log-dir.")
+    if a.worker != "all" and int(a.worker) >= n:
+        raise LaunchError(f"--worker={a.worker}: TPU VM '{a.name}' has {n} worker(s), 0 to {n - 1}; give one of "
+                          "those or 'all'.")
     targets = list(range(n)) if a.worker == "all" else [int(a.worker)]
     for w in targets:
         if a.out:
@@ -599,6 +602,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         for key in ("max_failures", "max_preemptions"):
             if getattr(a, key) < 0:
                 parser.error(f"--{key.replace('_', '-')} must be >= 0.")
+    if a.command == "logs" and a.worker != "all" and not a.worker.isdigit():
+        parser.error(f"--worker={a.worker}: give a worker index (0, 1, ...) or 'all'.")
     if a.command in ("run", "stop") and not a.setup_script.is_file():
         parser.error(f"setup_tpu.sh not found at {a.setup_script}; pass --setup-script=PATH to the lmtrain checkout's.")
     return a

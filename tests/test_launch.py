@@ -211,6 +211,17 @@ def test_env_values_reach_the_trainer_exactly(tmp_path, provisioned):
     assert int((workdir / "attempts").read_text()) == 1  # ran once, no relaunch
 
 
+def test_logs_of_a_worker_that_is_not_an_index_or_not_there(provisioned, capsys):
+    with pytest.raises(SystemExit) as e:
+        launch.main(["logs", "--name=t1", "--zone=zz", "--worker=x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--worker=x: give a worker index (0, 1, ...) or 'all'" in err and "Traceback" not in err
+    assert launch.main(["logs", "--name=t1", "--zone=zz", "--worker=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lmtrain launch: --worker=3: TPU VM 't1' has 1 worker(s), 0 to 0; give one of those or 'all'.")
+
+
 def test_config_error_is_not_relaunched(tmp_path, provisioned, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
