@@ -702,13 +702,16 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
         budget = n_trials or spec.n_trials or study.user_attrs.get("grid_queued") or 20
         ctx = _Context(spec, base, sweep_dir, train_fn, log, study)
         failures: list[str] = []
+        stopped = False
         with _stop_on_signal() as stop:
             while sum(_counts_toward_budget(t) for t in study.get_trials(deepcopy=False)) < budget:
                 if stop.signal_name:
                     log(f"sweep: stopped by {stop.signal_name} between trials; run the same command to resume.")
+                    stopped = True
                     break
                 state, error = _run_trial(ctx, study)
                 if state == "stop":
+                    stopped = True
                     break
                 failures = failures + [error] if state == "failed" else []
                 if len(failures) >= MAX_SAME_FAILURES and len(set(failures[-MAX_SAME_FAILURES:])) == 1:
@@ -716,7 +719,22 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
                     raise SweepError(f"{MAX_SAME_FAILURES} trials in a row failed with the same error, which the "
                                      f"search space does not explain: {error}")
         write_results(study, spec, base, sweep_dir, log)
+        if not stopped:
+            _check_some_trial_succeeded(study, spec, sweep_dir)
     return study
+
+
+def _check_some_trial_succeeded(study, spec: SweepSpec, sweep_dir: str) -> None:
+    """A sweep whose every trial failed found nothing: that is an error, not a result (the errors may differ
+    trial by trial, as a config error naming each trial's value does, so the same-error rule misses it)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if not trials or any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
+        return
+    last = next((t.user_attrs["error"] for t in reversed(trials) if "error" in t.user_attrs), "no error recorded")
+    raise SweepError(f"all {len(trials)} trials failed, so no '{spec.metric}' was measured; the last one: "
+                     f"{_one_line(last)} (every error is in {os.path.join(sweep_dir, 'trials.csv')}).")
 
 
 @contextlib.contextmanager

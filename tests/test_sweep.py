@@ -282,6 +282,26 @@ def test_the_same_failure_three_times_in_a_row_stops_the_sweep(tmp_path):
     assert [r["state"] for r in rows] == ["fail"] * 3 and "no manifest.json" in rows[0]["error"]
 
 
+def test_a_sweep_whose_every_trial_fails_exits_non_zero(tmp_path, capsys):
+    def refused(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):  # a different message each time
+        raise config_lib.ConfigError(f"optimizer.lr={cfg.optimizer.lr} is refused by this test.")
+
+    space = tmp_path / "space.yaml"
+    space.write_text(textwrap.dedent("""
+        base_config: tiny
+        n_trials: 4
+        sampler: random
+        pruner: none
+        params:
+          optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+    """))
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"], train_fn=refused) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "all 4 trials failed, so no 'val_loss' was measured; the last one: config error: optimizer.lr=" in err
+    assert [r["state"] for r in csv.DictReader(open(tmp_path / "s" / "trials.csv"))] == ["fail"] * 4
+
+
 def test_a_metric_the_trainer_does_not_report_is_an_error(tmp_path):
     spec = make_spec(metric="val_accuracy")
     with pytest.raises(sweep.SweepError, match="metric 'val_accuracy' is not among .*val_loss, val_perplexity"):
