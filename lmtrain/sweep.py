@@ -557,11 +557,27 @@ def _report(trial, value: float, step: int) -> None:
         trial.report(value, step)
 
 
+def _trial_workdir(sweep_dir: str, trial) -> str:
+    """The trial's WORKDIR: a resumed trial's from sweep.db, which must lie under SWEEP_DIR/trials (the trainer
+    writes there and prunes old checkpoints there: a name from a file must never lead it elsewhere)."""
+    trials_dir = os.path.join(sweep_dir, "trials")
+    stored = trial.user_attrs.get("workdir")
+    if not stored:
+        return os.path.join(trials_dir, f"trial_{trial.number:04d}")
+    inside = os.path.realpath(trials_dir)
+    if not isinstance(stored, str) or os.path.commonpath([inside, os.path.realpath(stored)]) != inside or \
+            os.path.realpath(stored) == inside:
+        raise SweepError(f"{os.path.join(sweep_dir, 'sweep.db')}: trial {trial.number}'s workdir {stored!r} is not "
+                         f"inside {trials_dir}; lmtrain only trains (and deletes old checkpoints) there. Resume the "
+                         "sweep where it was created, or start a new one.")
+    return stored
+
+
 def _objective(ctx: _Context, trial) -> float:
     import optuna
 
     params = {p.key: p.suggest(trial) for p in ctx.spec.params}
-    workdir = trial.user_attrs.get("workdir") or os.path.join(ctx.sweep_dir, "trials", f"trial_{trial.number:04d}")
+    workdir = _trial_workdir(ctx.sweep_dir, trial)
     trial.set_user_attr("workdir", workdir)
     try:
         cfg = trial_config(ctx.base, params, f"trial {trial.number}")

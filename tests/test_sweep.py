@@ -8,6 +8,7 @@ import os
 import pathlib
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -270,6 +271,26 @@ def test_early_stopping_finishes_a_trial_and_a_signal_interrupts_the_sweep(tmp_p
     study = sweep.run_sweep(make_spec(n_trials=3), tmp_path / "b", train_fn=fake_train, log=quiet)
     assert study.trials[1].user_attrs["retry_of"] == 0 and study.trials[1].params == study.trials[0].params
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
+
+
+@pytest.mark.parametrize("escape", ["absolute", "dotdot"])
+def test_a_trial_workdir_from_sweep_db_outside_the_sweep_is_refused(tmp_path, escape):
+    def preempted(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
+        on_eval(20, {"val_loss": 2.0})
+        return types.SimpleNamespace(step=20, stopped_by="SIGTERM", best_metric=None, metrics={"val_loss": 2.0},
+                                     interrupted=True)
+
+    sweep.run_sweep(make_spec(n_trials=2), tmp_path / "s", train_fn=preempted, log=quiet)
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    crafted = str(outside) if escape == "absolute" else str(tmp_path / "s" / "trials" / ".." / ".." / "precious")
+    with sqlite3.connect(tmp_path / "s" / "sweep.db") as db:  # a crafted (or copied) sweep.db
+        assert db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE key = 'workdir'",
+                          (json.dumps(crafted),)).rowcount == 1
+    with pytest.raises(sweep.SweepError, match=f"trial \\d+'s workdir '{re.escape(crafted)}' is not inside "):
+        sweep.run_sweep(make_spec(n_trials=2), tmp_path / "s", train_fn=fake_train, log=quiet)
+    assert [p.name for p in outside.iterdir()] == ["keep.txt"]
 
 
 def test_the_same_failure_three_times_in_a_row_stops_the_sweep(tmp_path):
