@@ -10,6 +10,7 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
 import pathlib
 
 import ml_collections
@@ -428,8 +429,20 @@ def _get(cfg, dotted: str):
     return node
 
 
+def _float_fields(node, prefix: str = ""):
+    """(dotted key, value) of every float in the config."""
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            yield from _float_fields(value, f"{prefix}{key}.")
+        elif isinstance(value, float):
+            yield f"{prefix}{key}", value
+
+
 def _check_ranges(cfg) -> None:
     """Each numeric field in its range, each name a known choice; the message names the key."""
+    for key, value in _float_fields(cfg):  # an inf or NaN lr, eps, decay, ... only ever trains NaNs
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; give a finite value.")
     for key in _POSITIVE:
         if _get(cfg, key) < 1:
             raise ConfigError(f"{key}={_get(cfg, key)} must be at least 1.")
@@ -439,6 +452,9 @@ def _check_ranges(cfg) -> None:
     o, m = cfg.optimizer, cfg.model
     if not o.lr > 0:
         raise ConfigError(f"optimizer.lr={o.lr} must be positive (a peak learning rate such as 3e-4).")
+    for key in ("b1", "b2", "momentum"):
+        if not 0.0 <= o[key] < 1.0:
+            raise ConfigError(f"optimizer.{key}={o[key]} must lie in [0, 1).")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
     if not 0.0 < o.wsd_decay_fraction <= 1.0:
@@ -446,13 +462,15 @@ def _check_ranges(cfg) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
     if m.lora_rank:
-        from lmtrain.model.lora import LoRAError, resolve_targets
+        from lmtrain.model.lora import LoRAError, check_rank, resolve_targets
 
         if m.lora_rank < 0 or not m.lora_alpha > 0 or not 0.0 <= m.lora_dropout < 1.0:
             raise ConfigError(f"model.lora_rank={m.lora_rank}, lora_alpha={m.lora_alpha}, lora_dropout={m.lora_dropout}: "
                               "the rank must be positive, alpha positive, and dropout in [0, 1).")
         try:
-            resolve_targets(tuple(m.lora_targets), m.mlp)
+            targets = resolve_targets(tuple(m.lora_targets), m.mlp)
+            check_rank(m.lora_rank, targets, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                       head_dim=m.head_dim or m.d_model // m.n_heads, d_ff=m.d_ff)
         except LoRAError as e:
             raise ConfigError(str(e)) from None
     freeze_presets(o.freeze, m.n_layers)
@@ -491,8 +509,9 @@ def check_param_rules(rules) -> list[tuple]:
                 mult = float(label[3:])
             except ValueError:
                 mult = -1.0
-            if mult < 0:
-                raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a non-negative number, e.g. 'lr=0.1'.")
+            if not 0 <= mult < math.inf:  # NaN fails too
+                raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a finite non-negative number, "
+                                  "e.g. 'lr=0.1'.")
             out.append((regex, "lr_mult", mult))
         elif isinstance(label, str) and label.startswith("freeze_layers="):
             lo, sep, hi = label[len("freeze_layers="):].partition("-")

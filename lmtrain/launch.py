@@ -20,6 +20,7 @@ import concurrent.futures
 import json
 import os
 import pathlib
+import re
 import shlex
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from lmtrain.paths import as_path, is_remote
 
 REMOTE_DIR = "~/.lmtrain_launch"  # on each worker: pid, exit_code, stopped, train.log
+ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 TRAIN_CMD = "~/lmtrain-venv/bin/python -m lmtrain.cli train"  # the virtualenv setup_tpu.sh makes
 WAITING = {"CREATING", "ACCEPTED", "WAITING_FOR_RESOURCES", "PROVISIONING", "SUSPENDING", "DELETING", "UNKNOWN"}
 GONE = {"NOT_FOUND", "FAILED", "SUSPENDED"}
@@ -224,6 +226,13 @@ class Backoff:
         return min(self.base_s * 2 ** (self.consecutive - 1), self.max_s)
 
 
+def _assignment(key_value: str) -> str:
+    """KEY=VALUE for a shell command line: the value quoted, not the whole assignment (which bash would run as a
+    command named 'KEY=VALUE')."""
+    key, _, value = key_value.partition("=")
+    return f"{key}={shlex.quote(value)}"
+
+
 class Launcher:
     def __init__(self, args: argparse.Namespace, sleep: Callable[[float], None] = time.sleep):
         self.a = args
@@ -241,7 +250,7 @@ class Launcher:
 
     def train_command(self, workers: int) -> str:
         env = [f"JAX_NUM_PROCESSES={workers}"] if workers > 1 else []
-        env += [shlex.quote(e) for e in self.a.env]
+        env += [_assignment(e) for e in self.a.env]
         args = [f"--workdir={self.a.workdir}", *self.a.train_args]
         return " ".join([*env, self.a.train_cmd, *(shlex.quote(x) for x in args)])
 
@@ -476,6 +485,9 @@ def cmd_logs(a: argparse.Namespace) -> int:
     if n < 1:
         raise LaunchError(f"TPU VM '{a.name}' in {a.zone} is not there (state {res.state()}); its logs went with it. "
                           "Logs collected by `lmtrain launch run` are in its --log-dir.")
+    if a.worker != "all" and int(a.worker) >= n:
+        raise LaunchError(f"--worker={a.worker}: TPU VM '{a.name}' has {n} worker(s), 0 to {n - 1}; give one of "
+                          "those or 'all'.")
     targets = list(range(n)) if a.worker == "all" else [int(a.worker)]
     for w in targets:
         if a.out:
@@ -585,11 +597,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             parser.error(f"--workdir={a.workdir}: use a gs://BUCKET/PATH WORKDIR. A TPU VM's disk is lost when it "
                          "is preempted or deleted, and each worker of a pod would write its own.")
         for e in a.env:
-            if "=" not in e:
-                parser.error(f"--env {e!r}: write KEY=VALUE.")
+            if not ENV_KEY.match(e.partition("=")[0]) or "=" not in e:
+                parser.error(f"--env {e!r}: write KEY=VALUE, KEY a variable name (letters, digits, _).")
         for key in ("max_failures", "max_preemptions"):
             if getattr(a, key) < 0:
                 parser.error(f"--{key.replace('_', '-')} must be >= 0.")
+    if a.command == "logs" and a.worker != "all" and not a.worker.isdigit():
+        parser.error(f"--worker={a.worker}: give a worker index (0, 1, ...) or 'all'.")
     if a.command in ("run", "stop") and not a.setup_script.is_file():
         parser.error(f"setup_tpu.sh not found at {a.setup_script}; pass --setup-script=PATH to the lmtrain checkout's.")
     return a

@@ -23,7 +23,6 @@ import csv
 import dataclasses
 import datetime
 import difflib
-import fcntl
 import importlib.util
 import io
 import itertools
@@ -41,6 +40,7 @@ import ml_collections
 import numpy as np
 
 from lmtrain import config as config_lib
+from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.paths import as_path, atomic_write_text, is_remote
 from lmtrain.trees import flat_paths
 
@@ -165,13 +165,18 @@ def load_space(path: str | os.PathLike) -> dict:
         import yaml
 
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise SweepError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8.") from None
         except yaml.YAMLError as e:
-            raise SweepError(f"{path}: not valid YAML ({e}).") from None
+            raise SweepError(f"{path}: not valid YAML ({_one_line(str(e))}).") from None
     elif path.suffix == ".py":
         module_spec = importlib.util.spec_from_file_location(f"lmtrain_sweep_{path.stem}", str(path))
         module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
+        try:
+            module_spec.loader.exec_module(module)
+        except SyntaxError as e:  # a decoding error of a file that is not UTF-8 is one too
+            raise SweepError(f"{path}: line {e.lineno}: {_one_line(str(e.msg))}.") from None
         if hasattr(module, "get_sweep"):
             raw = module.get_sweep()
         elif hasattr(module, "SWEEP"):
@@ -185,13 +190,20 @@ def load_space(path: str | os.PathLike) -> dict:
     return raw
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _number(value, where: str) -> float:
     if isinstance(value, bool):
         raise SweepError(f"{where}: expected a number, got {value!r}.")
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         raise SweepError(f"{where}: expected a number, got {value!r}.") from None
+    if not math.isfinite(number):  # optuna would overflow on an infinite range, or sample NaN
+        raise SweepError(f"{where}: expected a finite number, got {value!r}.")
+    return number
 
 
 def _parse_param(key: str, raw, source: str) -> Param:
@@ -221,6 +233,8 @@ def _parse_param(key: str, raw, source: str) -> Param:
     if log and low <= 0:
         raise SweepError(f"{where}: a log-scale range needs low > 0 (got {raw['low']}).")
     step = _number(raw["step"], f"{where}.step") if raw.get("step") is not None else None
+    if step is not None and step <= 0:  # 0 was taken as 1, a negative step failed inside optuna
+        raise SweepError(f"{where}.step: must be positive (got {raw['step']}); leave it out for a continuous range.")
     if log and step is not None:
         raise SweepError(f"{where}: optuna takes either log or step, not both.")
     grid = tuple(_number(v, f"{where}.grid") for v in raw.get("grid", ()))
@@ -400,36 +414,27 @@ def _differences(old: dict, new: dict) -> list[str]:
             if a.get(k, "(absent)") != b.get(k, "(absent)")]
 
 
-class _SweepLock:
-    """One process per sweep directory; the OS drops the lock when the process dies, so a kill leaves none."""
+SWEEP_LOCK = "sweep.lock"
 
-    def __init__(self, sweep_dir: str):
-        self.path = os.path.join(sweep_dir, "sweep.lock")
-        self.fd = None
 
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(self.fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            raise SweepError(f"another lmtrain sweep (pid {pid}) is running in {os.path.dirname(self.path)}; "
-                             "wait for it to finish or stop it first.") from None
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+@contextlib.contextmanager
+def _sweep_lock(sweep_dir: str):
+    """One process per sweep directory (lmtrain.locking: the OS drops the lock when the process dies)."""
+    try:
+        lock = DirLock(sweep_dir, "lmtrain sweep", name=SWEEP_LOCK).acquire()
+    except DirectoryInUse as e:
+        raise SweepError(str(e)) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _check_sweep_dir(sweep_dir: str, identity: dict) -> list[str] | None:
     """None for a new sweep (the directory must hold nothing else); else how the stored sweep differs from this one."""
     meta_path = os.path.join(sweep_dir, "sweep.json")
     if not os.path.exists(meta_path):
-        others = [n for n in os.listdir(sweep_dir) if n != "sweep.lock"]
+        others = [n for n in os.listdir(sweep_dir) if n != SWEEP_LOCK]
         if others:
             raise SweepError(f"sweep directory {sweep_dir} is not empty and holds no sweep ({', '.join(sorted(others)[:3])}"
                              f"{', ...' if len(others) > 3 else ''}); choose a new or empty directory.")
@@ -552,11 +557,27 @@ def _report(trial, value: float, step: int) -> None:
         trial.report(value, step)
 
 
+def _trial_workdir(sweep_dir: str, trial) -> str:
+    """The trial's WORKDIR: a resumed trial's from sweep.db, which must lie under SWEEP_DIR/trials (the trainer
+    writes there and prunes old checkpoints there: a name from a file must never lead it elsewhere)."""
+    trials_dir = os.path.join(sweep_dir, "trials")
+    stored = trial.user_attrs.get("workdir")
+    if not stored:
+        return os.path.join(trials_dir, f"trial_{trial.number:04d}")
+    inside = os.path.realpath(trials_dir)
+    if not isinstance(stored, str) or os.path.commonpath([inside, os.path.realpath(stored)]) != inside or \
+            os.path.realpath(stored) == inside:
+        raise SweepError(f"{os.path.join(sweep_dir, 'sweep.db')}: trial {trial.number}'s workdir {stored!r} is not "
+                         f"inside {trials_dir}; lmtrain only trains (and deletes old checkpoints) there. Resume the "
+                         "sweep where it was created, or start a new one.")
+    return stored
+
+
 def _objective(ctx: _Context, trial) -> float:
     import optuna
 
     params = {p.key: p.suggest(trial) for p in ctx.spec.params}
-    workdir = trial.user_attrs.get("workdir") or os.path.join(ctx.sweep_dir, "trials", f"trial_{trial.number:04d}")
+    workdir = _trial_workdir(ctx.sweep_dir, trial)
     trial.set_user_attr("workdir", workdir)
     try:
         cfg = trial_config(ctx.base, params, f"trial {trial.number}")
@@ -670,7 +691,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
     train_fn = train_fn or default_train_fn()
     os.makedirs(sweep_dir, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with _SweepLock(sweep_dir):
+    with _sweep_lock(sweep_dir):
         identity = _identity(spec, base)
         diffs = _check_sweep_dir(sweep_dir, identity)
         if diffs is None:
@@ -697,13 +718,16 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
         budget = n_trials or spec.n_trials or study.user_attrs.get("grid_queued") or 20
         ctx = _Context(spec, base, sweep_dir, train_fn, log, study)
         failures: list[str] = []
+        stopped = False
         with _stop_on_signal() as stop:
             while sum(_counts_toward_budget(t) for t in study.get_trials(deepcopy=False)) < budget:
                 if stop.signal_name:
                     log(f"sweep: stopped by {stop.signal_name} between trials; run the same command to resume.")
+                    stopped = True
                     break
                 state, error = _run_trial(ctx, study)
                 if state == "stop":
+                    stopped = True
                     break
                 failures = failures + [error] if state == "failed" else []
                 if len(failures) >= MAX_SAME_FAILURES and len(set(failures[-MAX_SAME_FAILURES:])) == 1:
@@ -711,7 +735,22 @@ def run_sweep(spec: SweepSpec, sweep_dir: str | os.PathLike, train_fn: TrainFn |
                     raise SweepError(f"{MAX_SAME_FAILURES} trials in a row failed with the same error, which the "
                                      f"search space does not explain: {error}")
         write_results(study, spec, base, sweep_dir, log)
+        if not stopped:
+            _check_some_trial_succeeded(study, spec, sweep_dir)
     return study
+
+
+def _check_some_trial_succeeded(study, spec: SweepSpec, sweep_dir: str) -> None:
+    """A sweep whose every trial failed found nothing: that is an error, not a result (the errors may differ
+    trial by trial, as a config error naming each trial's value does, so the same-error rule misses it)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    if not trials or any(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials):
+        return
+    last = next((t.user_attrs["error"] for t in reversed(trials) if "error" in t.user_attrs), "no error recorded")
+    raise SweepError(f"all {len(trials)} trials failed, so no '{spec.metric}' was measured; the last one: "
+                     f"{_one_line(last)} (every error is in {os.path.join(sweep_dir, 'trials.csv')}).")
 
 
 @contextlib.contextmanager

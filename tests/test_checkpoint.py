@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from lmtrain.config import to_json
+from lmtrain.paths import as_path
 from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.actions import TrainingDiverged
 from lmtrain.train.checkpoint import Checkpointer, select_step
@@ -91,6 +92,25 @@ def test_every_saved_checkpoint_has_checksums(two_checkpoints):
         table = json.loads((two_checkpoints / "checkpoints" / str(step) / ckpt_lib.CHECKSUMS).read_text())["files"]
         assert any(name.startswith("state/") for name in table), table
         assert ckpt_lib.verify_checksums(two_checkpoints / "checkpoints" / str(step)) is None
+
+
+@pytest.mark.parametrize("name", ["../../outside.bin", "state/../../../outside.bin", "ABSOLUTE"])
+def test_a_checksum_table_naming_a_file_outside_the_step_is_refused(two_checkpoints, name):
+    step_dir = two_checkpoints / "checkpoints" / "2"
+    outside = two_checkpoints / "outside.bin"
+    outside.write_bytes(b"not part of any checkpoint")
+    name = str(outside) if name == "ABSOLUTE" else name
+    assert (step_dir / name).resolve() == outside.resolve()
+    path = step_dir / ckpt_lib.CHECKSUMS
+    original = path.read_text()
+    table = json.loads(original)
+    # Listed with its true size and hash: before the check, the file outside was read and accepted.
+    table["files"][name] = {"xxh3_128": ckpt_lib._hash_file(as_path(outside)), "bytes": outside.stat().st_size}
+    path.write_text(json.dumps(table))
+    try:
+        assert ckpt_lib.verify_checksums(step_dir) == f"{path} lists '{name}', which is not a file inside {step_dir}"
+    finally:
+        path.write_text(original)
 
 
 def _largest_tensor_file(step_dir: pathlib.Path) -> pathlib.Path:

@@ -39,6 +39,13 @@ def _main_error(args: list[str], capsys) -> str:
     ("optimizer.lr=0", "optimizer.lr=0"),
     ("data.seq_len=0", "data.seq_len=0"),
     ("data.batch_size=-8", "data.batch_size=-8"),
+    ("optimizer.lr=inf", "optimizer.lr=inf is not a finite number"),
+    ("optimizer.eps=nan", "optimizer.eps=nan is not a finite number"),
+    ("train.z_loss=-inf", "train.z_loss=-inf is not a finite number"),
+    ("optimizer.b2=1.0", "optimizer.b2=1.0 must lie in [0, 1)"),
+    ("optimizer.param_rules=(('wq','lr=inf'),)", "label 'lr=inf' needs a finite non-negative number"),
+    ("model.lora_rank=100", "model.lora_rank=100 is above the smaller dimension of the 'v' projection (128 -> 64); "
+                            "use a rank of at most 64"),
 ])
 def test_out_of_range_values_are_refused_before_anything_is_written(tmp_path, capsys, override, names):
     workdir = tmp_path / "w"

@@ -285,5 +285,6 @@ def test_lmtrain_train_on_a_gcs_workdir_resumes_like_a_local_run(fake_gcs, tmp_p
     names = fake_gcs.object_names()
     assert "run/checkpoints/5/commit_success.txt" in names
     assert any(n.startswith("run/checkpoints/5/state/") for n in names)
+    assert "run/lmtrain.lock" not in names  # each run took the WORKDIR's lock object and released it
     assert "run/loss_curve.png" in names and any(n.startswith("run/tensorboard/events.out.tfevents") for n in names)
     assert not (REPO / "gs:").exists()  # and not in the cwd: the no_local_gs_dir fixture checks it

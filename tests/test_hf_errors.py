@@ -92,6 +92,63 @@ def test_malformed_header_entry_and_unreadable_dtype_are_named(llama, tmp_path, 
     assert "header entry of tensor 'model.norm.weight' is malformed" in err
 
 
+def _rewrite_header(weights, edit) -> None:
+    """A new header (edited by `edit`) in front of the same data bytes."""
+    data = weights.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+
+
+def _overlap(header):  # the final norm reads layer 0's attention norm bytes (same size)
+    header["model.norm.weight"]["data_offsets"] = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+
+
+def _wrong_size(header):
+    header["model.norm.weight"]["shape"] = [header["model.norm.weight"]["shape"][0] // 2]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_overlap, "data_offsets of tensor 'model.norm.weight' ("),
+    (_wrong_size, "tensor 'model.norm.weight' (F32 ["),
+    (None, "bytes after the last tensor are not part of any tensor"),
+])
+def test_safetensors_offsets_must_tile_the_data(llama, tmp_path, capsys, edit, expected):
+    weights = llama / "model.safetensors"
+    if edit is None:
+        weights.write_bytes(weights.read_bytes() + bytes(64))  # a polyglot tail the header does not cover
+    else:
+        _rewrite_header(weights, edit)
+    err = _import_error(capsys, llama, tmp_path / "work")
+    assert str(weights) in err and expected in err, err
+    if edit is _overlap:
+        assert "overlaps tensor 'model.layers.0.input_layernorm.weight'" in err, err
+    assert not (tmp_path / "work" / "config.json").exists()
+
+
+def test_a_refused_pickle_only_import_leaves_nothing(llama, tmp_path, capsys):
+    (llama / "model.safetensors").unlink()
+    (llama / "pytorch_model.bin").write_bytes(b"\x80\x05 never unpickled")
+    assert (llama / "tokenizer.json").is_file()  # what the import used to copy before it looked at the weights
+    assert "never unpickles" in _import_error(capsys, llama, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "existing").mkdir()
+    assert "never unpickles" in _import_error(capsys, llama, tmp_path / "existing")
+    assert list((tmp_path / "existing").iterdir()) == []
+
+
+def test_an_import_failing_while_writing_removes_the_workdir_it_created(llama, tmp_path, capsys, monkeypatch):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "new" / "init_params"))
+
+    monkeypatch.setattr(hf_import, "save_init_params", full_disk)
+    err = _import_error(capsys, llama, tmp_path / "new")
+    assert "No space left on device" in err
+    assert not (tmp_path / "new").exists()
+
+
 def test_broken_index_is_named(tmp_path, capsys):
     random_hf_model("llama", tmp_path / "hf", max_shard_size="40KB")
     index = tmp_path / "hf" / "model.safetensors.index.json"
@@ -101,6 +158,21 @@ def test_broken_index_is_named(tmp_path, capsys):
     index.write_text('{"weight_map": ')
     err = _import_error(capsys, tmp_path / "hf", tmp_path / "work")
     assert str(index) in err and "not valid JSON" in err
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "sub/../../outside.safetensors", "/etc/passwd"])
+def test_index_naming_a_file_outside_the_directory_is_refused(tmp_path, capsys, entry):
+    random_hf_model("llama", tmp_path / "hf", max_shard_size="40KB")
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    shard = sorted((tmp_path / "hf").glob("model-*.safetensors"))[0]
+    shutil.copy(shard, tmp_path / "outside.safetensors")  # a readable file there: only the check can refuse it
+    content = json.loads(index.read_text())
+    tensor = next(t for t, f in content["weight_map"].items() if f == shard.name)
+    content["weight_map"][tensor] = entry
+    index.write_text(json.dumps(content))
+    err = _import_error(capsys, tmp_path / "hf", tmp_path / "work")
+    assert f"{index}: weight_map entry '{tensor}' is '{entry}', which is not a file inside" in err, err
+    assert not (tmp_path / "work" / "config.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------- config.json

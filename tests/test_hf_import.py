@@ -266,6 +266,29 @@ def test_unsupported_setting_is_named(tmp_path):
     assert "'yarn' is not supported" in _import_error(tmp_path)
 
 
+def test_rope_scaling_next_to_default_rope_parameters_follows_transformers(tmp_path):
+    """transformers takes a non-empty rope_scaling in place of rope_parameters: here Llama 3 scaling, which the
+    default rope_parameters beside it must not cancel (lmtrain used to import no scaling)."""
+    random_hf_model("llama", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["rope_scaling"] = config["rope_parameters"]
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+    assert reference.config.rope_parameters["rope_type"] == "llama3"  # what transformers makes of it
+    cfg, params = load_hf_model(tmp_path)
+    assert cfg.rope_scaling == ("llama3", 8.0, 1.0, 4.0, 64) and cfg.rope_theta == 500000.0
+    ids = random_ids()
+    ours = np.asarray(jax.jit(ModelDef(cfg).apply)(params, ids))
+    assert max_diff(ours[..., :VOCAB], hf_logits(reference, ids)) <= TOLERANCE
+
+    config["rope_scaling"] = {"type": "linear", "factor": 4.0}  # transformers: linear x4; lmtrain cannot
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    message = _import_error(tmp_path)
+    assert "RoPE scaling type 'linear' is not supported (read from 'rope_scaling')" in message
+    assert str(tmp_path / "config.json") in message and "\n" not in message
+
+
 def test_pickle_checkpoint_is_refused_without_being_opened(tmp_path, capsys):
     random_hf_model("gpt2", tmp_path)
     (tmp_path / "model.safetensors").unlink()

@@ -36,6 +36,8 @@ if os.path.exists(done_path) and json.load(open(done_path))["step"] >= steps:
 attempts = 1 + (int(open(os.path.join(w, "attempts")).read()) if os.path.exists(os.path.join(w, "attempts")) else 0)
 open(os.path.join(w, "attempts"), "w").write(str(attempts))
 print(f"fake trainer attempt {attempts} env JAX_NUM_PROCESSES={os.environ.get('JAX_NUM_PROCESSES')}", flush=True)
+if "FAKE_ECHO" in os.environ:  # what --env gave the trainer, byte for byte
+    open(os.path.join(w, "echo"), "w").write(os.environ["FAKE_ECHO"])
 if attempts <= behavior.get("fail_attempts", 0):
     print("boom: worker failure", flush=True); sys.exit(behavior.get("exit_code", 1))
 stop = []
@@ -201,6 +203,25 @@ def test_retries_are_bounded(tmp_path, provisioned, capsys):
     assert "Giving up after 3 failures" in capsys.readouterr().out
 
 
+def test_env_values_reach_the_trainer_exactly(tmp_path, provisioned):
+    workdir = tmp_path / "run"
+    value = """a b 'single' "double" $HOME `x` ; exit 3"""
+    assert run_launcher(launch_args(tmp_path, workdir, f"--env=FAKE_ECHO={value}", "--env=EMPTY=")) == 0
+    assert (workdir / "echo").read_text() == value
+    assert int((workdir / "attempts").read_text()) == 1  # ran once, no relaunch
+
+
+def test_logs_of_a_worker_that_is_not_an_index_or_not_there(provisioned, capsys):
+    with pytest.raises(SystemExit) as e:
+        launch.main(["logs", "--name=t1", "--zone=zz", "--worker=x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--worker=x: give a worker index (0, 1, ...) or 'all'" in err and "Traceback" not in err
+    assert launch.main(["logs", "--name=t1", "--zone=zz", "--worker=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lmtrain launch: --worker=3: TPU VM 't1' has 1 worker(s), 0 to 0; give one of those or 'all'.")
+
+
 def test_config_error_is_not_relaunched(tmp_path, provisioned, capsys):
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -259,6 +280,10 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         launch.parse_args(["run", "--name=t", "--zone=z", "--workdir=gs://b/r", "--", "--workdir=gs://b/x"])
     assert "give --workdir before `--`" in capsys.readouterr().err
+    for bad in ("A B=1", "=1", "1A=x", "NOEQUALS"):
+        with pytest.raises(SystemExit):
+            launch.parse_args(["run", "--name=t", "--zone=z", "--workdir=gs://b/r", f"--env={bad}", "--", "x"])
+        assert f"--env {bad!r}: write KEY=VALUE" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------------------

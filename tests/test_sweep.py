@@ -6,7 +6,9 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -115,6 +117,36 @@ def test_python_space_file(tmp_path):
 def test_bad_space_is_a_clear_error(raw, message):
     with pytest.raises(sweep.SweepError, match=message):
         sweep.parse_spec(raw, "space.yaml")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("params:\n  optimizer.lr: {type: float, low: 1.0e-4, high: .inf}\n",
+     "params.optimizer.lr.high: expected a finite number, got inf"),
+    ("params:\n  optimizer.lr: {type: float, low: .nan, high: 1.0}\n",
+     "params.optimizer.lr.low: expected a finite number, got nan"),
+    ("params:\n  optimizer.warmup_steps: {type: int, low: 0, high: 40, step: -2}\n",
+     "params.optimizer.warmup_steps.step: must be positive \\(got -2\\)"),
+    ("params:\n  optimizer.warmup_steps: {type: int, low: 0, high: 40, step: 0}\n",
+     "params.optimizer.warmup_steps.step: must be positive \\(got 0\\)"),
+    ("params:\n  optimizer.lr: {type: float, low: 0.1, high: 0.5, step: 0}\n",
+     "params.optimizer.lr.step: must be positive \\(got 0\\)"),
+    (b"params:\n  optimizer.lr: [0.001]  # \xe9t\xe9\n", "not UTF-8 text"),
+])
+def test_a_bad_space_file_is_one_line_naming_the_file_and_key(tmp_path, capsys, content, message):
+    space = tmp_path / "space.yaml"
+    space.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"], train_fn=fake_train) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert re.search(f"{re.escape(str(space))}: {message}", err), err
+
+
+def test_a_python_space_file_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    space = tmp_path / "space.py"
+    space.write_bytes(b"SWEEP = {'params': {'optimizer.lr': [1e-3]}, 'metric': '\xe9t\xe9'}\n")
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"], train_fn=fake_train) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{space}: line 1: " in err and "utf-8" in err, err
 
 
 def test_unknown_config_key_names_it_and_suggests_close_ones():
@@ -241,6 +273,26 @@ def test_early_stopping_finishes_a_trial_and_a_signal_interrupts_the_sweep(tmp_p
     assert sum(t.state.name == "COMPLETE" for t in study.trials) == 3
 
 
+@pytest.mark.parametrize("escape", ["absolute", "dotdot"])
+def test_a_trial_workdir_from_sweep_db_outside_the_sweep_is_refused(tmp_path, escape):
+    def preempted(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
+        on_eval(20, {"val_loss": 2.0})
+        return types.SimpleNamespace(step=20, stopped_by="SIGTERM", best_metric=None, metrics={"val_loss": 2.0},
+                                     interrupted=True)
+
+    sweep.run_sweep(make_spec(n_trials=2), tmp_path / "s", train_fn=preempted, log=quiet)
+    outside = tmp_path / "precious"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("mine")
+    crafted = str(outside) if escape == "absolute" else str(tmp_path / "s" / "trials" / ".." / ".." / "precious")
+    with sqlite3.connect(tmp_path / "s" / "sweep.db") as db:  # a crafted (or copied) sweep.db
+        assert db.execute("UPDATE trial_user_attributes SET value_json = ? WHERE key = 'workdir'",
+                          (json.dumps(crafted),)).rowcount == 1
+    with pytest.raises(sweep.SweepError, match=f"trial \\d+'s workdir '{re.escape(crafted)}' is not inside "):
+        sweep.run_sweep(make_spec(n_trials=2), tmp_path / "s", train_fn=fake_train, log=quiet)
+    assert [p.name for p in outside.iterdir()] == ["keep.txt"]
+
+
 def test_the_same_failure_three_times_in_a_row_stops_the_sweep(tmp_path):
     def broken(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):
         raise config_lib.ConfigError("data.shards_dir='': no manifest.json there; run tools/shard_data.py first.")
@@ -249,6 +301,26 @@ def test_the_same_failure_three_times_in_a_row_stops_the_sweep(tmp_path):
         sweep.run_sweep(make_spec(n_trials=10), tmp_path / "s", train_fn=broken, log=quiet)
     rows = list(csv.DictReader(open(tmp_path / "s" / "trials.csv")))
     assert [r["state"] for r in rows] == ["fail"] * 3 and "no manifest.json" in rows[0]["error"]
+
+
+def test_a_sweep_whose_every_trial_fails_exits_non_zero(tmp_path, capsys):
+    def refused(cfg, workdir, show_progress=None, stop_at_step=None, on_eval=None):  # a different message each time
+        raise config_lib.ConfigError(f"optimizer.lr={cfg.optimizer.lr} is refused by this test.")
+
+    space = tmp_path / "space.yaml"
+    space.write_text(textwrap.dedent("""
+        base_config: tiny
+        n_trials: 4
+        sampler: random
+        pruner: none
+        params:
+          optimizer.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+    """))
+    assert sweep.main([f"--space={space}", f"--sweep-dir={tmp_path / 's'}"], train_fn=refused) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "all 4 trials failed, so no 'val_loss' was measured; the last one: config error: optimizer.lr=" in err
+    assert [r["state"] for r in csv.DictReader(open(tmp_path / "s" / "trials.csv"))] == ["fail"] * 4
 
 
 def test_a_metric_the_trainer_does_not_report_is_an_error(tmp_path):
@@ -316,8 +388,8 @@ def test_a_directory_holding_another_sweep_is_refused(tmp_path):
 
 def test_one_process_per_sweep_directory(tmp_path):
     os.makedirs(tmp_path / "s")
-    with sweep._SweepLock(str(tmp_path / "s")):
-        with pytest.raises(sweep.SweepError, match=f"another lmtrain sweep \\(pid {os.getpid()}\\) is running"):
+    with sweep._sweep_lock(str(tmp_path / "s")):
+        with pytest.raises(sweep.SweepError, match=f"in use by another lmtrain sweep \\(pid {os.getpid()} on host "):
             sweep.run_sweep(make_spec(), tmp_path / "s", train_fn=fake_train, log=quiet)
 
 

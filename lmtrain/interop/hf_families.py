@@ -185,13 +185,17 @@ def _require(hf: HFConfig, key: str, allowed, family: str, default=None) -> None
 
 
 def _rope_from_hf(hf: HFConfig, family: str) -> tuple[float, tuple]:
-    """RoPE theta and scaling from either the transformers>=5 `rope_parameters` or the older `rope_scaling`."""
+    """RoPE theta and scaling from either the transformers>=5 `rope_parameters` or the older `rope_scaling`.
+
+    With both present, transformers (5.x, RotaryEmbeddingConfigMixin.convert_rope_params_to_dict) takes a non-empty
+    `rope_scaling` whole, in place of `rope_parameters`, and a rope_theta missing from it from the top-level
+    `rope_theta` (default 10000): lmtrain reads the same dict, so its logits are transformers' logits.
+    """
     for key in ("rope_scaling", "rope_parameters"):
         if not isinstance(hf.get(key) or {}, dict):
             raise hf._bad(key, hf[key], "an object (or null)")
-    where = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
-    merged = HFConfig({**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})},
-                      f"{hf.source} ({where})", family)
+    where = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    merged = HFConfig(dict(hf.get(where) or {}), f"{hf.source} ({where})", family)
     theta = merged.number("rope_theta", hf.number("rope_theta", 10000.0))
     rope_type = merged.get("rope_type") or merged.get("type") or "default"
     if rope_type == "default":
@@ -205,8 +209,8 @@ def _rope_from_hf(hf: HFConfig, family: str) -> tuple[float, tuple]:
             merged.positive_int("original_max_position_embeddings"),
         )
     raise HFInteropError(
-        f"{hf.source} ({family}): RoPE scaling type {rope_type!r} is not supported; lmtrain supports 'default' and "
-        "'llama3'."
+        f"{hf.source} ({family}): RoPE scaling type {rope_type!r} is not supported (read from '{where}'); "
+        "lmtrain supports 'default' and 'llama3'."
     )
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import json
 import os
+import posixpath
 import struct
 import sys
 import tempfile
@@ -33,6 +34,7 @@ import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
 from lmtrain.interop.hf_families import (
     Family,
     HFConfig,
@@ -41,9 +43,13 @@ from lmtrain.interop.hf_families import (
     classifier_labels,
     family_for_hf_config,
 )
+from lmtrain.interop.lora_import import read_peft_adapter, write_source_config
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
+from lmtrain.parallel.mesh import make_mesh
+from lmtrain.parallel.partitioning import param_shardings
 from lmtrain.paths import as_path, is_remote
+from lmtrain.train.checkpoint import save_init_params
 from lmtrain.trees import flat_paths, nest_paths
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
@@ -125,7 +131,7 @@ class SafetensorsReader:
         if not isinstance(header, dict):
             raise HFInteropError(f"{path}: not a safetensors file (its header is not a JSON object). {redo}")
         data_start = 8 + header_len
-        end_of_data, last = 0, None
+        spans = []
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -139,14 +145,35 @@ class SafetensorsReader:
                                      f"{redo}") from None
             if name in self.entries:
                 raise HFInteropError(f"tensor '{name}' is stored twice: in {self.entries[name][0]} and {path}.")
+            if code in _DTYPES:  # another dtype is refused by name (check_dtype) if the import needs the tensor
+                want = np.dtype(_DTYPES[code]).itemsize * int(np.prod(shape, dtype=np.int64))
+                if end - start != want:
+                    raise HFInteropError(f"{path}: tensor '{name}' ({code} {list(shape)}) spans {end - start} bytes "
+                                         f"in its header, not {want}. {redo}")
             self.entries[name] = (path, code, shape, data_start + start, end - start)
-            if end > end_of_data:
-                end_of_data, last = end, name
-        if data_start + end_of_data > size:
+            spans.append((start, end, name))
+        self._check_tiling(path, sorted(spans), size - data_start, redo)
+
+    @staticmethod
+    def _check_tiling(path: epath.Path, spans: list[tuple[int, int, str]], data_len: int, redo: str) -> None:
+        """The tensors cover the data exactly, in order: none overlaps another (one tensor would read another's
+        bytes) and no bytes lie between or after them, as the safetensors format requires."""
+        position, previous = 0, None
+        for start, end, name in spans:
+            if start != position:
+                what = f"overlaps tensor '{previous}'" if start < position else \
+                    f"leaves bytes {position}..{start} unused before it"
+                raise HFInteropError(f"{path}: the header's data_offsets of tensor '{name}' ({start}, {end}) {what}; "
+                                     f"the tensors must tile the data exactly. {redo}")
+            position, previous = end, name
+        if position > data_len:
             raise HFInteropError(
-                f"{path} is truncated: it has {size} bytes, but its header places tensor '{last}' up to byte "
-                f"{data_start + end_of_data}. {redo}"
+                f"{path} is truncated: it has {data_len} data bytes, but its header places tensor '{previous}' up to "
+                f"byte {position} of the data. {redo}"
             )
+        if position < data_len:
+            raise HFInteropError(f"{path}: {data_len - position} bytes after the last tensor are not part of any "
+                                 f"tensor in the header; the tensors must tile the data exactly. {redo}")
 
     def names(self) -> set[str]:
         return set(self.entries)
@@ -184,6 +211,18 @@ def read_hf_config(hf_dir: epath.Path) -> HFConfig:
     return HFConfig(read_json(path, "a model configuration (an object)"), str(path))
 
 
+def _check_inside(directory: epath.Path, name: str, what: str) -> None:
+    """Refuse a file name (read from a file in `directory`) that leads outside `directory`.
+
+    The check is on the name itself (absolute, '..', a drive or URL scheme), not on where symlinks lead: the
+    Hugging Face cache links snapshot files into ../../blobs, and the directory's own links are the user's.
+    """
+    parts = posixpath.normpath(name.replace("\\", "/")).split("/")
+    if not name or posixpath.isabs(name) or ":" in name or parts[0] in ("..", "") or parts == ["."]:
+        raise HFInteropError(f"{what} is '{name}', which is not a file inside {directory}; an index may only "
+                             "name files in its own directory. Restore the index.")
+
+
 def safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
     """The checkpoint's safetensors files (single or sharded). Pickle checkpoints are refused unopened."""
     index = hf_dir / "model.safetensors.index.json"
@@ -191,6 +230,8 @@ def safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise HFInteropError(f"{index}: 'weight_map' must map tensor names to file names. Restore the file.")
+        for tensor, name in weight_map.items():
+            _check_inside(hf_dir, name, f"{index}: weight_map entry '{tensor}'")
         files = [hf_dir / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if not f.is_file():
@@ -302,6 +343,13 @@ def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
     return classifier_labels(hf) if family.is_classifier(hf) or family.is_token_classifier(hf) else None
 
 
+def checked_checkpoint(hf_dir: epath.Path, cfg: ModelConfig, family: Family) -> tuple[SafetensorsReader, dict[str, str]]:
+    """(reader, canonical HF name -> name in the files) once the files, their headers and every tensor's name,
+    shape and dtype are checked against `cfg`: what an import refuses, it refuses here, before it writes."""
+    reader = SafetensorsReader(safetensors_files(hf_dir))
+    return reader, _check_tensors(reader, family, family.rules(cfg), cfg.n_layers, hf_dir)
+
+
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, shardings=None) -> dict:
     """The params dict of the HF model in `hf_dir`, streamed tensor by tensor onto `shardings` (default: one device).
 
@@ -318,8 +366,7 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
     covered = [p for rule in rules for p in rule.lm]
     if sorted(covered) != sorted(shapes):  # a bug in the family table, not in the user's input
         raise AssertionError(f"{family.name} rules cover {sorted(covered)} but the model has {sorted(shapes)}")
-    reader = SafetensorsReader(safetensors_files(hf_dir))
-    names = _check_tensors(reader, family, rules, cfg.n_layers, hf_dir)
+    reader, names = checked_checkpoint(hf_dir, cfg, family)
     dtype = cfg.weight_dtype
 
     def convert(rule: TensorRule, layer: int | None) -> tuple[np.ndarray, ...]:
@@ -391,6 +438,11 @@ def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> 
                              "of starting from the imported weights; import into a new WORKDIR.")
     if (workdir / "config.json").exists() and not overwrite:
         raise HFInteropError(f"{workdir} already holds a config.json; choose a new WORKDIR or pass --force.")
+
+
+def _prepare_workdir(workdir: epath.Path) -> bool:
+    """Create WORKDIR and prove it writable; True when this import created it (and so owns all of it)."""
+    created = not workdir.exists()
     try:
         workdir.mkdir(parents=True, exist_ok=True)
         probe = workdir / f".lmtrain-write-test-{uuid.uuid4().hex}"
@@ -399,6 +451,7 @@ def _check_workdir(hf_dir: epath.Path, workdir: epath.Path, overwrite: bool) -> 
     except OSError as e:
         raise HFInteropError(f"cannot write to WORKDIR {workdir} ({e.strerror or e}); choose a writable "
                              "directory.") from None
+    return created
 
 
 def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int = 1, tensor: int = 1,
@@ -411,17 +464,10 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
 
     config.json is written last: a WORKDIR without it is an unfinished import, which the next import replaces.
     """
-    from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
-    from lmtrain.parallel.mesh import make_mesh
-    from lmtrain.parallel.partitioning import param_shardings
-    from lmtrain.train.checkpoint import save_init_params
-
     hf_dir, workdir = _hf_dir(hf_dir), as_path(workdir)
     is_main = jax.process_index() == 0
     adapter = None
     if adapter_dir is not None:  # checked whole before anything is written
-        from lmtrain.interop.lora_import import read_peft_adapter
-
         adapter = read_peft_adapter(adapter_dir, hf_dir)
     _check_workdir(hf_dir, workdir, overwrite)  # every process: each raises alike rather than one hanging
     family, fields, notes = model_config_from_hf(hf_dir, param_dtype)
@@ -456,10 +502,25 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         shardings = param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
     except (ConfigError, ValueError) as e:
         raise HFInteropError(f"--fsdp={fsdp} --tensor={tensor} on {jax.device_count()} devices: {e}") from None
+    base_cfg = dataclasses.replace(model_cfg, lora_rank=0, lora_targets=())
+    checked_checkpoint(hf_dir, base_cfg, family)  # a checkpoint refused here leaves the WORKDIR untouched
 
+    created = _prepare_workdir(workdir)
+    try:
+        _write_workdir(hf_dir, workdir, cfg, base_cfg, model_cfg, family, shardings, adapter, head, is_main)
+    except BaseException:
+        if created and is_main:  # nothing there was the user's: an unfinished import leaves nothing behind
+            workdir.rmtree(missing_ok=True)
+        raise
+    return workdir
+
+
+def _write_workdir(hf_dir: epath.Path, workdir: epath.Path, cfg, base_cfg: ModelConfig, model_cfg: ModelConfig,
+                   family: Family, shardings, adapter, head: str, is_main: bool) -> None:
+    """Tokenizer, init_params, the source configs, then config.json last (what marks a finished import)."""
     if is_main and _copy_tokenizer(hf_dir, workdir / "tokenizer"):
         cfg.data.tokenizer_dir = str(workdir / "tokenizer")
-    params = load_hf_params(hf_dir, dataclasses.replace(model_cfg, lora_rank=0, lora_targets=()), family, shardings)
+    params = load_hf_params(hf_dir, base_cfg, family, shardings)
     if adapter is not None:
         params = adapter.add_to(params, model_cfg, shardings)
     if is_main and (workdir / "init_params").exists():  # --force, or left by an import killed before config.json
@@ -472,11 +533,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         if head in ("classify", "token_classify"):
             (workdir / LABELS_FILE).write_text(json.dumps(read_hf_labels(hf_dir)))
         if adapter is not None:
-            from lmtrain.interop.lora_import import write_source_config
-
             write_source_config(adapter, workdir)
         (workdir / "config.json").write_text(to_json(cfg))
-    return workdir
 
 
 def next_steps(workdir: epath.Path) -> str:

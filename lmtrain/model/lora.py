@@ -62,6 +62,23 @@ def resolve_targets(names, mlp: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def projection_dims(target: str, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                    d_ff: int) -> tuple[int, int]:
+    """(input size, output size) of the projection a canonical target adapts."""
+    return {"q": (d_model, n_heads * head_dim), "k": (d_model, n_kv_heads * head_dim),
+            "v": (d_model, n_kv_heads * head_dim), "o": (n_heads * head_dim, d_model),
+            "gate": (d_model, d_ff), "up": (d_model, d_ff), "down": (d_ff, d_model)}[target]
+
+
+def check_rank(rank: int, targets: tuple[str, ...], **dims: int) -> None:
+    """A rank above a projection's smaller side adds parameters that A B cannot use (its rank is at most that)."""
+    for target in targets:
+        n_in, n_out = projection_dims(target, **dims)
+        if rank > min(n_in, n_out):
+            raise LoRAError(f"model.lora_rank={rank} is above the smaller dimension of the '{target}' projection "
+                            f"({n_in} -> {n_out}); use a rank of at most {min(n_in, n_out)}.")
+
+
 def _split_equation(equation: str) -> tuple[str, str, str]:
     """'bld,dnh->blnh' -> (x spec, contracted dims 'd', output dims 'nh')."""
     inputs, out = equation.split("->")

@@ -18,6 +18,7 @@ import dataclasses
 import errno
 import json
 import logging
+import posixpath
 import sys
 import threading
 import time
@@ -138,6 +139,13 @@ def write_checksums(step_dir: epath.Path) -> None:
     atomic_write_text(step_dir / CHECKSUMS, json.dumps({"files": table}, indent=1, sort_keys=True))
 
 
+def _names_a_file_inside(name) -> bool:
+    """A relative name without '..' (what write_checksums writes), so that it cannot lead out of the directory."""
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")):
+        return False
+    return ".." not in posixpath.normpath(name.replace("\\", "/")).split("/")
+
+
 def verify_checksums(step_dir: epath.Path) -> str | None:
     """None when every listed file is present and unchanged; else what is wrong (the first problem)."""
     step_dir = as_path(step_dir)
@@ -149,6 +157,8 @@ def verify_checksums(step_dir: epath.Path) -> str | None:
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
         return f"{path} is unreadable"
     for name, want in sorted(table.items()):
+        if not _names_a_file_inside(name):  # the table is a file on disk: it must not lead out of the step
+            return f"{path} lists '{name}', which is not a file inside {step_dir}"
         file = step_dir / name
         if not file.exists():
             return f"{file} is missing"

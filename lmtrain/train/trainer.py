@@ -17,11 +17,13 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain import config as config_lib
 from lmtrain.data.packing import check_batch
 from lmtrain.data.shards import training_tokenizer_dir
+from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.model import ModelDef
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
@@ -341,6 +343,37 @@ def _train(cfg, workdir, show_progress, stop_at_step, on_eval, stop: StopSignal)
     es_mode = es_cfg.mode or task.metric_mode(es_cfg.metric)
 
     prepare_workdir(workdir)
+    lock = lock_workdir(workdir, log)  # before the Checkpointer: a refused run touches nothing of the first one's
+    try:
+        return _train_locked(cfg, workdir, task, mesh_shape, es_mode, show_progress, stop_at_step, on_eval, stop, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_workdir(workdir, log) -> DirLock | None:
+    """Process 0 holds WORKDIR's lock for the whole run, so two runs never train in one WORKDIR.
+
+    Every process learns whether it was taken (a collective, so a refused job stops on all of its processes
+    rather than leaving the others waiting for process 0)."""
+    lock, refusal = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = DirLock(workdir, "lmtrain train", log).acquire()
+        except DirectoryInUse as e:
+            refusal = e
+    refused = refusal is not None
+    if jax.process_count() > 1:
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refused:
+        raise refusal or DirectoryInUse(f"{workdir} is in use by another lmtrain train (process 0 says which).")
+    return lock
+
+
+def _train_locked(cfg, workdir, task, mesh_shape, es_mode, show_progress, stop_at_step, on_eval, stop,
+                  log) -> TrainResult:
+    es_cfg = cfg.train.early_stopping
+    is_main = jax.process_index() == 0
     ckpt = Checkpointer(workdir, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                         best_metric=es_cfg.metric, best_mode=es_mode, checksums=cfg.checkpoint.checksums)
     try:
@@ -547,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
                        stop_at_step=args.stop_at_step)
     except CheckpointError as e:
         print(f"lmtrain: checkpoint error: {e}", file=sys.stderr)
+        return 2
+    except DirectoryInUse as e:
+        print(f"lmtrain: error: {e}", file=sys.stderr)
         return 2
     except config_lib.ConfigError as e:
         print(f"lmtrain: config error: {e}", file=sys.stderr)
