@@ -22,10 +22,10 @@ def test_every_family_module_is_registered():
 
 
 def test_peft_module_names_agree_with_the_lora_target_aliases():
-    """model.lora accepts each family's PEFT module names in model.lora_targets; the core cannot import the
-    families, so its table must say what the family modules say."""
-    with_names = {name: dict(fam.lora_modules) for name, fam in families.FAMILIES.items() if fam.lora_modules}
-    assert with_names == {name: dict(table) for name, table in FAMILY_NAMES.items()}
+    """model.lora accepts some families' PEFT module names in model.lora_targets (a family without aliases there
+    takes q, k, v, ...); the core cannot import the families, so what its table says must be what they say."""
+    for name, table in FAMILY_NAMES.items():
+        assert dict(families.FAMILIES[name].lora_modules) == dict(table), name
 
 
 def _imports(path: pathlib.Path) -> list[tuple[int, str, list[str]]]:
