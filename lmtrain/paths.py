@@ -20,7 +20,6 @@ import os
 import pathlib
 import re
 import tempfile
-import uuid
 from collections.abc import Iterator
 
 from etils import epath
@@ -47,28 +46,6 @@ def as_path(path: str | os.PathLike) -> epath.Path:
         raise ValueError(f"{text}: unsupported storage scheme '{m.group(1)}://'; use a local path or one of "
                          f"{', '.join(URI_SCHEMES)}")
     return epath.Path(os.path.abspath(os.path.expanduser(text)))
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Readers see the old file or the new one, never a part.
-
-    Local files go through a temporary name, fsync and rename. Cloud objects are written whole by
-    one upload, which the store makes visible atomically.
-    """
-    path = as_path(path)
-    if is_remote(path):
-        path.write_text(text)
-        return
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def append_text(path: str | os.PathLike, text: str) -> None:

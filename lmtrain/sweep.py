@@ -41,7 +41,8 @@ import numpy as np
 
 from lmtrain import config as config_lib
 from lmtrain.locking import DirectoryInUse, DirLock
-from lmtrain.paths import as_path, atomic_write_text, is_remote
+from lmtrain.paths import as_path, is_remote
+from lmtrain.storage.atomic import atomic_write_bytes, atomic_write_text
 from lmtrain.trees import flat_paths
 
 SWEEP_VERSION = 1
@@ -855,13 +856,6 @@ def format_table(rows: list[dict], best: int | None) -> str:
     return "\n".join(lines)
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _png(fig) -> bytes:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -963,10 +957,10 @@ def write_results(study, spec: SweepSpec, base, sweep_dir: str, log: Callable[[s
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(os.path.join(sweep_dir, "trials.csv"), buf.getvalue())
-    _atomic_write_bytes(os.path.join(sweep_dir, "metric_per_trial.png"), plot_metric_per_trial(study, spec))
+    atomic_write_bytes(os.path.join(sweep_dir, "metric_per_trial.png"), plot_metric_per_trial(study, spec))
     importances = param_importances(study)
     if importances:
-        _atomic_write_bytes(os.path.join(sweep_dir, "param_importance.png"), plot_importance(importances, spec, len(done)))
+        atomic_write_bytes(os.path.join(sweep_dir, "param_importance.png"), plot_importance(importances, spec, len(done)))
     summary = {"trials": len(rows), "complete": len(done),
                "pruned": sum(t.state == TrialState.PRUNED for t in study.trials), "importance": importances}
     if best_trial is None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from lmtrain.config import ConfigError, validate
+from lmtrain.interop.families import HFInteropError, family_for_model
 from lmtrain.interop.hf_export import export_params
-from lmtrain.interop.hf_families import HFInteropError, family_for_model
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.tasks.mlm import MaskingTables, mask_tokens

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from etils import epath
 
-from lmtrain.paths import append_text, as_path, atomic_write_text, copy_tree, files_under, is_remote, local_dir
+from lmtrain.paths import append_text, as_path, copy_tree, files_under, is_remote, local_dir
+from lmtrain.storage.atomic import atomic_write_text
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("no_local_gs_dir")

@@ -25,8 +25,8 @@ from transformers import (
 
 from lmtrain.config import load_config
 from lmtrain.interop import hf_import
+from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.hf_export import export_params
-from lmtrain.interop.hf_families import HFInteropError
 from lmtrain.interop.hf_import import load_hf_model, read_hf_labels
 from lmtrain.model import ModelConfig, ModelDef
 from tests.helpers import small_config

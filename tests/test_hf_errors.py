@@ -274,8 +274,8 @@ def test_export_path_mistakes(tmp_path, capsys):
 
 
 def test_unwritable_export_parent_is_named(tmp_path, monkeypatch):
+    from lmtrain.interop.families import HFInteropError
     from lmtrain.interop.hf_export import export_params
-    from lmtrain.interop.hf_families import HFInteropError
     from tests.test_hf_export_target import _cfg, _params
 
     def refuse(self, *args, **kwargs):

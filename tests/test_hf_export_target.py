@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 
 from lmtrain.interop import hf_export
-from lmtrain.interop.hf_export import export_params, recover_interrupted_export
-from lmtrain.interop.hf_families import HFInteropError
+from lmtrain.interop.export_common import recover_interrupted_export
+from lmtrain.interop.families import HFInteropError
+from lmtrain.interop.hf_export import export_params
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.paths import as_path
+from lmtrain.storage import publish
 from tests.helpers import small_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -114,24 +116,24 @@ def test_object_store_publish_keeps_the_old_export_until_the_new_one_is_whole(tm
     cfg, out = _cfg(), tmp_path / "out"
     export_params(cfg, _params(cfg, 0), out, max_shard_bytes=20_000)
     old = _snapshot(out)
-    monkeypatch.setattr(hf_export, "is_remote", lambda path: True)
+    monkeypatch.setattr(publish, "is_remote", lambda path: True)
 
     copied = []
-    real_copy = hf_export._copy_files
+    real_copy = publish.copy_tree
 
-    def copy_then_fail(source, target):
+    def copy_then_fail(source, target, last=()):
         if target == as_path(out):  # the new export being published: stop after two files
             for f in sorted(source.iterdir(), key=lambda p: p.name == "config.json")[:2]:
                 f.copy(target / f.name, overwrite=True)
                 copied.append(f.name)
             raise OSError("connection reset")
-        real_copy(source, target)
+        real_copy(source, target, last=last)
 
-    monkeypatch.setattr(hf_export, "_copy_files", copy_then_fail)
+    monkeypatch.setattr(publish, "copy_tree", copy_then_fail)
     with pytest.raises(OSError):
         export_params(cfg, _params(cfg, 1), out, max_shard_bytes=20_000, force=True)
     assert "config.json" not in copied and not (out / "config.json").exists(), "a half copy never looks complete"
-    monkeypatch.setattr(hf_export, "_copy_files", real_copy)
+    monkeypatch.setattr(publish, "copy_tree", real_copy)
     notes = recover_interrupted_export(as_path(out))
     assert any("restored the previous export" in n for n in notes)
     assert _snapshot(out) == old and _leftovers(out) == []
@@ -146,20 +148,21 @@ _SLOW_EXPORT = textwrap.dedent("""
     sys.path.insert(0, {root!r})
     import jax, numpy as np
     from lmtrain.interop import hf_export
+    from lmtrain.storage import safetensors
     from lmtrain.model import ModelConfig, ModelDef
     from tests.helpers import small_config
 
     cfg = ModelConfig.from_config(small_config("llama", **{{"model.vocab_size": {vocab}}}).model)
     rs = np.random.RandomState(int(sys.argv[2]))
     params = jax.tree.map(lambda s: np.asarray(rs.normal(0, 0.1, s.shape), s.dtype), ModelDef(cfg).shapes)
-    write = hf_export._write_tensor
+    write = safetensors._write_tensor
 
     def slow_write(f, tensor):  # the test kills this process while it is writing tensors
         write(f, tensor)
         print("tensor", flush=True)
         time.sleep(0.3)
 
-    hf_export._write_tensor = slow_write
+    safetensors._write_tensor = slow_write
     hf_export.export_params(cfg, params, sys.argv[1], max_shard_bytes=20_000, force=True)
     print("done", flush=True)
 """)
@@ -257,7 +260,7 @@ def test_a_failed_clean_up_after_publishing_is_a_note_not_a_failure(tmp_path, mo
     def fail(path):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(hf_export, "_remove_sibling", fail)
+    monkeypatch.setattr(publish, "_remove_sibling", fail)
     export_params(cfg, _params(cfg, 1), out, force=True)  # no exception: the new export is published
     err = capsys.readouterr().err
     assert "the new export is in" in err and "could not be removed" in err

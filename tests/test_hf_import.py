@@ -27,7 +27,7 @@ from transformers import (
 
 from lmtrain.config import load_config
 from lmtrain.interop import hf_import
-from lmtrain.interop.hf_families import HFInteropError
+from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.hf_import import load_hf_model, load_hf_params, model_config_from_hf
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.parallel.mesh import make_mesh
@@ -211,7 +211,7 @@ def test_import_writes_a_workdir_the_trainer_reads(tmp_path, capsys):
 
 
 def _rewrite_weights(directory: pathlib.Path, edit) -> None:
-    from lmtrain.interop.hf_import import SafetensorsReader
+    from lmtrain.storage.safetensors import SafetensorsReader
 
     path = directory / "model.safetensors"
     reader = SafetensorsReader([path])

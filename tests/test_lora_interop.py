@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 
 from lmtrain.interop import hf_export, hf_import
+from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.hf_export import export_params
-from lmtrain.interop.hf_families import HFInteropError
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.interop.lora_export import export_adapter, without_adapters
 from lmtrain.interop.lora_import import read_peft_adapter
@@ -333,7 +333,7 @@ def test_a_peft_adapter_on_gpt2_c_attn_imports_with_equal_logits(tmp_path):
 
 
 def _write_adapter(directory, config: dict, tensors: dict | None = None):
-    from lmtrain.interop.lora_export import write_safetensors
+    from lmtrain.storage.safetensors import write_tensors
 
     directory.mkdir(parents=True, exist_ok=True)
     base = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
@@ -341,7 +341,7 @@ def _write_adapter(directory, config: dict, tensors: dict | None = None):
     if tensors is None:
         tensors = {f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{f}.weight": np.zeros(s, np.float32)
                    for i in range(2) for f, s in (("A", (2, 64)), ("B", (64, 2)))}
-    write_safetensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
+    write_tensors(directory / "adapter_model.safetensors", tensors, {"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -384,10 +384,11 @@ def test_bad_adapters_are_one_line_errors_and_write_nothing(llama_base, tmp_path
 
 
 def test_a_family_without_lora_names_is_a_clear_error(llama_base, tmp_path, monkeypatch):
-    from lmtrain.interop import lora_export
+    from lmtrain.interop import families
 
     _write_adapter(tmp_path / "adapter", {})
-    monkeypatch.setattr(lora_export, "FAMILY_NAMES", {"gpt2": {}})
+    without_names = dataclasses.replace(families.FAMILIES["llama"], lora_modules={})
+    monkeypatch.setitem(families.FAMILIES, "llama", without_names)
     with pytest.raises(HFInteropError, match="LoRA adapters of the llama family are not supported: lmtrain does not "
                                              "know its module names"):
         read_peft_adapter(tmp_path / "adapter", llama_base)

@@ -14,6 +14,7 @@ from lmtrain.config import ConfigError
 from lmtrain.data import shards as shards_lib
 from lmtrain.data.packing import DataError, check_batch, pack_documents, rows_to_batch
 from lmtrain.data.pipeline import PackedRowsIterator
+from lmtrain.storage.atomic import atomic_write_json
 
 EOS = 1
 VOCAB = 500
@@ -41,7 +42,7 @@ def write_shards(root: Path, train_docs: list[np.ndarray], val_docs: list[np.nda
         splits[split] = {"documents": len(docs), "tokens": int(sum(len(d) for d in docs)), "shards": entries}
     manifest = {"format": shards_lib.FORMAT, "token_dtype": dtype.name, "vocab_size": VOCAB, "eos_id": EOS,
                 "tokenizer": {"dir": "none", "fingerprint": "0" * 64}, "fingerprint": {}, "splits": splits}
-    shards_lib.atomic_write_json(root / shards_lib.MANIFEST, manifest)
+    atomic_write_json(root / shards_lib.MANIFEST, manifest)
     return root
 
 

@@ -54,7 +54,6 @@ from lmtrain.data.shards import (
     SPLITS,
     ShardError,
     ShardFileWriter,
-    atomic_write_json,
     sha256_file,
     token_dtype,
     tokenizer_fingerprint,
@@ -77,6 +76,7 @@ from lmtrain.data.tokenizer import (
 from lmtrain.data.tokenizer import eos_id as hf_eos_id
 from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
 from lmtrain.paths import as_path, copy_tree, is_remote
+from lmtrain.storage.atomic import atomic_write_json
 
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most

@@ -39,6 +39,7 @@ from lmtrain.data.packing import (
     token_classify_batch,
 )
 from lmtrain.paths import as_path
+from lmtrain.storage.atomic import fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = "lmtrain-shards-v1"
@@ -74,26 +75,6 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: Path, obj: dict, tmp_tag: str = "") -> None:
-    """Write JSON under a temporary name, fsync, then rename: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{tmp_tag or os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 SHARDS_TOKENIZER = "tokenizer"  # a tokenizer extended by shard_data --add-special-tokens, beside the shards

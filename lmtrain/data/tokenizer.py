@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -13,6 +12,7 @@ import jinja2
 
 from lmtrain.data.packing import DataError
 from lmtrain.paths import as_path, copy_tree, is_remote, local_dir
+from lmtrain.storage.publish import Publisher
 
 EOS = "<|endoftext|>"
 ALGORITHMS = ("bpe", "unigram", "wordpiece")
@@ -63,6 +63,10 @@ def train_bpe_tokenizer(docs: Sequence[str], vocab_size: int, out_dir: str | os.
     return load_tokenizer(out_dir)
 
 
+# A tokenizer directory is published whole (written beside it, then renamed in); tokenizer.json marks it complete.
+_PUBLISHER = Publisher(markers=("tokenizer.json",), name="tokenizer", tool="lmtrain")
+
+
 def save_tokenizer_dir(save: Callable[[str], object], out_dir: str | os.PathLike) -> None:
     """Publish a tokenizer directory whole: `save(local_dir)` writes it next to the target and it is renamed
     into place; for gs:// it is written locally and uploaded with tokenizer.json last (what readers test)."""
@@ -72,17 +76,9 @@ def save_tokenizer_dir(save: Callable[[str], object], out_dir: str | os.PathLike
             save(tmp)
             copy_tree(tmp, out, last=("tokenizer.json",))
         return
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(str(tmp))
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)  # a half-written tokenizer directory is never picked up
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _PUBLISHER.staged(out, _PUBLISHER.staging_dir(out)) as staging:  # never picked up half-written
+        save(str(staging))
 
 
 # Any of these makes a directory a Hugging Face tokenizer (transformers converts the older formats).

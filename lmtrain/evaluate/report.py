@@ -18,7 +18,8 @@ import os
 from collections.abc import Sequence
 
 from lmtrain.evaluate.metrics import METRICS, EvalError, higher_is_better, normalize_whitespace
-from lmtrain.paths import as_path, atomic_write_text, is_remote
+from lmtrain.paths import as_path, is_remote
+from lmtrain.storage.atomic import atomic_write_text
 
 REPORT_VERSION = 1
 # Keys of `metrics` that are not one number; the report draws them as tables or plots instead.

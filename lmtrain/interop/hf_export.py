@@ -23,25 +23,32 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import math
 import os
 import re
 import shutil
-import struct
 import sys
 import tempfile
 import time
-import uuid
 
 import jax
-import ml_dtypes
 import numpy as np
 from etils import epath
-from jax.sharding import NamedSharding, PartitionSpec
 
-from lmtrain.interop.hf_families import Family, HFInteropError, family_for_model
+from lmtrain.config import ConfigError, load_config, resolve_mesh_shape
+from lmtrain.interop import lora_export
+from lmtrain.interop.export_common import (
+    COMPLETE_MARKER,
+    DTYPES,
+    PUBLISHER,
+    agree_on_target,
+    check_dtype,
+    layer_of,
+    new_staging_dir,
+    to_host,
+)
+from lmtrain.interop.families import FAMILIES, Family, HFInteropError, family_for_model
 from lmtrain.interop.hf_import import (
     LABELS_FILE,
     SOURCE_CONFIG,
@@ -49,23 +56,20 @@ from lmtrain.interop.hf_import import (
     TOKENIZER_FILES,
     read_json,
 )
+from lmtrain.model import ModelDef
 from lmtrain.model.layers import ModelConfig
+from lmtrain.parallel.mesh import make_mesh
+from lmtrain.parallel.partitioning import param_shardings
 from lmtrain.paths import as_path, is_remote
+from lmtrain.storage.safetensors import write_safetensors
 from lmtrain.tasks import workdir_model_config
 from lmtrain.train import checkpoint
 
-DTYPES = {"float32": (np.float32, "F32"), "bfloat16": (ml_dtypes.bfloat16, "BF16"), "float16": (np.float16, "F16")}
 # Source config keys that lmtrain's model does not determine and that survive an import/export round trip.
 _CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path")
 _EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|eos|>", "<|end_of_text|>", "<|im_end|>")
 # Tokens chat templates write after each message (ChatML, Llama 3, Gemma, Phi-3): a reply ends at one.
 END_OF_TURN_NAMES = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|eot|>")
-# Hidden siblings of OUT: the export being written, and an old export moved aside by --force.
-_STAGING, _ASIDE = "export-tmp", "export-old"
-# Written last: an export directory without it is unfinished (the rule object stores rely on).
-_COMPLETE_MARKER = "config.json"
-# A PEFT adapter export (--adapter) writes its adapter_config.json last instead.
-_MARKERS = (_COMPLETE_MARKER, "adapter_config.json")
 
 
 def parse_size(text: str) -> int:
@@ -82,31 +86,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-@functools.cache
-def _replicator(mesh):
-    # One compiled identity per mesh, not one per tensor: it gathers a tensor spread over several hosts.
-    return jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """A whole array on this host; arrays spread over several hosts are gathered first (every process calls this)."""
-    if not isinstance(x, jax.Array) or x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(_replicator(x.sharding.mesh)(x).addressable_data(0))
-
-
-@jax.jit
-def _take_layer(stacked_LxN: jax.Array, layer: jax.Array) -> jax.Array:
-    # The layer index is traced: one compilation per parameter shape, not one per (parameter, layer).
-    return jax.lax.dynamic_index_in_dim(stacked_LxN, layer, 0, keepdims=False)
-
-
-def _layer(value, layer: int | None):
-    if layer is None:
-        return value
-    return value[layer] if isinstance(value, np.ndarray) else _take_layer(value, np.int32(layer))
-
-
 def _param(params: dict, path: str) -> jax.Array:
     node = params
     for key in path.split("/"):
@@ -121,38 +100,6 @@ def _tensor_plan(cfg: ModelConfig, family: Family) -> list[tuple[str, object, in
         for layer in range(cfg.n_layers) if rule.per_layer else [None]:
             plan.append((rule.hf_name(layer), rule, layer))
     return plan
-
-
-def _write_tensor(f, tensor: np.ndarray) -> None:
-    f.write(np.ascontiguousarray(tensor).tobytes())
-
-
-def _write_safetensors(path: epath.Path, items: list, produce, dtype_code: str, itemsize: int) -> None:
-    """Write a safetensors file whose header is known up front; `produce(item)` makes one tensor at a time."""
-    header: dict = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for name, rule, _ in items:
-        nbytes = int(np.prod(rule.hf_shape)) * itemsize
-        header[name] = {"dtype": dtype_code, "shape": list(rule.hf_shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for item in items:
-            tensor = produce(item)
-            if tuple(tensor.shape) != item[1].hf_shape:
-                raise AssertionError(f"{item[0]}: produced {tensor.shape}, planned {item[1].hf_shape}")
-            _write_tensor(f, tensor)
-        _sync(f)
-
-
-def _sync(f) -> None:
-    """Flush a local file to disk before the directory is renamed into place (no-op for object stores)."""
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _hf_config(cfg: ModelConfig, family: Family, source: dict, dtype: str, token_ids: dict,
@@ -304,175 +251,6 @@ def _first_line(e: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- the target
 
 
-def _siblings(out: epath.Path, kind: str) -> list[epath.Path]:
-    if not out.parent.exists():
-        return []
-    return sorted(p for p in out.parent.glob(f".{out.name}.{kind}-*"))
-
-
-def new_staging_dir(out_dir: epath.Path) -> epath.Path:
-    """A fresh hidden sibling of OUT_DIR to write an export into before it is published whole."""
-    staging = _new_sibling(out_dir, _STAGING)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise HFInteropError(f"cannot create {staging} next to {out_dir} ({e.strerror or e}); export into a "
-                             "directory whose parent you can write.") from None
-    return staging
-
-
-def _new_sibling(out: epath.Path, kind: str) -> epath.Path:
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _is_complete(directory: epath.Path) -> bool:
-    return any((directory / marker).is_file() for marker in _MARKERS)
-
-
-def _copy_files(source: epath.Path, target: epath.Path) -> None:
-    """Copy a flat directory's files, the completion marker last (object stores: the write order is the signal)."""
-    target.mkdir(parents=True, exist_ok=True)
-    for f in sorted(source.iterdir(), key=lambda p: p.name in _MARKERS):
-        f.copy(target / f.name, overwrite=True)
-
-
-def _remove_files(directory: epath.Path) -> None:
-    """Delete a directory, the completion marker first, so that a kill half-way never leaves it looking whole."""
-    for marker in _MARKERS:
-        if (directory / marker).exists():
-            (directory / marker).unlink()
-    directory.rmtree()
-
-
-def _is_link(path: epath.Path) -> bool:
-    return not is_remote(path) and os.path.islink(str(path))
-
-
-def _remove_sibling(path: epath.Path) -> None:
-    """Delete one of OUT's own staging / moved-aside siblings. A link there (an earlier lmtrain moved a linked
-    OUT aside) is unlinked, never followed: what it points to is not the export's to delete; a stray file too."""
-    if _is_link(path) or path.is_file():
-        path.unlink()
-    else:
-        path.rmtree()
-
-
-def recover_interrupted_export(out: epath.Path) -> list[str]:
-    """Undo what a killed export left next to `out`; returns what was done, for the user.
-
-    - a staging directory is never published as it is: it is removed;
-    - an old export moved aside is moved back if `out` is not complete, and removed otherwise.
-    Only OUT's own hidden siblings (`.OUT.export-tmp-*`, `.OUT.export-old-*`) are ever deleted, links among
-    them as links.
-    """
-    notes = []
-    for staging in _siblings(out, _STAGING):
-        _remove_sibling(staging)
-        notes.append(f"removed {staging}, left by an interrupted export")
-    for aside in _siblings(out, _ASIDE):
-        if _is_complete(out) or not _is_complete(aside) or _is_link(aside):
-            _remove_sibling(aside)
-            notes.append(f"removed {aside}, the previous export kept until a replacing export finished")
-            continue
-        if out.exists() and not is_remote(out) and any(out.iterdir()):
-            # A local OUT is renamed in whole, so an incomplete one holding files is not an export's: not ours to delete.
-            notes.append(f"kept {aside}, the previous export an interrupted export with --force moved aside: {out} "
-                         "now holds other files, so it was not put back; move it back yourself")
-            continue
-        if out.exists():
-            _remove_files(out)
-        if is_remote(out):
-            _copy_files(aside, out)
-            aside.rmtree()
-        else:
-            os.rename(aside, out)
-        notes.append(f"restored the previous export to {out} from {aside} (an export with --force was interrupted)")
-    return notes
-
-
-def refuse_a_link(out: epath.Path) -> None:
-    """A symbolic link as OUT is refused: publishing renames directories, which would replace the link itself (not
-    what it points to) with the export."""
-    if _is_link(out):
-        target = os.path.realpath(str(out))
-        raise HFInteropError(f"{out} is a symbolic link (to {target}); export into {target} itself, or into a new "
-                             "directory.")
-
-
-def check_target(out: epath.Path, force: bool) -> None:
-    """Refuse an OUT whose contents an export would destroy: a file, a non-empty directory without --force, or
-    (even with --force) a directory that is not an earlier export."""
-    if out.exists() and not out.is_dir():
-        raise HFInteropError(f"{out} is a file; give lmtrain export a directory to create (or an empty one).")
-    if not out.is_dir():
-        return
-    entries = sorted(p.name for p in out.iterdir())
-    if not entries:
-        return
-    shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-    if not force:
-        raise HFInteropError(
-            f"{out} is not empty ({shown}); choose a new directory, or pass --force to replace it (the old "
-            "contents are kept until the new export is complete)."
-        )
-    subdirs = [n for n in entries if (out / n).is_dir()]
-    if subdirs or not set(_MARKERS) & set(entries):
-        why = f"it holds directories ({', '.join(subdirs[:3])})" if subdirs else "it has no config.json"
-        raise HFInteropError(
-            f"{out} does not look like an earlier model export ({why}); --force replaces only a directory of "
-            "exported files. Export into a new directory and copy what you need."
-        )
-
-
-def _publish(staging: epath.Path, out: epath.Path) -> None:
-    """Make the finished `staging` directory `out`, replacing an old export only once the new one is whole."""
-    old = out.exists() and any(out.iterdir())
-    if is_remote(out):
-        aside = _new_sibling(out, _ASIDE)
-        if old:
-            _copy_files(out, aside)
-            _remove_files(out)
-        _copy_files(staging, out)
-        staging.rmtree()
-        if old:
-            aside.rmtree()
-        return
-    if not old:
-        if out.exists():
-            out.rmdir()
-        os.rename(staging, out)
-        return
-    aside = _new_sibling(out, _ASIDE)
-    os.rename(out, aside)
-    os.rename(staging, out)  # a kill between the renames is undone by recover_interrupted_export
-    try:  # published: failing to delete the old export now is a note, not a failed export
-        _remove_sibling(aside)
-    except OSError as e:
-        print(f"lmtrain export: note: the new export is in {out}, but the old one could not be removed from "
-              f"{aside} ({e.strerror or e}); the next export removes it.", file=sys.stderr)
-
-
-def _agree_on_target(out: epath.Path, force: bool) -> None:
-    """Process 0 checks the target; every process raises if it refused, before any of them starts gathering."""
-    error = ""
-    if jax.process_index() == 0:
-        try:
-            refuse_a_link(out)
-            for note in recover_interrupted_export(out):
-                print(f"lmtrain export: note: {note}", file=sys.stderr)
-            check_target(out, force)
-        except HFInteropError as e:
-            error = str(e)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        refused = multihost_utils.broadcast_one_to_all(np.int32(bool(error)))
-        if refused and not error:
-            error = f"process 0 refused the export target {out}; see its message."
-    if error:
-        raise HFInteropError(error)
-
-
 # ---------------------------------------------------------------------------------------------- export
 
 
@@ -489,21 +267,16 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
     """
     out_dir = as_path(out_dir)
     if cfg.lora_rank:  # a LoRA model exports as the ordinary model it computes: adapters merged into their weights
-        from lmtrain.interop.lora_export import merge_adapters
-
-        cfg, params = merge_adapters(cfg, params)
+        cfg, params = lora_export.merge_adapters(cfg, params)
     source_config = source_config or {}
-    preferred = next((f for f in ("gpt2", "llama", "mistral", "qwen2", "bert", "roberta")
-                      if source_config.get("model_type") == f), None)
-    family = family_for_model(cfg, preferred)
-    if dtype not in DTYPES:
-        raise HFInteropError(f"--dtype={dtype}: choose one of {', '.join(DTYPES)}.")
+    family = family_for_model(cfg, imported_family(source_config))
+    check_dtype(dtype)
     if cfg.head in ("classify", "token_classify"):
         labels = class_labels(cfg, labels)
     np_dtype, code = DTYPES[dtype]
     itemsize = np.dtype(np_dtype).itemsize
     is_main = jax.process_index() == 0
-    _agree_on_target(out_dir, force)
+    agree_on_target(out_dir, force)
 
     plan = _tensor_plan(cfg, family)
     shards: list[list] = [[]]
@@ -520,7 +293,7 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
         _, rule, layer = item
         parts = []
         for path in rule.lm:
-            parts.append(_to_host(_layer(_param(params, path), layer)))
+            parts.append(to_host(layer_of(_param(params, path), layer)))
         return rule.to_hf(tuple(parts)).astype(np_dtype)
 
     names = ["model.safetensors"] if len(shards) == 1 else [
@@ -532,11 +305,11 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
                 produce(item)
         return out_dir
 
-    staging = new_staging_dir(out_dir)
-    try:
+    with PUBLISHER.staged(out_dir, new_staging_dir(out_dir)) as staging:  # a failed export leaves no trace
         weight_map = {}
         for name, items in zip(names, shards, strict=True):
-            _write_safetensors(staging / name, items, produce, code, itemsize)
+            entries = [(hf_name, code, rule.hf_shape) for hf_name, rule, _ in items]
+            write_safetensors(staging / name, entries, map(produce, items), {"format": "pt"})
             weight_map.update({item[0]: name for item in items})
         if len(shards) > 1:
             total = sum(int(np.prod(item[1].hf_shape)) * itemsize for item in plan)
@@ -547,14 +320,14 @@ def export_params(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *,
         config = _hf_config(cfg, family, source_config, dtype, token_ids, labels)
         gen = generation_settings(generation_config, config, end_of_turn)
         (staging / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True))
-        (staging / _COMPLETE_MARKER).write_text(json.dumps(config, indent=2, sort_keys=True))
-        _publish(staging, out_dir)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a failed export leaves no trace; the old OUT is untouched
-            if staging.exists():
-                staging.rmtree()
-        raise
+        (staging / COMPLETE_MARKER).write_text(json.dumps(config, indent=2, sort_keys=True))  # last: marks it whole
     return out_dir
+
+
+def imported_family(source_config: dict | None) -> str | None:
+    """The family a WORKDIR was imported from (its hf_config.json's model_type), which export prefers."""
+    model_type = (source_config or {}).get("model_type")
+    return model_type if isinstance(model_type, str) and model_type in FAMILIES else None
 
 
 def generation_settings(source: dict | None, config: dict, end_of_turn: list[int]) -> dict:
@@ -592,11 +365,6 @@ def export_shardings(cfg, workdir, mesh_shape: tuple[int, int, int] | None = Non
     A single process whose devices do not fit the training mesh (a model trained on a pod, exported on a
     workstation) restores onto one device instead, with a note.
     """
-    from lmtrain.config import ConfigError, resolve_mesh_shape
-    from lmtrain.model import ModelDef
-    from lmtrain.parallel.mesh import make_mesh
-    from lmtrain.parallel.partitioning import param_shardings
-
     n = jax.device_count()
     dcn_data = cfg.mesh.get("dcn_data", -1)
     try:
@@ -634,9 +402,6 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     The parameters are restored sharded over the WORKDIR's training mesh; `mesh_shape` (data, fsdp, tensor)
     overrides it, and (1, 1, 1) restores onto one device. Every process of a multi-host job must call this.
     """
-    from lmtrain.config import ConfigError, load_config
-    from lmtrain.train.checkpoint import restore_params
-
     workdir = as_path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise HFInteropError(f"{workdir} is a file, not an lmtrain WORKDIR (a directory with config.json and "
@@ -647,10 +412,10 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     if out == workdir or workdir.is_relative_to(out):
         raise HFInteropError(f"{out} holds the WORKDIR {workdir}; export into a directory of its own "
                              f"(for example {workdir / 'hf'}).")
-    _agree_on_target(out, force)  # before the restore, which can take minutes for a large model
+    agree_on_target(out, force)  # before the restore, which can take minutes for a large model
     try:
         shardings = export_shardings(load_config(str(workdir / "config.json")), workdir, mesh_shape)
-        cfg, params = restore_params(str(workdir), which, shardings)
+        cfg, params = checkpoint.restore_params(str(workdir), which, shardings)
     except (FileNotFoundError, ConfigError) as e:
         raise HFInteropError(str(e)) from None
     source = workdir / SOURCE_CONFIG
@@ -658,8 +423,6 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
     model_cfg = workdir_model_config(cfg, workdir)
     if adapter or base:
-        from lmtrain.interop import lora_export
-
         if not model_cfg.lora_rank:
             raise HFInteropError(f"{workdir} is not a LoRA run (model.lora_rank=0): it has no adapters and no separate "
                                  "base; export the whole model without --adapter or --base.")

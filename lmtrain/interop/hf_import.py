@@ -21,7 +21,6 @@ import functools
 import json
 import os
 import posixpath
-import struct
 import sys
 import tempfile
 import time
@@ -29,26 +28,20 @@ import uuid
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
-from lmtrain.interop.hf_families import (
-    Family,
-    HFConfig,
-    HFInteropError,
-    TensorRule,
-    classifier_labels,
-    family_for_hf_config,
-)
+from lmtrain.interop.families import Family, HFInteropError, TensorRule, classifier_labels, family_for_hf_config
+from lmtrain.interop.hf_model import hf_model_dir, model_config_from_hf, place, read_hf_config, read_json
 from lmtrain.interop.lora_import import read_peft_adapter, write_source_config
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
 from lmtrain.parallel.mesh import make_mesh
 from lmtrain.parallel.partitioning import param_shardings
-from lmtrain.paths import as_path, is_remote
+from lmtrain.paths import as_path
+from lmtrain.storage.safetensors import SafetensorsReader
 from lmtrain.train.checkpoint import save_init_params
 from lmtrain.trees import flat_paths, nest_paths
 
@@ -70,146 +63,6 @@ SOURCE_GENERATION_CONFIG = "hf_generation_config.json"
 LABELS_FILE = "labels.json"
 # The task an imported encoder's WORKDIR trains, by the head it imported into.
 ENCODER_TASKS = {"mlm": "mlm", "pool": "mlm", "token_classify": "token_classify"}
-
-# safetensors dtype codes. safetensors' own numpy reader cannot return bfloat16 (the dtype of most released
-# checkpoints), so SafetensorsReader reads the documented format directly, with ml_dtypes for bfloat16.
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
-
-
-def read_json(path: epath.Path, what: str = "a JSON object") -> dict:
-    """A JSON object from a user's file; anything else is an HFInteropError naming the file."""
-    try:
-        value = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise HFInteropError(f"{path} does not exist.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HFInteropError(f"{path}: not valid JSON ({e}). Restore the file (re-download or re-save it).") from None
-    if not isinstance(value, dict):
-        raise HFInteropError(f"{path}: holds a JSON {type(value).__name__}, not {what}. Restore the file.")
-    return value
-
-
-class SafetensorsReader:
-    """Names, shapes and one-tensor-at-a-time reads over the files of a (possibly sharded) safetensors checkpoint.
-
-    Every header is checked against its file's size when opened, so a truncated download is named here
-    rather than read as garbage (or failing inside numpy) later.
-    """
-
-    def __init__(self, files: list[str | os.PathLike]):
-        self.entries: dict[str, tuple[epath.Path, str, tuple[int, ...], int, int]] = {}
-        for path in files:
-            self._read_header(as_path(path))
-
-    def _read_header(self, path: epath.Path) -> None:
-        redo = "Re-download or re-save the checkpoint."
-        size = path.stat().length
-        with path.open("rb") as f:
-            raw = f.read(8)
-            if len(raw) != 8:
-                raise HFInteropError(f"{path}: not a safetensors file ({size} bytes, shorter than its 8-byte "
-                                     f"header length). {redo}")
-            (header_len,) = struct.unpack("<Q", raw)
-            if header_len > size - 8:
-                raise HFInteropError(f"{path}: truncated or not a safetensors file (its header claims {header_len} "
-                                     f"bytes, the file has {size}). {redo}")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise HFInteropError(f"{path}: not a safetensors file (its header is not JSON). {redo}") from None
-        if not isinstance(header, dict):
-            raise HFInteropError(f"{path}: not a safetensors file (its header is not a JSON object). {redo}")
-        data_start = 8 + header_len
-        spans = []
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            try:
-                code, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-                if not (isinstance(code, str) and all(isinstance(n, int) and n >= 0 for n in shape)
-                        and isinstance(start, int) and isinstance(end, int) and 0 <= start <= end):
-                    raise TypeError
-            except (KeyError, TypeError, ValueError):
-                raise HFInteropError(f"{path}: the header entry of tensor '{name}' is malformed ({info!r}). "
-                                     f"{redo}") from None
-            if name in self.entries:
-                raise HFInteropError(f"tensor '{name}' is stored twice: in {self.entries[name][0]} and {path}.")
-            if code in _DTYPES:  # another dtype is refused by name (check_dtype) if the import needs the tensor
-                want = np.dtype(_DTYPES[code]).itemsize * int(np.prod(shape, dtype=np.int64))
-                if end - start != want:
-                    raise HFInteropError(f"{path}: tensor '{name}' ({code} {list(shape)}) spans {end - start} bytes "
-                                         f"in its header, not {want}. {redo}")
-            self.entries[name] = (path, code, shape, data_start + start, end - start)
-            spans.append((start, end, name))
-        self._check_tiling(path, sorted(spans), size - data_start, redo)
-
-    @staticmethod
-    def _check_tiling(path: epath.Path, spans: list[tuple[int, int, str]], data_len: int, redo: str) -> None:
-        """The tensors cover the data exactly, in order: none overlaps another (one tensor would read another's
-        bytes) and no bytes lie between or after them, as the safetensors format requires."""
-        position, previous = 0, None
-        for start, end, name in spans:
-            if start != position:
-                what = f"overlaps tensor '{previous}'" if start < position else \
-                    f"leaves bytes {position}..{start} unused before it"
-                raise HFInteropError(f"{path}: the header's data_offsets of tensor '{name}' ({start}, {end}) {what}; "
-                                     f"the tensors must tile the data exactly. {redo}")
-            position, previous = end, name
-        if position > data_len:
-            raise HFInteropError(
-                f"{path} is truncated: it has {data_len} data bytes, but its header places tensor '{previous}' up to "
-                f"byte {position} of the data. {redo}"
-            )
-        if position < data_len:
-            raise HFInteropError(f"{path}: {data_len - position} bytes after the last tensor are not part of any "
-                                 f"tensor in the header; the tensors must tile the data exactly. {redo}")
-
-    def names(self) -> set[str]:
-        return set(self.entries)
-
-    def file_of(self, name: str) -> epath.Path:
-        return self.entries[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][2]
-
-    def check_dtype(self, name: str) -> None:
-        path, code = self.entries[name][:2]
-        if code not in _DTYPES:
-            raise HFInteropError(f"{path}: tensor '{name}' has dtype {code}, which lmtrain cannot read (it reads "
-                                 f"{', '.join(_DTYPES)}). Save the model in float32 or bfloat16.")
-
-    def read(self, name: str) -> np.ndarray:
-        path, code, shape, offset, nbytes = self.entries[name]
-        self.check_dtype(name)
-        dtype = np.dtype(_DTYPES[code])
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if count * dtype.itemsize != nbytes:
-            raise HFInteropError(f"{path}: tensor '{name}' has {nbytes} bytes, not {count * dtype.itemsize}.")
-        if not is_remote(path):
-            return np.fromfile(os.fspath(path), dtype=dtype, count=count, offset=offset).reshape(shape)
-        with path.open("rb") as f:
-            f.seek(offset)
-            return np.frombuffer(f.read(nbytes), dtype=dtype, count=count).reshape(shape)
-
-
-def read_hf_config(hf_dir: epath.Path) -> HFConfig:
-    path = hf_dir / "config.json"
-    if not path.is_file():
-        raise HFInteropError(f"{hf_dir} has no config.json; point lmtrain at a Hugging Face model directory.")
-    return HFConfig(read_json(path, "a model configuration (an object)"), str(path))
-
 
 def _check_inside(directory: epath.Path, name: str, what: str) -> None:
     """Refuse a file name (read from a file in `directory`) that leads outside `directory`.
@@ -300,44 +153,16 @@ def _stacker(sharding):
     return jax.jit(lambda layers: jnp.stack(layers), out_shardings=sharding)
 
 
-def _place(host: np.ndarray, sharding) -> jax.Array:
-    """Each device (of this host) gets only its slice of `host`."""
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-
 def _layer_sharding(sharding):
     if isinstance(sharding, NamedSharding):
         return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
     return sharding
 
 
-def _hf_dir(hf_dir: str | os.PathLike) -> epath.Path:
-    path = as_path(hf_dir)
-    if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
-        raise HFInteropError(f"{path} {what}; point lmtrain at a Hugging Face model directory (config.json and "
-                             "model.safetensors).")
-    return path
-
-
-def model_config_from_hf(hf_dir: str | os.PathLike, param_dtype: str = "float32") -> tuple[
-        Family, dict, list[str]]:
-    """(family, lmtrain `model.*` fields, notes) for the HF model in `hf_dir`."""
-    hf_dir = _hf_dir(hf_dir)
-    hf = read_hf_config(hf_dir)
-    family = family_for_hf_config(hf, hf.source)
-    hf.family = family.name
-    fields, notes = family.config_to_lm(hf)
-    if family.is_classifier(hf):
-        fields.update(head="classify", num_labels=len(classifier_labels(hf)))
-    fields["param_dtype"] = param_dtype
-    return family, fields, notes
-
-
 def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
     """A *ForSequenceClassification (or *ForTokenClassification) model's label names in class order (`id2label`);
     None for a causal LM."""
-    hf_dir = _hf_dir(hf_dir)
+    hf_dir = hf_model_dir(hf_dir)
     hf = read_hf_config(hf_dir)
     family = family_for_hf_config(hf, hf.source)
     return classifier_labels(hf) if family.is_classifier(hf) or family.is_token_classifier(hf) else None
@@ -346,7 +171,7 @@ def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
 def checked_checkpoint(hf_dir: epath.Path, cfg: ModelConfig, family: Family) -> tuple[SafetensorsReader, dict[str, str]]:
     """(reader, canonical HF name -> name in the files) once the files, their headers and every tensor's name,
     shape and dtype are checked against `cfg`: what an import refuses, it refuses here, before it writes."""
-    reader = SafetensorsReader(safetensors_files(hf_dir))
+    reader = SafetensorsReader(safetensors_files(hf_dir), error=HFInteropError)
     return reader, _check_tensors(reader, family, family.rules(cfg), cfg.n_layers, hf_dir)
 
 
@@ -356,7 +181,7 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
     Stacked block parameters are built layer by layer on the devices and stacked there, so the host never
     holds more than one HF tensor.
     """
-    hf_dir = _hf_dir(hf_dir)
+    hf_dir = hf_model_dir(hf_dir)
     model_def = ModelDef(cfg)
     shapes = flat_paths(model_def.shapes)
     if shardings is None:
@@ -376,12 +201,12 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
     for rule in rules:
         if not rule.per_layer:
             for path, host in zip(rule.lm, convert(rule, None), strict=True):
-                params[path] = _place(host, flat_shardings[path])
+                params[path] = place(host, flat_shardings[path])
             continue
         layers: dict[str, list[jax.Array]] = {p: [] for p in rule.lm}
         for i in range(cfg.n_layers):
             for path, host in zip(rule.lm, convert(rule, i), strict=True):
-                layers[path].append(_place(host, _layer_sharding(flat_shardings[path])))
+                layers[path].append(place(host, _layer_sharding(flat_shardings[path])))
         for path in rule.lm:
             params[path] = _stacker(flat_shardings[path])(layers.pop(path))
     for path, value in params.items():
@@ -464,7 +289,7 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
 
     config.json is written last: a WORKDIR without it is an unfinished import, which the next import replaces.
     """
-    hf_dir, workdir = _hf_dir(hf_dir), as_path(workdir)
+    hf_dir, workdir = hf_model_dir(hf_dir), as_path(workdir)
     is_main = jax.process_index() == 0
     adapter = None
     if adapter_dir is not None:  # checked whole before anything is written

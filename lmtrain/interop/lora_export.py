@@ -22,20 +22,24 @@ import json
 import math
 import os
 import re
-import struct
 import sys
 
 import jax
 import numpy as np
 from etils import epath
 
-from lmtrain.interop.hf_families import Family, HFInteropError, TensorRule, family_for_model
+from lmtrain.interop.export_common import DTYPES, PUBLISHER, agree_on_target, check_dtype, layer_of, new_staging_dir, to_host
+from lmtrain.interop.families import FAMILIES, Family, HFInteropError, TensorRule, family_for_model
 from lmtrain.model.layers import ModelConfig
-from lmtrain.model.lora import FAMILY_NAMES, TARGETS, merged_params
+from lmtrain.model.lora import TARGETS, merged_params
 from lmtrain.paths import as_path
+from lmtrain.storage.safetensors import write_tensors
+from lmtrain.train.checkpoint import _stored_leaves, checkpoint_dir, select_step
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The adapter's adapter_config.json, kept in the WORKDIR: `lmtrain export --adapter` names the same base model.
+SOURCE_ADAPTER_CONFIG = "hf_adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 # safetensors metadata: {module template: [targets stacked in its A, in order]} for fused projections.
 FUSED_METADATA = "lmtrain_fused_parts"
@@ -65,10 +69,11 @@ def _module_of(hf_tensor: str) -> str:
 
 def projections(cfg: ModelConfig, family: Family) -> list[Projection]:
     """The family's projection modules that LoRA can adapt; a family without LoRA names is an error."""
-    if family.name not in FAMILY_NAMES:
+    if not family.lora_modules:
+        known = sorted(name for name, fam in FAMILIES.items() if fam.lora_modules)
         raise HFInteropError(
             f"LoRA adapters of the {family.name} family are not supported: lmtrain does not know its module names "
-            f"(it knows {', '.join(sorted(FAMILY_NAMES))}). Export the merged model instead (without --adapter).")
+            f"(it knows {', '.join(known)}). Export the merged model instead (without --adapter).")
     out = []
     for rule in family.rules(cfg):
         if rule.per_layer and rule.hf.endswith(".weight") and all(p in PROJECTIONS for p in rule.lm):
@@ -147,9 +152,7 @@ def fused_factors(parts: list[tuple[np.ndarray | None, np.ndarray]]) -> tuple[np
 
 
 def _to_host_layer(value, layer: int) -> np.ndarray:
-    from lmtrain.interop.hf_export import _layer, _to_host
-
-    return np.asarray(_to_host(_layer(value, layer)), np.float32)
+    return np.asarray(to_host(layer_of(value, layer)), np.float32)
 
 
 def adapter_contents(cfg: ModelConfig, params: dict, family: Family, trained: set[str] | None = None,
@@ -244,9 +247,7 @@ def _in_size(path: str, params: dict) -> int:
 
 
 def _full_to_host(value) -> np.ndarray:
-    from lmtrain.interop.hf_export import _to_host
-
-    return np.asarray(_to_host(value), np.float32)
+    return np.asarray(to_host(value), np.float32)
 
 
 def _modules_to_save(cfg: ModelConfig, family: Family, trained: set[str] | None) -> set[str]:
@@ -268,27 +269,6 @@ def _modules_to_save(cfg: ModelConfig, family: Family, trained: set[str] | None)
     return modules
 
 
-def write_safetensors(path: epath.Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """A safetensors file (float32, bfloat16 or float16 tensors), written through epath so gs:// works."""
-    from lmtrain.interop.hf_export import DTYPES, _sync
-
-    codes = {np.dtype(t): code for t, code in DTYPES.values()}
-    header: dict = {"__metadata__": metadata}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    with path.open("wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in sorted(tensors):
-            f.write(np.ascontiguousarray(tensors[name]).tobytes())
-        _sync(f)
-
-
 # ---------------------------------------------------------------------------------------------- export
 
 
@@ -297,28 +277,19 @@ def export_adapter(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *
                    force: bool = False) -> epath.Path:
     """Write the adapters of `params` (a LoRA model's parameters) as a PEFT adapter directory. Every process
     must call this; process 0 writes. Like `export_params`, OUT appears only once whole."""
-    from lmtrain.interop.hf_export import DTYPES, _agree_on_target, _publish, new_staging_dir
-
     out_dir = as_path(out_dir)
     source_config = source_config or {}
     preferred = source_config.get("model_type")
     family = family_for_model(cfg, preferred if isinstance(preferred, str) else None)
-    if dtype not in DTYPES:
-        raise HFInteropError(f"--dtype={dtype}: choose one of {', '.join(DTYPES)}.")
+    check_dtype(dtype)
     tensors, config, metadata = adapter_contents(cfg, params, family, trained, DTYPES[dtype][0])
     config["base_model_name_or_path"] = base_model
-    _agree_on_target(out_dir, force)
+    agree_on_target(out_dir, force)
     if jax.process_index() != 0:
         return out_dir
-    staging = new_staging_dir(out_dir)
-    try:
-        write_safetensors(staging / ADAPTER_WEIGHTS, tensors, metadata)
+    with PUBLISHER.staged(out_dir, new_staging_dir(out_dir)) as staging:
+        write_tensors(staging / ADAPTER_WEIGHTS, tensors, metadata)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))  # last: marks it whole
-        _publish(staging, out_dir)
-    except BaseException:
-        if staging.exists():
-            staging.rmtree()
-        raise
     return out_dir
 
 
@@ -340,16 +311,12 @@ def merge_adapters(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
 
 def trained_paths(workdir: epath.Path, which: str | int) -> set[str]:
     """The parameter paths a WORKDIR's checkpoint holds: exactly those its run trained (frozen ones are not saved)."""
-    from lmtrain.train.checkpoint import _stored_leaves, checkpoint_dir, select_step
-
     step = select_step(workdir, which)
     return {"/".join(map(str, k)) for k in _stored_leaves(checkpoint_dir(workdir) / str(step) / "state", "params")}
 
 
 def default_base_model(workdir: epath.Path, source_config: dict | None) -> str | None:
     """base_model_name_or_path when --base-model is not given: what the imported adapter or model named."""
-    from lmtrain.interop.lora_import import SOURCE_ADAPTER_CONFIG
-
     path = workdir / SOURCE_ADAPTER_CONFIG
     if path.is_file():
         name = json.loads(path.read_text()).get("base_model_name_or_path")

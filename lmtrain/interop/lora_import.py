@@ -17,28 +17,31 @@ import json
 import math
 import os
 import re
-import struct
 
 import jax
 import numpy as np
 from etils import epath
 
-from lmtrain.interop.hf_families import Family, HFInteropError, TensorRule
+from lmtrain.interop.families import Family, HFInteropError, TensorRule
+from lmtrain.interop.hf_model import model_config_from_hf, place, read_json
 from lmtrain.interop.lora_export import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     FUSED_METADATA,
     PEFT_PREFIX,
+    PROJECTIONS,
+    SOURCE_ADAPTER_CONFIG,
     TARGETS,
     Projection,
     module_names,
     projections,
 )
 from lmtrain.model.layers import ModelConfig
+from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path
+from lmtrain.storage.safetensors import SafetensorsReader
+from lmtrain.trees import flat_paths, nest_paths
 
-# The adapter's adapter_config.json, kept in the WORKDIR: `lmtrain export --adapter` names the same base model.
-SOURCE_ADAPTER_CONFIG = "hf_adapter_config.json"
 # adapter_config.json settings that change what the adapter computes in ways lmtrain's LoRA does not reproduce:
 # (key, the value(s) lmtrain reproduces, what to do).
 _UNSUPPORTED = (
@@ -54,14 +57,6 @@ _UNSUPPORTED = (
     ("use_qalora", (False, None), "QA-LoRA pools its inputs"),
     ("alora_invocation_tokens", (None, []), "activated LoRA applies only after invocation tokens"),
 )
-
-
-def _read_metadata(path: epath.Path) -> dict:
-    with path.open("rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    meta = header.get("__metadata__") or {}
-    return meta if isinstance(meta, dict) else {}
 
 
 def _matches(targets, name: str) -> bool:
@@ -103,10 +98,6 @@ class PeftAdapter:
 
     def add_to(self, params: dict, model_cfg: ModelConfig, shardings: dict) -> dict:
         """`params` (the base's, possibly sharded) with the adapters added and the modules_to_save replaced."""
-        from lmtrain.interop.hf_import import _place
-        from lmtrain.model.transformer import ModelDef
-        from lmtrain.trees import flat_paths, nest_paths
-
         shapes = flat_paths(ModelDef(model_cfg).shapes)
         flat_shardings = flat_paths(shardings)
         flat = flat_paths(params)
@@ -116,9 +107,9 @@ class PeftAdapter:
                 key = f"{parent}/lora_{name}/{factor}"
                 if shapes[key].shape != value.shape:  # a conversion bug, not the user's input
                     raise AssertionError(f"{key}: built {value.shape}, the model wants {shapes[key].shape}")
-                flat[key] = _place(value.astype(shapes[key].dtype), flat_shardings[key])
+                flat[key] = place(value.astype(shapes[key].dtype), flat_shardings[key])
         for path, value in self.saved.items():
-            flat[path] = _place(value.astype(shapes[path].dtype), flat_shardings[path])
+            flat[path] = place(value.astype(shapes[path].dtype), flat_shardings[path])
         if sorted(flat) != sorted(shapes):
             raise AssertionError(f"adapter import built {sorted(set(flat) ^ set(shapes))} wrongly")
         return nest_paths(flat)
@@ -126,8 +117,6 @@ class PeftAdapter:
 
 def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike) -> PeftAdapter:
     """Read and check the PEFT adapter in `adapter_dir` against the HF base model in `hf_dir`."""
-    from lmtrain.interop.hf_import import SafetensorsReader, model_config_from_hf, read_json
-
     directory = as_path(adapter_dir)
     if not directory.is_dir():
         raise HFInteropError(f"--adapter {directory}: no such directory; give a PEFT adapter directory "
@@ -171,7 +160,7 @@ def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike)
     projs = projections(cfg, family)  # a family without LoRA names is an error here
     matched = _matched_projections(cfg, family, projs, targets, where)
 
-    reader = SafetensorsReader([weights])
+    reader = SafetensorsReader([weights], error=HFInteropError)
     names = {n[len(PEFT_PREFIX):] if n.startswith(PEFT_PREFIX) else n: n for n in reader.names()}
     used: set[str] = set()
 
@@ -183,7 +172,7 @@ def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike)
                 return np.asarray(reader.read(names[candidate]), np.float32)
         return None
 
-    fused_parts = json.loads(_read_metadata(weights).get(FUSED_METADATA, "{}"))
+    fused_parts = json.loads(reader.metadata(weights).get(FUSED_METADATA, "{}"))
     lora: dict[str, tuple[list, list]] = {}
     scales: dict[str, tuple[int, float]] = {}  # module -> (rank per part, scale)
     use_rslora = bool(config.get("use_rslora"))
@@ -240,8 +229,6 @@ def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike)
 
 
 def _target_of(path: str) -> str:
-    from lmtrain.interop.lora_export import PROJECTIONS
-
     return PROJECTIONS[path]
 
 

@@ -23,7 +23,8 @@ from lmtrain.config import ConfigError
 from lmtrain.data.pipeline import check_labels, make_data
 from lmtrain.evaluate.metrics import classification_metrics_from_counts
 from lmtrain.model import ModelConfig, ModelDef
-from lmtrain.paths import as_path, atomic_write_text
+from lmtrain.paths import as_path
+from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import class_cross_entropy
 

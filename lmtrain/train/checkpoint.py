@@ -32,6 +32,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lmtrain.config import ConfigError
 from lmtrain.paths import as_path, files_under
+from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.trees import nest_keys
 
 ITEMS = ("state", "data", "meta")
@@ -134,8 +135,6 @@ def write_checksums(step_dir: epath.Path) -> None:
     """Hash every file of a finished checkpoint; written last, so its presence means 'all hashed'."""
     step_dir = as_path(step_dir)
     table = {name: {"xxh3_128": _hash_file(p), "bytes": p.stat().length} for name, p in _files(step_dir)}
-    from lmtrain.paths import atomic_write_text
-
     atomic_write_text(step_dir / CHECKSUMS, json.dumps({"files": table}, indent=1, sort_keys=True))
 
 

@@ -11,6 +11,9 @@ import time
 
 import jax
 
+from lmtrain.paths import append_text, as_path, copy_tree, is_remote
+from lmtrain.storage.atomic import atomic_write_text
+
 # Dense bf16 peak FLOP/s per device (one chip for TPU, one GPU).
 PEAK_FLOPS = {
     "TPU v4": 275e12,
@@ -55,8 +58,6 @@ def matmul_params(model_def) -> int:
 
 def read_metrics(path) -> list[dict]:
     """The records of a metrics.jsonl; a cut-off or garbled line (a kill mid-write) is skipped."""
-    from lmtrain.paths import as_path
-
     path = as_path(path)
     if not path.exists():
         return []
@@ -82,8 +83,6 @@ class MetricsWriter:
 
     def __init__(self, workdir, tensorboard: bool, enabled: bool = True, resume_step: int = 0,
                  remote_flush_seconds: float = 30.0):
-        from lmtrain.paths import as_path, atomic_write_text, is_remote
-
         self.enabled = enabled
         self.workdir = as_path(workdir)
         self.path = self.workdir / "metrics.jsonl"
@@ -121,8 +120,6 @@ class MetricsWriter:
                 self.tb.add_scalar(k, float(v), int(step))
 
     def _flush_records(self) -> None:
-        from lmtrain.paths import append_text
-
         if self._buffer:
             append_text(self.path, "".join(self._buffer))
             self._buffer = []
@@ -137,8 +134,6 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.flush()
             if self._tb_local is not None:
-                from lmtrain.paths import copy_tree
-
                 copy_tree(self._tb_local, self.workdir / "tensorboard")
 
     def close(self) -> None:
@@ -148,8 +143,6 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.close()
             if self._tb_local is not None:
-                from lmtrain.paths import copy_tree
-
                 copy_tree(self._tb_local, self.workdir / "tensorboard")
 
 
@@ -228,8 +221,6 @@ def plot_loss_curve(metrics_path: pathlib.Path, out_path: pathlib.Path) -> pathl
     ax.set_title(f"lmtrain: {out_path.parent.name}")
     fig.tight_layout()
     import io
-
-    from lmtrain.paths import as_path
 
     png = io.BytesIO()
     fig.savefig(png, format="png")

@@ -27,7 +27,8 @@ from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.model import ModelDef
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
-from lmtrain.paths import as_path, atomic_write_text, is_remote
+from lmtrain.paths import as_path, is_remote
+from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.tasks import make_task
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.actions import (
