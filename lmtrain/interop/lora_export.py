@@ -31,7 +31,8 @@ from etils import epath
 
 from lmtrain.interop.hf_families import Family, HFInteropError, TensorRule, family_for_model
 from lmtrain.model.layers import ModelConfig
-from lmtrain.model.lora import FAMILY_NAMES, TARGETS, merged_params
+from lmtrain.model.lora import merged_params
+from lmtrain.param_rules import FAMILY_NAMES, TARGETS
 from lmtrain.paths import as_path
 
 ADAPTER_CONFIG = "adapter_config.json"
