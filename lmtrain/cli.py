@@ -6,10 +6,10 @@ import importlib
 import os
 import sys
 
-# transformers announces at import that PyTorch is missing (an advisory warning): lmtrain uses it for tokenizers and
-# configs only, which need no PyTorch, so every command would print a warning about nothing. Set before any command
-# imports transformers; a user's own setting wins.
-os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+import lmtrain
+from lmtrain.errors import ConfigError
+from lmtrain.runtime import apply_xla_defaults
+from lmtrain.train.disk_full import quiet_disk_full_noise
 
 # subcommand -> (module with a `main(argv) -> int`, one-line help)
 COMMANDS = {
@@ -50,24 +50,23 @@ def _hold_stop_signals() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers announces at import that PyTorch is missing (an advisory warning): lmtrain uses it for tokenizers
+    # and configs only, which need no PyTorch, so every command would print a warning about nothing. Set before any
+    # command imports transformers (in main, not at import: importing this module changes no process state); a
+    # user's own setting wins.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        import lmtrain
-
         print(f"lmtrain {lmtrain.__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    from lmtrain.runtime import apply_xla_defaults
-
     apply_xla_defaults()  # before any JAX backend starts
     if name == "train":
         _hold_stop_signals()
     if name in ("train", "sweep"):  # the commands that save checkpoints
-        from lmtrain.train.checkpoint import quiet_disk_full_noise
-
         quiet_disk_full_noise()
     if name not in COMMANDS:
         print(f"lmtrain: unknown command '{name}'.\n\n{_usage()}", file=sys.stderr)
@@ -80,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     if name in JOINS_A_JOB:
-        from lmtrain.config import ConfigError
-        from lmtrain.parallel.mesh import maybe_initialize_distributed
+        from lmtrain.parallel.mesh import maybe_initialize_distributed  # imports JAX: after apply_xla_defaults
 
         try:  # one process per host: they form one JAX job before touching a checkpoint
             maybe_initialize_distributed()

@@ -15,24 +15,16 @@ import pathlib
 
 import ml_collections
 
+from lmtrain.errors import ConfigError
+from lmtrain.param_rules import DEFAULT_PARAM_RULES, check_lora, check_param_rules, freeze_presets
+
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 REMAT_POLICIES = ("none", "full", "save_dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# Default parameter rules: no weight decay on norms, biases, embeddings and the LM head. A tied
-# embedding and an untied head are treated alike: both are the vocabulary projection.
-DEFAULT_PARAM_RULES = (
-    (r"(^|/)(scale|bias|b[a-z_]*)$", "no_decay"),
-    (r"^(embed|pos_embed|head/w)$", "no_decay"),
-)
-
 CONFIGS_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run. The message names the key and says what to do."""
 
 
 # Logical axis -> mesh axis (or axes). Model code names only the logical axes.
@@ -419,7 +411,6 @@ _NON_NEGATIVE = (
     "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
     "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
 )
-PARAM_RULE_LABELS = ("train", "freeze", "freeze_layers=A-B", "decay", "no_decay", "lr=X")
 
 
 def _get(cfg, dotted: str):
@@ -461,18 +452,7 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1].")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
-    if m.lora_rank:
-        from lmtrain.model.lora import LoRAError, check_rank, resolve_targets
-
-        if m.lora_rank < 0 or not m.lora_alpha > 0 or not 0.0 <= m.lora_dropout < 1.0:
-            raise ConfigError(f"model.lora_rank={m.lora_rank}, lora_alpha={m.lora_alpha}, lora_dropout={m.lora_dropout}: "
-                              "the rank must be positive, alpha positive, and dropout in [0, 1).")
-        try:
-            targets = resolve_targets(tuple(m.lora_targets), m.mlp)
-            check_rank(m.lora_rank, targets, d_model=m.d_model, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
-                       head_dim=m.head_dim or m.d_model // m.n_heads, d_ff=m.d_ff)
-        except LoRAError as e:
-            raise ConfigError(str(e)) from None
+    check_lora(m)
     freeze_presets(o.freeze, m.n_layers)
     if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:
         raise ConfigError(f"data.cv_folds={cfg.data.cv_folds}: use 0 (no cross-validation) or k >= 2 folds.")
@@ -485,63 +465,6 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"train.early_stopping.mode='{cfg.train.early_stopping.mode}' must be 'min', 'max' or "
                           "empty (the task's own direction for the metric).")
     check_param_rules(o.param_rules)
-
-
-def check_param_rules(rules) -> list[tuple]:
-    """The rules as (compiled regex, property, value); a malformed rule names itself."""
-    import re
-
-    out = []
-    for i, rule in enumerate(rules):
-        if not isinstance(rule, list | tuple) or len(rule) != 2:
-            raise ConfigError(f"optimizer.param_rules[{i}]={rule!r}: each rule is a pair (regex, label).")
-        pattern, label = rule
-        try:
-            regex = re.compile(pattern)
-        except re.error as e:
-            raise ConfigError(f"optimizer.param_rules[{i}]: regex {pattern!r} does not compile ({e}).") from None
-        if label in ("train", "freeze"):
-            out.append((regex, "trainable", label == "train"))
-        elif label in ("decay", "no_decay"):
-            out.append((regex, "decay", label == "decay"))
-        elif isinstance(label, str) and label.startswith("lr="):
-            try:
-                mult = float(label[3:])
-            except ValueError:
-                mult = -1.0
-            if not 0 <= mult < math.inf:  # NaN fails too
-                raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a finite non-negative number, "
-                                  "e.g. 'lr=0.1'.")
-            out.append((regex, "lr_mult", mult))
-        elif isinstance(label, str) and label.startswith("freeze_layers="):
-            lo, sep, hi = label[len("freeze_layers="):].partition("-")
-            if not (lo.isdigit() and sep and hi.isdigit() and int(lo) <= int(hi)):
-                raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} needs a block range, e.g. "
-                                  "'freeze_layers=0-3' (blocks 0 to 3, inclusive).")
-            out.append((regex, "frozen_layers", (int(lo), int(hi))))
-        else:
-            raise ConfigError(f"optimizer.param_rules[{i}]: label {label!r} is unknown. "
-                              f"Labels: {', '.join(PARAM_RULE_LABELS)}.")
-    return out
-
-
-def freeze_presets(spec: str, n_layers: int) -> tuple:
-    """The rules that `optimizer.freeze` presets stand for."""
-    rules: tuple = ()
-    for item in filter(None, (part.strip() for part in spec.split("+"))):
-        if item == "embeddings":
-            rules += ((r"^(embed|pos_embed|type_embed)$", "freeze"),)
-        elif item == "all_but_head":
-            rules += ((r".", "freeze"), (r"^head/", "train"))
-        elif item.startswith("blocks:") and item[len("blocks:"):].isdigit():
-            n = int(item[len("blocks:"):])
-            if not 1 <= n <= n_layers:
-                raise ConfigError(f"optimizer.freeze='{item}': the model has {n_layers} blocks; freeze 1 to {n_layers}.")
-            rules += ((r"^blocks/", f"freeze_layers=0-{n - 1}"),)
-        else:
-            raise ConfigError(f"optimizer.freeze='{item}' is unknown. Presets: embeddings, blocks:N, all_but_head "
-                              "(join several with '+'), or write optimizer.param_rules.")
-    return rules
 
 
 def config_arg(arg: str, allowed: tuple[str, ...], name: str) -> str:

@@ -5,7 +5,7 @@ import ast
 import pathlib
 
 from lmtrain.interop import families
-from lmtrain.model.lora import FAMILY_NAMES
+from lmtrain.param_rules import FAMILY_NAMES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 INTEROP = ROOT / "lmtrain" / "interop"

@@ -4,7 +4,9 @@ its parameters, float32 master weights under bf16 storage, and dropout that diff
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +15,13 @@ import optax
 import pytest
 
 from lmtrain.config import ConfigError
-from lmtrain.train.optimizer import ParamPlan, learning_rate_schedule, make_optimizer, param_paths
-from lmtrain.train.state import init_state_fn
-from lmtrain.train.trainer import Components
+from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.parallel.mesh import make_mesh
+from lmtrain.param_rules import ParamPlan, named_param_rules, param_paths
+from lmtrain.train.checkpoint import load_init_params, save_init_params
+from lmtrain.train.optimizer import learning_rate_schedule, make_optimizer
+from lmtrain.train.state import create_sharded_state, init_state_fn
+from lmtrain.train.trainer import Components, main
 from tests import core_fixtures
 from tests.helpers import small_config as _small_config
 
@@ -127,11 +133,6 @@ def test_frozen_parameter_is_bit_identical_and_has_no_optimizer_state():
 def test_all_but_head_trains_only_the_head_of_a_language_model_and_of_a_classifier():
     """optimizer.freeze='all_but_head' (a linear probe): the head trains; embeddings, blocks and norms are frozen,
     kept out of the optimizer and bit-identical after steps."""
-    import dataclasses
-    from types import SimpleNamespace
-
-    from lmtrain.model import ModelDef
-    from lmtrain.train.trainer import named_param_rules
 
     cfg = small_config("llama", **{"optimizer.freeze": "all_but_head", "optimizer.lr": 1e-2,
                                    "optimizer.weight_decay": 0.5})
@@ -213,7 +214,6 @@ def test_rule_that_matches_nothing_is_a_config_error(tmp_path, capsys):
     with pytest.raises(ConfigError, match="freeze every parameter"):
         ParamPlan.from_rules(shapes, ((r".", "freeze"),))
 
-    from lmtrain.train.trainer import main
 
     code = main(["--config=tiny", f"--workdir={tmp_path / 'w'}", "--config.data.source=builtin",
                  "--config.optimizer.param_rules=(('^lora_', 'freeze'),)"])
@@ -245,8 +245,6 @@ def test_clip_norm_clips_the_global_gradient_norm():
 def test_optimizer_state_is_sharded_like_its_parameters_under_fsdp(name):
     from jax.sharding import PartitionSpec
 
-    from lmtrain.parallel.mesh import make_mesh
-    from lmtrain.train.state import create_sharded_state
 
     cfg = small_config("llama", **{"optimizer.name": name, "mesh.data": 1, "mesh.fsdp": 8,
                                    "model.d_model": 64, "model.d_ff": 128})
@@ -301,8 +299,6 @@ def test_bf16_storage_trains_float32_masters_and_small_updates_land():
 
 def test_bf16_init_params_are_read_into_float32(tmp_path):
     """An `lmtrain import --param-dtype bfloat16` output, read by train.init_from into the float32 state."""
-    from lmtrain.model import ModelConfig, ModelDef
-    from lmtrain.train.checkpoint import load_init_params, save_init_params
 
     cfg = small_config("llama", **{"model.param_dtype": "bfloat16"})
     bf16_def = ModelDef(ModelConfig.from_config(cfg.model))

@@ -34,6 +34,8 @@ import numpy as np  # noqa: E402
 
 from lmtrain.config import load_config  # noqa: E402
 from lmtrain.data import shards as shards_lib  # noqa: E402
+from lmtrain.param_rules import ParamPlan  # noqa: E402
+from lmtrain.train.checkpoint import load_init_params  # noqa: E402
 from lmtrain.train.state import init_state_fn  # noqa: E402
 from lmtrain.train.trainer import Components  # noqa: E402
 from lmtrain.trees import flat_paths, nest_paths  # noqa: E402
@@ -53,9 +55,6 @@ def _config(args):
 
 def _initial_state(parts, cfg):
     """lmtrain's starting state: fresh, or with the encoder of train.init_from (pooler and classifier fresh)."""
-    from lmtrain.train.checkpoint import load_init_params
-    from lmtrain.train.optimizer import ParamPlan
-
     state = jax.jit(init_state_fn(parts.model_def, parts.tx, cfg.train.seed, parts.plan))()
     if cfg.train.init_from:
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state["params"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import sys
 
@@ -20,17 +19,6 @@ from lmtrain.paths import as_path, local_dir
 from lmtrain.trees import flat_keys, nest_keys
 
 EVAL_TASKS = ("lm", "sft", "classify")  # the WORKDIR tasks whose models `lmtrain eval` scores
-
-
-class _QuietItemMetadata(logging.Filter):
-    """Orbax warns that a checkpoint step's `state` item has no _CHECKPOINT_METADATA of its own when it is read
-    directly (the step directory holds it); expected when only the parameters are read."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Metadata file does not exist" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_QuietItemMetadata())
 
 
 @dataclasses.dataclass

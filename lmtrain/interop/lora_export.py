@@ -31,7 +31,8 @@ from etils import epath
 from lmtrain.interop.export_common import DTYPES, PUBLISHER, agree_on_target, check_dtype, layer_of, new_staging_dir, to_host
 from lmtrain.interop.families import FAMILIES, Family, HFInteropError, TensorRule, family_for_model
 from lmtrain.model.layers import ModelConfig
-from lmtrain.model.lora import TARGETS, merged_params
+from lmtrain.model.lora import merged_params
+from lmtrain.param_rules import TARGETS
 from lmtrain.paths import as_path
 from lmtrain.storage.safetensors import write_tensors
 from lmtrain.train.checkpoint import _stored_leaves, checkpoint_dir, select_step

@@ -13,8 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmtrain.model.attention import attend
-from lmtrain.model.lora import maybe_lora, resolve_targets
+from lmtrain.model.lora import maybe_lora
 from lmtrain.parallel.partitioning import constrain
+from lmtrain.param_rules import resolve_targets
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,8 +6,8 @@ parallelism shard them like the weight they adapt, the rank axis replicated. B s
 fresh adapter leaves the model unchanged; A starts as PEFT's default (Kaiming-uniform, bound
 1/sqrt(fan_in)), so an exported adapter means the same thing in both libraries.
 
-Targets use one vocabulary for every family (q, k, v, o, gate, up, down); each family's own module
-names (q_proj, c_attn, query, ...) are accepted too.
+Which projections an adapter targets, and what LoRA freezes and trains, are parameter rules
+(`lmtrain.param_rules`: one target vocabulary for every family, plus each family's module names).
 """
 
 from __future__ import annotations
@@ -17,66 +17,6 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-# Canonical target -> the model's projection attribute.
-TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_in", "down": "w_out"}
-
-# Each family's names for the same projections (Hugging Face module names, as PEFT's target_modules).
-FAMILY_NAMES = {
-    "llama": {"q_proj": ("q",), "k_proj": ("k",), "v_proj": ("v",), "o_proj": ("o",), "gate_proj": ("gate",),
-              "up_proj": ("up",), "down_proj": ("down",)},
-    "gpt2": {"c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "c_fc": ("up",), "mlp.c_proj": ("down",)},
-    "bert": {"query": ("q",), "key": ("k",), "value": ("v",), "attention.output.dense": ("o",),
-             "intermediate.dense": ("up",), "output.dense": ("down",)},
-}
-FAMILY_NAMES["mistral"] = FAMILY_NAMES["qwen2"] = FAMILY_NAMES["llama"]
-FAMILY_NAMES["roberta"] = FAMILY_NAMES["bert"]
-
-
-class LoRAError(ValueError):
-    """A LoRA setting that cannot apply to this model; the message names it and what to choose."""
-
-
-def resolve_targets(names, mlp: str) -> tuple[str, ...]:
-    """Canonical targets from canonical or family names; a name that matches no projection is an error."""
-    known = dict.fromkeys(TARGETS)
-    aliases = {alias: parts for table in FAMILY_NAMES.values() for alias, parts in table.items()}
-    out: list[str] = []
-    for name in names:
-        if name in known:
-            parts = (name,)
-        elif name in aliases:
-            parts = aliases[name]
-        else:
-            raise LoRAError(
-                f"model.lora_targets: '{name}' matches no projection. Use q, k, v, o, gate, up, down, or a family's "
-                f"module names ({', '.join(sorted(aliases))}).")
-        for part in parts:
-            if part == "gate" and mlp != "swiglu":
-                raise LoRAError(f"model.lora_targets: '{name}' matches no projection of this model: its MLP "
-                                f"(model.mlp='{mlp}') has no gate projection. Use up and down for the MLP.")
-            if part not in out:
-                out.append(part)
-    if not out:
-        raise LoRAError("model.lora_rank > 0 needs model.lora_targets, e.g. ('q', 'v') or ('q', 'k', 'v', 'o').")
-    return tuple(out)
-
-
-def projection_dims(target: str, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                    d_ff: int) -> tuple[int, int]:
-    """(input size, output size) of the projection a canonical target adapts."""
-    return {"q": (d_model, n_heads * head_dim), "k": (d_model, n_kv_heads * head_dim),
-            "v": (d_model, n_kv_heads * head_dim), "o": (n_heads * head_dim, d_model),
-            "gate": (d_model, d_ff), "up": (d_model, d_ff), "down": (d_ff, d_model)}[target]
-
-
-def check_rank(rank: int, targets: tuple[str, ...], **dims: int) -> None:
-    """A rank above a projection's smaller side adds parameters that A B cannot use (its rank is at most that)."""
-    for target in targets:
-        n_in, n_out = projection_dims(target, **dims)
-        if rank > min(n_in, n_out):
-            raise LoRAError(f"model.lora_rank={rank} is above the smaller dimension of the '{target}' projection "
-                            f"({n_in} -> {n_out}); use a rank of at most {min(n_in, n_out)}.")
 
 
 def _split_equation(equation: str) -> tuple[str, str, str]:

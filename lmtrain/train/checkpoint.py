@@ -15,14 +15,11 @@ set: that is what lets the best survive a restart.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import posixpath
 import sys
-import threading
 import time
-import traceback
 
 import jax
 import numpy as np
@@ -30,9 +27,14 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lmtrain.config import ConfigError
+from lmtrain.config import ConfigError, load_config
+from lmtrain.model import ModelDef
 from lmtrain.paths import as_path, files_under
 from lmtrain.storage.atomic import atomic_write_text
+from lmtrain.tasks import workdir_model_config
+from lmtrain.tasks.base import default_mode
+from lmtrain.train.disk_full import is_disk_full
+from lmtrain.train.state import _path_keys, init_params_fn
 from lmtrain.trees import nest_keys
 
 ITEMS = ("state", "data", "meta")
@@ -48,7 +50,14 @@ class _QuietOrbax(logging.Filter):
         return not any(text in record.getMessage() for text in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_QuietOrbax())
+def _quiet_expected_orbax_notices() -> None:
+    """Drop the notices `_QuietOrbax` lists. Called where lmtrain first opens an Orbax checkpointer, not at import:
+    importing a library module changes no logging state."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietOrbax())
+
+
 CHECKSUMS = "lmtrain_checksums.json"
 DAMAGED_SUFFIX = ".damaged"
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step being written: <step>.orbax-checkpoint-tmp-<time>
@@ -189,61 +198,6 @@ class Restored:
     meta: dict
 
 
-def _is_disk_full(error: BaseException) -> bool:
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-class _DiskFullNoise(logging.Filter):
-    """Drops asyncio's "exception was never retrieved" records for writes that failed on a full disk."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if error is None and "No space left on device" in record.getMessage():
-            return False
-        return not (error is not None and _is_disk_full(error))
-
-
-_QUIET = []  # set once per process by quiet_disk_full_noise
-
-
-def quiet_disk_full_noise() -> None:
-    """For the `lmtrain` commands that save checkpoints. A full disk fails every asynchronous write of a save at
-    once: Orbax's save thread dies with the error and each of its asyncio write tasks is logged with a traceback
-    (hundreds of lines). The save's own error reaches the training thread, which reports it in one line
-    (`_raise_if_disk_full`), so these copies are dropped; any other error in those threads prints as before.
-    Process-wide hooks, so the command line installs them (once), not the library."""
-    if _QUIET:
-        return
-    _QUIET.append(True)
-    previous = threading.excepthook
-
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if args.exc_value is not None and _is_disk_full(args.exc_value):
-            return
-        previous(args)
-
-    threading.excepthook = hook
-    for name in ("asyncio", "absl"):  # absl: Orbax's own "save thread failed" records, with the traceback
-        logging.getLogger(name).addFilter(_DiskFullNoise())
-    # TensorStore's I/O threads then find the save's event loop closed and print that through sys.excepthook.
-    previous_sys = sys.excepthook
-
-    def sys_hook(kind, value, tb) -> None:
-        frames = traceback.extract_tb(tb)
-        late_callback = (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"
-                         and bool(frames) and frames[0].name == "call_soon_threadsafe")
-        if not late_callback:
-            previous_sys(kind, value, tb)
-
-    sys.excepthook = sys_hook
-
-
 class Checkpointer:
     def __init__(self, workdir, keep: int = 2, async_save: bool = True, best_metric: str = "val_loss",
                  best_mode: str = "min", checksums: bool = True):
@@ -271,6 +225,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             async_options=async_options,
         )
+        _quiet_expected_orbax_notices()
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     # -- saving
@@ -319,7 +274,7 @@ class Checkpointer:
             raise
 
     def _raise_if_disk_full(self, error: BaseException, step: int | None) -> None:
-        if _is_disk_full(error):
+        if is_disk_full(error):
             kept = [s for s in self.steps() if step is None or s != step]
             raise CheckpointError(
                 f"the disk is full: saving checkpoint {step if step is not None else ''} in {self.directory} failed "
@@ -392,8 +347,6 @@ class Checkpointer:
     def _layout_mismatch(self, step: int, abstract_state: dict) -> str | None:
         """What differs between the arrays stored in `step` and `abstract_state` (paths and shapes), or None.
         Unreadable metadata counts as no mismatch: it is damage, which the restore finds."""
-        import logging
-
         absl_logger = logging.getLogger("absl")
         level = absl_logger.level
         absl_logger.setLevel(logging.ERROR)  # Orbax warns that the item has no step metadata of its own
@@ -403,8 +356,6 @@ class Checkpointer:
             return None
         finally:
             absl_logger.setLevel(level)
-        from lmtrain.train.state import _path_keys
-
         want = {_path_keys(k): tuple(v.shape) for k, v in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
         diffs = [f"{'/'.join(map(str, k))}: stored {stored.get(k)}, expected {want.get(k)}"
                  for k in sorted(set(want) | set(stored), key=str) if stored.get(k) != want.get(k)]
@@ -439,8 +390,6 @@ def _best_rule(workdir) -> tuple[str, str]:
     except (OSError, KeyError, json.JSONDecodeError, TypeError):
         metric, mode = "val_loss", ""
     if not mode:
-        from lmtrain.tasks.base import default_mode
-
         mode = default_mode(metric)
     return metric, mode
 
@@ -450,6 +399,7 @@ def select_step(workdir, which: str | int = "latest") -> int:
     directory = checkpoint_dir(workdir)
     steps = []
     if directory.exists():
+        _quiet_expected_orbax_notices()
         manager = ocp.CheckpointManager(directory, item_names=ITEMS,
                                         options=ocp.CheckpointManagerOptions(read_only=True))
         steps = sorted(manager.all_steps())
@@ -481,6 +431,7 @@ def _restore_tree(path: epath.Path, target: dict, item: str | None = None) -> di
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
     item_tree = {item: target} if item else target
     args_tree = {item: restore_args} if item else restore_args
+    _quiet_expected_orbax_notices()
     with ocp.PyTreeCheckpointer() as ckptr:
         restored = ckptr.restore(path, args=ocp.args.PyTreeRestore(item=item_tree, restore_args=args_tree,
                                                                     partial_restore=True))
@@ -494,10 +445,6 @@ def restore_params(workdir, which: str | int = "latest", shardings=None):
     as training built them: the seed's initialisation overlaid with train.init_from. With `shardings` (a
     tree like the params of NamedShardings), each host reads only its shards.
     """
-    from lmtrain.config import load_config
-    from lmtrain.model import ModelDef
-    from lmtrain.tasks import workdir_model_config
-
     workdir = as_path(workdir)
     cfg = load_config(str(workdir / "config.json"))
     step = select_step(workdir, which)
@@ -528,8 +475,6 @@ def _merge_trees(a: dict, b: dict) -> dict:
 
 def _rebuild_frozen(cfg, model_def, target: dict) -> dict:
     """The parameters of `target` as training made them: the seed's draw, then train.init_from over it."""
-    from lmtrain.train.state import init_params_fn
-
     shardings = jax.tree.map(lambda t: t.sharding, target)
     keep = lambda full: _select(full, target)  # noqa: E731
     params = jax.jit(lambda: keep(init_params_fn(model_def, cfg.train.seed)()), out_shardings=shardings)()
@@ -548,6 +493,7 @@ def _select(full: dict, like: dict) -> dict:
 def save_init_params(workdir, params: dict) -> epath.Path:
     """Write params to WORKDIR/init_params (what `lmtrain import` produces, what train.init_from reads)."""
     path = as_path(workdir) / "init_params"
+    _quiet_expected_orbax_notices()
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(path, params)
     return path
@@ -555,6 +501,7 @@ def save_init_params(workdir, params: dict) -> epath.Path:
 
 def _stored_leaves(path: epath.Path, item: str | None) -> dict[tuple, tuple]:
     """{path tuple: shape} of the arrays stored in a PyTree checkpoint (optionally under `item`)."""
+    _quiet_expected_orbax_notices()
     with ocp.PyTreeCheckpointer() as ckptr:
         meta = ckptr.metadata(path)
     tree = getattr(meta, "item_metadata", None) or getattr(meta, "tree", None) or meta

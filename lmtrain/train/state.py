@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lmtrain.model import ModelDef
 from lmtrain.parallel.partitioning import AxisRules, param_shardings
-from lmtrain.train.optimizer import ParamPlan
+from lmtrain.param_rules import ParamPlan
 
 
 def init_params_fn(model_def: ModelDef, seed: int):

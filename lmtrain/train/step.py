@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lmtrain.parallel.partitioning import constrain
-from lmtrain.train.optimizer import ParamPlan
+from lmtrain.param_rules import ParamPlan
 
 LossFn = Callable[[dict, dict, jax.Array | None], tuple[jax.Array, jax.Array, dict]]
 

@@ -27,6 +27,7 @@ from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.model import ModelDef
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
+from lmtrain.param_rules import ParamPlan, param_paths
 from lmtrain.paths import as_path, is_remote
 from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.tasks import make_task
@@ -42,7 +43,7 @@ from lmtrain.train.actions import (
     every,
 )
 from lmtrain.train.checkpoint import Checkpointer, CheckpointError, load_init_params
-from lmtrain.train.optimizer import ParamPlan, make_optimizer
+from lmtrain.train.optimizer import make_optimizer
 from lmtrain.train.state import abstract_with_shardings, init_params_fn, init_state_fn, state_shardings
 from lmtrain.train.step import make_train_step
 from lmtrain.trees import flat_paths, nest_paths
@@ -178,22 +179,6 @@ class BatchLayout:
 # ---------------------------------------------------------------------------------------------- the run
 
 
-def named_param_rules(cfg, model_cfg, task) -> list[tuple[str, tuple]]:
-    """The parameter rules a run applies, each with where it comes from (for error messages): LoRA's (base frozen,
-    adapters and a task head trained), then the optimizer.freeze presets, then optimizer.param_rules (later rules
-    override earlier ones)."""
-    named = []
-    if model_cfg.lora_rank:
-        named += [("model.lora_rank (LoRA freezes the base)", (r".", "freeze")),
-                  ("model.lora_rank (LoRA trains the adapters)", (r"(^|/)lora_", "train"))]
-        if task.head != "lm":  # a task head (classify, ...) is new: it trains fully
-            named.append((f"model.lora_rank (LoRA trains the new {task.head} head)", (r"^head/", "train")))
-    for item in filter(None, (part.strip() for part in cfg.optimizer.freeze.split("+"))):
-        named += [(f"optimizer.freeze='{item}'", rule) for rule in config_lib.freeze_presets(item, cfg.model.n_layers)]
-    named += [(f"optimizer.param_rules[{k}]", tuple(r)) for k, r in enumerate(cfg.optimizer.param_rules)]
-    return named
-
-
 @dataclasses.dataclass
 class Components:
     """What a config builds before any device memory is used: the task, the model, the parameter plan,
@@ -210,8 +195,7 @@ class Components:
     def from_config(cls, cfg) -> Components:
         task = make_task(cfg)
         model_def = ModelDef(task.model_config())
-        named = named_param_rules(cfg, model_def.cfg, task)
-        plan = ParamPlan.from_rules(model_def.shapes, [rule for _, rule in named], names=[name for name, _ in named])
+        plan = ParamPlan.for_run(cfg, model_def, task)
         tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, plan, plan.split(model_def.shapes)[0])
         train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum, plan.layer_masks(model_def.shapes))
         return cls(task, model_def, plan, tx, schedule, train_step)
@@ -305,8 +289,6 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
 
 
 def _paths(tree: dict) -> list[str]:
-    from lmtrain.train.optimizer import param_paths
-
     return list(param_paths(tree))
 
 
@@ -315,8 +297,6 @@ def _which(value: str) -> str | int:
 
 
 def _only(params: dict, paths: list[str]) -> dict:
-    from lmtrain.train.optimizer import param_paths
-
     flat = param_paths(params)
     return nest_paths({p: flat[p] for p in paths if p in flat})
 
