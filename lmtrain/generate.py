@@ -229,23 +229,24 @@ def pick_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, n_to
     return next_B, chosen_B, top_BxK, top_ids_BxK
 
 
-def make_step_fns(model_def: ModelDef, cache_len: int, n_top: int = 5):
-    """(prefill, decode): the decoding core one token at a time, for a server that streams and batches.
+def make_step_fns(model_def: ModelDef, n_top: int = 5):
+    """(prefill, decode): the decoding core one chunk or token at a time, for a server that streams and batches.
 
-    prefill(params, prompt_BxP, pad_B, seeds_B, temperature_B, top_k_B, top_p_B) -> (picked, cache)
+    prefill(params, cache, chunk_BxC, slot, pad_B, seeds_B, temperature_B, top_k_B, top_p_B) -> (picked, cache)
     decode(params, cache, token_B, slot, pad_B, seeds_B, step, temperature_B, top_k_B, top_p_B) -> (picked, cache)
 
-    `picked` is pick_tokens' tuple. The cache has `cache_len` slots; prompts are left-padded to P, and decode
-    step s writes slot P + s. Slots, steps, seeds and sampling values are traced: one program per shape."""
+    A prompt, left-padded to a multiple of C, is written C tokens at a time (slot 0, C, 2C...): one program
+    serves every prompt length. `picked` (pick_tokens' tuple) after the last chunk is the first new token;
+    decode step s writes its token at the next slot. Slots, steps, seeds and sampling values are traced, and
+    the cache is donated: one program per batch size, and no copy of the cache per token. Slots a row has
+    not written yet may hold another request's keys: the mask never lets a real token see them."""
     vocab = model_def.cfg.vocab_size
 
-    def prefill(params, prompt_BxP, pad_B, seeds_B, temperature_B, top_k_B, top_p_B):
+    def prefill(params, cache, chunk_BxC, slot, pad_B, seeds_B, temperature_B, top_k_B, top_p_B):
         model = model_def.bind(params)
-        B, P = prompt_BxP.shape
-        positions_BxP = jnp.maximum(jnp.arange(P)[None, :] - pad_B[:, None], 0)
-        logits_BxPxV, cache = _forward_with_cache(model, prompt_BxP, positions_BxP, 0, pad_B,
-                                                  new_cache(model_def, B, cache_len))
-        picked = pick_tokens(logits_BxPxV[:, -1, :vocab], seeds_B, 0, temperature_B, top_k_B, top_p_B, n_top)
+        positions_BxC = jnp.maximum(slot + jnp.arange(chunk_BxC.shape[1])[None, :] - pad_B[:, None], 0)
+        logits_BxCxV, cache = _forward_with_cache(model, chunk_BxC, positions_BxC, slot, pad_B, cache)
+        picked = pick_tokens(logits_BxCxV[:, -1, :vocab], seeds_B, 0, temperature_B, top_k_B, top_p_B, n_top)
         return picked, cache
 
     def decode(params, cache, token_B, slot, pad_B, seeds_B, step, temperature_B, top_k_B, top_p_B):
@@ -255,7 +256,7 @@ def make_step_fns(model_def: ModelDef, cache_len: int, n_top: int = 5):
         picked = pick_tokens(logits_Bx1xV[:, 0, :vocab], seeds_B, step, temperature_B, top_k_B, top_p_B, n_top)
         return picked, cache
 
-    return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
+    return jax.jit(prefill, donate_argnums=(1,)), jax.jit(decode, donate_argnums=(1,))
 
 
 _COMPILED: dict = {}
