@@ -328,8 +328,19 @@ class _Tokenizer:
             self.eos_id = next((i for n in _EOS_NAMES if (i := self._tok.token_to_id(n)) is not None), None)
             self.pad_id = None
 
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text) if self._hf is not None else self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens=False for text that already has them (a rendered chat)."""
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token / eos_token / pad_token as a chat template reads them."""
+        if self._hf is not None:
+            names = ("bos_token", "eos_token", "pad_token", "unk_token")
+            return {n: str(getattr(self._hf, n)) for n in names if getattr(self._hf, n, None) is not None}
+        return {"eos_token": self._tok.id_to_token(self.eos_id)} if self.eos_id is not None else {}
 
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(ids) if self._hf is not None else self._tok.decode(ids)

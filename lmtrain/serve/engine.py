@@ -24,6 +24,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from lmtrain.data.packing import classify_batch
 from lmtrain.generate import make_step_fns, new_cache
 from lmtrain.model.transformer import ModelDef
 
@@ -255,3 +256,37 @@ def _row_values(rows: list[Row], batch: int) -> tuple[np.ndarray, ...]:
 
     return (column("seed", np.int32, 0), column("temperature", np.float32, 0.0), column("top_k", np.int32, 0),
             column("top_p", np.float32, 1.0))
+
+
+class Classifier:
+    """Class probabilities for a classifier model, one request at a time, at bucketed shapes (warm-up compiles
+    each: batch 1 or max_batch, widths a multiple of `chunk`)."""
+
+    def __init__(self, model_def: ModelDef, params, *, pad_id: int, max_batch: int = 16, chunk: int | None = None):
+        cfg = model_def.cfg
+        self.params, self.pad_id, self.max_batch, self.max_seq_len = params, pad_id, max_batch, cfg.max_seq_len
+        self.chunk = chunk or max(16, cfg.max_seq_len // 8)
+        self.widths = tuple(sorted({min(w, cfg.max_seq_len) for w in range(self.chunk, cfg.max_seq_len + self.chunk,
+                                                                            self.chunk)}))
+        self.batches = (1, max_batch) if max_batch > 1 else (1,)
+        self._apply = jax.jit(lambda p, x, pos, seg: jax.nn.softmax(model_def.apply(p, x, pos, seg).astype("float32")))
+        self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        for batch in self.batches:
+            for width in self.widths:
+                self.probabilities([[self.pad_id] * width] * batch)
+
+    def probabilities(self, prompts: list[list[int]]) -> np.ndarray:
+        """[prompts, classes]; prompts longer than the model are cut to its positions (--too-long truncate)."""
+        longest = min(max(len(p) for p in prompts), self.max_seq_len)
+        width = next(w for w in self.widths if w >= longest)
+        out = []
+        for start in range(0, len(prompts), self.max_batch):
+            part = prompts[start:start + self.max_batch]
+            rows = next(b for b in self.batches if b >= len(part))
+            batch = classify_batch([(np.asarray(p, np.int32), 0) for p in part], width, rows, self.pad_id)
+            with self._lock:
+                probs = self._apply(self.params, batch["inputs"], batch["positions"], batch["segment_ids"])
+            out.append(np.asarray(probs)[: len(part)])
+        return np.concatenate(out)
