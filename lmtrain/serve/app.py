@@ -260,7 +260,6 @@ class _Stream:
         else:
             self.metrics.per_token.observe(now - self.last)
         self.last = now
-        self.metrics.tokens.inc()
 
 
 async def _complete(request, stream: _Stream, job: Job, kind, meta, model, top_n, prompt_tokens, echoes):

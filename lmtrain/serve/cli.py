@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if model.model_def.cfg.head == "lm":
         engine = Engine(model.model_def, params, pad_id=model.pad_id, max_batch=args.max_batch,
                         max_queue=args.max_queue, batch_wait=args.batch_wait_ms / 1000, chunk=chunk)
+        engine.on_token = metrics.tokens.inc
         engine.warm_up()
         engine.start()
     else:

@@ -104,7 +104,7 @@ class Engine:
         self._lock = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="lmtrain-serve-engine", daemon=True)
-        self.on_wave: Callable[[int], None] = lambda rows: None  # metrics hook: rows in each wave
+        self.on_token: Callable[[], None] = lambda: None  # metrics hook: a token decoded (read by a client or not)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -237,6 +237,7 @@ class Engine:
             token = int(next_B[i])
             top = list(zip(top_ids_BxK[i].tolist(), top_BxK[i].tolist(), strict=True))
             job.emit(TokenEvent(r, token, float(chosen_B[i]), top))
+            self.on_token()
             emitted[i] += 1
             if token in rows[i].ends:
                 job.emit(TokenEvent(r, None, finish="stop"))

@@ -7,8 +7,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-# The event JAX records each time it compiles a program for the backend (not on a cache hit).
+# What JAX records when it compiles a program for the backend, and when it loads one from the persistent
+# compilation cache instead: either means a program was not yet in memory.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 disable_created_metrics()  # the *_created series only repeat the start time
@@ -32,11 +34,17 @@ class Metrics:
         self.running = Gauge("lmtrain_running_rows", "Rows being decoded", registry=r)
         self.tokens = Counter("lmtrain_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("lmtrain_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.compilations = Counter("lmtrain_compilations", "XLA programs compiled by this process", registry=r)
-        jax.monitoring.register_event_duration_secs_listener(self._on_jax_event)
+        self.compilations = Counter("lmtrain_compilations", "XLA programs compiled (or loaded from the persistent cache)",
+                                    registry=r)
+        jax.monitoring.register_event_duration_secs_listener(self._on_jax_duration)
+        jax.monitoring.register_event_listener(self._on_jax_event)
 
-    def _on_jax_event(self, event: str, _seconds: float, **_kwargs) -> None:
+    def _on_jax_duration(self, event: str, _seconds: float, **_kwargs) -> None:
         if event == _COMPILE_EVENT:
+            self.compilations.inc()
+
+    def _on_jax_event(self, event: str, **_kwargs) -> None:
+        if event == _CACHE_HIT_EVENT:
             self.compilations.inc()
 
     def text(self) -> bytes:
