@@ -410,3 +410,30 @@ def test_bench_serve_reports_percentiles_and_writes_json_and_png(server, tmp_pat
     assert 0 < summary["ttft_seconds"]["p50"] <= summary["ttft_seconds"]["p99"] <= summary["e2e_seconds"]["p99"]
     assert (tmp_path / "bench_serve.png").stat().st_size > 1000
     assert "output tokens/s" in out and "p95" in out
+
+
+@pytest.mark.heavy  # a classifier server: ~30 s to start on 2 busy cores
+def test_a_classifier_answers_classify_with_labels_and_transformers_probabilities(tmp_path):
+    from tests.test_hf_classifier import LABELS, random_hf_classifier
+    from tests.test_hf_import import tiny_tokenizer
+
+    hf_dir = tmp_path / "clf"
+    model = random_hf_classifier("qwen2", hf_dir)
+    tok = tiny_tokenizer()
+    tok.save_pretrained(str(hf_dir))
+    s = Server(hf_dir, tmp_path, env={"LMTRAIN_API_KEYS": KEY})
+    try:
+        texts = ["the cat sat on the mat", "a dog"]
+        status, _, body = s.request("POST", "/v1/classify", {"model": "clf", "input": texts})
+        assert status == 200, body
+        for text, row in zip(texts, body["data"], strict=True):
+            with torch.no_grad():
+                want = torch.softmax(model(input_ids=torch.tensor([tok.encode(text)])).logits.float(), -1)[0]
+            assert list(row["probs"]) == LABELS
+            assert [row["probs"][label] for label in LABELS] == pytest.approx(want.tolist(), abs=2e-3)
+            assert row["label"] == LABELS[int(want.argmax())]
+        status, _, body = s.request("POST", "/v1/completions", {"model": "clf", "prompt": "a"})
+        assert status == 400 and "classifier" in body["error"]["message"]
+        assert s.request("POST", "/v1/classify", {"model": "clf", "input": "a"}, key=None)[0] == 401
+    finally:
+        assert s.stop() == 0
