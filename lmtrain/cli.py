@@ -17,6 +17,8 @@ COMMANDS = {
     "import": ("lmtrain.interop.hf_import", "import a Hugging Face checkpoint into a WORKDIR"),
     "export": ("lmtrain.interop.hf_export", "export a WORKDIR checkpoint to a Hugging Face directory"),
     "generate": ("lmtrain.generate", "generate text from a WORKDIR with a KV cache"),
+    "serve": ("lmtrain.serve.cli", "serve a model over an OpenAI-compatible HTTP API, with API keys"),
+    "bench-serve": ("lmtrain.serve.bench", "measure a running server: latency percentiles and tokens/s"),
     "launch": ("lmtrain.launch", "run training on a Cloud TPU slice, relaunched after preemptions until done"),
     "sweep": ("lmtrain.sweep", "search hyperparameters with optuna, one WORKDIR per trial"),
     "eval": ("lmtrain.evaluate.cli", "evaluate a model: task metrics, eval.json and an HTML report"),
@@ -25,13 +27,13 @@ COMMANDS = {
 
 # Commands that read or write sharded checkpoints: under a multi-process launcher every process joins the
 # job (`train` does it inside, after installing its signal handlers).
-JOINS_A_JOB = ("import", "export", "generate", "eval")
+JOINS_A_JOB = ("import", "export", "generate", "eval", "serve")
 
 
 def _usage() -> str:
     lines = ["usage: lmtrain COMMAND [options]   (lmtrain COMMAND --help for its options; lmtrain --version)", "",
              "commands:"]
-    lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -85,22 +85,42 @@ class GenerationResult:
         return self.new_tokens / max(self.seconds, 1e-9)
 
 
-def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
-    """Next token per row: argmax when temperature is 0, else temperature / top-k / top-p sampling."""
-    if temperature <= 0:
-        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
-    if top_k > 0:
-        kth_Bx1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
-    if top_p < 1.0:
-        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
-        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-        mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
-        is_top_V = jnp.arange(sorted_BxV.shape[-1]) == 0  # the top token is always kept, whatever top_p is
-        kept_BxV = jnp.where((mass_before_BxV < top_p) | is_top_V, sorted_BxV, jnp.inf)
-        logits_BxV = jnp.where(logits_BxV < kept_BxV.min(axis=-1, keepdims=True), -jnp.inf, logits_BxV)
-    return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
+def sample_logits(logits_BxV: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Next token per row: argmax where temperature is 0, else temperature / top-k / top-p sampling.
+
+    The sampling values are traced (scalars, or one per row), so one compiled program serves every request:
+    the server batches rows with different settings and never compiles after warm-up. `key` is one key for
+    the batch or one key per row."""
+    B, V = logits_BxV.shape
+    temperature_B = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (B,))
+    top_k_B = jnp.broadcast_to(jnp.asarray(top_k, jnp.int32), (B,))
+    top_p_B = jnp.broadcast_to(jnp.asarray(top_p, jnp.float32), (B,))
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    sorted_BxV = jnp.sort(scaled_BxV, axis=-1)[:, ::-1]
+    rank_V = jnp.arange(V)
+    # top-k: keep the tokens at least as likely as the k-th (k = 0 keeps all)
+    in_top_k_BxV = (top_k_B[:, None] <= 0) | (rank_V[None, :] < top_k_B[:, None])
+    sorted_BxV = jnp.where(in_top_k_BxV, sorted_BxV, -jnp.inf)
+    # top-p over what top-k kept: the smallest head of the sorted tokens whose mass reaches p; the top token
+    # is always kept, whatever top_p is, and p >= 1 keeps everything
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    mass_before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+    kept_BxV = in_top_k_BxV & ((mass_before_BxV < top_p_B[:, None]) | (rank_V == 0)[None, :] | (top_p_B >= 1)[:, None])
+    threshold_Bx1 = jnp.where(kept_BxV, sorted_BxV, jnp.inf).min(axis=-1, keepdims=True)
+    scaled_BxV = jnp.where(scaled_BxV < threshold_Bx1, -jnp.inf, scaled_BxV)
+    if key.ndim == 0:
+        sampled_B = jax.random.categorical(key, scaled_BxV, axis=-1)
+    else:
+        sampled_B = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, scaled_BxV)
+    return jnp.where(temperature_B <= 0, greedy_B, sampled_B.astype(jnp.int32))
+
+
+def sampling_values(sampling: SamplingConfig) -> tuple[np.ndarray, ...]:
+    """The traced arguments of a compiled generate function: temperature, top_k, top_p and the end tokens."""
+    return (np.float32(sampling.temperature), np.int32(sampling.top_k), np.float32(sampling.top_p),
+            np.asarray(sampling.ends, np.int32))
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,23 +159,31 @@ def _forward_with_cache(model, tokens_BxS, positions_BxS, slot, pad_B, cache):
     return model.apply_head(x_BxSxD), cache
 
 
-def make_generate_fn(model_def: ModelDef, sampling: SamplingConfig, use_cache: bool = True):
-    """fn(params, tokens_BxP, pad_B, key) -> new_tokens_BxN, one jitted prefill + decode loop."""
-    cfg, s = model_def.cfg, sampling
-    vocab, n_new = cfg.vocab_size, s.max_new_tokens
+def new_cache(model_def: ModelDef, batch: int, length: int) -> tuple[jax.Array, jax.Array]:
+    """An empty KV cache (k, v) of `length` slots for `batch` rows."""
+    cfg = model_def.cfg
+    shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.resolved_head_dim)
+    return jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype)
 
-    def generate_fn(params, prompt_BxP, pad_B, key):
+
+def make_generate_fn(model_def: ModelDef, max_new_tokens: int, pad_id: int, use_cache: bool = True):
+    """fn(params, tokens_BxP, pad_B, key, sampling_values(...)) -> (new_tokens_BxN, steps), one jitted prefill +
+    decode loop. Only the shapes are compiled in; the sampling values and end tokens are traced."""
+    cfg = model_def.cfg
+    vocab, n_new = cfg.vocab_size, max_new_tokens
+
+    def generate_fn(params, prompt_BxP, pad_B, key, values):
+        temperature, top_k, top_p, ends_E = values
         model = model_def.bind(params)
         B, P = prompt_BxP.shape
         T = P + n_new
         slots_T = jnp.arange(T)
         positions_BxT = jnp.maximum(slots_T[None, :] - pad_B[:, None], 0)
         segments_BxT = (slots_T[None, :] >= pad_B[:, None]).astype(jnp.int32)  # 0 marks left padding
-        tokens_BxT = jnp.full((B, T), s.pad_id, jnp.int32).at[:, :P].set(prompt_BxP)
+        tokens_BxT = jnp.full((B, T), pad_id, jnp.int32).at[:, :P].set(prompt_BxP)
 
         if use_cache:
-            shape = (cfg.n_layers, B, T, cfg.n_kv_heads, cfg.resolved_head_dim)
-            cache = (jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+            cache = new_cache(model_def, B, T)
             logits_BxPxV, cache = _forward_with_cache(model, prompt_BxP, positions_BxT[:, :P], 0, pad_B, cache)
             logits_BxV = logits_BxPxV[:, -1]
         else:
@@ -170,11 +198,10 @@ def make_generate_fn(model_def: ModelDef, sampling: SamplingConfig, use_cache: b
             step, tokens_BxT, cache, logits_BxV, done_B = state
             slot = P + step
             step_key = jax.random.fold_in(key, step)
-            next_B = sample_logits(logits_BxV[:, :vocab], step_key, s.temperature, s.top_k, s.top_p)
-            next_B = jnp.where(done_B, s.pad_id, next_B)
+            next_B = sample_logits(logits_BxV[:, :vocab], step_key, temperature, top_k, top_p)
+            next_B = jnp.where(done_B, pad_id, next_B)
             tokens_BxT = jax.lax.dynamic_update_slice(tokens_BxT, next_B[:, None], (0, slot))
-            if s.ends:
-                done_B = done_B | jnp.isin(next_B, jnp.asarray(s.ends, jnp.int32))
+            done_B = done_B | jnp.any(next_B[:, None] == ends_E[None, :], axis=-1)
             if use_cache:
                 position_Bx1 = jax.lax.dynamic_slice_in_dim(positions_BxT, slot, 1, axis=1)
                 logits_Bx1xV, cache = _forward_with_cache(model, next_B[:, None], position_Bx1, slot, pad_B, cache)
@@ -191,16 +218,59 @@ def make_generate_fn(model_def: ModelDef, sampling: SamplingConfig, use_cache: b
     return jax.jit(generate_fn)
 
 
+def pick_tokens(logits_BxV, seeds_B, step, temperature_B, top_k_B, top_p_B, n_top: int):
+    """(next_B, its logprob_B, top logprobs_BxK, their ids_BxK): one sampled token per row, each row with its
+    own seed (a row's key is its seed folded with the step) and its own sampling values."""
+    keys_B = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), step))(seeds_B)
+    next_B = sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B)
+    logprobs_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
+    chosen_B = jnp.take_along_axis(logprobs_BxV, next_B[:, None], axis=-1)[:, 0]
+    top_BxK, top_ids_BxK = jax.lax.top_k(logprobs_BxV, n_top)
+    return next_B, chosen_B, top_BxK, top_ids_BxK
+
+
+def make_step_fns(model_def: ModelDef, n_top: int = 5):
+    """(prefill, decode): the decoding core one chunk or token at a time, for a server that streams and batches.
+
+    prefill(params, cache, chunk_BxC, slot, pad_B, seeds_B, temperature_B, top_k_B, top_p_B) -> (picked, cache)
+    decode(params, cache, token_B, slot, pad_B, seeds_B, step, temperature_B, top_k_B, top_p_B) -> (picked, cache)
+
+    A prompt, left-padded to a multiple of C, is written C tokens at a time (slot 0, C, 2C...): one program
+    serves every prompt length. `picked` (pick_tokens' tuple) after the last chunk is the first new token;
+    decode step s writes its token at the next slot. Slots, steps, seeds and sampling values are traced, and
+    the cache is donated: one program per batch size, and no copy of the cache per token. Slots a row has
+    not written yet may hold another request's keys: the mask never lets a real token see them."""
+    vocab = model_def.cfg.vocab_size
+
+    def prefill(params, cache, chunk_BxC, slot, pad_B, seeds_B, temperature_B, top_k_B, top_p_B):
+        model = model_def.bind(params)
+        positions_BxC = jnp.maximum(slot + jnp.arange(chunk_BxC.shape[1])[None, :] - pad_B[:, None], 0)
+        logits_BxCxV, cache = _forward_with_cache(model, chunk_BxC, positions_BxC, slot, pad_B, cache)
+        picked = pick_tokens(logits_BxCxV[:, -1, :vocab], seeds_B, 0, temperature_B, top_k_B, top_p_B, n_top)
+        return picked, cache
+
+    def decode(params, cache, token_B, slot, pad_B, seeds_B, step, temperature_B, top_k_B, top_p_B):
+        model = model_def.bind(params)
+        position_Bx1 = jnp.maximum(slot - pad_B, 0)[:, None]
+        logits_Bx1xV, cache = _forward_with_cache(model, token_B[:, None], position_Bx1, slot, pad_B, cache)
+        picked = pick_tokens(logits_Bx1xV[:, 0, :vocab], seeds_B, step, temperature_B, top_k_B, top_p_B, n_top)
+        return picked, cache
+
+    return jax.jit(prefill, donate_argnums=(1,)), jax.jit(decode, donate_argnums=(1,))
+
+
 _COMPILED: dict = {}
 
 
 def _compiled(model_def: ModelDef, sampling: SamplingConfig, use_cache: bool, signature: tuple, args):
-    """The compiled generate function for these shapes, and the seconds compiling took (0 when reused)."""
-    key = (id(model_def), sampling, use_cache, signature)
+    """The compiled generate function for these shapes, and the seconds compiling took (0 when reused): the
+    sampling values are arguments, so another temperature or top-p reuses the program."""
+    key = (id(model_def), sampling.max_new_tokens, sampling.pad_id, use_cache, signature)
     if key in _COMPILED and _COMPILED[key][0] is model_def:
         return _COMPILED[key][1], 0.0
     start = time.perf_counter()
-    compiled = make_generate_fn(model_def, sampling, use_cache).lower(*args).compile()
+    fn = make_generate_fn(model_def, sampling.max_new_tokens, sampling.pad_id, use_cache)
+    compiled = fn.lower(*args).compile()
     if len(_COMPILED) >= 16:
         _COMPILED.clear()
     _COMPILED[key] = (model_def, compiled)
@@ -220,8 +290,9 @@ def generate(model_def: ModelDef, params: dict, prompts: list[list[int]], sampli
     if sampling.max_new_tokens < 1:
         raise GenerationError("max_new_tokens must be at least 1.")
     tokens_BxP, pad_B = left_pad(prompts, sampling.pad_id)
-    args = (params, jnp.asarray(tokens_BxP), jnp.asarray(pad_B), jax.random.key(seed))
-    signature = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in jax.tree.leaves(args[:3]))
+    args = (params, jnp.asarray(tokens_BxP), jnp.asarray(pad_B), jax.random.key(seed), sampling_values(sampling))
+    leaves = jax.tree.leaves(args[:3]) + [args[4][3]]  # the end tokens' count is a shape too
+    signature = tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
     compiled, compile_seconds = _compiled(model_def, sampling, use_cache, signature, args)
     start = time.perf_counter()
     new_BxN, steps = compiled(*args)
@@ -257,8 +328,19 @@ class _Tokenizer:
             self.eos_id = next((i for n in _EOS_NAMES if (i := self._tok.token_to_id(n)) is not None), None)
             self.pad_id = None
 
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text) if self._hf is not None else self._tok.encode(text).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; add_special_tokens=False for text that already has them (a rendered chat)."""
+        if self._hf is not None:
+            return self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """bos_token / eos_token / pad_token as a chat template reads them."""
+        if self._hf is not None:
+            names = ("bos_token", "eos_token", "pad_token", "unk_token")
+            return {n: str(getattr(self._hf, n)) for n in names if getattr(self._hf, n, None) is not None}
+        return {"eos_token": self._tok.id_to_token(self.eos_id)} if self.eos_id is not None else {}
 
     def decode(self, ids: list[int]) -> str:
         return self._hf.decode(ids) if self._hf is not None else self._tok.decode(ids)

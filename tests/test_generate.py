@@ -246,3 +246,16 @@ def test_generate_on_a_classifier_prints_the_label_and_class_probabilities(tmp_p
             assert lines[1] == f"label: {LABELS[best]} (p={want[best]:.3f})"
             shown = {line.split()[0]: float(line.split()[1]) for line in lines[2:]}
             assert shown == pytest.approx(dict(zip(LABELS, want.tolist())), abs=2e-3)
+
+
+def test_other_sampling_values_reuse_the_compiled_program(hf_and_lmtrain):
+    """Temperature, top-k, top-p and the end tokens are traced arguments: only shapes compile (the server relies
+    on it: no request compiles after warm-up)."""
+    _, model_def, params = hf_and_lmtrain
+    first = generate(model_def, params, _prompts(), SamplingConfig(max_new_tokens=N_NEW, temperature=0.7, eos_id=5))
+    again = generate(model_def, params, _prompts(), SamplingConfig(max_new_tokens=N_NEW, temperature=1.3, top_k=7,
+                                                                   top_p=0.5, eos_id=9))
+    greedy = generate(model_def, params, _prompts(), SamplingConfig(max_new_tokens=N_NEW, eos_id=9))
+    assert first.compile_seconds >= 0 and again.compile_seconds == 0 and greedy.compile_seconds == 0
+    plain = generate(model_def, params, _prompts(), SamplingConfig(max_new_tokens=N_NEW)).tokens
+    assert greedy.tokens == [t[: t.index(9) + 1] if 9 in t else t for t in plain]  # the traced end token counts

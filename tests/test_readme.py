@@ -51,6 +51,7 @@ SECTIONS = {
     "Retrain as new data arrives": (CHECK, "needs a finished run in runs/v1 and a new month of data"),
     "Pretrain with masked language modelling, then fine-tune": (RUN, ""),
     "Hugging Face models": (RUN, ""),
+    "Deploy": (CHECK, "starts a server that runs until stopped; tests/test_serve.py runs it"),
     "1. One-time set-up on your workstation": (CHECK, "a Google Cloud account"),
     "2. Data and tokenizer, into the bucket": (CHECK, "a Google Cloud bucket"),
     "3. The TPU: `setup_tpu.sh`": (CHECK, "a Google Cloud project; tests/test_setup_tpu.py runs it on a fake gcloud"),
@@ -60,7 +61,7 @@ SECTIONS = {
     "Benchmarks": (CHECK, "benchmarks print timings; not tests"),
 }
 # Programs a CHECK block may call that are not lmtrain's (and so are not parsed here).
-EXTERNAL = {"pip", "gcloud", "sbatch", "tensorboard", "N=$(gcloud", "bash"}
+EXTERNAL = {"pip", "gcloud", "sbatch", "tensorboard", "N=$(gcloud", "bash", "curl", "vllm"}
 # CHECK sections whose blocks call only other programs (pip, gcloud, setup_tpu.sh, sbatch).
 NO_LMTRAIN_COMMAND = ("Install", "Tests", "1. One-time set-up on your workstation", "3. The TPU: `setup_tpu.sh`",
                       "GPU clusters with SLURM")

@@ -90,14 +90,15 @@ class Generator:
 
     def __init__(self, model_def: ModelDef, width: int, max_new_tokens: int, batch_rows: int, eos_id: int | None,
                  pad_id: int):
-        from lmtrain.generate import SamplingConfig, make_generate_fn
+        from lmtrain.generate import SamplingConfig, make_generate_fn, sampling_values
 
         if width + max_new_tokens > model_def.cfg.max_seq_len:
             raise EvalError(f"the longest prompt ({width} tokens) plus {max_new_tokens} new tokens exceeds the "
                             f"model's {model_def.cfg.max_seq_len} positions; lower --max-new-tokens.")
         self.width, self.batch_rows, self.eos_id, self.pad_id = width, batch_rows, eos_id, pad_id
         self.max_new_tokens = max_new_tokens
-        self.fn = make_generate_fn(model_def, SamplingConfig(max_new_tokens, 0.0, eos_id=eos_id, pad_id=pad_id))
+        self.fn = make_generate_fn(model_def, max_new_tokens, pad_id)
+        self.values = sampling_values(SamplingConfig(max_new_tokens, 0.0, eos_id=eos_id, pad_id=pad_id))
         self.compiled = False
         self.stats = GenerationStats()
 
@@ -113,7 +114,7 @@ class Generator:
                     raise EvalError(f"a prompt of {len(p)} tokens does not fit the generation width {self.width}.")
                 tokens_BxP[r, self.width - len(p):] = p
             pad_B = np.asarray([self.width - len(p) for p in rows], np.int32)
-            args = (params, tokens_BxP, pad_B, jax.random.key(0))
+            args = (params, tokens_BxP, pad_B, jax.random.key(0), self.values)
             if not self.compiled:
                 t0 = time.perf_counter()
                 self.fn = self.fn.lower(*args).compile()
