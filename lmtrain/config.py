@@ -114,6 +114,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.verify_shards = True  # check every shard's sha256 against the manifest at start-up (hosts split the work)
     d.seq_len = 128  # tokens per training example
     d.batch_size = 16  # global batch, in sequences, summed over all hosts
+    # classify and ner (one example per row): rows only as long as the batch needs, one of at most this many
+    # lengths up to seq_len (one compiled step each), examples grouped by length; 0 pads every row to seq_len.
+    # Text (lm, mlm) and sft rows are packed full already.
+    d.length_buckets = 16
     d.val_fraction = 0.05  # share of documents held out for validation (builtin source)
     d.max_docs = 0  # cap on builtin documents, 0 for all
     d.tokenizer_dir = ""  # existing tokenizer directory; empty trains one into WORKDIR/tokenizer
