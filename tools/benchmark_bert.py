@@ -251,8 +251,9 @@ def run(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="", help="an lmtrain WORKDIR or a Hugging Face BERT directory "
-                                               "(default: the fresh bert_tiny_classify encoder)")
+    p.add_argument("--model", "--init-from", dest="model", default="",
+                   help="an lmtrain WORKDIR or a Hugging Face BERT directory (default: the fresh bert_tiny_classify "
+                        "encoder); --init-from is its older name")
     p.add_argument("--shards", required=True, help="classify shards made with the model's tokenizer "
                                                    "(tools/shard_data.py --format classify)")
     p.add_argument("--tokenizer", default="", help="the tokenizer the shards were made with (default WORKDIR/tokenizer)")
