@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.tie_embeddings = False  # share the token embedding with the output head (GPT-2)
     m.init_std = 0.02  # normal init std; output projections use init_std / sqrt(2 * n_layers)
     m.dropout = 0.0  # dropout on attention output, MLP output and embeddings (training only)
+    m.attention_dropout = 0.0  # dropout on the attention probabilities (training only; BERT's recipe: 0.1)
+    m.classifier_dropout = 0.0  # dropout on a classifier head's input (training only; BERT: its hidden dropout)
     m.dtype = "float32"  # compute dtype: 'float32' or 'bfloat16'
     m.param_dtype = "float32"  # storage dtype of parameters and optimizer state
     m.scan_layers = False  # lax.scan over the blocks: compile time independent of depth
@@ -107,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
     d.verify_shards = True  # check every shard's sha256 against the manifest at start-up (hosts split the work)
     d.seq_len = 128  # tokens per training example
     d.batch_size = 16  # global batch, in sequences, summed over all hosts
+    # classify and ner (one example per row): rows only as long as the batch needs, one of at most this many
+    # lengths up to seq_len (one compiled step each), examples grouped by length; 0 pads every row to seq_len.
+    # Text (lm, mlm) and sft rows are packed full already.
+    d.length_buckets = 16
     d.val_fraction = 0.05  # share of documents held out for validation (builtin source)
     d.max_docs = 0  # cap on builtin documents, 0 for all
     d.tokenizer_dir = ""  # existing tokenizer directory; empty trains one into WORKDIR/tokenizer
@@ -450,8 +456,9 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"optimizer.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
     if not 0.0 < o.wsd_decay_fraction <= 1.0:
         raise ConfigError(f"optimizer.wsd_decay_fraction={o.wsd_decay_fraction} must lie in (0, 1].")
-    if not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} must lie in [0, 1).")
+    for key in ("dropout", "attention_dropout", "classifier_dropout"):
+        if not 0.0 <= m.get(key, 0.0) < 1.0:
+            raise ConfigError(f"model.{key}={m[key]} must lie in [0, 1).")
     check_lora(m)
     freeze_presets(o.freeze, m.n_layers)
     if cfg.data.cv_folds == 1 or cfg.data.cv_folds < 0:

@@ -8,6 +8,7 @@ import pathlib
 import signal
 import time
 
+import numpy as np
 import pytest
 
 from lmtrain.config import to_json
@@ -44,6 +45,20 @@ def test_plot_survives_a_cut_off_last_line(tmp_path):
     assert [r["step"] for r in metrics_lib.read_metrics(path)] == [1, 2, 2]
     png = metrics_lib.plot_loss_curve(path, tmp_path / "loss_curve.png")
     assert png and (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tokens_per_s_counts_real_tokens_and_slots_per_s_the_padding_too():
+    """Issue 25: the logged tok/s was padded slots; on short rows it showed 2.3x what trained."""
+    segment_ids = np.zeros((4, 16), np.int32)
+    for row, n in enumerate((16, 8, 4, 4)):  # 32 of 64 slots are real tokens
+        segment_ids[row, :n] = 1
+    real, slots, row_len = metrics_lib.batch_tokens({"segment_ids": segment_ids, "inputs": segment_ids}, data_count=2)
+    assert (real, slots, row_len) == (64, 128, 16)  # two data slices, each with a batch like this one
+    rates = metrics_lib.throughput(real, slots, flops=real * 1000.0, seconds=2.0, peak_flops=1e5, n_devices=4)
+    assert rates["slots_per_s"] == 64.0 and rates["tokens_per_s"] == 32.0 < rates["slots_per_s"]
+    assert rates["tokens_per_s"] == pytest.approx(rates["slots_per_s"] * rates["real_fraction"])
+    assert rates["mfu"] == pytest.approx(64 * 1000.0 / 2.0 / (1e5 * 4))  # the FLOPs of real tokens only
+    assert "mfu" not in metrics_lib.throughput(real, slots, 1.0, 1.0, None, 1)  # unknown peak (CPU): no MFU
 
 
 @pytest.mark.slow

@@ -80,7 +80,8 @@ class TrialTimer:
         result = self._train(cfg, workdir, show_progress=show_progress, stop_at_step=stop_at_step, on_eval=on_eval)
         wall = time.perf_counter() - start
         tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-        rates = [r["tokens_per_s"] for r in _records(Path(workdir) / "metrics.jsonl") if "tokens_per_s" in r]
+        rates = [r.get("slots_per_s", r.get("tokens_per_s")) for r in _records(Path(workdir) / "metrics.jsonl")
+                 if "tokens_per_s" in r]  # padded slots per second: a step computes batch_size x seq_len of them
         step_s = tokens_per_step / statistics.median(rates[1:] or rates) if rates else float("nan")
         steady = (cfg.train.steps - 1) * step_s
         startup = self._compile + (self._data if self.data_timed else 0.0)

@@ -197,11 +197,12 @@ def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) ->
     tokenizer = load_tokenizer(d.tokenizer_dir)
     folds, fold = cv_settings(cfg)
     train = shards.ShardedTrainIterator(d.shards_dir, d.seq_len, d.batch_size, d.seed, data_index, data_count,
-                                        cv_folds=folds, cv_fold=fold)
+                                        cv_folds=folds, cv_fold=fold, length_buckets=d.get("length_buckets", 0))
 
     def eval_batches(max_batches: int = 0, split: str = "validation"):
         return shards.shard_eval_batches(d.shards_dir, d.seq_len, d.batch_size, data_index, data_count, max_batches,
-                                         split, cv_folds=folds, cv_fold=fold)
+                                         split, cv_folds=folds, cv_fold=fold,
+                                         length_buckets=d.get("length_buckets", 0))
 
     return DataBundle(train, eval_batches, tokenizer, example_format, manifest.get("labels"),
                       shards.manifest_splits(manifest))

@@ -430,6 +430,37 @@ def row_batch(fmt: str, examples: list, seq_len: int, batch_rows: int, pad_id: i
     return (classify_batch if fmt == "classify" else token_classify_batch)(examples, seq_len, batch_rows, pad_id)
 
 
+# Length bucketing (data.length_buckets) for the one-example-per-row formats: a batch's rows are only as long
+# as the bucket that holds its longest example, and examples are grouped by length inside a window of this
+# many global batches, so the rows of a batch are alike in length and little of them is padding.
+BUCKET_WINDOW_BATCHES = 32
+
+
+def bucket_step(seq_len: int, length_buckets: int) -> int:
+    """The spacing of the bucket lengths: seq_len / length_buckets, rounded up to a multiple of 8."""
+    return -(-max(1, -(-seq_len // length_buckets)) // 8) * 8
+
+
+def bucket_length(longest: int, seq_len: int, length_buckets: int) -> int:
+    """The row length of a batch whose longest example has `longest` tokens: the smallest bucket that holds
+    it, one of at most `length_buckets` lengths (multiples of bucket_step, and seq_len itself); seq_len
+    when bucketing is off (0). Each length is one compiled train step, so the programs stay bounded."""
+    if not length_buckets:
+        return seq_len
+    step = bucket_step(seq_len, length_buckets)
+    return min(seq_len, max(step, -(-longest // step) * step))
+
+
+def window_batches(lengths: list[int], global_batch: int, seed: int, window: int) -> list[np.ndarray]:
+    """Example indices (into the window) of each global batch of a window, in training order: sorted by
+    length (ties by position, so it is deterministic), cut into batches, the batches shuffled by (seed,
+    window) so that short and long batches mix instead of running from short to long."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches = [order[i * global_batch:(i + 1) * global_batch] for i in range(len(order) // global_batch)]
+    shuffle = np.random.default_rng([seed, window]).permutation(len(batches))
+    return [np.sort(batches[i]) for i in shuffle]
+
+
 class _PackedBatchIterator(grain.DatasetIterator):
     """Packs a host's endless document stream into batches; its state is the next row's start.
 
@@ -500,13 +531,69 @@ class _PackedBatchIterator(grain.DatasetIterator):
         return {"doc": int(self._row_doc), "offset": int(self._row_offset), **self._identity}
 
     def set_state(self, state: dict) -> None:
-        state = {_RENAMED_STATE_KEYS.get(k, k): v for k, v in state.items()}
-        for key, value in self._identity.items():
-            if state.get(key) != value:
-                raise DataError(f"the checkpoint's data loader state was saved with {key}={state.get(key)!r}, this "
-                                f"run has {value!r}: the data order would differ, so it cannot resume exactly. Resume "
-                                "with the same data, data.seed, data.seq_len and batch layout, or use a new WORKDIR.")
+        state = check_identity(state, self._identity)
         self._reset(int(state["doc"]), int(state["offset"]))
+
+
+def check_identity(state: dict, identity: dict) -> dict:
+    """The saved loader state (old key names renamed), when it was saved by a loader of this identity."""
+    state = {_RENAMED_STATE_KEYS.get(k, k): v for k, v in state.items()}
+    for key, value in identity.items():
+        if state.get(key) != value:
+            raise DataError(f"the checkpoint's data loader state was saved with {key}={state.get(key)!r}, this "
+                            f"run has {value!r}: the data order would differ, so it cannot resume exactly. Resume "
+                            "with the same data, data.seed, data.seq_len, data.length_buckets and batch layout, "
+                            "or use a new WORKDIR.")
+    return state
+
+
+class _BucketedBatchIterator(grain.DatasetIterator):
+    """Length-bucketed batches of a one-example-per-row format (classify, ner); the state is (window, batch).
+
+    `docs[k]` is the k-th example of the global stream (every data slice reads all of it): window w is
+    examples [w * W * B, (w + 1) * W * B) for W = BUCKET_WINDOW_BATCHES and the global batch B, grouped
+    into batches by window_batches; each data slice takes its rows of every global batch. A window is a
+    pure function of the stream, so (window, batch) restores the following batches exactly, and the
+    global batches do not depend on how many slices share them (sharded equals unsharded).
+    """
+
+    def __init__(self, docs: grain.MapDataset, dtype: np.dtype, global_batch: int, data_index: int,
+                 data_count: int, seq_len: int, length_buckets: int, seed: int, identity: dict,
+                 example_format: str, pad_id: int = 0):
+        super().__init__()
+        self._docs, self._dtype, self._format, self._pad_id = docs, dtype, example_format, pad_id
+        self._global_batch, self._seq_len, self._buckets, self._seed = global_batch, seq_len, length_buckets, seed
+        local = global_batch // data_count
+        self._lo, self._hi = data_index * local, (data_index + 1) * local
+        self._identity = identity
+        self._window, self._batch, self._cached = 0, 0, None
+
+    def _examples(self, window: int) -> tuple[list, list[np.ndarray]]:
+        if self._cached is None or self._cached[0] != window:
+            size = BUCKET_WINDOW_BATCHES * self._global_batch
+            examples = []
+            for k in range(window * size, (window + 1) * size):
+                tokens, mask, label = decode_record(self._format, self._dtype, self._docs[k])
+                examples.append((tokens, label if self._format == "classify" else mask))
+            lengths = [min(len(tokens), self._seq_len) for tokens, _ in examples]
+            self._cached = (window, examples, window_batches(lengths, self._global_batch, self._seed, window))
+        return self._cached[1], self._cached[2]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        examples, batches = self._examples(self._window)
+        chosen = [examples[i] for i in batches[self._batch]]
+        row_len = bucket_length(max(len(tokens) for tokens, _ in chosen), self._seq_len, self._buckets)
+        self._window, self._batch = divmod(self._window * BUCKET_WINDOW_BATCHES + self._batch + 1,
+                                           BUCKET_WINDOW_BATCHES)
+        return row_batch(self._format, chosen[self._lo:self._hi], row_len, self._hi - self._lo, self._pad_id)
+
+    def get_state(self) -> dict:
+        doc = (self._window * BUCKET_WINDOW_BATCHES + self._batch) * self._global_batch
+        return {"doc": int(doc), "window": self._window, "batch": self._batch, **self._identity}
+
+    def set_state(self, state: dict) -> None:
+        state = check_identity(state, self._identity)
+        self._window, self._batch = int(state["window"]), int(state["batch"])
 
 
 # States written before the data split was named after the batch sharding rather than processes.
@@ -514,12 +601,13 @@ _RENAMED_STATE_KEYS = {"process_index": "data_index", "process_count": "data_cou
 
 
 class _PackedBatchDataset(grain.IterDataset):
-    def __init__(self, docs: grain.MapDataset, **kwargs):
+    def __init__(self, docs: grain.MapDataset, iterator=None, **kwargs):
         super().__init__()
         self._docs, self._kwargs = docs, kwargs
+        self._iterator = iterator or _PackedBatchIterator
 
-    def __iter__(self) -> _PackedBatchIterator:
-        return _PackedBatchIterator(self._docs, **self._kwargs)
+    def __iter__(self) -> grain.DatasetIterator:
+        return self._iterator(self._docs, **self._kwargs)
 
 
 class ShardedTrainIterator:
@@ -534,7 +622,8 @@ class ShardedTrainIterator:
     """
 
     def __init__(self, shards_dir, seq_len: int, global_batch_size: int, seed: int, data_index: int = 0,
-                 data_count: int = 1, prefetch: int = 4, cv_folds: int = 0, cv_fold: int = 0):
+                 data_count: int = 1, prefetch: int = 4, cv_folds: int = 0, cv_fold: int = 0,
+                 length_buckets: int = 0):
         check_data_slice(global_batch_size, data_index, data_count)
         manifest = load_manifest(shards_dir)
         check_seq_len(shards_dir, manifest, seq_len)
@@ -550,19 +639,29 @@ class ShardedTrainIterator:
             if not self.num_documents:
                 raise ShardError(f"data.cv_folds={cv_folds}: every training document of {shards_dir} is in fold "
                                  f"{cv_fold}, so none is left to train on; use fewer folds or more data.")
+        check_length_buckets(length_buckets)
+        # Bucketed batches are cut from the global stream (every slice reads it all, see _BucketedBatchIterator).
+        self._bucketed = bool(length_buckets) and self.example_format in ROW_FORMATS
         docs = (grain.MapDataset.source(source)
                 .shuffle(seed=seed % 2**32)  # per-epoch reseeding happens inside: seed + epoch
-                .repeat()
-                .slice(slice(data_index, None, data_count)))
+                .repeat())
+        if not self._bucketed:
+            docs = docs.slice(slice(data_index, None, data_count))
         identity = {"seed": seed, "seq_len": seq_len, "data_index": data_index, "data_count": data_count,
                     "num_documents": self.num_documents}
         if cv_folds:  # only then: states saved without cross-validation keep resuming
             identity.update(cv_folds=cv_folds, cv_fold=cv_fold)
-        dataset = _PackedBatchDataset(docs, dtype=np.dtype(manifest["token_dtype"]).newbyteorder("<"),
-                                      rows_per_batch=global_batch_size // data_count,
-                                      row_len=seq_len if self.example_format in ROW_FORMATS else seq_len + 1,
-                                      identity=identity, example_format=self.example_format,
-                                      pad_id=int(manifest.get("pad_id", 0)))
+        common = {"dtype": np.dtype(manifest["token_dtype"]).newbyteorder("<"), "identity": identity,
+                  "example_format": self.example_format, "pad_id": int(manifest.get("pad_id", 0))}
+        if self._bucketed:
+            identity["length_buckets"] = length_buckets  # only then: unbucketed states keep resuming
+            dataset = _PackedBatchDataset(docs, _BucketedBatchIterator, global_batch=global_batch_size,
+                                          data_index=data_index, data_count=data_count, seq_len=seq_len,
+                                          length_buckets=length_buckets, seed=seed, **common)
+        else:
+            dataset = _PackedBatchDataset(docs, rows_per_batch=global_batch_size // data_count,
+                                          row_len=seq_len if self.example_format in ROW_FORMATS else seq_len + 1,
+                                          **common)
         if prefetch:
             dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
         # Only the holder references the grain iterator: closing it at exit (or on close()) drops it
@@ -595,7 +694,15 @@ class ShardedTrainIterator:
     def epoch(self) -> int:
         """Completed passes over the training split, counted at the next unread row."""
         doc = self.get_state()["doc"]
+        if self._bucketed:  # a position in the global stream
+            return doc // self.num_documents
         return (self._data_index + doc * self._data_count) // self.num_documents
+
+
+def check_length_buckets(length_buckets) -> None:
+    if isinstance(length_buckets, bool) or not isinstance(length_buckets, int) or length_buckets < 0:
+        raise ConfigError(f"data.length_buckets={length_buckets!r}: use a whole number of row lengths (16, say), "
+                          "or 0 to pad every classify/ner row to data.seq_len.")
 
 
 def _close_held(holder: list) -> None:
@@ -626,7 +733,7 @@ def split_source(shards_dir, split: str, manifest: dict | None = None, cv_folds:
 
 def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_index: int = 0,
                        data_count: int = 1, max_batches: int = 0, split: str = "validation",
-                       cv_folds: int = 0, cv_fold: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                       cv_folds: int = 0, cv_fold: int = 0, length_buckets: int = 0) -> Iterator[dict[str, np.ndarray]]:
     """Deterministic evaluation batches: the split in file order, packed, cut into global batches.
 
     Every host packs the same stream and takes its data slice of each global batch, so all hosts
@@ -648,8 +755,9 @@ def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_in
     emitted = 0
 
     def batch_of(rows):
-        if fmt in ROW_FORMATS:
-            return row_batch(fmt, rows[lo:hi], seq_len, per_host, int(manifest.get("pad_id", 0)))
+        if fmt in ROW_FORMATS:  # rows as long as the bucket of the global batch's longest example
+            length = bucket_length(max(len(tokens) for tokens, _ in rows), seq_len, length_buckets)
+            return row_batch(fmt, rows[lo:hi], length, per_host, int(manifest.get("pad_id", 0)))
         while len(rows) < global_batch_size:
             row = pad_row(row_len)
             rows.append(row if fmt != "text" else {k: v for k, v in row.items() if k != "weights"})

@@ -315,6 +315,11 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         for note in adapter.notes:
             print(f"lmtrain import: note: {note}")
     cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
+    recipe = FINE_TUNING_RECIPES.get(family.name)
+    if recipe:  # the optimizer the model's authors fine-tuned it with (printed by next_steps)
+        for key, value in recipe.settings.items():
+            cfg.optimizer[key] = value
+        cfg.optimizer.warmup_steps = max(1, round(recipe.warmup_fraction * cfg.train.steps))
     # Fine-tuning is on the user's text, tokenized with this model's tokenizer: the trainer stops with a
     # message until data.shards_dir is given, rather than training on the built-in corpus.
     cfg.data.source, cfg.data.shards_dir, cfg.data.tokenizer_dir = "shards", "", ""
@@ -362,27 +367,80 @@ def _write_workdir(hf_dir: epath.Path, workdir: epath.Path, cfg, base_cfg: Model
         (workdir / "config.json").write_text(to_json(cfg))
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a family's authors fine-tuned it: optimizer settings written into the imported config, and the
+    warmup as a share of train.steps."""
+
+    settings: dict
+    warmup_fraction: float
+    text: str
+
+
+_BERT_RECIPE = Recipe({"lr": 3e-5, "b2": 0.999, "weight_decay": 0.01, "schedule": "linear"}, 0.06,
+                      "lr 2e-5 to 5e-5 (3e-5 set), Adam b2 0.999, weight decay 0.01, linear decay after a linear warmup "
+                      "of about 6% of the steps, batch 16 or 32, 2 to 4 epochs")
+_ROBERTA_RECIPE = Recipe({"lr": 2e-5, "b2": 0.98, "weight_decay": 0.1, "schedule": "linear"}, 0.06,
+                         "lr 1e-5 to 3e-5 (2e-5 set), Adam b2 0.98, weight decay 0.1, linear decay after a linear "
+                         "warmup of about 6% of the steps, batch 16 or 32, up to 10 epochs")
+FINE_TUNING_RECIPES = {"bert": _BERT_RECIPE, "roberta": _ROBERTA_RECIPE}
+
+
+def _tokenizer_step(workdir: epath.Path, tokenizer: epath.Path) -> list[str]:
+    if (tokenizer / "tokenizer.json").is_file():
+        return []
+    return [f"  0. the model came without a tokenizer.json: put its tokenizer files into {tokenizer} and set "
+            f"data.tokenizer_dir to it in {workdir / 'config.json'} (or pass --config.data.tokenizer_dir=...)"]
+
+
+def _recipe_lines(workdir: epath.Path, cfg: dict) -> list[str]:
+    """The fine-tuning recipe of the imported family (from its hf_config.json), when lmtrain knows one."""
+    source = workdir / SOURCE_CONFIG
+    model_type = json.loads(source.read_text()).get("model_type") if source.is_file() else None
+    recipe = FINE_TUNING_RECIPES.get(model_type)
+    if recipe is None:
+        return []
+    m = cfg["model"]
+    return [f"Fine-tuning recipe ({model_type}): {recipe.text}. The config has it (optimizer.*); keep "
+            f"optimizer.warmup_steps near {recipe.warmup_fraction:.0%} of train.steps when you change the steps. "
+            f"The model's own dropout is in it too: model.dropout={m['dropout']}, model.attention_dropout="
+            f"{m.get('attention_dropout', 0.0)}, model.classifier_dropout={m.get('classifier_dropout', 0.0)}."]
+
+
 def next_steps(workdir: epath.Path) -> str:
-    """The whole path from an imported WORKDIR to fine-tuning: shard with the model's tokenizer, then train."""
+    """The whole path from an imported WORKDIR to fine-tuning: shard with the model's tokenizer, then train.
+    An encoder is fine-tuned as a classifier (labelled text); a decoder continues on plain text."""
     tokenizer, shards = workdir / "tokenizer", workdir / "shards"
+    cfg = json.loads((workdir / "config.json").read_text())  # as written by import_hf (maybe on gs://)
+    task, recipe = cfg["task"]["name"], _recipe_lines(workdir, cfg)
     if (workdir / LABELS_FILE).is_file():
         labels = json.loads((workdir / LABELS_FILE).read_text())
-        return (f"This is a sequence classifier over {len(labels)} classes ({', '.join(labels[:6])}"
-                f"{', ...' if len(labels) > 6 else ''}; in class order in {workdir / LABELS_FILE}). Fine-tune it with "
-                "the classify task on data with the same labels (README: 'Fine-tune for a task'), or export it with "
-                f"lmtrain export {workdir} OUT.")
-    lines = ["Fine-tune on your own text in two steps:"]
-    if not (tokenizer / "tokenizer.json").is_file():
-        lines += [f"  0. the model came without a tokenizer.json: put its tokenizer files into {tokenizer} and set "
-                  f"data.tokenizer_dir to it in {workdir / 'config.json'} (or pass --config.data.tokenizer_dir=...)"]
-    lines += [
+        return "\n".join([
+            f"This is a {'token' if task == 'token_classify' else 'sequence'} classifier over {len(labels)} "
+            f"classes ({', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}; in class order in "
+            f"{workdir / LABELS_FILE}). Fine-tune it with the {task} task on data with the same labels "
+            f"(README: 'Fine-tune for a task'), or export it with lmtrain export {workdir} OUT.", *recipe])
+    config = workdir / "config.json"
+    if not cfg["model"]["causal"]:
+        return "\n".join([
+            "Fine-tune this encoder as a text classifier in two steps:", *_tokenizer_step(workdir, tokenizer),
+            "  1. tokenize labelled examples (.jsonl with 'text' and 'label' fields; see tools/shard_data.py --help) "
+            "with the model's own tokenizer:",
+            f"     python tools/shard_data.py --input 'data/*.jsonl' --format classify --tokenizer {tokenizer} "
+            f"--output {shards} --seq-len {cfg['data']['seq_len']}",
+            "  2. train a classifier (a fresh head on the imported encoder) on those shards:",
+            f"     lmtrain train --config {config} --workdir {workdir} --config.task.name=classify "
+            f"--config.data.shards_dir={shards}",
+            *recipe,
+            "(To continue masked-LM pretraining on plain text instead, shard without --format and train with the "
+            f"config as it is, task.name={task}.)"])
+    return "\n".join([
+        "Fine-tune on your own text in two steps:", *_tokenizer_step(workdir, tokenizer),
         "  1. tokenize your text into shards with the model's own tokenizer (.jsonl with a 'text' field, .txt, "
         "Parquet or a Hugging Face dataset; see tools/shard_data.py --help):",
         f"     python tools/shard_data.py --input 'data/*.jsonl' --tokenizer {tokenizer} --output {shards}",
         "  2. train from the imported weights on those shards:",
-        f"     lmtrain train --config {workdir / 'config.json'} --workdir {workdir} --config.data.shards_dir={shards}",
-    ]
-    return "\n".join(lines)
+        f"     lmtrain train --config {config} --workdir {workdir} --config.data.shards_dir={shards}"])
 
 
 def _positive(text: str) -> int:

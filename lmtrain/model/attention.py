@@ -272,27 +272,53 @@ def cudnn_packed_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, *, 
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _segment_mask(segment_ids_BxT, causal: bool):
+    """[B, 1, T, S] True where a query may attend to a key within its segment (None without segment ids)."""
+    if segment_ids_BxT is None:
+        return None
+    mask_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
+    if not causal:
+        # Padding (segment 0) keys are never attended to; a padding query still sees the other
+        # padding slots so that its softmax row is not empty (its output is never used).
+        mask_Bx1xTxS = mask_Bx1xTxS & ((segment_ids_BxT[:, None, None, :] > 0) | (segment_ids_BxT[:, None, :, None] == 0))
+    return mask_Bx1xTxS
+
+
 def _dense_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, causal: bool, impl: str):
-    mask_Bx1xTxS = None
-    if segment_ids_BxT is not None:
-        mask_Bx1xTxS = segment_ids_BxT[:, None, :, None] == segment_ids_BxT[:, None, None, :]
-        if not causal:
-            # Padding (segment 0) keys are never attended to; a padding query still sees the other
-            # padding slots so that its softmax row is not empty (its output is never used).
-            mask_Bx1xTxS = mask_Bx1xTxS & ((segment_ids_BxT[:, None, None, :] > 0) | (segment_ids_BxT[:, None, :, None] == 0))
-    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_Bx1xTxS, is_causal=causal,
-                                        implementation=impl)
+    return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=_segment_mask(segment_ids_BxT, causal),
+                                        is_causal=causal, implementation=impl)
+
+
+def dropout_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, causal: bool, rate: float, key):
+    """Attention with dropout on the probabilities (BERT's attention_probs_dropout_prob), written out: the
+    fused kernels have no dropout. Training only; the same masks as the dense path."""
+    n, kv, h = q_BxTxNxH.shape[2], k_BxSxKxH.shape[2], q_BxTxNxH.shape[3]
+    if kv != n:
+        k_BxSxKxH, v_BxSxKxH = (jnp.repeat(x, n // kv, axis=2) for x in (k_BxSxKxH, v_BxSxKxH))
+    scores_BxNxTxS = jnp.einsum("btnh,bsnh->bnts", q_BxTxNxH, k_BxSxKxH,
+                                preferred_element_type=jnp.float32) / math.sqrt(h)
+    t, s = scores_BxNxTxS.shape[2:]
+    mask = jnp.ones((1, 1, t, s), bool) if segment_ids_BxT is None else _segment_mask(segment_ids_BxT, causal)
+    if causal:
+        mask = mask & jnp.tril(jnp.ones((t, s), bool), s - t)[None, None]
+    probs_BxNxTxS = jax.nn.softmax(jnp.where(mask, scores_BxNxTxS, -1e30), axis=-1)
+    keep = jax.random.bernoulli(key, 1.0 - rate, probs_BxNxTxS.shape)
+    probs_BxNxTxS = jnp.where(keep, probs_BxNxTxS / (1.0 - rate), 0.0).astype(v_BxSxKxH.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BxNxTxS, v_BxSxKxH)
 
 
 def attend(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, *, segment_ids_BxT=None, causal: bool = True, impl: str = "auto",
-           mask_BxTxS=None):
+           mask_BxTxS=None, dropout_rate: float = 0.0, dropout_key=None):
     """Softmax attention of T queries over S keys, grouped-query heads allowed (N a multiple of K).
 
     Tokens attend only within their segment (document); segment id 0 marks padding in bidirectional
-    attention. `mask_BxTxS` (decoding over a KV cache) replaces the causal and segment masks.
+    attention. `mask_BxTxS` (decoding over a KV cache) replaces the causal and segment masks. With a
+    `dropout_key` and `dropout_rate` > 0 (training), the probabilities are dropped out.
     """
     if mask_BxTxS is not None:
         return jax.nn.dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask=mask_BxTxS[:, None])
+    if dropout_key is not None and dropout_rate > 0:
+        return dropout_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, segment_ids_BxT, causal, dropout_rate, dropout_key)
     impl = choose_impl(impl, q_BxTxNxH.dtype, q_BxTxNxH.shape[1], causal)
     if impl == "chunked":
         if not causal:

@@ -1,7 +1,8 @@
 """Output heads: what the transformer's final hidden states become.
 
-A head is a module with `__call__(x_BxLxD, *, embed, segment_ids_BxL)`; it takes what it needs
-(the LM head may reuse the token embedding, a classifier reads the last real token). The model
+A head is a module with `__call__(x_BxLxD, *, embed, segment_ids_BxL, dropout_key)`; it takes what it needs
+(the LM head may reuse the token embedding, a classifier reads the last real token and, in training, drops
+out its input at `model.classifier_dropout`). The model
 picks one by `model.head`; adding a head is one class here and one line in `HEADS`.
 
 Encoder heads (BERT): 'mlm' (masked-token logits, tied to the embedding), 'classify' with
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from lmtrain.model.layers import ModelConfig, Norm, _param, dense
+from lmtrain.model.layers import ModelConfig, Norm, _dropout, _param, dense
 from lmtrain.parallel.partitioning import constrain
 
 
@@ -28,7 +29,7 @@ class LMHead(nnx.Module):
         self.w = None if cfg.tie_embeddings else _param(
             rngs.params(), (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, cfg.weight_dtype)
 
-    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None, dropout_key=None):
         dtype = self.cfg.compute_dtype
         w_DxV = embed[...].astype(dtype).T if self.w is None else self.w[...].astype(dtype)
         logits_BxLxV = jnp.einsum("bld,dv->blv", x_BxLxD, w_DxV, preferred_element_type=jnp.dtype(self.cfg.logits_dtype))
@@ -80,13 +81,14 @@ class SequenceClassifierHead(nnx.Module):
         self.pooler = Pooler(cfg, rngs) if cls else None
         self.bias = _param(None, (cfg.num_labels,), (None,), 0, cfg.weight_dtype) if cls else None
 
-    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None, dropout_key=None):
         if self.pooler is not None:
             pooled_BxD = self.pooler(x_BxLxD)
         else:
             last_B = last_token_index(segment_ids_BxL, x_BxLxD.shape[1])
             pooled_BxD = jnp.take_along_axis(x_BxLxD, jnp.broadcast_to(last_B, x_BxLxD.shape[:1])[:, None, None],
                                              axis=1)[:, 0]
+        pooled_BxD = _dropout(pooled_BxD, self.cfg.classifier_dropout, dropout_key)
         logits_BxC = jnp.einsum("bd,dc->bc", pooled_BxD.astype(jnp.float32), self.score[...].astype(jnp.float32))
         return logits_BxC if self.bias is None else logits_BxC + self.bias[...].astype(jnp.float32)
 
@@ -104,7 +106,7 @@ class MaskedLMHead(nnx.Module):
             rngs.params(), (cfg.d_model, cfg.padded_vocab), ("embed", "vocab"), cfg.init_std, dt)
         self.bias = _param(None, (cfg.padded_vocab,), ("vocab",), 0, dt)
 
-    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None, dropout_key=None):
         dtype = self.cfg.compute_dtype
         h_BxLxD = self.norm(jax.nn.gelu(self.transform(x_BxLxD), approximate=self.cfg.mlp == "gelu"))
         w_DxV = embed[...].astype(dtype).T if self.w is None else self.w[...].astype(dtype)
@@ -119,10 +121,12 @@ class TokenClassifierHead(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         _check_num_labels(cfg)
+        self.cfg = cfg
         self.score = _param(rngs.params(), (cfg.d_model, cfg.num_labels), ("embed", None), cfg.init_std, cfg.weight_dtype)
         self.bias = _param(None, (cfg.num_labels,), (None,), 0, cfg.weight_dtype)
 
-    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None, dropout_key=None):
+        x_BxLxD = _dropout(x_BxLxD, self.cfg.classifier_dropout, dropout_key)
         logits_BxLxC = jnp.einsum("bld,dc->blc", x_BxLxD.astype(jnp.float32), self.score[...].astype(jnp.float32))
         return logits_BxLxC + self.bias[...].astype(jnp.float32)
 
@@ -134,7 +138,7 @@ class PoolerHead(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.pooler = Pooler(cfg, rngs)
 
-    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None):
+    def __call__(self, x_BxLxD, *, embed: nnx.Param, segment_ids_BxL=None, dropout_key=None):
         return self.pooler(x_BxLxD).astype(jnp.float32)
 
 

@@ -42,6 +42,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float = 0.02
     dropout: float = 0.0
+    attention_dropout: float = 0.0  # on the attention probabilities (BERT's attention_probs_dropout_prob)
+    classifier_dropout: float = 0.0  # on a classify/token_classify head's input (BERT's classifier dropout)
     dtype: str = "float32"
     param_dtype: str = "float32"
     scan_layers: bool = False
@@ -214,14 +216,15 @@ class Attention(nnx.Module):
         y_BxLxD = dense(out_BxLxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, self.bo, self.lora_wo, key)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
-    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, kv=None, key=None):
+    def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, kv=None, key=None, probs_key=None):
         """Without `kv`: the attention output. With `kv` = (k_BxTxKxH, v_BxTxKxH, slot, mask_BxLxT), the
         L new tokens are written into the cache at `slot` and attend over it: (output, (k, v)).
-        `key` drives the adapters' dropout (training only)."""
+        `key` drives the adapters' dropout, `probs_key` the attention-probability dropout (training only)."""
         k_in, k_out = _keys(key, 2)
         q, k, v = self.project_qkv(x_BxLxD, positions_BxL, k_in)
         if kv is None:
-            out = attend(q, k, v, segment_ids_BxT=segment_ids_BxL, causal=self.cfg.causal, impl=self.cfg.attention_impl)
+            out = attend(q, k, v, segment_ids_BxT=segment_ids_BxL, causal=self.cfg.causal, impl=self.cfg.attention_impl,
+                         dropout_rate=self.cfg.attention_dropout, dropout_key=probs_key)
             return self.project_out(out, k_out)
         k_cache_BxTxKxH, v_cache_BxTxKxH, slot, mask_BxLxT = kv
         k_cache_BxTxKxH = jax.lax.dynamic_update_slice(k_cache_BxTxKxH, k.astype(k_cache_BxTxKxH.dtype), (0, slot, 0, 0))
@@ -275,13 +278,15 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, dropout_key=None, kv=None):
-        k1 = k2 = k_attn = k_mlp = None
+        k1 = k2 = k_attn = k_mlp = k_probs = None
         if dropout_key is not None:
             k1, k2 = jax.random.split(dropout_key)
             if self.cfg.lora_dropout > 0:
                 k_attn, k_mlp = jax.random.fold_in(dropout_key, 3), jax.random.fold_in(dropout_key, 4)
+            if self.cfg.attention_dropout > 0:
+                k_probs = jax.random.fold_in(dropout_key, 5)
         post = self.cfg.norm_position == "post"
-        h = self.attn(x_BxLxD if post else self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv, k_attn)
+        h = self.attn(x_BxLxD if post else self.attn_norm(x_BxLxD), positions_BxL, segment_ids_BxL, kv, k_attn, k_probs)
         if kv is not None:
             h, kv = h
         x_BxLxD = x_BxLxD + _dropout(h, self.cfg.dropout, k1)

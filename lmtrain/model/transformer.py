@@ -119,12 +119,17 @@ class Transformer(nnx.Module):
     def _final_norm(self, x_BxLxD):
         return x_BxLxD if self.final_norm is None else self.final_norm(x_BxLxD)
 
-    def apply_head(self, x_BxLxD, segment_ids_BxL=None):
-        return self.head(x_BxLxD, embed=self.embed, segment_ids_BxL=segment_ids_BxL)
+    def apply_head(self, x_BxLxD, segment_ids_BxL=None, dropout_key=None):
+        return self.head(x_BxLxD, embed=self.embed, segment_ids_BxL=segment_ids_BxL, dropout_key=dropout_key)
 
     def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, dropout_key=None, token_types_BxL=None):
         x_BxLxD = self.hidden(tokens_BxL, positions_BxL, segment_ids_BxL, dropout_key, token_types_BxL=token_types_BxL)
-        return self.apply_head(x_BxLxD, segment_ids_BxL)
+        head_key = None if dropout_key is None else jax.random.fold_in(dropout_key, HEAD_DROPOUT_STREAM)
+        return self.apply_head(x_BxLxD, segment_ids_BxL, head_key)
+
+
+# The head's dropout key: a stream of its own, apart from the embedding's (split) and the layers' (fold_in 0..L-1).
+HEAD_DROPOUT_STREAM = 2**31 - 1
 
 
 def _nested_set(tree: dict, keys, value) -> None:

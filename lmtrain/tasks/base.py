@@ -68,4 +68,5 @@ def default_mode(metric: str) -> str:
 
 def dropout_key(model_cfg: ModelConfig, rng: jax.Array | None) -> jax.Array | None:
     """The dropout key to pass the model: None when dropout is off, so no random bits are drawn."""
-    return rng if (rng is not None and (model_cfg.dropout > 0 or model_cfg.lora_dropout > 0)) else None
+    rates = (model_cfg.dropout, model_cfg.lora_dropout, model_cfg.attention_dropout, model_cfg.classifier_dropout)
+    return rng if (rng is not None and max(rates) > 0) else None

@@ -110,8 +110,6 @@ class LogMetrics:
 
     log_every: int
     total: int
-    tokens_per_step: int
-    flops_per_token: float
     peak_flops: float | None
     schedule: Callable
     writer: metrics_lib.MetricsWriter
@@ -119,35 +117,34 @@ class LogMetrics:
     pending: list = dataclasses.field(default_factory=list)
     last_loss: float | None = None
     _t_last: float = dataclasses.field(default_factory=time.perf_counter)
-    _steps_since: int = 0
+    _since: list = dataclasses.field(default_factory=lambda: [0, 0, 0.0])  # real tokens, slots, FLOPs
 
-    def push(self, step: int, metrics, tokens_seen: int, epoch: int) -> None:
-        self.pending.append((step, metrics, tokens_seen, epoch))
+    def push(self, step: int, metrics, tokens_seen: int, epoch: int, counts: tuple[int, int, float]) -> None:
+        """Queue a step's metrics with its (real tokens, padded slots, FLOPs of the real tokens)."""
+        self.pending.append((step, metrics, tokens_seen, epoch, counts))
 
     def drain(self, run, keep_last: bool) -> None:
         """Check and log every pending step (all but the newest when `keep_last`)."""
         while len(self.pending) > (1 if keep_last else 0):
             self._one(run, *self.pending.pop(0))
 
-    def _one(self, run, step: int, metrics, tokens_seen: int, epoch: int) -> None:
+    def _one(self, run, step: int, metrics, tokens_seen: int, epoch: int, counts: tuple[int, int, float]) -> None:
         m = jax.device_get(metrics)
         loss, finite_update = float(m["loss"]), bool(m["update_finite"])
         if not math.isfinite(loss) or not finite_update:
             raise TrainingDiverged(divergence_message(step, loss, finite_update, float(m["grad_norm"]),
                                                       self.last_loss, run.last_saved))
         self.last_loss = loss
-        self._steps_since += 1
+        self._since = [a + b for a, b in zip(self._since, counts)]
         if not every(self.log_every, step, self.total):
             return
         now = time.perf_counter()
-        tok_s = self._steps_since * self.tokens_per_step / max(now - self._t_last, 1e-9)
         record = {k: float(v) for k, v in m.items() if k not in ("update_finite", "weight")}
-        record.update(lr=float(self.schedule(step - 1)), tokens_seen=tokens_seen, tokens_per_s=tok_s, epoch=epoch)
-        if self.peak_flops:
-            record["mfu"] = tok_s * self.flops_per_token / (self.peak_flops * jax.device_count())
+        record.update(lr=float(self.schedule(step - 1)), tokens_seen=tokens_seen, epoch=epoch)
+        record.update(metrics_lib.throughput(*self._since, now - self._t_last, self.peak_flops, jax.device_count()))
         self.writer.write(step, record)
-        self.progress.update(step, record["loss"], tok_s, record.get("mfu"))
-        self._t_last, self._steps_since = now, 0
+        self.progress.update(step, record["loss"], record["tokens_per_s"], record.get("mfu"), record["real_fraction"])
+        self._t_last, self._since = now, [0, 0, 0.0]
 
 
 def divergence_message(step: int, loss: float, finite_update: bool, grad_norm: float, previous_loss: float | None,

@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from lmtrain.paths import append_text, as_path, copy_tree, is_remote
 from lmtrain.storage.atomic import atomic_write_text
@@ -43,6 +44,27 @@ def flops_per_token(model_cfg, seq_len: int, n_params_matmul: int) -> float:
     """Training FLOPs per token: 6N for the weight matmuls plus 12 * layers * seq_len * attention width."""
     attn_width = model_cfg.n_heads * (model_cfg.head_dim or model_cfg.d_model // model_cfg.n_heads)
     return 6.0 * n_params_matmul + 12.0 * model_cfg.n_layers * seq_len * attn_width
+
+
+def batch_tokens(batch: dict, data_count: int = 1) -> tuple[int, int, int]:
+    """(real tokens, padded slots, row length) of the global batch whose host part is `batch`: real tokens
+    are the non-padding ones (segment id > 0), slots every position the step computes. Hosts that read
+    other rows hold batches of the same shape and, summed over a window of steps, the same mix."""
+    segment_ids = np.asarray(batch["segment_ids"])
+    return (int(np.count_nonzero(segment_ids)) * data_count, segment_ids.size * data_count,
+            int(segment_ids.shape[-1]))
+
+
+def throughput(real_tokens: int, slots: int, flops: float, seconds: float, peak_flops: float | None,
+               n_devices: int) -> dict[str, float]:
+    """Rates over a stretch of steps: tokens_per_s counts real (non-padding) tokens, slots_per_s every padded
+    position computed, and the MFU counts the FLOPs of the real tokens only (padding is no useful work)."""
+    seconds = max(seconds, 1e-9)
+    rates = {"tokens_per_s": real_tokens / seconds, "slots_per_s": slots / seconds,
+             "real_fraction": real_tokens / slots if slots else 0.0}
+    if peak_flops:
+        rates["mfu"] = flops / seconds / (peak_flops * n_devices)
+    return rates
 
 
 def matmul_params(model_def) -> int:
@@ -160,10 +182,12 @@ class ProgressBar:
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stdout,
                             mininterval=1.0)
 
-    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, mfu: float | None, real_fraction: float = 1.0) -> None:
         if not self.enabled:
             return
-        post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}
+        post = {"loss": f"{loss:.4f}", "tok/s": f"{tokens_per_s:,.0f}"}  # real tokens, not padding
+        if real_fraction < 0.995:
+            post["pad"] = f"{100 * (1 - real_fraction):.0f}%"
         if mfu is not None:
             post["mfu"] = f"{100 * mfu:.1f}%"
         if self.bar is not None:

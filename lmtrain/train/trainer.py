@@ -435,10 +435,8 @@ def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_s
 def _loop(run: Run, schedule, stop: StopSignal, stop_at_step, on_eval) -> None:
     cfg, t = run.cfg, run.cfg.train
     total = t.steps
-    tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
-    peak = metrics_lib.device_peak_flops()
-    flops_token = metrics_lib.flops_per_token(cfg.model, cfg.data.seq_len, metrics_lib.matmul_params(run.model_def))
-    logger = LogMetrics(t.log_every, total, tokens_per_step, flops_token, peak, schedule, run.writer, run.progress)
+    n_matmul = metrics_lib.matmul_params(run.model_def)
+    logger = LogMetrics(t.log_every, total, metrics_lib.device_peak_flops(), schedule, run.writer, run.progress)
     evaluate = Evaluate(t.eval_every, total, t.eval_batches, run.early_stopping, on_eval)
     checkpoint = Checkpoint(cfg.checkpoint.every, total)
     agreement = HostAgreement(run.mesh, t.preemption_check_every)
@@ -455,8 +453,10 @@ def _loop(run: Run, schedule, stop: StopSignal, stop_at_step, on_eval) -> None:
         check_batch(local, cfg.model.vocab_size, cfg.model.max_seq_len, source)
         run.state, step_metrics = run.step_fn(run.state, run.global_batch(local))
         run.step += 1
-        run.tokens_seen += tokens_per_step
-        logger.push(run.step, step_metrics, run.tokens_seen, run.data.train.epoch)
+        real, slots, row_len = metrics_lib.batch_tokens(local, run.layout.data_count)
+        run.tokens_seen += slots
+        logger.push(run.step, step_metrics, run.tokens_seen, run.data.train.epoch,
+                    (real, slots, real * metrics_lib.flops_per_token(cfg.model, row_len, n_matmul)))
         is_eval, is_save = every(t.eval_every, run.step, total), every(cfg.checkpoint.every, run.step, total)
         logger.drain(run, keep_last=not (is_eval or is_save))  # step N-1's metrics, read while step N runs
         eval_metrics = evaluate(run) if is_eval else None

@@ -10,6 +10,7 @@ import numpy as np
 
 from lmtrain.interop.families.base import (
     Family,
+    HFConfig,
     HFInteropError,
     TensorRule,
     bias_to_heads,
@@ -88,9 +89,26 @@ def _encoder_config_to_lm(family: str, prefix: str) -> Callable[[dict], tuple[di
         )
         if head in ("classify", "token_classify"):
             fields["num_labels"] = len(classifier_labels(hf))
+        fields.update(_encoder_dropout(hf))
         return fields, notes
 
     return convert
+
+
+def _dropout_rate(hf: HFConfig, key: str, default: float) -> float:
+    rate = hf.number(key, default)
+    if rate >= 1:
+        raise hf.bad(key, rate, "a dropout rate in [0, 1)")
+    return rate
+
+
+def _encoder_dropout(hf: HFConfig) -> dict:
+    """The model's own training dropout (transformers' defaults when config.json omits it): hidden_dropout_prob on
+    the embeddings and each sublayer's output, attention_probs_dropout_prob on the attention probabilities, and
+    classifier_dropout (None: the hidden dropout, as BertForSequenceClassification) on a classifier's input."""
+    hidden = _dropout_rate(hf, "hidden_dropout_prob", 0.1)
+    return {"dropout": hidden, "attention_dropout": _dropout_rate(hf, "attention_probs_dropout_prob", 0.1),
+            "classifier_dropout": _dropout_rate(hf, "classifier_dropout", hidden)}
 
 
 def _roberta_offset(hf: dict) -> int:
