@@ -289,7 +289,11 @@ def load_model(path, which: str | int = "latest"):
             raise GenerationError(f"{path} has no checkpoints yet, only the imported parameters; use --which latest.")
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
-        params, _, _ = checkpoint.load_init_params(cfg.train.init_from, target)
+        which_init = cfg.train.init_from_which
+        # The vocabulary arguments grow a smaller source's embedding (shard_data --add-special-tokens), as training does.
+        params, _, _ = checkpoint.load_init_params(
+            cfg.train.init_from, target, int(which_init) if str(which_init).isdigit() else which_init,
+            cfg.model.vocab_size, model_def.logical_axes)
     return model_def, params, tokenizer_dir if tokenizer_dir.is_dir() else None
 
 
