@@ -328,8 +328,10 @@ def _raw_classify(eval_set, tokenizer, row_len, labels) -> Encoded:
 
 def majority_class(eval_set: EvalSet) -> dict | None:
     """The training split's most frequent class ('label') and the accuracy on this eval set of always answering it
-    ('accuracy')."""
-    if eval_set.kind != "classify" or not eval_set.label_counts or not eval_set.stored:
+    ('accuracy'); None without training examples (evaluation-only shards: every count 0, no class is the most
+    frequent)."""
+    if eval_set.kind != "classify" or not eval_set.label_counts or not sum(eval_set.label_counts) \
+            or not eval_set.stored:
         return None
     top = int(np.argmax(eval_set.label_counts))
     hits = sum(label_id == top for _, _, label_id in eval_set.stored)
