@@ -27,13 +27,14 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
+from lmtrain import cli as lmtrain_cli
 from lmtrain.data.shards import decode_record, load_manifest, split_source
 from tests import core_fixtures
-from tests.core_fixtures import cli
 from tests.test_tokenizer_families import FAMILIES, MINILM, packaged_minilm
 from tools import shard_data
 
-compile_cache_dir = core_fixtures.compile_cache_dir
+compile_cache, compile_cache_dir = core_fixtures.compile_cache, core_fixtures.compile_cache_dir
+pytestmark = pytest.mark.usefixtures("compile_cache")
 TOLERANCE = 1e-4
 VAL_FRACTION, TEST_FRACTION = 0.2, 0.25
 SEQ_LEN = 64
@@ -75,10 +76,12 @@ def random_decoder_classifier(family: str, directory: Path) -> None:
     tok.save_pretrained(str(directory))
 
 
-def run_cli(args: list[str], cache_dir: str) -> str:
-    proc = cli(args, cache_dir)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, f"lmtrain {' '.join(args)} failed:\n{out}"
+def run_cli(args: list[str], capsys) -> str:
+    """`lmtrain ARGS` through lmtrain.cli.main, in this process (a subprocess per command would cost seconds of
+    imports each); its exit status must be 0."""
+    code = lmtrain_cli.main(args)
+    out, err = capsys.readouterr()
+    assert code == 0, f"lmtrain {' '.join(args)} exited {code}:\n{out}\n{err}"
     return out
 
 
@@ -115,7 +118,7 @@ def transformers_probabilities(hf_dir: Path, texts: list[str]) -> tuple[list[dic
 # MiniLM in the default run (the issue's CI test); the random decoders take as long (~1 min of CPU each).
 @pytest.mark.parametrize("family", [MINILM, pytest.param("gpt2", marks=pytest.mark.heavy),
                                     pytest.param("llama", marks=pytest.mark.heavy)])
-def test_import_finetune_eval_export_agree_with_transformers(family, tmp_path, compile_cache_dir):
+def test_import_finetune_eval_export_agree_with_transformers(family, tmp_path, capsys):
     if family == "minilm":
         hf_in = Path(packaged_minilm())
     else:
@@ -123,7 +126,7 @@ def test_import_finetune_eval_export_agree_with_transformers(family, tmp_path, c
         random_decoder_classifier(family, hf_in)
     work, shards, hf_out = tmp_path / "work", tmp_path / "shards", tmp_path / "hf_out"
 
-    run_cli(["import", str(hf_in), str(work)], compile_cache_dir)
+    run_cli(["import", str(hf_in), str(work)], capsys)
     # An imported classifier keeps its classes, in its order (labels.json); a base model learns the data's.
     labels = ["--labels", ",".join(json.loads((work / "labels.json").read_text()))] if family != "minilm" else []
 
@@ -143,10 +146,10 @@ def test_import_finetune_eval_export_agree_with_transformers(family, tmp_path, c
              "--config.train.eval_batches=1", "--config.checkpoint.every=2", "--config.optimizer.warmup_steps=1",
              "--config.optimizer.lr=1e-3", "--config.logging.tensorboard=false",
              "--config.logging.progress_bar=false", "--config.logging.loss_curve_png=false",
-             "--config.checkpoint.async_save=false"], compile_cache_dir)
+             "--config.checkpoint.async_save=false"], capsys)
     run_cli(["eval", str(work), "--which", "latest", "--data", str(shards), "--split", "test", "--out",
-             str(tmp_path / "eval")], compile_cache_dir)
-    run_cli(["export", str(work), str(hf_out), "--which", "latest"], compile_cache_dir)
+             str(tmp_path / "eval")], capsys)
+    run_cli(["export", str(work), str(hf_out), "--which", "latest"], capsys)
 
     test_rows = test_split_rows(rows)
     samples = json.loads((tmp_path / "eval" / "eval.json").read_text())["result"]["samples"]
