@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import json
 import math
-import pathlib
 import sys
 import time
 
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lmtrain.data.packing import classify_batch
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop.hf_export import (
     _EOS_NAMES,
     end_of_turn_tokens,
@@ -311,45 +311,30 @@ def generate(model_def: ModelDef, params: dict, prompts: list[list[int]], sampli
 class _Tokenizer:
     """encode/decode over a transformers tokenizer directory or a bare tokenizer.json."""
 
-    def __init__(self, directory: pathlib.Path):
-        self.eos_id, self.chat_template = None, None
-        try:
-            from transformers import AutoTokenizer
-
-            self._hf = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-            self.eos_id = self._hf.eos_token_id
-            self.pad_id = self._hf.pad_token_id
-            self.chat_template = getattr(self._hf, "chat_template", None)
-        except Exception:  # noqa: BLE001 - lmtrain's own tokenizers are a bare tokenizer.json
-            from tokenizers import Tokenizer
-
-            self._hf = None
-            self._tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-            self.eos_id = next((i for n in _EOS_NAMES if (i := self._tok.token_to_id(n)) is not None), None)
-            self.pad_id = None
+    def __init__(self, directory):
+        self._hf = load_tokenizer(directory)  # lmtrain's one loader: no code from the directory (a DataError)
+        self.pad_id = self._hf.pad_token_id
+        self.chat_template = getattr(self._hf, "chat_template", None)
+        self.eos_id = self._hf.eos_token_id
+        if self.eos_id is None:  # a bare tokenizer.json names no EOS: lmtrain's own tokenizers end with one of these
+            self.eos_id = next((i for n in _EOS_NAMES if (i := self.token_id(n)) is not None), None)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`; add_special_tokens=False for text that already has them (a rendered chat)."""
-        if self._hf is not None:
-            return self._hf.encode(text, add_special_tokens=add_special_tokens)
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return self._hf.encode(text, add_special_tokens=add_special_tokens)
 
     @property
     def special_tokens(self) -> dict[str, str]:
         """bos_token / eos_token / pad_token as a chat template reads them."""
-        if self._hf is not None:
-            names = ("bos_token", "eos_token", "pad_token", "unk_token")
-            return {n: str(getattr(self._hf, n)) for n in names if getattr(self._hf, n, None) is not None}
-        return {"eos_token": self._tok.id_to_token(self.eos_id)} if self.eos_id is not None else {}
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        return {n: str(getattr(self._hf, n)) for n in names if getattr(self._hf, n, None) is not None}
 
     def decode(self, ids: list[int]) -> str:
-        return self._hf.decode(ids) if self._hf is not None else self._tok.decode(ids)
+        return self._hf.decode(ids)
 
     def token_id(self, text: str) -> int | None:
         """The id of `text` when it is one token of the vocabulary (a special token such as <|im_end|>)."""
-        if self._hf is not None:
-            return self._hf.get_vocab().get(text)
-        return self._tok.token_to_id(text)
+        return self._hf.get_vocab().get(text)
 
 
 def load_model(path, which: str | int = "latest"):
@@ -382,7 +367,11 @@ def load_model(path, which: str | int = "latest"):
             raise GenerationError(f"{path} has no checkpoints yet, only the imported parameters; use --which latest.")
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
-        params, _, _ = checkpoint.load_init_params(cfg.train.init_from, target)
+        which_init = cfg.train.init_from_which
+        # The vocabulary arguments grow a smaller source's embedding (shard_data --add-special-tokens), as training does.
+        params, _, _ = checkpoint.load_init_params(
+            cfg.train.init_from, target, int(which_init) if str(which_init).isdigit() else which_init,
+            cfg.model.vocab_size, model_def.logical_axes)
     return model_def, params, tokenizer_dir if tokenizer_dir.is_dir() else None
 
 
@@ -468,8 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         model_def, params, tokenizer_dir = load_model(args.path, which)
         if tokenizer_dir is None:
             raise GenerationError(f"{args.path} has no tokenizer; generation needs one to encode the prompts.")
-        with local_dir(tokenizer_dir) as local_tokenizer:
-            tokenizer = _Tokenizer(pathlib.Path(local_tokenizer))
+        tokenizer = _Tokenizer(tokenizer_dir)  # local or gs://
         ids = [tokenizer.encode(p) or [tokenizer.eos_id if tokenizer.eos_id is not None else 0] for p in prompts]
         pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
         head = model_def.cfg.head

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
+from lmtrain import generate as generate_lib
 from lmtrain.config import to_json
 from lmtrain.data.shards import (
     check_compatibility,
@@ -21,6 +22,7 @@ from lmtrain.data.shards import (
     training_tokenizer_dir,
 )
 from lmtrain.data.tokenizer import chat_template_markers
+from lmtrain.evaluate.model import start_params
 from lmtrain.interop import hf_import
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.train import trainer
@@ -175,3 +177,25 @@ def test_a_vocabulary_grown_inside_the_padding_also_gets_the_mean_rows(tmp_path)
         np.testing.assert_allclose(ours[200:203], np.stack([theirs[:200].mean(axis=0)] * 3), rtol=1e-6, atol=1e-7)
         assert not ours[203:].any()
     np.testing.assert_array_equal(np.asarray(loaded["final_norm"]["scale"]), params["final_norm"]["scale"])
+
+
+def test_generate_and_eval_start_from_a_smaller_vocabulary_with_the_mean_rows(tmp_path):
+    """A WORKDIR with no checkpoint yet whose train.init_from has a smaller vocabulary (vocab 200 -> 203, a
+    tokenizer grown by --add-special-tokens): `lmtrain generate`'s parameters and `lmtrain eval --which start`'s
+    grow the embedding as training does (they used to keep the source's stored padding rows)."""
+    source_cfg = small_config("llama", **{"model.vocab_size": 200})
+    params = jax.device_get(init_params_fn(ModelDef(ModelConfig.from_config(source_cfg.model)), 0)())
+    save_init_params(str(tmp_path / "src"), params)
+    (tmp_path / "src" / "config.json").write_text(to_json(source_cfg))
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = small_config("llama", **{"model.vocab_size": 203, "train.init_from": str(tmp_path / "src" / "init_params")})
+    (work / "config.json").write_text(to_json(cfg))
+    model_def, generate_params, _ = generate_lib.load_model(work)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
+    mean = params["embed"][:200].mean(axis=0)
+    for loaded in (generate_params, start_params(cfg, model_def, target)):
+        embed = np.asarray(jax.device_get(loaded["embed"]))
+        np.testing.assert_array_equal(embed[:200], params["embed"][:200])
+        np.testing.assert_allclose(embed[200:203], np.stack([mean] * 3), rtol=1e-6, atol=1e-7)

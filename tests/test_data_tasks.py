@@ -18,6 +18,7 @@ from lmtrain.config import ConfigError
 from lmtrain.data.examples import ChatEncoder, ExampleError
 from lmtrain.data.packing import ExamplePacker, check_batch, rows_dict_to_batch
 from lmtrain.data.shards import ShardedTrainIterator, decode_record, load_manifest, shard_eval_batches
+from lmtrain.evaluate import examples as eval_examples
 from tools import shard_data, train_tokenizer
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -400,7 +401,7 @@ def test_builtin_task_demos_have_three_splits_and_balanced_classes(builtin_shard
     assert labels == ["concurrency", "devtools", "files", "formats", "math", "network"]
     counts = np.sum([s["label_counts"] for s in load_manifest(tmp_path / "classify")["splits"].values()], axis=0)
     assert (counts == counts[0]).all()  # balanced: the majority-class baseline is 1/6 over all splits
-    assert "majority-class baseline" in capsys.readouterr().out
+    assert "train-majority accuracy" in capsys.readouterr().out
 
 
 def test_parquet_records_and_classify_resume(tok_dir, tmp_path):
@@ -558,3 +559,33 @@ def test_a_labelled_file_becomes_a_whole_evaluation_split(tok_dir, tmp_path, cap
     batches = list(shard_eval_batches(out, SEQ_LEN, 5, split=split))
     labels = [manifest["labels"][i] for b in batches for i, w in zip(b["labels"], b["weights"], strict=True) if w]
     assert sorted(labels) == sorted(r["label"] for r in records)
+    # no training examples, so no training split's most frequent class: neither tool names one (eval named class 0)
+    assert "train-majority" not in capsys.readouterr().out
+    assert eval_examples.majority_class(eval_examples.read_eval_set(str(out), split)) is None
+
+
+def test_each_split_prints_the_train_majority_accuracy_that_eval_reports(tok_dir, tmp_path, capsys):
+    """Per split, shard_data prints the accuracy of always answering the training split's most frequent class:
+    on the test split exactly lmtrain eval's train-majority baseline. (It printed each split's own most frequent
+    share, a different and flattering figure; here the test split's most frequent class is not training's.)"""
+    val, test = 0.2, 0.3
+    rng = np.random.default_rng(5)
+    records, seen = [], {"train": 0, "validation": 0, "test": 0}
+    for i in range(120):
+        text = f"r{i} " + sentence(rng, 3, 12)
+        split = shard_data.split_of_example(json.dumps(text), val, test)
+        n = seen[split] = seen[split] + 1
+        label = ("often" if n % 3 else "rare") if split == "train" else ("rare" if n % 4 else "often")
+        records.append({"text": text, "label": label})
+    out = tmp_path / "cls"
+    assert shard(tok_dir, write_jsonl(tmp_path / "c.jsonl", records), out, "--format", "classify", "--val-fraction",
+                 str(val), "--test-fraction", str(test)) == 0
+    lines = {line.split(":")[0]: line for line in capsys.readouterr().out.splitlines()}
+    test_counts = load_manifest(out)["splits"]["test"]["label_counts"]  # classes sorted: often, rare
+    eval_baseline = eval_examples.majority_class(eval_examples.read_eval_set(str(out), "test"))
+    assert eval_baseline["label"] == "often" and max(test_counts) / sum(test_counts) != eval_baseline["accuracy"]
+    assert (f"train-majority accuracy {eval_baseline['accuracy']:.3f} ('often', the training split's most frequent "
+            "class)") in lines["test"]
+    for split in ("train", "validation"):
+        counts = load_manifest(out)["splits"][split]["label_counts"]
+        assert f"train-majority accuracy {counts[0] / sum(counts):.3f} ('often'" in lines[split]

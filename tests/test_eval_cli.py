@@ -11,11 +11,15 @@ import jax
 import numpy as np
 import pytest
 
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.evaluate import cli
+from lmtrain.evaluate import examples as examples_lib
 from lmtrain.evaluate.metrics import bleu, chrf, exact_match, rouge_l
 from lmtrain.evaluate.model import load_eval_model
 from lmtrain.paths import as_path
 from tests.helpers import small_config
+from tests.test_tokenizer_families import FAMILIES
+from tools import shard_data
 
 LN2 = math.log(2.0)
 
@@ -386,3 +390,24 @@ def test_a_shard_directory_that_does_not_exist_is_named_as_such(tmp_path):
         load_manifest(tmp_path / "nope")
     with pytest.raises(ShardError, match="has no manifest.json"):  # a directory without one is another matter
         load_manifest(tmp_path)
+
+
+def test_sft_examples_of_a_tokenizer_without_eos_end_with_its_separator(tmp_path):
+    """A BERT tokenizer has no EOS: shard_data ends completions with [SEP], and eval reads them the same way, from
+    shards and from raw records (it used to refuse: 'has no EOS token; evaluation needs one')."""
+    FAMILIES["bert"]().save_pretrained(str(tmp_path / "bert"))
+    tok = load_tokenizer(tmp_path / "bert")
+    records = [{"prompt": "the cat sat on", "completion": " a mat"}, {"prompt": "her dog ran", "completion": " to see"}]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert shard_data.main(["--format", "sft", "--input", str(data), "--tokenizer", str(tmp_path / "bert"),
+                            "--output", str(tmp_path / "shards"), "--seq-len", "32", "--val-fraction", "0",
+                            "--test-fraction", "1", "--quiet"]) == 0
+
+    from_shards = examples_lib.encode(examples_lib.read_eval_set(str(tmp_path / "shards")), tok, None, len(tok), 33)
+    raw = examples_lib.encode(examples_lib.read_eval_set(str(data), raw_format="sft"), tok, None, len(tok), 33)
+    for enc in (from_shards, raw):
+        assert enc.references == ["a mat", "to see"]  # the [SEP] that ends each completion is not in the reference
+        assert [tokens[-1] for tokens, _ in enc.pieces] == [tok.sep_token_id] * 2
+        assert [list(mask[-3:]) for _, mask in enc.pieces] == [[1, 1, 1]] * 2  # completion + [SEP] are targets
+    assert [t.tolist() for t, _ in from_shards.pieces] == [t.tolist() for t, _ in raw.pieces]

@@ -1,6 +1,7 @@
 """Generation: greedy ids equal transformers' `generate`, the KV cache changes nothing, seeds reproduce."""
 
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ from lmtrain.interop import hf_import
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelDef
 from tests.test_hf_import import VOCAB, random_hf_model
+from tests.test_tokenizer_families import remote_code_tokenizer
 
 N_NEW = 20
 
@@ -259,3 +261,18 @@ def test_other_sampling_values_reuse_the_compiled_program(hf_and_lmtrain):
     assert first.compile_seconds >= 0 and again.compile_seconds == 0 and greedy.compile_seconds == 0
     plain = generate(model_def, params, _prompts(), SamplingConfig(max_new_tokens=N_NEW)).tokens
     assert greedy.tokens == [t[: t.index(9) + 1] if 9 in t else t for t in plain]  # the traced end token counts
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_a_one_line_error(tmp_path, capsys):
+    """generate loads tokenizers through lmtrain's one loader: a directory asking for its own tokenization code is
+    refused in one line, and the code never runs (it used to fall back to tokenizer.json and generate)."""
+    hf_dir, workdir, marker = tmp_path / "hf", tmp_path / "work", tmp_path / "MARKER"
+    random_hf_model("qwen2_tied", hf_dir, tokenizer=True)
+    assert hf_import.main([str(hf_dir), str(workdir)]) == 0
+    shutil.rmtree(workdir / "tokenizer")
+    remote_code_tokenizer(workdir / "tokenizer", marker)
+    capsys.readouterr()
+    assert generate_lib.main([str(workdir), "--prompt", "the cat", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(workdir / "tokenizer") in err and "own Python code" in err
+    assert not marker.exists()

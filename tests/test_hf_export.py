@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmtrain.interop import hf_export
+from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.hf_export import export_params, parse_size
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelConfig, ModelDef
@@ -16,6 +17,7 @@ from lmtrain.train.checkpoint import restore_params
 from lmtrain.train.trainer import train
 from tests.helpers import small_config
 from tests.test_hf_import import VOCAB
+from tests.test_tokenizer_families import remote_code_tokenizer
 
 TOLERANCE = 1e-4
 
@@ -199,3 +201,15 @@ def test_export_help_says_what_best_means(capsys):
     help_text = " ".join(capsys.readouterr().out.split())
     assert "lowest validation loss" not in help_text
     assert "train.early_stopping.metric" in help_text and "val_accuracy" in help_text
+
+
+def test_a_tokenizer_that_needs_its_own_code_is_refused_and_never_runs(tmp_path, capsys):
+    """export loads the tokenizer through lmtrain's one loader: a directory asking for its own tokenization code is
+    an HFInteropError (one line from `lmtrain export`) naming it, and the code never runs (export used to fall back
+    to its tokenizer.json and ship it)."""
+    marker = tmp_path / "MARKER"
+    directory = remote_code_tokenizer(tmp_path / "custom", marker)
+    cfg = ModelConfig.from_config(small_config("llama", **{"model.vocab_size": VOCAB}).model)
+    with pytest.raises(HFInteropError, match=rf"^tokenizer directory {directory} needs its own Python code"):
+        export_params(cfg, _perturbed_params(cfg), tmp_path / "hf", tokenizer_dir=directory)
+    assert not marker.exists()

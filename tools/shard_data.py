@@ -959,11 +959,23 @@ def _print_examples(manifest: dict) -> None:
             majority = max(info["label_counts"]) / info["target_tokens"]
             extra = f", {info['target_tokens']} tagged tokens, majority-tag baseline {majority:.3f}"
         elif labels is not None and info["documents"]:
-            majority = max(info["label_counts"]) / info["documents"]
-            extra = f", majority-class baseline {majority:.3f}"
+            extra = _train_majority_text(manifest, info)
         elif "target_tokens" in info:
             extra = f", {info['target_tokens']} trained-on tokens"
         print(f"{split}: {info['documents']} examples, {info['tokens']} tokens{extra}, {len(info['shards'])} shards")
+
+
+def _train_majority_text(manifest: dict, info: dict) -> str:
+    """The accuracy on this split of always answering the training split's most frequent class: lmtrain eval's
+    train-majority baseline (a split's own most frequent class would flatter it). Nothing when training is empty
+    (an evaluation-only set) or when the split has no examples."""
+    train_counts = manifest["splits"]["train"]["label_counts"]
+    if not sum(train_counts) or not info["documents"]:
+        return ""
+    top = int(np.argmax(train_counts))  # the first of tied classes, as lmtrain eval picks it
+    accuracy = info["label_counts"][top] / info["documents"]
+    return (f", train-majority accuracy {accuracy:.3f} ({str(manifest['labels'][top])!r}, the training split's most "
+            "frequent class)")
 
 
 def is_disk_full(error: BaseException | None) -> bool:

@@ -213,9 +213,9 @@ def keep_earlier(out_dir) -> str | None:
 
 
 def majority_baseline_line(result: EvalResult) -> str | None:
-    """The train-majority baseline in words. Not the share of the eval set's own most frequent class (what
-    tools/shard_data.py prints per split): the accuracy here of always answering the training split's most frequent
-    class, the rule a model that learned nothing but the class frequencies would follow."""
+    """The train-majority baseline in words: the accuracy here of always answering the training split's most
+    frequent class, the rule a model that learned nothing but the class frequencies would follow (the figure
+    tools/shard_data.py prints for the split; not the eval set's own most frequent share)."""
     majority = result.extra.get("train_majority_baseline")
     if not majority:
         return None

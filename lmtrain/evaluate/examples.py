@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+from lmtrain.data.packing import DataError
+from lmtrain.data.tokenizer import eos_id
 from lmtrain.evaluate.metrics import EvalError
 
 KINDS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify"}  # example format -> metrics task
@@ -161,10 +163,15 @@ def _decode(tokenizer, ids) -> str:
     return tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def _eos(tokenizer) -> int:
-    if tokenizer.eos_token_id is None:
-        raise EvalError(f"tokenizer {tokenizer.name_or_path} has no EOS token; evaluation needs one.")
-    return int(tokenizer.eos_token_id)
+def _eos(tokenizer, stored: int | None = None) -> int:
+    """What ends a completion: the id the shards' manifest recorded (it may be an --eos-token), else the
+    tokenizer's by role, as tools/shard_data.py chose it (a tokenizer without EOS, BERT's: its separator)."""
+    if stored is not None:
+        return int(stored)
+    try:
+        return eos_id(tokenizer)
+    except DataError as e:
+        raise EvalError(str(e)) from None
 
 
 def document_pieces(seq, row_len: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -223,7 +230,7 @@ def _strip_eos(ids: np.ndarray, eos: int) -> np.ndarray:
 
 
 def _shard_sft(eval_set, tokenizer, row_len, labels) -> Encoded:
-    eos = _eos(tokenizer)
+    eos = _eos(tokenizer, eval_set.eos_id)
     enc = Encoded(records=[], references=[], row_len=row_len)
     for k, (tokens, mask, _) in enumerate(eval_set.stored):
         tokens, mask = tokens.astype(np.int32), mask.astype(np.float32)
@@ -321,8 +328,10 @@ def _raw_classify(eval_set, tokenizer, row_len, labels) -> Encoded:
 
 def majority_class(eval_set: EvalSet) -> dict | None:
     """The training split's most frequent class ('label') and the accuracy on this eval set of always answering it
-    ('accuracy')."""
-    if eval_set.kind != "classify" or not eval_set.label_counts or not eval_set.stored:
+    ('accuracy'); None without training examples (evaluation-only shards: every count 0, no class is the most
+    frequent)."""
+    if eval_set.kind != "classify" or not eval_set.label_counts or not sum(eval_set.label_counts) \
+            or not eval_set.stored:
         return None
     top = int(np.argmax(eval_set.label_counts))
     hits = sum(label_id == top for _, _, label_id in eval_set.stored)

@@ -200,7 +200,8 @@ def start_params(cfg, model_def: ModelDef, target: dict) -> dict:
     if cfg.train.init_from:
         which = cfg.train.init_from_which
         which = int(which) if str(which).isdigit() else which
-        loaded, _, _ = ckpt.load_init_params(cfg.train.init_from, target, which)
+        loaded, _, _ = ckpt.load_init_params(cfg.train.init_from, target, which, cfg.model.vocab_size,
+                                             model_def.logical_axes)  # a grown vocabulary: mean rows, as training
         params = _merge(params, loaded)
     return params
 

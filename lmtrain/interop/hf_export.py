@@ -37,6 +37,8 @@ import numpy as np
 from etils import epath
 
 from lmtrain.config import ConfigError, load_config, resolve_mesh_shape
+from lmtrain.data.packing import DataError
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop import lora_export
 from lmtrain.interop.export_common import (
     COMPLETE_MARKER,
@@ -157,11 +159,13 @@ def _export_tokenizer(tokenizer_dir: epath.Path | None, out_dir: epath.Path, cha
     tokens ('end_of_turn_ids')."""
     if tokenizer_dir is None or not tokenizer_dir.is_dir():
         return {}
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     with _local_dir(tokenizer_dir) as source, tempfile.TemporaryDirectory() as saved:
         try:
-            tok = AutoTokenizer.from_pretrained(source, local_files_only=True, trust_remote_code=False)
+            tok = load_tokenizer(tokenizer_dir)  # lmtrain's one loader: no code from the directory
+        except DataError as e:  # no tokenizer files, or a tokenizer that needs its own code: the user's to fix
+            raise HFInteropError(f"{e} Then export again.") from None
         except Exception:  # noqa: BLE001 - a bare tokenizer.json (as lmtrain trains) has no tokenizer_config.json
             if not os.path.isfile(os.path.join(source, "tokenizer.json")):
                 raise HFInteropError(

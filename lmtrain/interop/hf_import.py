@@ -33,6 +33,7 @@ from etils import epath
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from lmtrain.config import ConfigError, base_config, resolve_mesh_shape, to_json
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop.families import Family, HFInteropError, TensorRule, classifier_labels, family_for_hf_config
 from lmtrain.interop.hf_model import hf_model_dir, model_config_from_hf, place, read_hf_config, read_json
 from lmtrain.interop.lora_import import read_peft_adapter, write_source_config
@@ -237,14 +238,11 @@ def _copy_tokenizer(hf_dir: epath.Path, out: epath.Path) -> bool:
     for f in files:
         f.copy(out / f.name, overwrite=True)
     if not (out / "tokenizer.json").is_file():
-        from transformers import AutoTokenizer
-
         try:
             with tempfile.TemporaryDirectory() as local:  # transformers reads and writes local paths only
                 for f in files:
                     f.copy(epath.Path(local) / f.name)
-                AutoTokenizer.from_pretrained(local, local_files_only=True, trust_remote_code=False).save_pretrained(
-                    local)
+                load_tokenizer(local).save_pretrained(local)
                 epath.Path(local, "tokenizer.json").copy(out / "tokenizer.json", overwrite=True)
         except Exception as e:  # noqa: BLE001 - the weights are still usable; say what is missing
             print(f"lmtrain import: warning: could not build tokenizer.json from {hf_dir} ({e}); the files were "
