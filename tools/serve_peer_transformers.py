@@ -51,8 +51,8 @@ class _TokenQueue(BaseStreamer):
 
 
 def build_app(directory: str, name: str) -> FastAPI:
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, trust_remote_code=False).eval()
     lock = threading.Lock()
     app = FastAPI()
 
