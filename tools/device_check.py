@@ -76,13 +76,17 @@ MEASUREMENTS = (
                 ("--shape", "llama_1b:runlocal", "--rounds", "1", "--steps", "1", *TINY_LORA), 180,
                 "none on a GPU yet (target: LoRA >= 1.3x full)"),
     Measurement("dpo_vs_sft_step", "DPO step vs SFT step", "feature", feature=("tasks", "dpo")),
-    Measurement("serve_concurrency_16", "serve benchmark, concurrency 16", "feature", feature=("commands", "serve")),
+    Measurement("serve_concurrency_16", "lmtrain serve, random GPT-2 124M, concurrency 16, 64 x (128 in, 64 out)",
+                "serve", ("--shape", "gpt2_small", "--concurrency", "16", "--requests", "64"),
+                ("--shape", "tiny", "--vocab-size", "512", "--concurrency", "4", "--requests", "8", "--prompt-len", "16",
+                 "--max-tokens", "8"), 150, "none on a GPU yet"),
     Measurement("gpt2_small_profile", "gpt2_small batch 32: device time per step (tools/profile_step.py)", "profile",
                 ("--config=gpt2_small", "--steps=3", "--top=15", "--config.data.batch_size=32", "--config.train.grad_accum=1"),
                 ("--config=gpt2_small:runlocal", "--steps=1", "--top=5", *TINY), 100,
                 "68.7 ms device time per step"),
 )
-TOOLS = {"benchmark": "tools/benchmark.py", "lora": "tools/benchmark_lora.py", "profile": "tools/profile_step.py"}
+TOOLS = {"benchmark": "tools/benchmark.py", "lora": "tools/benchmark_lora.py", "profile": "tools/profile_step.py",
+         "serve": "tools/benchmark_serve.py"}
 
 # Run in a child: the versions, the device and lmtrain's registries, as one JSON line (a hang or a crash in
 # JAX's start-up is then one failed probe, not a dead check).
@@ -196,7 +200,14 @@ def read_profile(path: pathlib.Path) -> dict:
             "details": {"top": [{"name": k["name"], "ms_per_step": k["ms_per_step"]} for k in r["top"][:5]]}}
 
 
-READERS = {"benchmark": read_benchmark, "lora": read_lora, "profile": read_profile}
+def read_serve(path: pathlib.Path) -> dict:
+    r = json.loads(path.read_text())
+    return {"metrics": {"output_tokens_per_s": r["output_tokens_per_second"], "requests_per_s": r["requests_per_second"],
+                        "ttft_p95_s": r["ttft_p95_s"], "e2e_p95_s": r["e2e_p95_s"], "start_s": r["start_s"]},
+            "details": {"ok": r["ok"], "failed": r["failed"], "ttft_p50_s": r["ttft_p50_s"], "e2e_p50_s": r["e2e_p50_s"]}}
+
+
+READERS = {"benchmark": read_benchmark, "lora": read_lora, "profile": read_profile, "serve": read_serve}
 
 
 def bad_metrics(metrics: dict) -> list[str]:
@@ -367,6 +378,10 @@ def table_row(name: str, r: dict) -> str:
                  f"params + optimizer state {_size(m['full_state_GiB'])} -> {_size(m['lora_state_GiB'])}; step peak (XLA) "
                  f"{_size(m['full_step_peak_GiB'])} -> {_size(m['lora_step_peak_GiB'])}",
                  f"{m['full_compile_s']:.0f} + {m['lora_compile_s']:.0f} s", r.get("earlier", ""), r["command"]]
+    elif "output_tokens_per_s" in m:
+        cells = [name, "ok", f"{_fmt(m['output_tokens_per_s'])} output", "",
+                 f"p95 first token {m['ttft_p95_s'] * 1000:,.0f} ms, p95 end-to-end {m['e2e_p95_s'] * 1000:,.0f} ms",
+                 "", f"{m['start_s']:.0f} s to serve", r.get("earlier", ""), r["command"]]
     elif "device_ms_per_step" in m:
         top = r["details"]["top"][0] if r["details"]["top"] else {"name": "", "ms_per_step": 0}
         cells = [name, "ok", "", "", f"{m['device_ms_per_step']:.1f} ms device, {m['wall_ms_per_step']:.1f} ms wall",
