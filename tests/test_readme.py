@@ -350,7 +350,7 @@ def test_preparing_data_for_a_task(tmp_path):
     run_commands(runnable(code), root)
     for out, fmt in (("sft_shards", "sft"), ("chat_shards", "chat"), ("cls_shards", "classify")):
         manifest = json.loads((root / out / "manifest.json").read_text())
-        assert manifest.get("format", manifest.get("example_format")) == fmt, (out, sorted(manifest))
+        assert manifest["example_format"] == fmt, (out, sorted(manifest))
 
 
 @pytest.mark.slow
