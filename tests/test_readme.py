@@ -113,15 +113,18 @@ def _env() -> dict:
                 XLA_FLAGS="", MPLBACKEND="Agg")
 
 
+STDERR = "\n--- stderr ---\n"  # between a command's stdout and stderr in run_commands' result
+
+
 def run_commands(commands: list[list[str]], cwd: Path) -> list[str]:
-    """Run each argv in `cwd` as a user's shell would; returns each command's stdout."""
+    """Run each argv in `cwd` as a user's shell would; returns what each printed (stdout, then stderr)."""
     outputs = []
     for argv in commands:
         if argv[0] == "python":
             argv = [sys.executable] + argv[1:]
         done = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-        outputs.append(done.stdout + done.stderr)
+        outputs.append(done.stdout + STDERR + done.stderr)
     return outputs
 
 
@@ -424,4 +427,5 @@ def test_finetune_walkthrough(tmp_path):
         step = step_dir.removeprefix("test-step")
         assert any(name in out and f"step {step}" in out for out in exported), (name, step_dir, exported)
     labels = json.loads((w / "tiny_classify" / "labels.json").read_text())
-    assert ran[-1][1].strip().splitlines()[-1] in labels  # transformers' classifier answered with one of the classes
+    stdout = ran[-1][1].split(STDERR)[0]  # transformers' loading bars go to stderr
+    assert stdout.strip().splitlines()[-1] in labels, stdout  # transformers' classifier answered with one of the classes
