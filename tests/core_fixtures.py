@@ -7,6 +7,7 @@ tests start many short runs of the same tiny model, and on a busy 2-core machine
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -107,3 +108,16 @@ def tree_digest(root) -> dict[str, str]:
     root = pathlib.Path(root)
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@contextlib.contextmanager
+def tmpfs(path: pathlib.Path, options: str):
+    """A tmpfs mounted at `path` (root only): a real read-only or size-limited file system ("size=128k")."""
+    path.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root to test this")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)

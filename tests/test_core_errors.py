@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import pathlib
 import re
 import signal
 import subprocess
@@ -109,22 +108,9 @@ def test_checkpoints_that_is_a_file_fails_fast(tmp_path, capsys):
     assert (workdir / "checkpoints").read_text() == "not a directory"
 
 
-@contextlib.contextmanager
-def _tmpfs(path: pathlib.Path, options: str):
-    """A tmpfs mounted at `path` (root only): a real read-only or size-limited file system."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root to test this")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_read_only_workdir(tmp_path, capsys):
     """chmod does not stop root, so the WORKDIR is a read-only tmpfs (EROFS stops everyone)."""
-    with _tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
+    with core_fixtures.tmpfs(tmp_path / "ro", "ro,size=1m") as ro:
         err = _main_error(["--config=tiny", f"--workdir={ro}"], capsys)
         assert f"--workdir={ro} is not writable" in err and "Choose a WORKDIR" in err, err
         err = _main_error(["--config=tiny", f"--workdir={ro / 'run'}"], capsys)
@@ -136,7 +122,7 @@ def test_read_only_workdir(tmp_path, capsys):
 def test_disk_full_during_a_save_keeps_the_older_checkpoints_and_says_so(tmp_path, tokenizer_512, capsys,
                                                                          compile_cache_dir):
     """A real full disk: a tmpfs shrunk, after step 2 is saved, to what is used plus 256 KiB."""
-    with _tmpfs(tmp_path / "disk", "size=64m") as disk:
+    with core_fixtures.tmpfs(tmp_path / "disk", "size=64m") as disk:
         workdir = disk / "run"
         config = tmp_path / "config.json"
         config.write_text(to_json(run_config(tokenizer_512, 6, **{"checkpoint.keep": 5})))

@@ -3,7 +3,6 @@ resume, and clear errors on bad input that leave an existing output untouched.""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 
 from lmtrain.data.cleaning import CleaningOptions, clean_document, minhash_signature, normalize_text
 from lmtrain.data.shards import MANIFEST, ShardFileWriter, token_dtype, verify_shards
+from tests.core_fixtures import tmpfs
 from tools import shard_data, train_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -65,6 +65,24 @@ def read_split(out: Path, split: str) -> list[np.ndarray]:
 
 def snapshot(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def interrupted_after_two_shards(monkeypatch, tokenizer_dir, corpus, out, *args) -> list[str]:
+    """Run shard_data until a Ctrl-C arrives as the third shard is finished; the names of the two finished."""
+    finish = ShardFileWriter.finish
+    calls = []
+
+    def dying_finish(self):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(self.path.name)
+        return finish(self)
+
+    monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
+    with pytest.raises(KeyboardInterrupt):
+        shard(tokenizer_dir, corpus, out, *args)
+    monkeypatch.setattr(ShardFileWriter, "finish", finish)
+    return calls
 
 
 def test_every_token_is_in_exactly_one_shard_and_totals_match_the_manifest(tokenizer_dir, tmp_path):
@@ -294,19 +312,7 @@ def test_user_files_in_the_output_are_never_overwritten_or_deleted(tokenizer_dir
     # an interrupted run: its temporaries carry the run id recorded in .progress.json; others are not its own
     resumed = tmp_path / "resumed"
     args = ("--shard-mb", "0.004", "--val-fraction", "0.1")
-    finish = ShardFileWriter.finish
-    calls = []
-
-    def dying_finish(self):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(self.path.name)
-        return finish(self)
-
-    monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
-    with pytest.raises(KeyboardInterrupt):
-        shard(tokenizer_dir, corpus, resumed, *args)
-    monkeypatch.setattr(ShardFileWriter, "finish", finish)
+    interrupted_after_two_shards(monkeypatch, tokenizer_dir, corpus, resumed, *args)
     progress = json.loads((resumed / shard_data.PROGRESS).read_text())
     (run_id,) = progress["run_ids"]
     killed_leftover = resumed / f".train-00002.array_record.tmp-{run_id}"  # what a SIGKILL would leave
@@ -346,19 +352,7 @@ def test_run_ids_of_an_edited_record_never_delete_outside_the_output(tokenizer_d
         assert shard(tokenizer_dir, corpus, out, *args, "--no-near-dedup") == 0
         args += ("--force",)
     else:  # an interrupted run of the same options, resumed
-        finish = ShardFileWriter.finish
-        calls = []
-
-        def dying_finish(self):
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            calls.append(self.path.name)
-            return finish(self)
-
-        monkeypatch.setattr(ShardFileWriter, "finish", dying_finish)
-        with pytest.raises(KeyboardInterrupt):
-            shard(tokenizer_dir, corpus, out, *args)
-        monkeypatch.setattr(ShardFileWriter, "finish", finish)
+        interrupted_after_two_shards(monkeypatch, tokenizer_dir, corpus, out, *args)
     data = json.loads((out / record).read_text())
     data["run_ids"] = [*data.get("run_ids", []), "x/../../victim.txt", "*"]
     (out / record).write_text(json.dumps(data))
@@ -385,25 +379,11 @@ def test_deleting_refuses_a_path_outside_the_output(tmp_path):
         shard_data._unlink_inside("gs://bucket/out", "gs://bucket/victim.txt")
 
 
-@contextlib.contextmanager
-def tmpfs(path: Path, size: str):
-    """A real size-limited file system (root only), as tests/test_core_errors.py uses."""
-    path.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                          text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip()}); run as root to test this")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
 def test_a_full_disk_is_a_one_line_error_and_the_rerun_finishes_the_same_shards(tokenizer_dir, tmp_path, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_docs(3000, seed=15))  # ~400 KB of tokens
     args = ("--shard-mb", "0.05", "--val-fraction", "0.05")
     assert shard(tokenizer_dir, corpus, tmp_path / "reference", *args) == 0
-    with tmpfs(tmp_path / "disk", "128k") as disk:
+    with tmpfs(tmp_path / "disk", "size=128k") as disk:
         out = disk / "shards"
         capsys.readouterr()
         assert shard(tokenizer_dir, corpus, out, *args) == 2
