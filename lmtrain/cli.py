@@ -8,6 +8,7 @@ import sys
 
 import lmtrain
 from lmtrain.errors import ConfigError
+from lmtrain.plugins import load_plugins
 from lmtrain.runtime import apply_xla_defaults
 from lmtrain.train.disk_full import quiet_disk_full_noise
 
@@ -80,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lmtrain: command '{name}' is not available in this build ({e.name} missing).", file=sys.stderr)
             return 2
         raise
+    try:  # before the command reads a config: a plugin task, format or family must be registered first
+        load_plugins()
+    except ConfigError as e:
+        print(f"lmtrain {name}: error: {e}", file=sys.stderr)
+        return 2
     if name in JOINS_A_JOB:
         from lmtrain.parallel.mesh import maybe_initialize_distributed  # imports JAX: after apply_xla_defaults
 
