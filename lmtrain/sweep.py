@@ -40,9 +40,12 @@ import ml_collections
 import numpy as np
 
 from lmtrain import config as config_lib
+from lmtrain.evaluate.metrics import higher_is_better
 from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.paths import as_path, is_remote
 from lmtrain.storage.atomic import atomic_write_bytes, atomic_write_text
+from lmtrain.train import trainer
+from lmtrain.train.actions import TrainingDiverged
 from lmtrain.trees import flat_paths
 
 SWEEP_VERSION = 1
@@ -266,8 +269,6 @@ def parse_spec(raw: dict, source: str = "<dict>") -> SweepSpec:
         raise SweepError(f"{source}: 'overrides' must map config keys to values.")
     spec.overrides = {str(k): v for k, v in overrides.items()}
     spec.metric = str(raw.get("metric", spec.metric))
-    from lmtrain.evaluate.metrics import higher_is_better
-
     direction = raw.get("direction")
     if direction is None:
         better = higher_is_better(spec.metric)
@@ -478,8 +479,6 @@ def spec_from_sweep_dir(sweep_dir: str) -> SweepSpec:
 
 def default_train_fn() -> TrainFn:
     """The real trainer: train(cfg, workdir, show_progress=..., on_eval=...) -> TrainResult."""
-    from lmtrain.train import trainer
-
     return trainer.train
 
 
@@ -517,8 +516,6 @@ def _run_once(ctx: _Context, cfg, workdir: str, trial, report_steps: bool, histo
                 pruned.append(int(step))
                 return True
         return False
-
-    from lmtrain.train.actions import TrainingDiverged
 
     try:
         result = ctx.train_fn(cfg, workdir, show_progress=False, on_eval=on_eval)

@@ -8,6 +8,7 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
+import peft
 import pytest
 import torch
 from safetensors import safe_open
@@ -20,8 +21,6 @@ from lmtrain.interop.lora_export import export_adapter, without_adapters
 from lmtrain.interop.lora_import import read_peft_adapter
 from lmtrain.model import ModelConfig, ModelDef
 from tests.helpers import small_config
-
-peft = pytest.importorskip("peft")
 
 TOLERANCE = 1e-4
 VOCAB = 99  # not a multiple of 128: the padded vocabulary rows are exercised

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lmtrain.errors import ConfigError
 from lmtrain.train import metrics as metrics_lib
 
 
@@ -230,8 +231,6 @@ class Evaluate:
         run.progress.write(f"step {run.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scalars.items() if "/" not in k))
         es = self.early_stopping
         if es.metric not in scalars:
-            from lmtrain.config import ConfigError
-
             raise ConfigError(f"train.early_stopping.metric='{es.metric}' is not among this task's evaluation "
                               f"metrics ({', '.join(scalars)}).")
         es.update(run.step, scalars[es.metric])
