@@ -251,3 +251,20 @@ def test_unsupported_configs_and_checkpoints_are_named():
         t5_family.params_from_hf(state, dataclasses.replace(cfg, mlp="gated-gelu"))
     with pytest.raises(ConfigError, match="model.lora_targets: 'wi_0'"):
         T5Config.from_config({**dataclasses.asdict(cfg), "lora_rank": 2, "lora_targets": ["wi_0"]})
+
+
+def test_training_forward_drops_out_by_its_key_and_every_parameter_gets_a_gradient():
+    cfg = T5Config(vocab_size=VOCAB, d_model=16, n_layers=1, n_decoder_layers=2, n_heads=2, head_dim=8, d_ff=32,
+                   relative_buckets=8, relative_max_distance=16, dropout=0.1)
+    model_def = T5ModelDef(cfg)
+    params = model_def.init(jax.random.key(0))
+    inputs = _inputs(seed=6)
+
+    def loss(params, key):
+        return model_def.apply(params, *inputs, dropout_key=key)[..., :VOCAB].mean()
+
+    key = jax.random.key(1)
+    assert float(loss(params, key)) == float(loss(params, key)) != float(loss(params, None))
+    grads = jax.grad(loss)(params, key)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        assert np.abs(np.asarray(g)).max() > 0, jax.tree_util.keystr(path)
