@@ -99,7 +99,7 @@ def config_to_lm(hf: dict) -> tuple[dict, list[str]]:
 
 def _token_id(hf: HFConfig, key: str, default: int) -> int:
     value = hf.get(key, default)
-    if isinstance(value, list) and value:  # several EOS ids: greedy decoding stops at the first
+    if isinstance(value, list) and value:  # several EOS ids: lmtrain's T5Config keeps the first
         value = value[0]
     if value is None:
         return default

@@ -150,6 +150,14 @@ class T5ModelDef:
             _nested_set(self.logical_axes, keys, tuple(var.logical_axes))
             _nested_set(self.shapes, keys, jax.ShapeDtypeStruct(var.shape, var.dtype))
 
+    # Equal configs, equal definitions: a jitted function that takes the definition as a static argument
+    # (generation) compiles once per config, not once per instance.
+    def __hash__(self) -> int:
+        return hash(self.cfg)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, T5ModelDef) and other.cfg == self.cfg
+
     def init(self, key: jax.Array) -> dict:
         return nnx.to_pure_dict(nnx.state(T5(self.cfg, nnx.Rngs(params=key))))
 
