@@ -1,0 +1,104 @@
+"""The T5-family encoder-decoder's hyper-parameters: its own dataclass, beside (not inside) ModelConfig.
+
+It also answers the handful of attributes the shared building blocks read (`Norm`, `maybe_lora`): `norm`,
+`use_bias`, `compute_dtype`, `weight_dtype`, so those blocks serve both model kinds unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from lmtrain.errors import ConfigError
+from lmtrain.param_rules import TARGETS
+
+MLPS = ("relu", "gated-gelu")  # T5 v1.0 and T5 v1.1 / Flan-T5 feed-forwards, as transformers' feed_forward_proj
+
+# PEFT's module names for T5's projections (target_modules) -> lmtrain's canonical LoRA targets. 'q', 'k', 'v'
+# and 'o' name both the self- and the cross-attention projections, in PEFT as here.
+T5_LORA_NAMES = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "wi": ("up",), "wi_0": ("gate",),
+                 "wi_1": ("up",), "wo": ("down",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class T5Config:
+    """Static hyper-parameters of a T5 encoder-decoder (hashable, so modules can close over them)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int  # encoder blocks
+    n_heads: int
+    head_dim: int  # T5's d_kv: need not be d_model / n_heads
+    d_ff: int
+    n_decoder_layers: int = 0  # 0: as many as the encoder
+    mlp: str = "gated-gelu"  # 'relu' (T5 v1.0) or 'gated-gelu' (v1.1, Flan-T5)
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False  # the LM head reuses the shared token embedding
+    scale_decoder_outputs: bool = False  # multiply the decoder output by d_model**-0.5 before the head (T5 v1.0)
+    vocab_pad_multiple: int = 128
+    dropout: float = 0.0  # on the embeddings, each sublayer's output and the feed-forward's hidden layer
+    pad_id: int = 0
+    eos_id: int = 1
+    decoder_start_id: int = 0  # T5 starts decoding from the pad token
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    logits_dtype: str = "float32"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple = ()  # canonical targets (q, k, v, o, gate, up, down) after `from_config`
+
+    # What the shared blocks (lmtrain.model.layers.Norm) read: T5's norm is RMSNorm without bias or centring.
+    norm = "rmsnorm"
+    use_bias = False
+
+    def __post_init__(self):
+        if self.mlp not in MLPS:
+            raise ConfigError(f"model.mlp='{self.mlp}' is not a T5 feed-forward; choose one of {', '.join(MLPS)}.")
+
+    @classmethod
+    def from_config(cls, model_cfg) -> T5Config:
+        """From a `model:` mapping; LoRA targets may be canonical names or T5's PEFT module names."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in model_cfg.items() if k in fields}
+        values["lora_targets"] = resolve_lora_targets(values.get("lora_targets") or (), values.get("mlp", "gated-gelu")) \
+            if values.get("lora_rank") else ()
+        return cls(**values)
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers or self.n_layers
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim
+
+    @property
+    def padded_vocab(self) -> int:
+        m = max(1, self.vocab_pad_multiple)
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
+def resolve_lora_targets(names, mlp: str) -> tuple[str, ...]:
+    """Canonical LoRA targets from canonical or T5 names; the gate exists only in the gated feed-forward."""
+    out: list[str] = []
+    for name in names:
+        parts = (name,) if name in TARGETS else T5_LORA_NAMES.get(name)
+        if parts is None:
+            raise ConfigError(f"model.lora_targets: '{name}' matches no T5 projection. Use {', '.join(TARGETS)} or "
+                             f"T5's module names ({', '.join(T5_LORA_NAMES)}).")
+        if "gate" in parts and mlp != "gated-gelu":
+            raise ConfigError(f"model.lora_targets: '{name}' adapts the gate, which only model.mlp='gated-gelu' has.")
+        out += [p for p in parts if p not in out]
+    return tuple(out)
