@@ -36,13 +36,13 @@ class NerFormat(ExampleFormat):
         return labels[labels >= 0]
 
     def batch(self, examples, row_len, batch_rows, pad_id) -> dict:
-        return token_classify_batch([(ex["tokens"], ex["token_labels"]) for ex in examples], row_len, batch_rows,
+        return per_token_label_batch([(ex["tokens"], ex["token_labels"]) for ex in examples], row_len, batch_rows,
                                     pad_id)
 
 
-def token_classify_batch(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_rows: int,
-                         pad_id: int = 0) -> dict:
-    """A token-classification batch: one example (tokens, per-token label ids, -1 for no target) per row,
+def per_token_label_batch(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_rows: int,
+                          pad_id: int = 0) -> dict:
+    """A batch of per-token labels: one example (tokens, per-token label ids, -1 for no target) per row,
     right-padded. inputs, segment_ids, positions, labels: [B, L] int32 (labels 0 where there is no target);
     weights: [B, L] float32, 1 on the tokens whose label is trained and scored."""
     batch = classify_batch([(tokens, 0) for tokens, _ in examples], seq_len, batch_rows, pad_id)
