@@ -14,15 +14,18 @@ import pytest
 from tokenizers import Tokenizer
 
 from lmtrain import plugins
+from lmtrain.config import ConfigError
 from lmtrain.data.builtin_corpus import builtin_documents
 from lmtrain.data.formats import FORMATS, get_format
 from lmtrain.data.packing import ExamplePacker, RowPacker, classify_batch, rows_dict_to_batch
+from lmtrain.data.pipeline import make_data
 from lmtrain.data.shard_files import FORMAT, MANIFEST, ShardError
 from lmtrain.data.shard_writer import ShardFileWriter
 from lmtrain.data.shards import ShardedTrainIterator, decode_record, load_manifest, shard_eval_batches
 from lmtrain.data.tokenizer import train_bpe_tokenizer
 from lmtrain.storage.atomic import atomic_write_json
 from tests.core_fixtures import cli_env
+from tests.helpers import small_config
 
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = "lmtrain_toy_scored_format"
@@ -36,6 +39,7 @@ import numpy as np
 
 from lmtrain.data.examples import ExampleError
 from lmtrain.data.formats import ExampleFormat, register_format
+from lmtrain.config import ConfigError
 from lmtrain.data.packing import classify_batch
 
 
@@ -225,3 +229,11 @@ def test_every_builtin_format_round_trips_an_example_as_before(name, tmp_path):
     assert sorted(batch) == sorted(want)
     for key in want:
         np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
+
+
+def test_make_data_refuses_examples_in_a_format_the_task_does_not_read(tmp_path):
+    cfg = small_config(**{"task.name": "toy", "data.source": "builtin"})
+    with pytest.raises(ConfigError, match="task.name=toy needs shards made with tools/shard_data.py --format sft or "
+                                          "chat, but data.source=builtin is plain text"):
+        make_data(cfg, tmp_path, formats=("sft", "chat"))
+    assert not (tmp_path / "tokenizer").exists()  # refused before any work
