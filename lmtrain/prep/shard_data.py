@@ -6,7 +6,9 @@
 Stages: read (lmtrain.prep.text_sources) -> clean in worker processes (normalize, filter, hash,
 MinHash) -> dedup in corpus order -> split train/validation by a hash of the document's text ->
 tokenize in batches (the tokenizers library uses every core) with EOS after each document ->
-shards of about --shard-mb of tokens, each written to a temporary name, fsynced and renamed.
+shards of about --shard-mb of tokens, each written to a temporary name, fsynced and renamed
+(lmtrain.data.shard_writer). Task records (--format) are encoded and stored as their format says
+(lmtrain.data.formats), a plugin's format included.
 
 Re-running with the same inputs and options skips the shards already finished (their sha256 is
 checked); manifest.json is written last, so a directory without it is unfinished.
