@@ -19,6 +19,7 @@ from lmtrain.data.examples import ChatEncoder, ExampleError
 from lmtrain.data.packing import ExamplePacker, check_batch, rows_dict_to_batch
 from lmtrain.data.shards import ShardedTrainIterator, decode_record, load_manifest, shard_eval_batches
 from lmtrain.evaluate import examples as eval_examples
+from lmtrain.prep.shard_data import split_of_example
 from tools import shard_data, train_tokenizer
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -347,7 +348,7 @@ def test_bad_task_data_is_a_clear_error_naming_file_and_line(tok_dir, tmp_path, 
         if case == "unseen_label":
             # a label that only a validation example has (the split is a hash of the text)
             text = next(f"probe {k}" for k in range(1000)
-                        if shard_data.split_of_example(json.dumps(f"probe {k}"), 0.3, 0) == "validation")
+                        if split_of_example(json.dumps(f"probe {k}"), 0.3, 0) == "validation")
             records.append({"text": text, "label": "sarcastic"})
             extra = ("--val-fraction", "0.3")
             message = f"{bad}:31: label 'sarcastic' (validation split) never occurs in the training split"
@@ -365,17 +366,20 @@ def test_bad_task_data_is_a_clear_error_naming_file_and_line(tok_dir, tmp_path, 
 
 
 def test_the_task_must_match_the_shards(tok_dir, tmp_path):
-    from lmtrain.data.pipeline import check_labels, check_task
+    from lmtrain.data.pipeline import check_formats, check_labels
     from tests.helpers import small_config
 
-    check_task(small_config(**{"task.name": "classify"}), "classify", "d")
+    check_formats(small_config(**{"task.name": "classify"}), ("classify",), "classify", "d")
+    check_formats(small_config(**{"task.name": "classify"}), None, "text", "d")  # None: the caller checks nothing
     with pytest.raises(ConfigError, match="task.name=classify needs shards made with tools/shard_data.py --format "
-                                          "classify \\(classification data needs text and label fields\\)"):
-        check_task(small_config(**{"task.name": "classify"}), "text", "d")
-    with pytest.raises(ConfigError, match="task.name=sft needs .* --format sft or chat"):
-        check_task(small_config(**{"task.name": "sft"}), "classify", "d")
+                                          "classify \\(its records need text and label fields\\), but "
+                                          "data.shards_dir=d holds text shards"):
+        check_formats(small_config(**{"task.name": "classify"}), ("classify",), "text", "d")
+    with pytest.raises(ConfigError, match="task.name=sft needs .* --format sft or chat, but data.shards_dir=d holds "
+                                          "classify shards"):
+        check_formats(small_config(**{"task.name": "sft"}), ("sft", "chat"), "classify", "d")
     with pytest.raises(ConfigError, match="task.name=sft needs .*data.source=builtin is plain text"):
-        check_task(small_config(**{"task.name": "sft"}), "text", "")
+        check_formats(small_config(**{"task.name": "sft"}), ("sft", "chat"), "text", "")
     check_labels(["a", "b"], ["a", "b"], "d")
     with pytest.raises(ConfigError, match=r"the labels \['c'\] of d were never seen in training"):
         check_labels(["a", "b"], ["a", "c"], "d")
@@ -573,7 +577,7 @@ def test_each_split_prints_the_train_majority_accuracy_that_eval_reports(tok_dir
     records, seen = [], {"train": 0, "validation": 0, "test": 0}
     for i in range(120):
         text = f"r{i} " + sentence(rng, 3, 12)
-        split = shard_data.split_of_example(json.dumps(text), val, test)
+        split = split_of_example(json.dumps(text), val, test)
         n = seen[split] = seen[split] + 1
         label = ("often" if n % 3 else "rare") if split == "train" else ("rare" if n % 4 else "often")
         records.append({"text": text, "label": label})

@@ -478,8 +478,7 @@ def ner_shards(bert_tokenizer, tmp_path_factory):
 
 def test_ner_examples_tag_each_word_s_first_piece(bert_tokenizer):
     from lmtrain.data.examples import TokenClassifyEncoder
-    from lmtrain.data.packing import token_classify_batch
-    from lmtrain.data.shards import decode_record, encode_record
+    from lmtrain.data.formats import get_format
     from lmtrain.data.tokenizer import load_tokenizer
 
     hf = load_tokenizer(bert_tokenizer)
@@ -492,9 +491,13 @@ def test_ner_examples_tag_each_word_s_first_piece(bert_tokenizer):
     assert [t for _, t in tagged] == record["tags"] and all(not p.startswith("##") for p, _ in tagged)
     assert len(pieces) > len(record["tokens"]) + 2  # some words are several pieces: those carry no tag
     ids = np.asarray([-1 if t is None else 7 for t in example.label], np.int16)
-    tokens, token_labels, _ = decode_record("ner", np.uint16, encode_record("ner", np.uint16, example.tokens, ids))
-    np.testing.assert_array_equal(token_labels, ids)
-    batch = token_classify_batch([(tokens, token_labels)], 32, 2)
+    ner = get_format("ner")
+    arrays = ner.arrays(example, {str(t): 7 for t in record["tags"]})
+    np.testing.assert_array_equal(arrays["token_labels"], ids)
+    stored = ner.decode(ner.encode(arrays, np.uint16), np.uint16)
+    np.testing.assert_array_equal(stored["token_labels"], ids)
+    np.testing.assert_array_equal(stored["tokens"], example.tokens)
+    batch = ner.batch([stored], 32, 2, 0)
     assert batch["weights"][0].sum() == 5 and batch["weights"][1].sum() == 0 and batch["labels"].max() == 7
     short = TokenClassifyEncoder(hf.backend_tokenizer, max_tokens=4).encode(record, "x.jsonl:1")
     assert len(short.tokens) == 4 and hf.convert_ids_to_tokens([int(short.tokens[-1])]) == ["[SEP]"]

@@ -14,6 +14,7 @@ from lmtrain.config import ConfigError
 from lmtrain.data import shards as shards_lib
 from lmtrain.data.packing import DataError, check_batch, pack_documents, rows_to_batch
 from lmtrain.data.pipeline import PackedRowsIterator
+from lmtrain.data.shard_writer import ShardFileWriter
 from lmtrain.storage.atomic import atomic_write_json
 
 EOS = 1
@@ -35,7 +36,7 @@ def write_shards(root: Path, train_docs: list[np.ndarray], val_docs: list[np.nda
     for split, docs in (("train", train_docs), ("validation", val_docs)):
         entries = []
         for k in range(0, len(docs), docs_per_shard):
-            writer = shards_lib.ShardFileWriter(root / f"{split}-{len(entries):05d}.array_record", dtype)
+            writer = ShardFileWriter(root / f"{split}-{len(entries):05d}.array_record", dtype)
             for doc in docs[k : k + docs_per_shard]:
                 writer.write(doc)
             entries.append(writer.finish())

@@ -29,9 +29,9 @@ from transformers import (
 
 from lmtrain import cli as lmtrain_cli
 from lmtrain.data.shards import decode_record, load_manifest, split_source
+from lmtrain.prep import shard_data
 from tests import core_fixtures
 from tests.test_tokenizer_families import FAMILIES, MINILM, packaged_minilm
-from tools import shard_data
 
 compile_cache, compile_cache_dir = core_fixtures.compile_cache, core_fixtures.compile_cache_dir
 pytestmark = pytest.mark.usefixtures("compile_cache")

@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmtrain.data.cleaning import CleaningOptions, clean_document, minhash_signature, normalize_text
-from lmtrain.data.shards import MANIFEST, ShardFileWriter, token_dtype, verify_shards
+from lmtrain.data.shard_writer import PROGRESS, ShardError, ShardFileWriter, unlink_inside
+from lmtrain.data.shards import MANIFEST, token_dtype, verify_shards
+from lmtrain.prep.cleaning import CleaningOptions, clean_document, minhash_signature, normalize_text
 from tests.core_fixtures import tmpfs
 from tools import shard_data, train_tokenizer
 
@@ -193,7 +194,7 @@ def test_kill_mid_way_leaves_no_false_shard_and_rerun_skips_finished_ones(tokeni
     assert all((out / n).stat().st_mtime_ns == t for n, t in mtimes.items())  # ... and not touched
     assert json.loads((out / MANIFEST).read_text())["splits"] == reference  # same bytes as an uninterrupted run
     verify_shards(out)
-    assert not (out / shard_data.PROGRESS).exists()
+    assert not (out / PROGRESS).exists()
 
 
 def test_rerun_of_a_complete_output_does_nothing(tokenizer_dir, tmp_path, capsys):
@@ -280,7 +281,7 @@ def test_a_huge_single_line_is_split_into_pieces_of_bounded_size(tokenizer_dir, 
 
 
 def test_minhash_in_chunks_equals_the_one_shot_product():
-    from lmtrain.data import cleaning
+    from lmtrain.prep import cleaning
 
     text = " ".join(f"w{i % 3000}" for i in range(20000))  # ~3000 distinct shingles: several chunks of 1000
     chunked = cleaning.minhash_signature(text, 64)
@@ -313,7 +314,7 @@ def test_user_files_in_the_output_are_never_overwritten_or_deleted(tokenizer_dir
     resumed = tmp_path / "resumed"
     args = ("--shard-mb", "0.004", "--val-fraction", "0.1")
     interrupted_after_two_shards(monkeypatch, tokenizer_dir, corpus, resumed, *args)
-    progress = json.loads((resumed / shard_data.PROGRESS).read_text())
+    progress = json.loads((resumed / PROGRESS).read_text())
     (run_id,) = progress["run_ids"]
     killed_leftover = resumed / f".train-00002.array_record.tmp-{run_id}"  # what a SIGKILL would leave
     killed_leftover.write_bytes(b"partial")
@@ -341,7 +342,7 @@ def test_force_replaces_a_run_of_other_options_and_only_its_files(tokenizer_dir,
     verify_shards(out)
 
 
-@pytest.mark.parametrize("record", [MANIFEST, shard_data.PROGRESS])
+@pytest.mark.parametrize("record", [MANIFEST, PROGRESS])
 def test_run_ids_of_an_edited_record_never_delete_outside_the_output(tokenizer_dir, tmp_path, monkeypatch, record):
     """Run ids read back from manifest.json / .progress.json go into a glob of temporaries to delete: ids
     not of the tool's 12-hex form ("*", "x/../../victim.txt") are ignored, so nothing else goes."""
@@ -372,11 +373,11 @@ def test_deleting_refuses_a_path_outside_the_output(tmp_path):
     (tmp_path / "out").mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("outside")
-    with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
-        shard_data._unlink_inside(tmp_path / "out", tmp_path / "out" / ".." / "victim.txt")
+    with pytest.raises(ShardError, match="not a file inside the output"):
+        unlink_inside(tmp_path / "out", tmp_path / "out" / ".." / "victim.txt")
     assert victim.exists()
-    with pytest.raises(shard_data.ShardError, match="not a file inside the output"):
-        shard_data._unlink_inside("gs://bucket/out", "gs://bucket/victim.txt")
+    with pytest.raises(ShardError, match="not a file inside the output"):
+        unlink_inside("gs://bucket/out", "gs://bucket/victim.txt")
 
 
 def test_a_full_disk_is_a_one_line_error_and_the_rerun_finishes_the_same_shards(tokenizer_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lmtrain.data.text_sources import CorpusSpec, SourceError, iter_documents
+from lmtrain.prep.text_sources import CorpusSpec, SourceError, iter_documents
 from tools import train_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
@@ -193,7 +193,7 @@ def test_exactly_one_source_is_required(tmp_path, corpus, capsys):
 def test_non_utf8_error_names_the_line_that_holds_the_bad_byte(tmp_path, fmt):
     # The text reader decodes kilobytes ahead of the line it yields: a bad byte on line 400 used to
     # be reported on whatever line the reader had reached (line 1 for a .txt file read whole).
-    from lmtrain.data.text_sources import CorpusSpec, SourceError, iter_documents
+    from lmtrain.prep.text_sources import CorpusSpec, SourceError, iter_documents
 
     ext, unit = (fmt.split("-") + ["paragraph"])[:2]
     lines = [json.dumps({"text": f"document number {i} is fine"}) if ext == "jsonl" else f"line {i} is fine"

@@ -21,15 +21,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools import shard_data, train_tokenizer  # noqa: E402
+from lmtrain.data.builtin_corpus import builtin_documents  # noqa: E402
+from lmtrain.data.shards import ShardedTrainIterator  # noqa: E402
+from lmtrain.prep import shard_data, train_tokenizer  # noqa: E402
 
 SHAPES = {"tiny": (128, 16), "gpt2_small": (1024, 512)}  # (seq_len, global batch) of configs/tiny.py, gpt2_small.py
 
 
 def dump_corpus(path: Path, copies: int) -> int:
     """The builtin corpus, `copies` times (distinct per copy so that dedup would keep them), as jsonl."""
-    from lmtrain.data.builtin_corpus import builtin_documents
-
     docs = builtin_documents()
     with open(path, "w", encoding="utf-8") as f:
         for c in range(copies):
@@ -90,8 +90,6 @@ def bench_tokenize(workdir: Path, copies: int, repeats: int) -> dict:
 
 
 def bench_loader(shards: Path, step_ms: dict[str, float], seconds: float) -> dict:
-    from lmtrain.data.shards import ShardedTrainIterator
-
     result = {}
     for name, (seq_len, batch) in SHAPES.items():
         it = ShardedTrainIterator(shards, seq_len, batch, seed=0, prefetch=0)

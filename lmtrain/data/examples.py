@@ -20,10 +20,15 @@ import jinja2
 import numpy as np
 
 from lmtrain.data.chat_render import ChatTemplateRenderer, TemplateLimitError
-from lmtrain.data.text_sources import SourceError
+from lmtrain.paths import as_path
 
 TOO_LONG_POLICIES = ("truncate", "drop")
 MISSING_LABELS = ("", "nan")  # a label cell that means "none": empty, or NaN as pandas writes a missing value
+
+
+class SourceError(ValueError):
+    """The input cannot be read as asked; the message names the file (and line) at fault. The shard tool's
+    readers (lmtrain.prep.text_sources) raise it too."""
 
 
 class ExampleError(SourceError):
@@ -101,8 +106,6 @@ class SftEncoder:
 
 
 def load_chat_template(path: str) -> str:
-    from lmtrain.paths import as_path
-
     try:
         text = as_path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

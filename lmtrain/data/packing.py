@@ -182,21 +182,6 @@ def classify_batch(examples: list[tuple[np.ndarray, int]], seq_len: int, batch_r
     return {"inputs": inputs, "segment_ids": segment_ids, "positions": positions, "labels": labels, "weights": weights}
 
 
-def token_classify_batch(examples: list[tuple[np.ndarray, np.ndarray]], seq_len: int, batch_rows: int,
-                         pad_id: int = 0) -> dict:
-    """A token-classification batch: one example (tokens, per-token label ids, -1 for no target) per row,
-    right-padded. inputs, segment_ids, positions, labels: [B, L] int32 (labels 0 where there is no target);
-    weights: [B, L] float32, 1 on the tokens whose label is trained and scored."""
-    batch = classify_batch([(tokens, 0) for tokens, _ in examples], seq_len, batch_rows, pad_id)
-    labels = np.zeros((batch_rows, seq_len), np.int32)
-    weights = np.zeros((batch_rows, seq_len), np.float32)
-    for r, (_, token_labels) in enumerate(examples):
-        n = min(len(token_labels), seq_len)
-        labels[r, :n] = np.maximum(token_labels[:n], 0)
-        weights[r, :n] = token_labels[:n] >= 0
-    return {**batch, "labels": labels, "weights": weights}
-
-
 def check_data_slice(global_batch_size: int, data_index: int, data_count: int) -> None:
     """A data slice (this host's rows of the global batch, from the batch sharding) must exist and divide the batch."""
     if data_count < 1 or not 0 <= data_index < data_count:

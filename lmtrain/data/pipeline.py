@@ -12,11 +12,15 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from lmtrain.config import ConfigError
-from lmtrain.data import packing
-from lmtrain.data.cleaning import is_validation_doc
+from lmtrain.data import packing, shards
+from lmtrain.data.builtin_corpus import builtin_documents
+from lmtrain.data.formats import FORMATS, get_format
+from lmtrain.data.splits import is_validation_doc
 from lmtrain.data.tokenizer import eos_id, load_tokenizer, train_bpe_tokenizer
 from lmtrain.paths import as_path
 
@@ -26,15 +30,9 @@ class DataBundle:
     train: Iterator[dict]  # with get_state() / set_state(dict)
     eval_batches: Callable[..., Iterator[dict]]  # (max_batches=0 for all, split="validation") -> batches
     tokenizer: object
-    example_format: str = "text"  # text (lm), sft, chat (both the sft task), classify
-    labels: list | None = None  # classify: the classes in class-id order (the manifest's)
+    example_format: str = "text"  # the registered format of the examples (lmtrain.data.formats)
+    labels: list | None = None  # a format with a label vocabulary: the classes in class-id order (the manifest's)
     splits: tuple[str, ...] = ("train", "validation")  # what eval_batches can read besides train
-
-
-# The task each example format trains (task.name in the config).
-FORMAT_TASKS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify", "ner": "token_classify"}
-# Tasks that train on another task's format: masked language modelling reads the language model's text.
-SHARED_FORMATS = {"mlm": "text"}
 
 
 class PackedRowsIterator:
@@ -117,30 +115,22 @@ def _eval_batches_fn(rows: dict[str, np.ndarray], global_batch: int, data_index:
 
 def _builtin_tokenizer(tok_dir, train_docs: list[str], vocab_size: int):
     """The WORKDIR's tokenizer, trained on the first start by process 0 while the others wait for it."""
-    import jax
-
     if not tok_dir.exists() and jax.process_index() == 0:
         train_bpe_tokenizer(train_docs, vocab_size, tok_dir)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("lmtrain_builtin_tokenizer")
     return load_tokenizer(tok_dir)
 
 
-def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -> DataBundle:
-    from lmtrain.data.builtin_corpus import builtin_documents
-
+def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int, formats=None) -> DataBundle:
     d = cfg.data
-    check_task(cfg, "text", "")
+    check_formats(cfg, formats, "text", "")
     docs = builtin_documents(d.max_docs)
     train_docs = [t for t in docs if not is_validation_doc(t, d.val_fraction)]
     val_docs = [t for t in docs if is_validation_doc(t, d.val_fraction)]
     folds, fold = cv_settings(cfg)
     if folds:  # cross-validation: fold `fold` of the training documents validates, the others train
-        from lmtrain.data.shards import cv_fold_of
-
-        in_fold = [cv_fold_of(t.encode("utf-8"), folds) == fold for t in train_docs]
+        in_fold = [shards.cv_fold_of(t.encode("utf-8"), folds) == fold for t in train_docs]
         val_docs = [t for t, held in zip(train_docs, in_fold) if held]
         train_docs = [t for t, held in zip(train_docs, in_fold) if not held]
     if not val_docs and cfg.train.eval_every:
@@ -162,10 +152,8 @@ def _builtin_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -
 
 def cv_settings(cfg) -> tuple[int, int]:
     """(data.cv_folds, data.cv_fold), checked; (0, 0) without cross-validation."""
-    from lmtrain.data.shards import check_cv
-
     folds, fold = int(cfg.data.get("cv_folds", 0)), int(cfg.data.get("cv_fold", 0))
-    check_cv(folds, fold)
+    shards.check_cv(folds, fold)
     return folds, fold
 
 
@@ -177,9 +165,7 @@ def check_vocab(tokenizer, model_vocab: int, tok_dir) -> None:
         )
 
 
-def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) -> DataBundle:
-    from lmtrain.data import shards
-
+def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int, formats=None) -> DataBundle:
     d = cfg.data
     if not d.shards_dir or not d.tokenizer_dir:
         raise ConfigError("data.source='shards' needs data.shards_dir and data.tokenizer_dir.")
@@ -191,7 +177,7 @@ def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) ->
     shards.check_compatibility(d.shards_dir, d.tokenizer_dir, cfg.model.vocab_size)
     manifest = shards.load_manifest(d.shards_dir)
     example_format = shards.example_format(manifest)
-    check_task(cfg, example_format, d.shards_dir)
+    check_formats(cfg, formats, example_format, d.shards_dir)
     if d.verify_shards:
         shards.verify_shards(d.shards_dir, data_index, data_count)
     tokenizer = load_tokenizer(d.tokenizer_dir)
@@ -208,18 +194,19 @@ def _shards_data(cfg, workdir: os.PathLike, data_index: int, data_count: int) ->
                       shards.manifest_splits(manifest))
 
 
-def check_task(cfg, example_format: str, shards_dir) -> None:
-    """The shards must hold the examples the configured task trains on (when the config names a task)."""
-    task = cfg.get("task", {}).get("name") if hasattr(cfg, "get") else None
-    if task is None or FORMAT_TASKS[example_format] == task or SHARED_FORMATS.get(task) == example_format:
+def check_formats(cfg, formats, example_format: str, shards_dir) -> None:
+    """The examples must be in a format the configured task reads (`formats`, its registered format names);
+    None checks nothing. `shards_dir` is empty for the built-in text source."""
+    if formats is None or example_format in formats:
         return
-    needs = {"lm": "text", "sft": "sft or chat", "classify": "classify", "mlm": "text",
-             "token_classify": "ner"}.get(task, "?")
-    hint = " (classification data needs text and label fields)" if task == "classify" else ""
+    task = cfg.get("task", {}).get("name") if hasattr(cfg, "get") else None
+    wanted = " or ".join(formats) or "(none)"
+    records = get_format(formats[0]).records if len(formats) == 1 and formats[0] in FORMATS else ""
+    hint = f" (its records need {records})" if records else ""
     where = f"data.shards_dir={shards_dir} holds {example_format} shards" if shards_dir else (
         "data.source=builtin is plain text (use data.source=shards with tools/shard_data.py --builtin-task for the demos)")
-    raise ConfigError(f"task.name={task} needs shards made with tools/shard_data.py --format {needs}{hint}, but "
-                      f"{where}. Re-shard the data, or set task.name={FORMAT_TASKS[example_format]}.")
+    raise ConfigError(f"task.name={task} needs shards made with tools/shard_data.py --format {wanted}{hint}, but "
+                      f"{where}. Re-shard the data, or set task.name to a task that reads {example_format} examples.")
 
 
 def check_labels(run_labels: list, data_labels: list | None, shards_dir) -> None:
@@ -239,8 +226,10 @@ def check_labels(run_labels: list, data_labels: list | None, shards_dir) -> None
 SOURCES = {"builtin": _builtin_data, "shards": _shards_data}
 
 
-def make_data(cfg, workdir: str | os.PathLike, data_index: int = 0, data_count: int = 1) -> DataBundle:
-    """The data of `cfg.data.source` for data slice `data_index` of `data_count` of the global batch."""
+def make_data(cfg, workdir: str | os.PathLike, data_index: int = 0, data_count: int = 1,
+              formats: tuple[str, ...] | None = None) -> DataBundle:
+    """The data of `cfg.data.source` for data slice `data_index` of `data_count` of the global batch. With
+    `formats` (the registered format names the task reads), examples of any other format are a ConfigError."""
     if cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source='{cfg.data.source}' is unknown. Choose one of: {', '.join(SOURCES)}.")
-    return SOURCES[cfg.data.source](cfg, as_path(workdir), data_index, data_count)
+    return SOURCES[cfg.data.source](cfg, as_path(workdir), data_index, data_count, formats)

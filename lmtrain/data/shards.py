@@ -1,8 +1,9 @@
-"""Token shards on disk: the crash-safe shard writer, the manifest, and the training and eval loaders.
+"""Token shards on disk: the manifest, its start-up checks, and the training and eval loaders.
 
-A shard directory (written by tools/shard_data.py) holds ArrayRecord files of tokenized documents,
-one record per document (EOS included) stored as little-endian uint16 or uint32, and a
-manifest.json written last. The training loader is a Grain pipeline:
+A shard directory (written by lmtrain.data.shard_writer, through tools/shard_data.py) holds ArrayRecord
+files of tokenized examples, one record per example in the byte layout of the manifest's example format
+(lmtrain.data.formats; a text document is its tokens, EOS included, as little-endian uint16 or uint32),
+and a manifest.json written last. The training loader is a Grain pipeline:
 
     ArrayRecordDataSource -> global shuffle, reseeded every epoch -> repeat -> this host's stride
     -> pack into rows of seq_len + 1 (lmtrain.data.packing.RowPacker) -> batch -> thread prefetch
@@ -25,59 +26,24 @@ from pathlib import Path
 import grain
 import numpy as np
 import xxhash
+from array_record.python.array_record_module import ArrayRecordReader
 from etils import epath
+from tokenizers import Tokenizer
 
 from lmtrain.config import ConfigError
-from lmtrain.data.packing import (
-    DataError,
-    ExamplePacker,
-    RowPacker,
-    check_data_slice,
-    classify_batch,
-    pad_row,
-    rows_dict_to_batch,
-    token_classify_batch,
+from lmtrain.data.formats import FORMATS, ExampleFormat, get_format
+from lmtrain.data.packing import DataError, ExamplePacker, RowPacker, check_data_slice, pad_row, rows_dict_to_batch
+from lmtrain.data.shard_files import (  # noqa: F401 - the reader's names for what the writer shares
+    FORMAT,
+    MANIFEST,
+    OPTIONAL_SPLITS,
+    SHARDS_TOKENIZER,
+    SPLITS,
+    ShardError,
+    sha256_file,
+    token_dtype,
 )
 from lmtrain.paths import as_path
-from lmtrain.storage.atomic import fsync_dir
-
-MANIFEST = "manifest.json"
-FORMAT = "lmtrain-shards-v1"
-SPLITS = ("train", "validation")  # every shard directory has these; "test" is optional
-OPTIONAL_SPLITS = ("test",)
-# What a record holds, by the manifest's example_format (absent: text). Tokens are little-endian
-# token_dtype; a loss mask is one uint8 per token after them; a label is a little-endian int32
-# index into the manifest's `labels` before them; ner token labels are one little-endian int16 per token after
-# them (an index into `labels`, -1 where the token is not a target).
-EXAMPLE_FORMATS = ("text", "sft", "chat", "classify", "ner")
-# Formats read one example per row (never packed): a label per row (classify), or per token (ner).
-ROW_FORMATS = ("classify", "ner")
-WRITER_OPTIONS = "group_size:1"  # one record per chunk: random access reads a single document
-
-
-class ShardError(DataError):
-    """A shard directory is missing, incomplete or corrupt; the message names the file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Files: crash-safe writes, hashes, fingerprints
-# ---------------------------------------------------------------------------------------------
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """The smallest unsigned dtype that holds every token id."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with as_path(path).open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-SHARDS_TOKENIZER = "tokenizer"  # a tokenizer extended by shard_data --add-special-tokens, beside the shards
 
 
 def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
@@ -91,82 +57,18 @@ def tokenizer_fingerprint(tokenizer_dir: str | os.PathLike) -> str:
 
 def tokenizer_vocab_size(tokenizer_dir: str | os.PathLike) -> int:
     """Number of token ids the tokenizer can emit, added special tokens included."""
-    from tokenizers import Tokenizer
-
     text = (as_path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8")
     return Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True)
 
 
-def encode_record(example_format: str, dtype: np.dtype, tokens: np.ndarray, mask: np.ndarray | None = None,
-                  label_id: int | None = None) -> bytes:
-    data = np.asarray(tokens).astype(np.dtype(dtype).newbyteorder("<"), copy=False).tobytes()
-    if example_format in ("sft", "chat"):
-        return data + np.asarray(mask, np.uint8).tobytes()
-    if example_format == "classify":
-        return np.int32(label_id).astype("<i4").tobytes() + data
-    if example_format == "ner":  # `mask` holds the per-token label ids
-        return data + np.asarray(mask).astype("<i2").tobytes()
-    return data
-
-
 def decode_record(example_format: str, dtype: np.dtype, record: bytes) -> tuple[np.ndarray, np.ndarray | None, int]:
-    """(tokens, mask or None, label id or -1) of one record; for ner the mask slot holds the per-token label ids."""
-    dtype = np.dtype(dtype).newbyteorder("<")
-    if example_format in ("sft", "chat"):
-        n = len(record) // (dtype.itemsize + 1)
-        return (np.frombuffer(record, dtype, n), np.frombuffer(record, np.uint8, n, offset=n * dtype.itemsize), -1)
-    if example_format == "classify":
-        return np.frombuffer(record, dtype, offset=4), None, int(np.frombuffer(record, "<i4", 1)[0])
-    if example_format == "ner":
-        n = len(record) // (dtype.itemsize + 2)
-        return np.frombuffer(record, dtype, n), np.frombuffer(record, "<i2", n, offset=n * dtype.itemsize), -1
-    return np.frombuffer(record, dtype), None, -1
-
-
-class ShardFileWriter:
-    """Write one shard under a temporary name; `finish` fsyncs, hashes and renames it into place.
-
-    A shard under its final name is therefore always complete, whenever the process is killed.
-    """
-
-    def __init__(self, path: Path, dtype: np.dtype, tmp_tag: str = ""):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        self.path = path
-        self.dtype = np.dtype(dtype).newbyteorder("<")
-        self.tmp_path = path.with_name(f".{path.name}.tmp-{tmp_tag or os.getpid()}")
-        self._writer = ArrayRecordWriter(str(self.tmp_path), WRITER_OPTIONS)
-        self.documents = 0
-        self.tokens = 0
-
-    def write(self, tokens: np.ndarray, mask: np.ndarray | None = None, label_id: int | None = None,
-              example_format: str = "text") -> None:
-        self._writer.write(encode_record(example_format, self.dtype, tokens, mask, label_id))
-        self.documents += 1
-        self.tokens += len(tokens)
-
-    @property
-    def token_bytes(self) -> int:
-        return self.tokens * self.dtype.itemsize
-
-    def finish(self) -> dict:
-        """Close, fsync and rename; return the manifest entry of the shard."""
-        self._writer.close()
-        with open(self.tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(self.tmp_path)
-        size = self.tmp_path.stat().st_size
-        os.replace(self.tmp_path, self.path)
-        fsync_dir(self.path.parent)
-        return {"file": self.path.name, "documents": self.documents, "tokens": self.tokens, "bytes": size,
-                "sha256": digest}
-
-    def abort(self) -> None:
-        try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001 - best effort on an error path
-            pass
-        self.tmp_path.unlink(missing_ok=True)
+    """(tokens, the per-token field or None, the per-example field or -1) of one record: the stored example as
+    lmtrain eval reads it (sft/chat: the loss mask; ner: the token class ids; classify: the class id)."""
+    fmt = get_format(example_format)
+    arrays = fmt.decode(record, dtype)
+    per_token = next((arrays[key] for key, _ in fmt.token_fields), None)
+    per_example = next((arrays[key] for key, _ in fmt.example_fields), -1)
+    return arrays["tokens"], per_token, per_example
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,12 +122,13 @@ def _check_manifest_keys(path: Path, manifest: dict) -> None:
         need(node, leaf, kind, key)
     if manifest["token_dtype"] not in ("uint16", "uint32"):
         raise ShardError(f"{path}: key 'token_dtype' is '{manifest['token_dtype']}', not uint16 or uint32.")
-    example_format = manifest.get("example_format", "text")
-    if example_format not in EXAMPLE_FORMATS:
-        raise ShardError(f"{path}: key 'example_format' is '{example_format}', not one of {', '.join(EXAMPLE_FORMATS)}.")
-    if example_format != "text":
+    name = manifest.get("example_format", "text")
+    if name not in FORMATS:
+        raise ShardError(f"{path}: key 'example_format' is '{name}', not one of {', '.join(FORMATS)}. If a plugin "
+                         "defines it, name the plugin's module in LMTRAIN_PLUGINS.")
+    if not FORMATS[name].from_corpus:
         need(manifest, "seq_len", int, "seq_len")
-    if example_format in ROW_FORMATS:
+    if FORMATS[name].label_vocab:
         need(manifest, "labels", list, "labels")
     for split in SPLITS + tuple(s for s in OPTIONAL_SPLITS if s in manifest["splits"]):
         info = need(manifest["splits"], split, dict, f"splits.{split}")
@@ -246,6 +149,11 @@ def manifest_splits(manifest: dict) -> tuple[str, ...]:
 
 def example_format(manifest: dict) -> str:
     return manifest.get("example_format", "text")
+
+
+def manifest_format(manifest: dict) -> ExampleFormat:
+    """The format of a checked manifest's examples (load_manifest has checked it is registered)."""
+    return get_format(example_format(manifest))
 
 
 def shard_paths(shards_dir: str | os.PathLike, split: str, manifest: dict | None = None) -> list[epath.Path]:
@@ -336,8 +244,6 @@ class _ShardDocuments:
 
     def _name_bad_shard(self, error: Exception | None) -> None:
         """Open the shards one by one; raise ShardError for the first that cannot be read or has the wrong count."""
-        from array_record.python.array_record_module import ArrayRecordReader
-
         for path, entry in zip(self.paths, self.entries, strict=True):
             try:
                 reader = ArrayRecordReader(str(path))
@@ -425,11 +331,6 @@ class FoldSubset:
         return self._source.__getitems__([self.indices[i] for i in indices])
 
 
-def row_batch(fmt: str, examples: list, seq_len: int, batch_rows: int, pad_id: int) -> dict:
-    """The batch of a one-example-per-row format: (tokens, label id) for classify, (tokens, token label ids) for ner."""
-    return (classify_batch if fmt == "classify" else token_classify_batch)(examples, seq_len, batch_rows, pad_id)
-
-
 # Length bucketing (data.length_buckets) for the one-example-per-row formats: a batch's rows are only as long
 # as the bucket that holds its longest example, and examples are grouped by length inside a window of this
 # many global batches, so the rows of a batch are alike in length and little of them is padding.
@@ -461,17 +362,35 @@ def window_batches(lengths: list[int], global_batch: int, seed: int, window: int
     return [np.sort(batches[i]) for i in shuffle]
 
 
+def row_length(fmt: ExampleFormat, seq_len: int) -> int:
+    """A batch row's tokens: seq_len + 1 for the packed formats (inputs and targets are shifted), else seq_len."""
+    return seq_len if fmt.packing == "row" else seq_len + 1
+
+
+def new_packer(fmt: ExampleFormat, row_len: int) -> RowPacker | ExamplePacker:
+    """Documents split over rows ("stream"), or whole examples with their weights ("whole")."""
+    return RowPacker(row_len, np.int32) if fmt.packing == "stream" else ExamplePacker(row_len)
+
+
+def pack(packer: RowPacker | ExamplePacker, example: dict) -> list[dict]:
+    """The rows one decoded example completes."""
+    if isinstance(packer, RowPacker):
+        return packer.add(example["tokens"])
+    return packer.add(example["tokens"], example["weights"])
+
+
 class _PackedBatchIterator(grain.DatasetIterator):
     """Packs a host's endless document stream into batches; its state is the next row's start.
 
     `docs[k]` is the k-th document (raw bytes) of this host's stream. Rows are produced lazily, so
-    a document split over two rows, or over two batches, is resumed mid-document. By format:
-    text documents are packed and split over rows (RowPacker); sft/chat examples are packed whole
-    (ExamplePacker, the state's offset is then always 0); classify and ner examples are one per row.
+    a document split over two rows, or over two batches, is resumed mid-document. By the format's
+    packing: "stream" documents (text) are packed and split over rows (RowPacker); "whole" examples
+    (sft, chat) are packed whole (ExamplePacker, the state's offset is then always 0); "row" examples
+    (classify, ner) are one per row.
     """
 
     def __init__(self, docs: grain.MapDataset, dtype: np.dtype, rows_per_batch: int, row_len: int, identity: dict,
-                 example_format: str = "text", pad_id: int = 0):
+                 example_format: ExampleFormat, pad_id: int = 0):
         super().__init__()
         self._docs, self._dtype = docs, dtype
         self._rows_per_batch, self._row_len = rows_per_batch, row_len
@@ -483,19 +402,19 @@ class _PackedBatchIterator(grain.DatasetIterator):
         self._row_doc, self._row_offset = doc, offset  # where the next row to emit starts
         self._read_doc = doc  # next document to feed the packer
         self._skip = offset  # still to drop from the next document fed
-        self._packer = RowPacker(self._row_len, np.int32) if self._format == "text" else ExamplePacker(self._row_len)
+        self._packer = new_packer(self._format, self._row_len)
         self._filled = 0
         self._rows: list[tuple[dict, int, int]] = []  # (row, start doc and offset of the row after it)
 
     def _feed_one_document(self) -> None:
-        tokens, mask, label = decode_record(self._format, self._dtype, self._docs[self._read_doc])
+        example = self._format.decode(self._docs[self._read_doc], self._dtype)
         k = self._read_doc
         self._read_doc += 1
-        if self._format in ROW_FORMATS:
-            self._rows.append(({"tokens": tokens, "label": label if self._format == "classify" else mask}, k + 1, 0))
+        if self._format.packing == "row":
+            self._rows.append((example, k + 1, 0))
             return
-        if self._format != "text":
-            rows = self._packer.add(tokens, mask)
+        if self._format.packing == "whole":
+            rows = pack(self._packer, example)
             # a row closed before this example is followed by a row that starts with it
             for i, row in enumerate(rows):
                 filled_own = i == len(rows) - 1 and self._packer._filled == 0
@@ -503,6 +422,7 @@ class _PackedBatchIterator(grain.DatasetIterator):
             return
         # Positions restart in every row, so the rest of a resumed document packs exactly as it did
         # on the first pass, where it also began a row.
+        tokens = example["tokens"]
         skip, self._skip = self._skip, 0
         consumed = skip + (self._row_len - self._filled)
         for row in self._packer.add(tokens[skip:]):
@@ -522,9 +442,8 @@ class _PackedBatchIterator(grain.DatasetIterator):
 
     def __next__(self) -> dict[str, np.ndarray]:
         rows = [self._next_row() for _ in range(self._rows_per_batch)]
-        if self._format in ROW_FORMATS:
-            return row_batch(self._format, [(r["tokens"], r["label"]) for r in rows], self._row_len,
-                             self._rows_per_batch, self._pad_id)
+        if self._format.packing == "row":
+            return self._format.batch(rows, self._row_len, self._rows_per_batch, self._pad_id)
         return rows_dict_to_batch(rows)
 
     def get_state(self) -> dict:
@@ -559,7 +478,7 @@ class _BucketedBatchIterator(grain.DatasetIterator):
 
     def __init__(self, docs: grain.MapDataset, dtype: np.dtype, global_batch: int, data_index: int,
                  data_count: int, seq_len: int, length_buckets: int, seed: int, identity: dict,
-                 example_format: str, pad_id: int = 0):
+                 example_format: ExampleFormat, pad_id: int = 0):
         super().__init__()
         self._docs, self._dtype, self._format, self._pad_id = docs, dtype, example_format, pad_id
         self._global_batch, self._seq_len, self._buckets, self._seed = global_batch, seq_len, length_buckets, seed
@@ -571,21 +490,18 @@ class _BucketedBatchIterator(grain.DatasetIterator):
     def _examples(self, window: int) -> tuple[list, list[np.ndarray]]:
         if self._cached is None or self._cached[0] != window:
             size = BUCKET_WINDOW_BATCHES * self._global_batch
-            examples = []
-            for k in range(window * size, (window + 1) * size):
-                tokens, mask, label = decode_record(self._format, self._dtype, self._docs[k])
-                examples.append((tokens, label if self._format == "classify" else mask))
-            lengths = [min(len(tokens), self._seq_len) for tokens, _ in examples]
+            examples = [self._format.decode(self._docs[k], self._dtype) for k in range(window * size, (window + 1) * size)]
+            lengths = [min(len(example["tokens"]), self._seq_len) for example in examples]
             self._cached = (window, examples, window_batches(lengths, self._global_batch, self._seed, window))
         return self._cached[1], self._cached[2]
 
     def __next__(self) -> dict[str, np.ndarray]:
         examples, batches = self._examples(self._window)
         chosen = [examples[i] for i in batches[self._batch]]
-        row_len = bucket_length(max(len(tokens) for tokens, _ in chosen), self._seq_len, self._buckets)
+        row_len = bucket_length(max(len(example["tokens"]) for example in chosen), self._seq_len, self._buckets)
         self._window, self._batch = divmod(self._window * BUCKET_WINDOW_BATCHES + self._batch + 1,
                                            BUCKET_WINDOW_BATCHES)
-        return row_batch(self._format, chosen[self._lo:self._hi], row_len, self._hi - self._lo, self._pad_id)
+        return self._format.batch(chosen[self._lo:self._hi], row_len, self._hi - self._lo, self._pad_id)
 
     def get_state(self) -> dict:
         doc = (self._window * BUCKET_WINDOW_BATCHES + self._batch) * self._global_batch
@@ -628,6 +544,7 @@ class ShardedTrainIterator:
         manifest = load_manifest(shards_dir)
         check_seq_len(shards_dir, manifest, seq_len)
         self.example_format = example_format(manifest)
+        fmt = manifest_format(manifest)
         self.num_documents = manifest["splits"]["train"]["documents"]
         if not self.num_documents:
             raise ShardError(f"shard directory {shards_dir} has no training documents.")
@@ -641,7 +558,7 @@ class ShardedTrainIterator:
                                  f"{cv_fold}, so none is left to train on; use fewer folds or more data.")
         check_length_buckets(length_buckets)
         # Bucketed batches are cut from the global stream (every slice reads it all, see _BucketedBatchIterator).
-        self._bucketed = bool(length_buckets) and self.example_format in ROW_FORMATS
+        self._bucketed = bool(length_buckets) and fmt.packing == "row"
         docs = (grain.MapDataset.source(source)
                 .shuffle(seed=seed % 2**32)  # per-epoch reseeding happens inside: seed + epoch
                 .repeat())
@@ -652,7 +569,7 @@ class ShardedTrainIterator:
         if cv_folds:  # only then: states saved without cross-validation keep resuming
             identity.update(cv_folds=cv_folds, cv_fold=cv_fold)
         common = {"dtype": np.dtype(manifest["token_dtype"]).newbyteorder("<"), "identity": identity,
-                  "example_format": self.example_format, "pad_id": int(manifest.get("pad_id", 0))}
+                  "example_format": fmt, "pad_id": int(manifest.get("pad_id", 0))}
         if self._bucketed:
             identity["length_buckets"] = length_buckets  # only then: unbucketed states keep resuming
             dataset = _PackedBatchDataset(docs, _BucketedBatchIterator, global_batch=global_batch_size,
@@ -660,7 +577,7 @@ class ShardedTrainIterator:
                                           length_buckets=length_buckets, seed=seed, **common)
         else:
             dataset = _PackedBatchDataset(docs, rows_per_batch=global_batch_size // data_count,
-                                          row_len=seq_len if self.example_format in ROW_FORMATS else seq_len + 1,
+                                          row_len=row_length(fmt, seq_len),
                                           **common)
         if prefetch:
             dataset = grain.experimental.ThreadPrefetchIterDataset(dataset, prefetch_buffer_size=prefetch)
@@ -713,7 +630,7 @@ def _close_held(holder: list) -> None:
 def check_seq_len(shards_dir, manifest: dict, seq_len: int) -> None:
     """Task shards were cut for a sequence length (--seq-len): a shorter data.seq_len cannot hold their examples."""
     made_for = manifest.get("seq_len")
-    if example_format(manifest) != "text" and seq_len < made_for:
+    if not manifest_format(manifest).from_corpus and seq_len < made_for:
         raise DataError(f"the {example_format(manifest)} shards in {shards_dir} were made for sequences of {made_for} "
                         f"tokens (tools/shard_data.py --seq-len {made_for}), longer than data.seq_len={seq_len}. Set "
                         f"data.seq_len >= {made_for}, or re-shard with --seq-len {seq_len}.")
@@ -744,30 +661,28 @@ def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_in
     check_data_slice(global_batch_size, data_index, data_count)
     manifest = load_manifest(shards_dir)
     check_seq_len(shards_dir, manifest, seq_len)
-    fmt = example_format(manifest)
+    fmt = manifest_format(manifest)
     dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
     source = split_source(shards_dir, split, manifest, cv_folds, cv_fold)
     per_host = global_batch_size // data_count
     lo, hi = data_index * per_host, (data_index + 1) * per_host
-    row_len = seq_len if fmt in ROW_FORMATS else seq_len + 1
-    packer = RowPacker(row_len, np.int32) if fmt == "text" else ExamplePacker(row_len)
+    row_len = row_length(fmt, seq_len)
+    packer = new_packer(fmt, row_len)
     pending: list = []
     emitted = 0
 
     def batch_of(rows):
-        if fmt in ROW_FORMATS:  # rows as long as the bucket of the global batch's longest example
-            length = bucket_length(max(len(tokens) for tokens, _ in rows), seq_len, length_buckets)
-            return row_batch(fmt, rows[lo:hi], length, per_host, int(manifest.get("pad_id", 0)))
+        if fmt.packing == "row":  # rows as long as the bucket of the global batch's longest example
+            length = bucket_length(max(len(example["tokens"]) for example in rows), seq_len, length_buckets)
+            return fmt.batch(rows[lo:hi], length, per_host, int(manifest.get("pad_id", 0)))
         while len(rows) < global_batch_size:
             row = pad_row(row_len)
-            rows.append(row if fmt != "text" else {k: v for k, v in row.items() if k != "weights"})
+            rows.append(row if fmt.packing == "whole" else {k: v for k, v in row.items() if k != "weights"})
         return rows_dict_to_batch(rows[lo:hi])
 
     def add(record: bytes) -> list:
-        tokens, mask, label = decode_record(fmt, dtype, record)
-        if fmt in ROW_FORMATS:
-            return [(tokens, label if fmt == "classify" else mask)]
-        return packer.add(tokens, mask) if fmt != "text" else packer.add(tokens)
+        example = fmt.decode(record, dtype)
+        return [example] if fmt.packing == "row" else pack(packer, example)
 
     for start in range(0, len(source), 256):
         for record in source.__getitems__(list(range(start, min(start + 256, len(source))))):
@@ -778,7 +693,7 @@ def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_in
                 emitted += 1
                 if max_batches and emitted >= max_batches:
                     return
-    if fmt not in ROW_FORMATS:
+    if fmt.packing != "row":
         pending.extend(packer.finish())
     if pending:
         yield batch_of(pending)

@@ -24,9 +24,15 @@ import os
 
 import numpy as np
 
+from lmtrain.data import shards
+from lmtrain.data.examples import ClassifyEncoder, ExampleError, SftEncoder
 from lmtrain.data.packing import DataError
+from lmtrain.data.pipeline import check_labels
+from lmtrain.data.shards import MANIFEST
 from lmtrain.data.tokenizer import eos_id
 from lmtrain.evaluate.metrics import EvalError
+from lmtrain.paths import as_path, is_remote
+from lmtrain.prep.text_sources import CorpusSpec, SourceError, expand_files, iter_documents, iter_records
 
 KINDS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify"}  # example format -> metrics task
 RAW_FORMATS = ("text", "sft", "classify")
@@ -78,9 +84,6 @@ class Encoded:
 
 
 def is_shard_dir(data: str) -> bool:
-    from lmtrain.data.shards import MANIFEST
-    from lmtrain.paths import as_path, is_remote
-
     if is_remote(data):
         return (as_path(data) / MANIFEST).exists()
     return os.path.isdir(data) and os.path.exists(os.path.join(data, MANIFEST))
@@ -98,7 +101,6 @@ def read_eval_set(data: str, split: str | None = None, max_examples: int = 0, ra
                         "Leave --split out for raw files.")
     if raw_format not in RAW_FORMATS:
         raise EvalError(f"--format {raw_format}: raw files are read as {', '.join(RAW_FORMATS)}.")
-    from lmtrain.data.text_sources import CorpusSpec, SourceError, expand_files, iter_documents, iter_records
 
     fields = {"text": "text", "prompt": "prompt", "completion": "completion", "label": "label", **(fields or {})}
     spec = CorpusSpec(files=(data,), text_field=fields["text"], max_docs=max_examples)
@@ -116,8 +118,6 @@ def read_eval_set(data: str, split: str | None = None, max_examples: int = 0, ra
 
 
 def _read_shards(shards_dir: str, split: str | None, max_examples: int, cv: tuple[int, int]) -> EvalSet:
-    from lmtrain.data import shards
-
     manifest = shards.load_manifest(shards_dir)
     available = shards.manifest_splits(manifest)
     split = split or ("test" if "test" in available else "validation")
@@ -149,8 +149,6 @@ def encode(eval_set: EvalSet, tokenizer, tokenizer_dir, vocab_size: int, row_len
     """The eval set as `tokenizer` (a transformers tokenizer) encodes it, in scoring rows of `row_len` tokens
     (the model's positions + 1; a classifier's sequence length); `labels` are a classifier's classes in order."""
     if eval_set.shards_dir:
-        from lmtrain.data import shards
-
         if tokenizer_dir is not None:  # None: the caller checked (the trainer does at start-up)
             shards.check_compatibility(eval_set.shards_dir, tokenizer_dir, vocab_size)  # the shards' own tokenizer
         return {"lm": _shard_lm, "sft": _shard_sft, "classify": _shard_classify}[eval_set.kind](
@@ -246,8 +244,6 @@ def _shard_sft(eval_set, tokenizer, row_len, labels) -> Encoded:
 
 def _raw_sft(eval_set, tokenizer, row_len, labels) -> Encoded:
     """prompt/completion records; without any completion the set has prompts only (generation, no references)."""
-    from lmtrain.data.examples import ExampleError, SftEncoder
-
     f = eval_set.fields
     has = [f["completion"] in record and record[f["completion"]] is not None for record, _ in eval_set.raw]
     if any(has) and not all(has):
@@ -293,8 +289,6 @@ def _class_index(labels: list | None, what: str) -> dict[str, int]:
 
 
 def _shard_classify(eval_set, tokenizer, row_len, labels) -> Encoded:
-    from lmtrain.data.pipeline import check_labels
-
     check_labels(labels, eval_set.labels, eval_set.shards_dir)  # a label the run never saw is an error
     enc = Encoded(records=[], row_len=row_len)
     for tokens, _, label_id in eval_set.stored:
@@ -306,8 +300,6 @@ def _shard_classify(eval_set, tokenizer, row_len, labels) -> Encoded:
 
 
 def _raw_classify(eval_set, tokenizer, row_len, labels) -> Encoded:
-    from lmtrain.data.examples import ClassifyEncoder, ExampleError
-
     index = _class_index(labels, eval_set.source)
     f = eval_set.fields
     encoder = ClassifyEncoder(tokenizer.backend_tokenizer, row_len, "truncate", f["text"], f["label"])

@@ -77,12 +77,6 @@ def text_hash(text: str) -> bytes:
     return xxhash.xxh3_128_digest(text.encode("utf-8"))
 
 
-def is_validation_doc(text: str, val_fraction: float) -> bool:
-    """The train/validation split as a function of the document's text alone: the same on every
-    re-run, machine and ordering. Both the shard tool and the in-memory built-in source use it."""
-    return xxhash.xxh64_intdigest(text.encode("utf-8")) < val_fraction * 2**64
-
-
 def _permutations(num_perm: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0x5EED)  # fixed: signatures must agree across runs
     a = rng.integers(1, 2**63, size=num_perm, dtype=np.uint64) | np.uint64(1)

@@ -19,14 +19,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from lmtrain.data.builtin_corpus import builtin_documents
+from lmtrain.data.examples import SourceError
+
 FILE_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                 ".csv": "csv"}
 TXT_UNITS = ("paragraph", "line", "file")
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # \ud800-\udfff: half of a UTF-16 pair, or a lone one
-
-
-class SourceError(ValueError):
-    """The input corpus cannot be read as asked; the message names the file (and line) at fault."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,6 +399,4 @@ def _iter_tfds(spec: CorpusSpec) -> Iterator[str]:
 
 
 def _iter_builtin(max_docs: int) -> Iterator[str]:
-    from lmtrain.data.builtin_corpus import builtin_documents
-
     yield from builtin_documents(max_docs=max_docs)
