@@ -10,7 +10,7 @@ import pytest
 
 from lmtrain.data.packing import DataError
 from lmtrain.data.shards import BUCKET_WINDOW_BATCHES, ShardedTrainIterator, bucket_length, shard_eval_batches
-from lmtrain.train.checkpoint import restore_params
+from lmtrain.workdir import restore_params
 from lmtrain.train.trainer import train
 from tests.helpers import small_config
 
