@@ -597,9 +597,8 @@ def test_encoder_classifier_trains_on_the_pooled_cls_token_and_logs_task_metrics
     from lmtrain.config import apply_overrides, load_config
     from lmtrain.data.shards import load_manifest
     from lmtrain.model import ModelDef
-    from lmtrain.workdir import workdir_model_config
-    from lmtrain.workdir import restore_params
     from lmtrain.train.trainer import train
+    from lmtrain.workdir import restore_params, workdir_model_config
     from tools import shard_data
 
     shards, workdir = tmp_path / "shards", tmp_path / "wd"
