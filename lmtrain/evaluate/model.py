@@ -73,7 +73,7 @@ def _load_workdir(path: str, work: Workdir, which, mesh_shape) -> EvalModel:
     if task == "classify" and not labels:
         raise EvalError(f"{path} is a classifier with no labels.json (its classes in class order); train it with "
                         "lmtrain train, which writes the file, or import it with lmtrain import.")
-    mesh, shardings = place_on_mesh(work.model_def, cfg.mesh, cfg.mesh.axis_rules, mesh_shape, path, "lmtrain eval")
+    mesh, shardings = work.place(mesh_shape, "lmtrain eval")
     params = work.load_params(which, shardings)
     tokenizer_dir = work.tokenizer_dir
     if not (tokenizer_dir / "tokenizer.json").exists() and not (tokenizer_dir / "tokenizer_config.json").exists():
