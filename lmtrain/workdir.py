@@ -89,6 +89,17 @@ def parse_which(which) -> str | int:
     raise WorkdirError(f"which checkpoint '{which}': use 'latest', 'best', 'start' or a step number.")
 
 
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
+def _step_dirs(workdir) -> list[int]:
+    """The step numbers under WORKDIR/checkpoints (a save in progress has another name)."""
+    directory = checkpoint_dir(workdir)
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
 def _merge(a: dict, b: dict) -> dict:
     """`a` with every leaf of `b` put in (nested dicts)."""
     out = dict(a)
@@ -259,8 +270,7 @@ class Workdir:
     # -- checkpoints
 
     def has_checkpoints(self) -> bool:
-        directory = checkpoint_dir(self.path)
-        return directory.exists() and any(p.name.isdigit() for p in directory.iterdir())
+        return bool(_step_dirs(self.path))
 
     def select_step(self, which: str | int = "latest") -> int:
         """The complete checkpoint step that `which` ('latest', 'best' or a step number) names."""
@@ -321,7 +331,12 @@ class Workdir:
         if not held:
             raise WorkdirError(f"{state_dir}: none of its parameters fits the model in {self.path / CONFIG}. "
                                "Restore the WORKDIR's config.json.")
-        params = restore_tree(state_dir, nest_keys(held), "params")
+        try:
+            params = restore_tree(state_dir, nest_keys(held), "params")
+        except Exception as e:  # noqa: BLE001 - the layout matched, so a failed read is damage (Orbax raises bare Exception)
+            raise WorkdirError(f"checkpoint {state_dir.parent} of {self.path} could not be read ({_first_line(e)}); "
+                               "it is damaged or was copied in part. Use another step (its steps: "
+                               f"{_step_dirs(self.path)}) or copy the checkpoint again.") from None
         missing = {k: v for k, v in flat.items() if k not in held}
         return _merge(params, start_params(cfg, model_def, nest_keys(missing))) if missing else params
 

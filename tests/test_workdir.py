@@ -226,3 +226,15 @@ def test_sharded_placement_on_the_training_mesh(tmp_path):
     assert work.place((1, 1, 1)) == (None, None), "one device"
     one = work.load_params()
     assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(one))
+
+
+def test_a_damaged_checkpoint_names_it_and_what_to_do(tmp_path):
+    saved = {step: _draw(_config(), step) for step in (1, 2)}
+    _write_run(tmp_path, _config(), saved)
+    for f in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 10_000:
+            f.write_bytes(f.read_bytes()[:100])  # a copy cut short
+    with pytest.raises(WorkdirError, match=r"checkpoint .*checkpoints/2 of .* could not be read .*Use another step "
+                                           r"\(its steps: \[1, 2\]\)"):
+        Workdir(tmp_path).load_params("latest")
+    _assert_equal(Workdir(tmp_path).load_params(1), saved[1])
