@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -26,16 +25,11 @@ import numpy as np
 
 from lmtrain.data.packing import classify_batch
 from lmtrain.data.tokenizer import load_tokenizer
-from lmtrain.interop.hf_export import (
-    _EOS_NAMES,
-    end_of_turn_tokens,
-    export_shardings,
-    workdir_chat_template,
-    workdir_labels,
-)
-from lmtrain.interop.hf_import import read_hf_labels
+from lmtrain.interop.hf_export import _EOS_NAMES, end_of_turn_tokens, workdir_chat_template
+from lmtrain.interop.hf_import import load_hf_model, read_hf_labels
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path, local_dir
+from lmtrain.workdir import Workdir, is_hf_dir
 
 
 class GenerationError(ValueError):
@@ -341,38 +335,17 @@ def load_model(path, which: str | int = "latest"):
     """(model, params, tokenizer dir or None) from a WORKDIR (checkpoint, else the parameters `lmtrain import`
     wrote) or a Hugging Face directory; local or gs://."""
     path = as_path(path)
-    config_path = path / "config.json"
-    if not config_path.exists():
+    if not (path / "config.json").exists():
         raise GenerationError(f"{path} has no config.json; give a WORKDIR or a Hugging Face model directory.")
-    raw = json.loads(config_path.read_text())
-    if "architectures" in raw or "model_type" in raw:  # a Hugging Face directory
-        from lmtrain.interop.hf_import import load_hf_model
-
+    if is_hf_dir(path):
         with local_dir(path) as local:
             cfg, params = load_hf_model(local)
         return ModelDef(cfg), params, path
-    from lmtrain.config import load_config
-    from lmtrain.tasks import workdir_model_config
-    from lmtrain.train import checkpoint
-
-    cfg = load_config(str(config_path))
-    model_def = ModelDef(workdir_model_config(cfg, path))
-    tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else path / "tokenizer"
-    has_steps = (path / "checkpoints").exists() and any(p.name.isdigit() for p in (path / "checkpoints").iterdir())
-    if has_steps or not cfg.train.init_from:
-        # Sharded over the training mesh when this job's devices fit it (a model larger than one device).
-        _, params = checkpoint.restore_params(path, which, export_shardings(cfg, path))
-    else:  # an imported WORKDIR that has not been trained yet
-        if which != "latest":
-            raise GenerationError(f"{path} has no checkpoints yet, only the imported parameters; use --which latest.")
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), model_def.shapes)
-        which_init = cfg.train.init_from_which
-        # The vocabulary arguments grow a smaller source's embedding (shard_data --add-special-tokens), as training does.
-        params, _, _ = checkpoint.load_init_params(
-            cfg.train.init_from, target, int(which_init) if str(which_init).isdigit() else which_init,
-            cfg.model.vocab_size, model_def.logical_axes)
-    return model_def, params, tokenizer_dir if tokenizer_dir.is_dir() else None
+    work = Workdir(path)
+    # Sharded over the training mesh when this job's devices fit it (a model larger than one device).
+    _, shardings = work.place(command="lmtrain generate")
+    params = work.load_params(which, shardings)
+    return work.model_def, params, work.tokenizer_dir if work.tokenizer_dir.is_dir() else None
 
 
 def check_prompts(prompts: list[str]) -> None:
@@ -410,14 +383,8 @@ def classify_prompts(model_def: ModelDef, params: dict, prompts: list[list[int]]
 
 def model_labels(path, num_labels: int) -> list[str]:
     """A classifier's class names: WORKDIR/labels.json or a Hugging Face config's id2label (LABEL_i otherwise)."""
-    path = as_path(path)
-    labels = workdir_labels(path) if not is_hf_dir(path) else read_hf_labels(path)
+    labels = read_hf_labels(path) if is_hf_dir(path) else Workdir(path).labels()
     return labels if labels and len(labels) == num_labels else [f"LABEL_{i}" for i in range(num_labels)]
-
-
-def is_hf_dir(path) -> bool:
-    raw = json.loads((as_path(path) / "config.json").read_text())
-    return "architectures" in raw or "model_type" in raw
 
 
 def print_classes(prompts: list[str], probs_PxC: np.ndarray, labels: list[str], top: int = 10) -> None:

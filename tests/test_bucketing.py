@@ -10,8 +10,8 @@ import pytest
 
 from lmtrain.data.packing import DataError
 from lmtrain.data.shards import BUCKET_WINDOW_BATCHES, ShardedTrainIterator, bucket_length, shard_eval_batches
-from lmtrain.train.checkpoint import restore_params
 from lmtrain.train.trainer import train
+from lmtrain.workdir import restore_params
 from tests.helpers import small_config
 
 SEQ_LEN = 128  # the demo's texts are mostly far shorter: unbucketed, about half of every row is padding

@@ -22,12 +22,12 @@ from lmtrain.data.shards import (
     training_tokenizer_dir,
 )
 from lmtrain.data.tokenizer import chat_template_markers
-from lmtrain.evaluate.model import start_params
 from lmtrain.interop import hf_import
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.train import trainer
-from lmtrain.train.checkpoint import load_init_params, restore_params, save_init_params
+from lmtrain.train.checkpoint import load_init_params, save_init_params
 from lmtrain.train.state import init_params_fn
+from lmtrain.workdir import restore_params, start_params
 from tests.helpers import small_config
 from tests.test_tokenizer_families import FAMILIES
 from tools import shard_data

@@ -197,7 +197,7 @@ def test_stale_orbax_tmp_directories_are_removed(two_checkpoints):
 
 
 def _read_params(workdir, step):
-    from lmtrain.train.checkpoint import restore_params
+    from lmtrain.workdir import restore_params
 
     _, params = restore_params(workdir, step)
     return params

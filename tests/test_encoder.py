@@ -417,7 +417,7 @@ def _train_mlm(tokenizer, shards, workdir, stop_at_step=None):
 def test_mlm_pretraining_resumes_exactly(bert_tokenizer, bert_text_shards, tmp_path):
     """Masks (and dropout) come from the step's key: a run stopped at step 3 and resumed ends where a straight
     run does, to the bit."""
-    from lmtrain.train.checkpoint import restore_params
+    from lmtrain.workdir import restore_params
 
     straight = _train_mlm(bert_tokenizer, bert_text_shards, tmp_path / "straight")
     _train_mlm(bert_tokenizer, bert_text_shards, tmp_path / "resumed", stop_at_step=3)
@@ -600,9 +600,8 @@ def test_encoder_classifier_trains_on_the_pooled_cls_token_and_logs_task_metrics
     from lmtrain.config import apply_overrides, load_config
     from lmtrain.data.shards import load_manifest
     from lmtrain.model import ModelDef
-    from lmtrain.tasks import workdir_model_config
-    from lmtrain.train.checkpoint import restore_params
     from lmtrain.train.trainer import train
+    from lmtrain.workdir import restore_params, workdir_model_config
     from tools import shard_data
 
     shards, workdir = tmp_path / "shards", tmp_path / "wd"

@@ -13,8 +13,8 @@ from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.hf_export import export_params, parse_size
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelConfig, ModelDef
-from lmtrain.train.checkpoint import restore_params
 from lmtrain.train.trainer import train
+from lmtrain.workdir import restore_params
 from tests.helpers import small_config
 from tests.test_hf_import import VOCAB
 from tests.test_tokenizer_families import remote_code_tokenizer

@@ -6,8 +6,8 @@ import pytest
 
 from lmtrain.interop import hf_export
 from lmtrain.interop.hf_export import export_shardings, export_workdir
-from lmtrain.train import checkpoint
 from lmtrain.train.trainer import train
+from lmtrain.workdir import Workdir
 from tests.helpers import small_config
 
 
@@ -21,14 +21,14 @@ def test_sharded_restore_exports_bit_identically_to_one_device(tmp_path, monkeyp
     train(cfg, workdir)
 
     restored = []
-    real_restore = checkpoint.restore_params
+    real_load = Workdir.load_params
 
     def spy(*args, **kwargs):
-        out = real_restore(*args, **kwargs)
-        restored.append(out[1])
+        out = real_load(*args, **kwargs)
+        restored.append(out)
         return out
 
-    monkeypatch.setattr(checkpoint, "restore_params", spy)
+    monkeypatch.setattr(Workdir, "load_params", spy)
     export_workdir(workdir, tmp_path / "sharded", max_shard_bytes=60_000)  # the WORKDIR's mesh: fsdp=4, tensor=2
     export_workdir(workdir, tmp_path / "single", max_shard_bytes=60_000, mesh_shape=(1, 1, 1))
 

@@ -327,7 +327,7 @@ def test_the_printed_path_shards_with_the_model_tokenizer_and_trains_from_the_im
     """What `lmtrain import` prints works: shard_data with WORKDIR/tokenizer, then `lmtrain train` begins at the
     imported parameters (train.init_from) on those shards."""
     from lmtrain.train import trainer
-    from lmtrain.train.checkpoint import restore_params
+    from lmtrain.workdir import restore_params
     from tools import shard_data
 
     hf_dir, workdir = tmp_path / "hf", tmp_path / "work"

@@ -140,14 +140,15 @@ def _losses(workdir):
 
 
 def test_lora_run_keeps_the_base_bit_identical_checkpoints_only_adapters_and_resumes_exactly(base_run, tmp_path):
-    from lmtrain.train.checkpoint import _stored_leaves, restore_params
+    from lmtrain.train.checkpoint import stored_leaves
+    from lmtrain.workdir import restore_params
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(small_config("llama", **_adapter_kw(base_run)), straight)
     train(small_config("llama", **_adapter_kw(base_run)), resumed, stop_at_step=2)
     train(small_config("llama", **_adapter_kw(base_run)), resumed)
     assert _losses(straight) == _losses(resumed) and len(_losses(straight)) == 4
-    stored = _stored_leaves(straight / "checkpoints" / "4" / "state", "params")
+    stored = stored_leaves(straight / "checkpoints" / "4" / "state", "params")
     assert stored and all(any(k.startswith("lora_") for k in key) for key in stored)  # adapters only
     _, tuned = restore_params(straight)
     _, base = restore_params(base_run)
@@ -158,7 +159,7 @@ def test_lora_run_keeps_the_base_bit_identical_checkpoints_only_adapters_and_res
 
 
 def test_freezing_the_first_blocks_keeps_them_bit_identical(base_run, tmp_path):
-    from lmtrain.train.checkpoint import restore_params
+    from lmtrain.workdir import restore_params
 
     workdir = tmp_path / "frozen"
     kw = _adapter_kw(base_run, **{"model.lora_rank": 0, "optimizer.freeze": "embeddings+blocks:1"})
@@ -203,7 +204,8 @@ def task_base(tmp_path_factory):
 def test_lora_trains_each_task_with_the_base_frozen(task, task_shards, task_base, tmp_path):  # noqa: F811
     """lm, sft and classify train through LoRA: the checkpoint holds the adapters (and, for classify, the new head,
     which trains fully), the base is the init_from weights bit for bit, and the language-model losses fall."""
-    from lmtrain.train.checkpoint import _stored_leaves, restore_params
+    from lmtrain.train.checkpoint import stored_leaves
+    from lmtrain.workdir import restore_params
 
     tok, sft, classify = task_shards
     data = {"lm": {"data.tokenizer_dir": tok, "data.max_docs": 60},
@@ -215,7 +217,7 @@ def test_lora_trains_each_task_with_the_base_frozen(task, task_shards, task_base
         "train.log_every": 1, "train.eval_every": 0, "checkpoint.every": 8, "optimizer.lr": 3e-3,
         "optimizer.weight_decay": 0.1, "model.lora_rank": 4, "model.lora_targets": ("q", "v", "o", "up", "down"),
         "train.init_from": str(task_base), **data}), workdir)
-    stored = {"/".join(map(str, k)) for k in _stored_leaves(workdir / "checkpoints" / "8" / "state", "params")}
+    stored = {"/".join(map(str, k)) for k in stored_leaves(workdir / "checkpoints" / "8" / "state", "params")}
     adapters = {p for p in stored if "/lora_" in p}
     assert len(adapters) == 10 and stored - adapters == ({"head/score"} if task == "classify" else set())
     _, tuned = restore_params(workdir)

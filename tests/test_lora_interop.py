@@ -216,8 +216,8 @@ def _peft_adapter(base_dir, adapter_dir, seed=0, **lora_kw):
 def _imported(workdir):
     """(model config, params) of an imported WORKDIR's init_params, as training starts from them."""
     from lmtrain.config import load_config
-    from lmtrain.tasks import workdir_model_config
     from lmtrain.train.checkpoint import load_init_params
+    from lmtrain.workdir import workdir_model_config
 
     cfg = load_config(str(workdir / "config.json"))
     model_cfg = workdir_model_config(cfg, workdir)
@@ -290,8 +290,9 @@ def test_an_imported_peft_adapter_trains_with_the_base_frozen(imported_peft, tmp
     import shutil
 
     from lmtrain.config import config_from_dict
-    from lmtrain.train.checkpoint import _stored_leaves, restore_params
+    from lmtrain.train.checkpoint import stored_leaves
     from lmtrain.train.trainer import train
+    from lmtrain.workdir import restore_params
 
     workdir = tmp_path / "work"
     shutil.copytree(imported_peft / "work", workdir)
@@ -306,7 +307,7 @@ def test_an_imported_peft_adapter_trains_with_the_base_frozen(imported_peft, tmp
         section, leaf = key.split(".")
         config[section][leaf] = value
     train(config_from_dict(config, "test"), workdir)
-    stored = _stored_leaves(workdir / "checkpoints" / "2" / "state", "params")
+    stored = stored_leaves(workdir / "checkpoints" / "2" / "state", "params")
     assert stored and all(any(str(k).startswith("lora_") for k in key) for key in stored)  # adapters only
     _, tuned = restore_params(workdir)
     np.testing.assert_array_equal(np.asarray(tuned["blocks"]["attn"]["wq"]), np.asarray(params["blocks"]["attn"]["wq"]))
@@ -400,8 +401,8 @@ def test_a_family_without_lora_names_is_a_clear_error(llama_base, tmp_path, monk
 def test_lmtrain_export_of_a_lora_run_merged_adapter_and_base(tmp_path, capsys):
     """The CLI on a trained GPT-2 LoRA run: the merged export, and PEFT's adapter on the --base export, compute
     lmtrain's logits."""
-    from lmtrain.train.checkpoint import restore_params
     from lmtrain.train.trainer import train
+    from lmtrain.workdir import restore_params
 
     run = tmp_path / "run"
     train(small_config("gpt2", **{"model.vocab_size": 512, "data.max_docs": 40, "train.steps": 2, "train.eval_every": 0,
@@ -417,7 +418,7 @@ def test_lmtrain_export_of_a_lora_run_merged_adapter_and_base(tmp_path, capsys):
     assert sorted(p.name for p in out["adapter"].iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     cfg, params = restore_params(run)
-    from lmtrain.tasks import workdir_model_config
+    from lmtrain.workdir import workdir_model_config
 
     model_cfg = workdir_model_config(cfg, run)
     ids = np.random.RandomState(3).randint(0, 512, (2, 12)).astype(np.int32)

@@ -147,7 +147,7 @@ def test_classify_trains_from_a_language_model_with_a_fresh_head_and_reports_met
 
 
 def _params(workdir):
-    from lmtrain.train.checkpoint import restore_params
+    from lmtrain.workdir import restore_params
 
     return restore_params(workdir)[1]
 

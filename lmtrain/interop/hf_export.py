@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -36,7 +35,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from lmtrain.config import ConfigError, load_config, resolve_mesh_shape
+from lmtrain.config import ConfigError
 from lmtrain.data.packing import DataError
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop import lora_export
@@ -52,7 +51,6 @@ from lmtrain.interop.export_common import (
 )
 from lmtrain.interop.families import FAMILIES, Family, HFInteropError, family_for_model
 from lmtrain.interop.hf_import import (
-    LABELS_FILE,
     SOURCE_CONFIG,
     SOURCE_GENERATION_CONFIG,
     TOKENIZER_FILES,
@@ -60,12 +58,9 @@ from lmtrain.interop.hf_import import (
 )
 from lmtrain.model import ModelDef
 from lmtrain.model.layers import ModelConfig
-from lmtrain.parallel.mesh import make_mesh
-from lmtrain.parallel.partitioning import param_shardings
 from lmtrain.paths import as_path, is_remote
 from lmtrain.storage.safetensors import write_safetensors
-from lmtrain.tasks import workdir_model_config
-from lmtrain.train import checkpoint
+from lmtrain.workdir import Workdir, place_on_mesh, workdir_model_config
 
 # Source config keys that lmtrain's model does not determine and that survive an import/export round trip.
 _CARRIED_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "_name_or_path")
@@ -349,49 +344,18 @@ def generation_settings(source: dict | None, config: dict, end_of_turn: list[int
     return {k: v for k, v in gen.items() if v is not None}
 
 
-def workdir_labels(workdir: epath.Path) -> list[str] | None:
-    """The class names, in class order, that a classify WORKDIR keeps in labels.json (a JSON list)."""
-    path = workdir / LABELS_FILE
-    if not path.is_file():
-        return None
-    try:
-        labels = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise HFInteropError(f"{path}: not valid JSON ({e}); it should list the class names in class order.") from None
-    if not isinstance(labels, list) or not all(isinstance(x, str | int) for x in labels):
-        raise HFInteropError(f"{path}: should be a JSON list of the class names in class order.")
-    return [str(x) for x in labels]
-
-
 def export_shardings(cfg, workdir, mesh_shape: tuple[int, int, int] | None = None):
     """The params' shardings on the WORKDIR's training mesh (or on `mesh_shape`); None means one device.
 
     A single process whose devices do not fit the training mesh (a model trained on a pod, exported on a
     workstation) restores onto one device instead, with a note.
     """
-    n = jax.device_count()
-    dcn_data = cfg.mesh.get("dcn_data", -1)
-    try:
-        if mesh_shape is None:
-            mesh_shape = resolve_mesh_shape(cfg.mesh, n)
-        elif math.prod(mesh_shape) > n:
-            raise ConfigError(f"mesh {tuple(mesh_shape)} needs {math.prod(mesh_shape)} devices; {n} are present.")
-        if math.prod(mesh_shape) == 1:
-            return None
-        devices = jax.devices()[: math.prod(mesh_shape)]
-        mesh = make_mesh(tuple(mesh_shape), devices, dcn_data=dcn_data if len(devices) == n else 1)
-    except ConfigError as e:
-        if jax.process_count() > 1:
-            raise HFInteropError(f"the WORKDIR's mesh does not fit the {n} devices of this job ({e}). Export with "
-                                 "the devices the model was trained on, or from a single process.") from None
-        print(f"lmtrain export: note: the WORKDIR's mesh does not fit the {n} device(s) here ({e}); the "
-              "parameters are restored onto one device.", file=sys.stderr)
-        return None
     model_def = ModelDef(workdir_model_config(cfg, workdir))
     try:
-        return param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
-    except ValueError as e:
-        raise HFInteropError(f"mesh {tuple(mesh_shape)}: {e}") from None
+        return place_on_mesh(model_def, cfg.mesh, cfg.mesh.axis_rules, mesh_shape, "the WORKDIR",
+                             "lmtrain export")[1]
+    except ConfigError as e:
+        raise HFInteropError(str(e)) from None
 
 
 def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which: str | int = "latest",
@@ -406,26 +370,24 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     The parameters are restored sharded over the WORKDIR's training mesh; `mesh_shape` (data, fsdp, tensor)
     overrides it, and (1, 1, 1) restores onto one device. Every process of a multi-host job must call this.
     """
-    workdir = as_path(workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise HFInteropError(f"{workdir} is a file, not an lmtrain WORKDIR (a directory with config.json and "
-                             "checkpoints/).")
-    if not (workdir / "config.json").is_file():
-        raise HFInteropError(f"{workdir} has no config.json; is it an lmtrain WORKDIR?")
+    work = Workdir(workdir)
+    workdir = work.path
     out = as_path(out_dir)
-    if out == workdir or workdir.is_relative_to(out):
-        raise HFInteropError(f"{out} holds the WORKDIR {workdir}; export into a directory of its own "
-                             f"(for example {workdir / 'hf'}).")
-    agree_on_target(out, force)  # before the restore, which can take minutes for a large model
     try:
-        shardings = export_shardings(load_config(str(workdir / "config.json")), workdir, mesh_shape)
-        cfg, params = checkpoint.restore_params(str(workdir), which, shardings)
+        work.select_step(which)  # a WORKDIR with this checkpoint, checked before anything is written
+        if out == workdir or workdir.is_relative_to(out):
+            raise HFInteropError(f"{out} holds the WORKDIR {workdir}; export into a directory of its own "
+                                 f"(for example {workdir / 'hf'}).")
+        agree_on_target(out, force)  # before the restore, which can take minutes for a large model
+        cfg, model_cfg = work.config, work.model_config()
+        params = work.load_params(which, export_shardings(cfg, workdir, mesh_shape))
+        labels = work.labels() if model_cfg.head in ("classify", "token_classify") else None
+        trained = work.trained_paths(which) if adapter else None
     except (FileNotFoundError, ConfigError) as e:
         raise HFInteropError(str(e)) from None
     source = workdir / SOURCE_CONFIG
     generation = workdir / SOURCE_GENERATION_CONFIG
-    tokenizer_dir = as_path(cfg.data.tokenizer_dir) if cfg.data.tokenizer_dir else workdir / "tokenizer"
-    model_cfg = workdir_model_config(cfg, workdir)
+    tokenizer_dir = work.tokenizer_dir
     if adapter or base:
         if not model_cfg.lora_rank:
             raise HFInteropError(f"{workdir} is not a LoRA run (model.lora_rank=0): it has no adapters and no separate "
@@ -433,7 +395,7 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
         if adapter:
             source_config = read_json(source) if source.is_file() else None
             return lora_export.export_adapter(
-                model_cfg, params, out, trained=lora_export.trained_paths(workdir, which),
+                model_cfg, params, out, trained=trained,
                 base_model=base_model or lora_export.default_base_model(workdir, source_config),
                 source_config=source_config, dtype=dtype, force=force)
         model_cfg, params = lora_export.without_adapters(model_cfg, params)
@@ -447,24 +409,9 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
         dtype=dtype,
         max_shard_bytes=max_shard_bytes,
         force=force,
-        labels=workdir_labels(workdir) if model_cfg.head in ("classify", "token_classify") else None,
+        labels=labels,
         chat_template=workdir_chat_template(workdir),
     )
-
-
-def describe_checkpoint(workdir, which: str | int) -> str:
-    """Which step `which` names, and why: 'step 400 (best by val_accuracy=0.91)', 'step 400 (latest)'."""
-    workdir = as_path(workdir)
-    step = checkpoint.select_step(workdir, which)
-    if which == "latest":
-        return f"step {step} (latest)"
-    if which != "best":
-        return f"step {step}"
-    metric, _ = checkpoint._best_rule(workdir)
-    meta = checkpoint._read_meta(workdir, step)
-    value = (meta.get("eval") or {}).get(metric, meta.get(metric))
-    shown = f"{value:.4g}" if isinstance(value, int | float) else "?"
-    return f"step {step} (best by {metric}={shown})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         written[0].endswith("ForCausalLM") else f"{written[0]}"
     load = (f"peft.PeftModel.from_pretrained(base_model, {str(out)!r})" if args.adapter else
             f"transformers.{loader}.from_pretrained({str(out)!r})")
-    print(f"lmtrain export: exported {describe_checkpoint(args.workdir, which)} of {args.workdir} -> {out} in "
+    print(f"lmtrain export: exported {Workdir(args.workdir).describe(which)} of {args.workdir} -> {out} in "
           f"{time.perf_counter() - start:.1f}s. Load with {load}.")
     return 0
 

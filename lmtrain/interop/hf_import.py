@@ -45,6 +45,7 @@ from lmtrain.paths import as_path
 from lmtrain.storage.safetensors import SafetensorsReader
 from lmtrain.train.checkpoint import save_init_params
 from lmtrain.trees import flat_paths, nest_paths
+from lmtrain.workdir import LABELS, read_labels
 
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt")
 TOKENIZER_FILES = (
@@ -60,8 +61,6 @@ TOKENIZER_FILES = (
 # Written next to the checkpoint so that `lmtrain export` returns to the same family and token ids.
 SOURCE_CONFIG = "hf_config.json"
 SOURCE_GENERATION_CONFIG = "hf_generation_config.json"
-# A classifier's class names in class order (a JSON list), shared with the classify task and `lmtrain export`.
-LABELS_FILE = "labels.json"
 # The task an imported encoder's WORKDIR trains, by the head it imported into.
 ENCODER_TASKS = {"mlm": "mlm", "pool": "mlm", "token_classify": "token_classify"}
 
@@ -359,7 +358,7 @@ def _write_workdir(hf_dir: epath.Path, workdir: epath.Path, cfg, base_cfg: Model
         if (hf_dir / "generation_config.json").is_file():
             (hf_dir / "generation_config.json").copy(workdir / SOURCE_GENERATION_CONFIG, overwrite=True)
         if head in ("classify", "token_classify"):
-            (workdir / LABELS_FILE).write_text(json.dumps(read_hf_labels(hf_dir)))
+            (workdir / LABELS).write_text(json.dumps(read_hf_labels(hf_dir)))
         if adapter is not None:
             write_source_config(adapter, workdir)
         (workdir / "config.json").write_text(to_json(cfg))
@@ -411,12 +410,12 @@ def next_steps(workdir: epath.Path) -> str:
     tokenizer, shards = workdir / "tokenizer", workdir / "shards"
     cfg = json.loads((workdir / "config.json").read_text())  # as written by import_hf (maybe on gs://)
     task, recipe = cfg["task"]["name"], _recipe_lines(workdir, cfg)
-    if (workdir / LABELS_FILE).is_file():
-        labels = json.loads((workdir / LABELS_FILE).read_text())
+    labels = read_labels(workdir / LABELS)
+    if labels:
         return "\n".join([
             f"This is a {'token' if task == 'token_classify' else 'sequence'} classifier over {len(labels)} "
             f"classes ({', '.join(labels[:6])}{', ...' if len(labels) > 6 else ''}; in class order in "
-            f"{workdir / LABELS_FILE}). Fine-tune it with the {task} task on data with the same labels "
+            f"{workdir / LABELS}). Fine-tune it with the {task} task on data with the same labels "
             f"(README: 'Fine-tune for a task'), or export it with lmtrain export {workdir} OUT.", *recipe])
     config = workdir / "config.json"
     if not cfg["model"]["causal"]:

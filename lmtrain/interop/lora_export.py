@@ -35,7 +35,6 @@ from lmtrain.model.lora import merged_params
 from lmtrain.param_rules import TARGETS
 from lmtrain.paths import as_path
 from lmtrain.storage.safetensors import write_tensors
-from lmtrain.train.checkpoint import _stored_leaves, checkpoint_dir, select_step
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -308,12 +307,6 @@ def merge_adapters(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
     if not cfg.lora_rank:
         return cfg, params
     return dataclasses.replace(cfg, lora_rank=0, lora_targets=()), merged_params(params, cfg.lora_rank, cfg.lora_alpha)
-
-
-def trained_paths(workdir: epath.Path, which: str | int) -> set[str]:
-    """The parameter paths a WORKDIR's checkpoint holds: exactly those its run trained (frozen ones are not saved)."""
-    step = select_step(workdir, which)
-    return {"/".join(map(str, k)) for k in _stored_leaves(checkpoint_dir(workdir) / str(step) / "state", "params")}
 
 
 def default_base_model(workdir: epath.Path, source_config: dict | None) -> str | None:

@@ -28,20 +28,4 @@ def make_task(cfg) -> Task:
     return task_class(cfg.task.name)(cfg)
 
 
-def workdir_model_config(cfg, workdir):
-    """The model a WORKDIR's checkpoints hold, from the WORKDIR alone (its config.json and labels.json),
-    without the training data: for export, generation and evaluation."""
-    import dataclasses
-    import json
-
-    from lmtrain.model import ModelConfig
-    from lmtrain.paths import as_path
-
-    model_cfg = ModelConfig.from_config(cfg.model).for_training()
-    head = task_class(cfg.task.name).head
-    labels = as_path(workdir) / "labels.json"
-    num_labels = len(json.loads(labels.read_text())) if labels.exists() else model_cfg.num_labels
-    return dataclasses.replace(model_cfg, head=head, num_labels=num_labels)
-
-
 __all__ = ["TASKS", "Task", "make_task"]

@@ -24,17 +24,17 @@ import time
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import xxhash
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
-from lmtrain.config import ConfigError, load_config
-from lmtrain.model import ModelDef
+from lmtrain.errors import ConfigError
 from lmtrain.paths import as_path, files_under
 from lmtrain.storage.atomic import atomic_write_text
-from lmtrain.tasks import workdir_model_config
 from lmtrain.tasks.base import default_mode
 from lmtrain.train.disk_full import is_disk_full
-from lmtrain.train.state import _path_keys, init_params_fn
+from lmtrain.train.state import _path_keys
 from lmtrain.trees import nest_keys
 
 ITEMS = ("state", "data", "meta")
@@ -131,8 +131,6 @@ def _files(step_dir: epath.Path) -> list[tuple[str, epath.Path]]:
 
 
 def _hash_file(path: epath.Path) -> str:
-    import xxhash
-
     h = xxhash.xxh3_128()
     with path.open("rb") as f:
         while chunk := f.read(1 << 22):
@@ -182,8 +180,6 @@ def _agree(value: int) -> int:
     """Process 0's value on every process."""
     if jax.process_count() == 1:
         return value
-    from jax.experimental import multihost_utils
-
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
@@ -312,8 +308,6 @@ class Checkpointer:
                  "checkpoint is used instead.")
             src.rename(dst)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"lmtrain_set_aside_{step}")
         self.manager.reload()
 
@@ -351,7 +345,7 @@ class Checkpointer:
         level = absl_logger.level
         absl_logger.setLevel(logging.ERROR)  # Orbax warns that the item has no step metadata of its own
         try:
-            stored = _stored_leaves(self.directory / str(step) / "state", None)
+            stored = stored_leaves(self.directory / str(step) / "state", None)
         except Exception:  # noqa: BLE001
             return None
         finally:
@@ -376,12 +370,12 @@ class Checkpointer:
 # ---------------------------------------------------------------------------------------------- reading a WORKDIR
 
 
-def _read_meta(workdir, step: int) -> dict:
+def read_meta(workdir, step: int) -> dict:
     path = checkpoint_dir(workdir) / str(step) / "meta" / "metadata"
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _best_rule(workdir) -> tuple[str, str]:
+def best_rule(workdir) -> tuple[str, str]:
     """The metric and direction that define 'best' in this WORKDIR (from its config.json)."""
     path = as_path(workdir) / "config.json"
     try:
@@ -409,12 +403,12 @@ def select_step(workdir, which: str | int = "latest") -> int:
     if which == "latest":
         return steps[-1]
     if which == "best":
-        metric, mode = _best_rule(workdir)
+        metric, mode = best_rule(workdir)
         scored = []
         for s in steps:
-            value = (_read_meta(workdir, s).get("eval") or {}).get(metric)
+            value = (read_meta(workdir, s).get("eval") or {}).get(metric)
             if value is None and metric == "val_loss":
-                value = _read_meta(workdir, s).get("val_loss")
+                value = read_meta(workdir, s).get("val_loss")
             if value is not None:
                 scored.append((value if mode == "min" else -value, s))
         if not scored:
@@ -426,7 +420,7 @@ def select_step(workdir, which: str | int = "latest") -> int:
     return step
 
 
-def _restore_tree(path: epath.Path, target: dict, item: str | None = None) -> dict:
+def restore_tree(path: epath.Path, target: dict, item: str | None = None) -> dict:
     """Restore `target` (ShapeDtypeStructs with shardings) from a PyTree checkpoint, reading only its leaves."""
     restore_args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, dtype=t.dtype), target)
     item_tree = {item: target} if item else target
@@ -438,58 +432,6 @@ def _restore_tree(path: epath.Path, target: dict, item: str | None = None) -> di
     return restored[item] if item else restored
 
 
-def restore_params(workdir, which: str | int = "latest", shardings=None):
-    """(config, params) from a WORKDIR checkpoint, without the optimizer state.
-
-    Parameters the checkpoint does not hold (frozen ones: a LoRA run's base, frozen layers) are rebuilt
-    as training built them: the seed's initialisation overlaid with train.init_from. With `shardings` (a
-    tree like the params of NamedShardings), each host reads only its shards.
-    """
-    workdir = as_path(workdir)
-    cfg = load_config(str(workdir / "config.json"))
-    step = select_step(workdir, which)
-    model_def = ModelDef(workdir_model_config(cfg, workdir))
-    shapes = model_def.shapes
-    if shardings is None:
-        one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: one, shapes)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-    state_dir = checkpoint_dir(workdir) / str(step) / "state"
-    stored = _stored_leaves(state_dir, "params")
-    flat_target = {tuple(getattr(k, "key", k) for k in kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
-    held = {k: v for k, v in flat_target.items() if k in stored}
-    params = _restore_tree(state_dir, nest_keys(held), "params")
-    missing = {k: v for k, v in flat_target.items() if k not in stored}
-    if missing:
-        rebuilt = _rebuild_frozen(cfg, model_def, nest_keys(missing))
-        params = _merge_trees(params, rebuilt)
-    return cfg, params
-
-
-def _merge_trees(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _rebuild_frozen(cfg, model_def, target: dict) -> dict:
-    """The parameters of `target` as training made them: the seed's draw, then train.init_from over it."""
-    shardings = jax.tree.map(lambda t: t.sharding, target)
-    keep = lambda full: _select(full, target)  # noqa: E731
-    params = jax.jit(lambda: keep(init_params_fn(model_def, cfg.train.seed)()), out_shardings=shardings)()
-    if cfg.train.init_from:
-        which = int(cfg.train.init_from_which) if str(cfg.train.init_from_which).isdigit() else cfg.train.init_from_which
-        loaded, _, _ = load_init_params(cfg.train.init_from, target, which, cfg.model.vocab_size,
-                                        model_def.logical_axes)
-        params = _merge_trees(params, loaded)
-    return params
-
-
-def _select(full: dict, like: dict) -> dict:
-    return {k: _select(full[k], v) if isinstance(v, dict) else full[k] for k, v in like.items()}
-
-
 def save_init_params(workdir, params: dict) -> epath.Path:
     """Write params to WORKDIR/init_params (what `lmtrain import` produces, what train.init_from reads)."""
     path = as_path(workdir) / "init_params"
@@ -499,7 +441,7 @@ def save_init_params(workdir, params: dict) -> epath.Path:
     return path
 
 
-def _stored_leaves(path: epath.Path, item: str | None) -> dict[tuple, tuple]:
+def stored_leaves(path: epath.Path, item: str | None) -> dict[tuple, tuple]:
     """{path tuple: shape} of the arrays stored in a PyTree checkpoint (optionally under `item`)."""
     _quiet_expected_orbax_notices()
     with ocp.PyTreeCheckpointer() as ckptr:
@@ -538,7 +480,7 @@ def load_init_params(spec: str, target: dict, which: str | int = "latest", vocab
         path, item = checkpoint_dir(path) / str(step) / "state", "params"
     elif (path / "init_params").exists():  # a WORKDIR written by `lmtrain import`
         path = path / "init_params"
-    stored = _stored_leaves(path, item)
+    stored = stored_leaves(path, item)
     flat_target = {tuple(getattr(k, "key", k) for k in kp): leaf
                    for kp, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
     grow = _vocab_growth(flat_target, stored, logical_axes, source_vocab, vocab_size)
@@ -550,7 +492,7 @@ def load_init_params(spec: str, target: dict, which: str | int = "latest", vocab
     unused = sorted("/".join(map(str, k)) for k in stored if k not in flat_target)
     as_stored = {k: jax.ShapeDtypeStruct(stored[k], v.dtype, sharding=_replicated(v.sharding)) if k in grow else v
                  for k, v in usable.items()}
-    params = _restore_tree(path, nest_keys(as_stored), item)
+    params = restore_tree(path, nest_keys(as_stored), item)
     for keys, axis in grow.items():
         leaf = params
         for key in keys[:-1]:

@@ -42,11 +42,12 @@ from lmtrain.train.actions import (
     TrainingDiverged,
     every,
 )
-from lmtrain.train.checkpoint import Checkpointer, CheckpointError, load_init_params
+from lmtrain.train.checkpoint import Checkpointer, CheckpointError
 from lmtrain.train.optimizer import make_optimizer
-from lmtrain.train.state import abstract_with_shardings, init_params_fn, init_state_fn, state_shardings
+from lmtrain.train.state import abstract_with_shardings, init_state_fn, state_shardings
 from lmtrain.train.step import make_train_step
 from lmtrain.trees import flat_paths, nest_paths
+from lmtrain.workdir import overlay_init_from, start_params
 
 DONE = "done.json"
 
@@ -251,8 +252,9 @@ class Run:
 
 def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
     """Resume from the latest good checkpoint, or initialise (and start from train.init_from). Frozen
-    parameters are never in a checkpoint: they are rebuilt as they were first made (the seed's
-    initialisation, overlaid with train.init_from), so a LoRA run's checkpoint holds only the adapters."""
+    parameters are never in a checkpoint: they are rebuilt as they were first made (the WORKDIR's 'start'
+    parameters: the seed's initialisation, overlaid with train.init_from), so a LoRA run's checkpoint holds only
+    the adapters."""
     cfg, model_def, mesh = run.cfg, run.model_def, run.mesh
     init = init_state_fn(model_def, tx, cfg.train.seed, plan)
     abstract = jax.eval_shape(init)
@@ -261,8 +263,7 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
     restored = run.ckpt.restore_latest(abstract_with_shardings({k: abstract[k] for k in saved},
                                                                {k: shardings[k] for k in saved}))
     if restored is not None:
-        frozen = jax.jit(lambda: plan.split(init_params_fn(model_def, cfg.train.seed)())[1],
-                         out_shardings=shardings["frozen"])()
+        frozen = start_params(cfg, model_def, abstract_with_shardings(abstract["frozen"], shardings["frozen"]))
         run.state = {**restored.state, "frozen": frozen}
         run.data.train.set_state(restored.data_state)
         run.step = restored.step
@@ -271,29 +272,22 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
         run.last_eval = restored.meta.get("eval") or {}
         run.last_saved = restored.step
         log(f"lmtrain: resuming {run.workdir} from step {restored.step}")
-        parts = ("frozen",)
-    else:
-        run.state = jax.jit(init, out_shardings=shardings)()
-        parts = ("params", "frozen")
-    if cfg.train.init_from and any(run.state[k] for k in parts):
-        target = abstract_with_shardings({k: abstract[k] for k in parts}, {k: shardings[k] for k in parts})
-        merged_target = ParamPlan.merge(*(target[k] for k in parts)) if len(parts) == 2 else target["frozen"]
-        params, fresh, unused = load_init_params(cfg.train.init_from, merged_target, _which(cfg.train.init_from_which),
-                                                 cfg.model.vocab_size, model_def.logical_axes)
+        return shardings
+    run.state = jax.jit(init, out_shardings=shardings)()
+    parts = ("params", "frozen")
+    if cfg.train.init_from:
+        target = ParamPlan.merge(*(abstract_with_shardings(abstract[k], shardings[k]) for k in parts))
+        params, fresh, unused = overlay_init_from(cfg, model_def, ParamPlan.merge(*(run.state[k] for k in parts)),
+                                                  target)
         for k in parts:
-            run.state[k] = ParamPlan.merge(_only(params, _paths(run.state[k])), _only(run.state[k], fresh))
-        if restored is None:
-            log(f"lmtrain: starting from parameters {cfg.train.init_from}"
-                + (f"; new: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
+            run.state[k] = _only(params, _paths(run.state[k]))
+        log(f"lmtrain: starting from parameters {cfg.train.init_from}"
+            + (f"; new: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
     return shardings
 
 
 def _paths(tree: dict) -> list[str]:
     return list(param_paths(tree))
-
-
-def _which(value: str) -> str | int:
-    return int(value) if str(value).isdigit() else value
 
 
 def _only(params: dict, paths: list[str]) -> dict:
