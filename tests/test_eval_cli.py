@@ -155,7 +155,7 @@ def test_a_hugging_face_export_evaluates_like_its_workdir(workdirs, task_data, t
 
 @pytest.mark.slow
 def test_batched_generation_equals_one_prompt_at_a_time_and_scores_follow(workdirs, task_data, tmp_path, capsys):
-    from lmtrain.generate import SamplingConfig, generate
+    from lmtrain.model.decode import SamplingConfig, generate
 
     _, _, sft, _ = task_data
     # 6 examples in batches of 4: the second batch has filler rows, every batch the same padded width

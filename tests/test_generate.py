@@ -11,10 +11,10 @@ import torch
 from transformers import GenerationConfig
 
 from lmtrain import generate as generate_lib
-from lmtrain.generate import GenerationError, SamplingConfig, generate, sample_logits
 from lmtrain.interop import hf_import
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelDef
+from lmtrain.model.decode import GenerationError, SamplingConfig, generate, sample_logits
 from tests.test_hf_import import VOCAB, random_hf_model
 from tests.test_tokenizer_families import remote_code_tokenizer
 

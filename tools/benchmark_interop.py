@@ -49,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from lmtrain.generate import SamplingConfig, generate
     from lmtrain.interop.hf_export import export_params
     from lmtrain.interop.hf_import import import_hf, load_hf_model
     from lmtrain.model import ModelDef
+    from lmtrain.model.decode import SamplingConfig, generate
 
     print(f"backend: {jax.default_backend()}, {jax.device_count()} device(s), {os.cpu_count()} CPU cores")
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,8 +18,9 @@ import time
 
 import uvicorn
 
-from lmtrain.generate import GenerationError, _Tokenizer, load_model, model_labels
+from lmtrain.generate import _Tokenizer, load_model, model_labels
 from lmtrain.interop.hf_export import end_of_turn_tokens, workdir_chat_template
+from lmtrain.model.decode import GenerationError
 from lmtrain.paths import as_path, local_dir
 from lmtrain.serve.app import ServedModel, Settings, create_app
 from lmtrain.serve.auth import ENV_VAR, KeyCheck, ServeError, check_bind, load_keys

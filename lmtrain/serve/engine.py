@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from lmtrain.data.packing import classify_batch
-from lmtrain.generate import make_step_fns, new_cache
+from lmtrain.model.decode import make_step_fns, new_cache
 from lmtrain.model.transformer import ModelDef
 
 N_TOP_LOGPROBS = 5  # the most top logprobs a request may ask for (OpenAI's completions limit)
