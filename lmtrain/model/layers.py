@@ -172,11 +172,10 @@ def dense(x, kernel: nnx.Param, equation: str, dtype, bias: nnx.Param | None = N
     """Every projection of the model goes through here: `einsum(equation, x, kernel)` in the compute
     dtype, plus an optional bias and an optional adapter's contribution (`lmtrain.model.adapters`; `key`
     drives its dropout). A new adapter method wraps this one function, not each einsum."""
-    y = jnp.einsum(equation, x, kernel[...].astype(dtype))
-    if bias is not None:
-        y = y + bias[...].astype(dtype)
-    if adapter is not None:
-        y = y + adapter(x, dtype, key)
+    base = jnp.einsum(equation, x, kernel[...].astype(dtype))
+    y = base if bias is None else base + bias[...].astype(dtype)
+    if adapter is not None:  # the adapter sees the input and the bias-free projection (IA3-like methods scale it)
+        y = y + adapter(x, base, dtype, key)
     return y
 
 

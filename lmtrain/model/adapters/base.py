@@ -32,8 +32,9 @@ class AdapterMethod:
     peft: PeftFormat | None = None  # None: no PEFT adapter export/import (the merged export still works)
 
     def build(self, cfg, shape: tuple[int, ...], axes: tuple, equation: str, rngs: nnx.Rngs) -> nnx.Module:
-        """The adapter module of one projection; called as `module(x, dtype, key)` it returns what it adds to
-        `einsum(equation, x, W)` (`key`: its dropout key in training, else None)."""
+        """The adapter module of one projection. `module(x, base, dtype, key)` returns what it adds to the
+        projection's output, given its input `x` and `base` = einsum(equation, x, W) before any bias (`key`: its
+        dropout key in training, else None). Its parameters' logical axes derive from `axes`, so they shard like W."""
         raise NotImplementedError
 
     def merge(self, weight: jax.Array, adapter: dict, cfg) -> jax.Array:

@@ -51,7 +51,8 @@ class LoRA(nnx.Module):
         self.down_equation = f"{x_spec},{contracted}r->{x_out}r"
         self.up_equation = f"{x_out}r,r{produced}->{equation.split('->')[1]}"
 
-    def __call__(self, x, dtype, key=None):
+    def __call__(self, x, base, dtype, key=None):
+        """(alpha / r) dropout(x) A B; `base` (the projection's x W) is not needed."""
         if key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
