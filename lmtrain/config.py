@@ -87,6 +87,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.lora_alpha = 16.0  # LoRA: the update is scaled by lora_alpha / lora_rank
     m.lora_dropout = 0.0  # LoRA: dropout on each adapter's input
     m.lora_targets = ("q", "v")  # LoRA: q, k, v, o, gate, up, down, or a family's names (q_proj, c_attn, query, ...)
+    m.adapter = "lora"  # the adapter method when lora_rank > 0 (lmtrain.model.adapters.ADAPTERS; plugins add more)
     # Encoders (BERT): bidirectional attention and the BERT family's parts; see configs/bert_tiny.py.
     m.causal = True  # False: every token attends to every non-padding token of its segment (encoders)
     m.type_vocab_size = 0  # token-type (sentence A/B) embeddings, BERT: 2; 0 for none

@@ -4,14 +4,14 @@ Everything that decides it lives here:
 - the rule grammar, `(regex over the parameter path, label)` with the labels in `PARAM_RULE_LABELS`, and its
   parsing (`check_param_rules`);
 - the `optimizer.freeze` presets (`freeze_presets`);
-- LoRA's rules: its target vocabulary (`TARGETS`, `FAMILY_NAMES`, `resolve_targets`), its settings' checks
-  (`check_lora`), and the rules a LoRA run adds (base frozen, adapters and a new head trained);
+- the adapters' target vocabulary (`TARGETS`, `FAMILY_NAMES`, `resolve_targets`) and their settings' checks
+  (`check_lora`); what an adapter run freezes and trains is its method's to say (`model_cfg.adapter_method`);
 - `named_param_rules`: the rules a run applies, in order, each named by the config key it comes from;
 - `ParamPlan`: the rules applied to one model's parameter shapes.
 
 Error messages name the user's key (`optimizer.param_rules[2]`, `optimizer.freeze='blocks:9'`,
-`model.lora_targets`). The LoRA adapter itself is `lmtrain.model.lora`; the optimizer that reads a plan is
-`lmtrain.train.optimizer`. This module imports neither, so `config` can validate with it.
+`model.lora_targets`). The adapter methods are `lmtrain.model.adapters`; the optimizer that reads a plan is
+`lmtrain.train.optimizer`. This module imports neither, so `config` can validate with it without loading jax.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def _preset_items(spec: str) -> list[str]:
     return [item for item in (part.strip() for part in spec.split("+")) if item]
 
 
-# ---------------------------------------------------------------------------------------------- LoRA's rules
+# ---------------------------------------------------------------------------------------------- adapter targets
 
 # Canonical target -> the model's projection attribute.
 TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_in", "down": "w_out"}
@@ -183,15 +183,12 @@ def check_lora(m) -> None:
 
 
 def named_param_rules(cfg, model_cfg, task) -> list[tuple[str, tuple]]:
-    """The parameter rules a run applies, each with where it comes from (for error messages): LoRA's (base frozen,
-    adapters and a task head trained), then the optimizer.freeze presets, then optimizer.param_rules (later rules
-    override earlier ones)."""
+    """The parameter rules a run applies, each with where it comes from (for error messages): the adapter method's
+    when adapters are on (LoRA: base frozen, adapters and a task head trained), then the optimizer.freeze presets,
+    then optimizer.param_rules (later rules override earlier ones)."""
     named = []
-    if model_cfg.lora_rank:
-        named += [("model.lora_rank (LoRA freezes the base)", (r".", "freeze")),
-                  ("model.lora_rank (LoRA trains the adapters)", (r"(^|/)lora_", "train"))]
-        if task.head != "lm":  # a task head (classify, ...) is new: it trains fully
-            named.append((f"model.lora_rank (LoRA trains the new {task.head} head)", (r"^head/", "train")))
+    if model_cfg.lora_rank:  # the adapter method says what it freezes and trains (AdapterMethod.param_rules)
+        named += model_cfg.adapter_method.param_rules(task.head)
     for item in _preset_items(cfg.optimizer.freeze):
         named += [(f"optimizer.freeze='{item}'", rule) for rule in freeze_presets(item, cfg.model.n_layers)]
     named += [(f"optimizer.param_rules[{k}]", tuple(r)) for k, r in enumerate(cfg.optimizer.param_rules)]

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lmtrain.config import ConfigError
 from lmtrain.model import ModelConfig, ModelDef
-from lmtrain.model.lora import merged_params
+from lmtrain.model.adapters import merged_params
 from lmtrain.parallel.mesh import make_mesh
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.train.state import create_sharded_state
@@ -43,12 +43,12 @@ def test_adapters_start_at_zero_and_merge_exactly(family):
     base_def = ModelDef(dataclasses.replace(cfg, lora_rank=0, lora_targets=()))
     params = model_def.init(jax.random.key(0))
     tokens = np.random.default_rng(0).integers(0, 256, (2, 16)).astype(np.int32)
-    without = {k: v for k, v in merged_params(params, 4, 8.0).items()}
+    without = {k: v for k, v in merged_params(params, cfg).items()}
     # B = 0 at init: the adapted model is the base model.
     np.testing.assert_array_equal(np.asarray(model_def.apply(params, tokens)), np.asarray(base_def.apply(without, tokens)))
     params = _perturbed(params)
     adapted = np.asarray(model_def.apply(params, tokens))
-    merged = np.asarray(base_def.apply(merged_params(params, 4, 8.0), tokens))
+    merged = np.asarray(base_def.apply(merged_params(params, cfg), tokens))
     assert np.abs(adapted - np.asarray(base_def.apply(without, tokens))).max() > 1e-2  # the adapters matter
     np.testing.assert_allclose(merged, adapted, atol=2e-5)
 

@@ -23,10 +23,10 @@ from lmtrain.config import DEFAULT_AXIS_RULES
 from lmtrain.errors import ConfigError
 from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.families import t5 as t5_family
+from lmtrain.model.adapters import merged_params
 from lmtrain.model.encdec import T5Config, T5ModelDef, generate_greedy, pad_inputs
 from lmtrain.model.encdec.generate import cross_keys_values
 from lmtrain.model.encdec.layers import relative_position_bucket
-from lmtrain.model.lora import merged_params
 from lmtrain.parallel.mesh import make_mesh
 from lmtrain.parallel.partitioning import axis_rules, param_shardings
 
@@ -231,7 +231,7 @@ def test_lora_adapts_every_projection_through_dense_and_merges_exactly(converted
         lambda path, x: rng.normal(0, 0.1, x.shape).astype(x.dtype) if path[-1].key == "b" else x, with_adapters)
     adapted = np.asarray(lora_def.apply(perturbed, *inputs))
     assert np.abs(adapted - base).max() > 1e-3
-    merged = merged_params(perturbed, lora_cfg.lora_rank, lora_cfg.lora_alpha)
+    merged = merged_params(perturbed, lora_cfg)
     np.testing.assert_allclose(np.asarray(T5ModelDef(cfg).apply(merged, *inputs)), adapted, atol=1e-4, rtol=1e-4)
 
 

@@ -30,8 +30,8 @@ from etils import epath
 
 from lmtrain.interop.export_common import DTYPES, PUBLISHER, agree_on_target, check_dtype, layer_of, new_staging_dir, to_host
 from lmtrain.interop.families import FAMILIES, Family, HFInteropError, TensorRule, family_for_model
+from lmtrain.model import adapters
 from lmtrain.model.layers import ModelConfig
-from lmtrain.model.lora import merged_params
 from lmtrain.param_rules import TARGETS
 from lmtrain.paths import as_path
 from lmtrain.storage.safetensors import write_tensors
@@ -121,9 +121,9 @@ def _lookup(params: dict, path: str):
     return node
 
 
-def _adapter_of(params: dict, path: str) -> dict | None:
+def _adapter_of(params: dict, path: str, prefix: str) -> dict | None:
     parent, name = path.rsplit("/", 1)
-    return _lookup(params, parent).get(f"lora_{name}")
+    return _lookup(params, parent).get(prefix + name)
 
 
 def peft_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -165,6 +165,11 @@ def adapter_contents(cfg: ModelConfig, params: dict, family: Family, trained: se
     if not cfg.lora_rank:
         raise HFInteropError("this model has no LoRA adapters (model.lora_rank=0), so there is no adapter to export; "
                              "export the whole model without --adapter.")
+    method = cfg.adapter_method
+    if method.peft is None or method.peft.peft_type != "LORA":  # this writer knows PEFT's LoRA layout only
+        raise HFInteropError(f"model.adapter='{method.name}' has no PEFT LoRA adapter format; export the merged model "
+                             "instead (without --adapter).")
+    a_name, b_name = method.peft.tensor_names
     r = cfg.lora_rank
     tensors: dict[str, np.ndarray] = {}
     adapted, rank_pattern, alpha_pattern, fused = [], {}, {}, {}
@@ -180,7 +185,7 @@ def adapter_contents(cfg: ModelConfig, params: dict, family: Family, trained: se
             parts = []
             for path, is_adapted in zip(proj.rule.lm, present, strict=True):
                 if is_adapted:
-                    lora = _adapter_of(params, path)
+                    lora = _adapter_of(params, path, method.prefix)
                     parts.append(peft_factors(_to_host_layer(lora["a"], layer), _to_host_layer(lora["b"], layer)))
                 else:
                     n_out = math.prod(_lookup(params, path).shape[1:]) // _in_size(path, params)
@@ -190,8 +195,8 @@ def adapter_contents(cfg: ModelConfig, params: dict, family: Family, trained: se
             else:
                 a, b = fused_factors(parts)
             name = PEFT_PREFIX + proj.name(layer)
-            tensors[f"{name}.lora_A.weight"] = a.astype(np_dtype)
-            tensors[f"{name}.lora_B.weight"] = b.astype(np_dtype)
+            tensors[f"{name}.{a_name}"] = a.astype(np_dtype)
+            tensors[f"{name}.{b_name}"] = b.astype(np_dtype)
         if n > 1:
             rank_pattern[proj.module] = n * r
             alpha_pattern[proj.module] = n * cfg.lora_alpha
@@ -214,7 +219,7 @@ def adapter_contents(cfg: ModelConfig, params: dict, family: Family, trained: se
                 tensors[PEFT_PREFIX + rule.hf_name(layer)] = rule.to_hf(host).astype(np_dtype)
 
     config = {
-        "peft_type": "LORA",
+        "peft_type": method.peft.peft_type,
         "task_type": TASK_TYPES.get(cfg.head),
         "r": r,
         "lora_alpha": cfg.lora_alpha,
@@ -254,7 +259,7 @@ def _modules_to_save(cfg: ModelConfig, family: Family, trained: set[str] | None)
     """HF module names (one per layer for block modules) holding a trained parameter that is not an adapter."""
     if trained is None:
         trained = {p for rule in family.rules(cfg) for p in rule.lm if p.startswith("head/")} if cfg.head != "lm" else set()
-    trained = {p for p in trained if "lora_" not in p}
+    trained = {p for p in trained if cfg.adapter_method.prefix not in p}
     modules = set()
     for rule in family.rules(cfg):
         if trained.intersection(rule.lm):
@@ -294,19 +299,15 @@ def export_adapter(cfg: ModelConfig, params: dict, out_dir: str | os.PathLike, *
 
 
 def without_adapters(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
-    """The base model the adapters apply to: the parameters without them, and the config without LoRA."""
-
-    def strip(node: dict) -> dict:
-        return {k: strip(v) if isinstance(v, dict) else v for k, v in node.items() if not k.startswith("lora_")}
-
-    return dataclasses.replace(cfg, lora_rank=0, lora_targets=()), strip(params)
+    """The base model the adapters apply to: the parameters without them, and the config without adapters."""
+    return dataclasses.replace(cfg, lora_rank=0, lora_targets=()), adapters.without_adapters(params, cfg)
 
 
 def merge_adapters(cfg: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
-    """The ordinary model a LoRA model computes: each adapter folded into its weight, W + (alpha / r) A B."""
+    """The ordinary model an adapter model computes: each adapter folded into its weight (LoRA: W + (alpha / r) A B)."""
     if not cfg.lora_rank:
         return cfg, params
-    return dataclasses.replace(cfg, lora_rank=0, lora_targets=()), merged_params(params, cfg.lora_rank, cfg.lora_alpha)
+    return dataclasses.replace(cfg, lora_rank=0, lora_targets=()), adapters.merged_params(params, cfg)
 
 
 def default_base_model(workdir: epath.Path, source_config: dict | None) -> str | None:

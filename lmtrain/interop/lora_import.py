@@ -36,11 +36,14 @@ from lmtrain.interop.lora_export import (
     module_names,
     projections,
 )
+from lmtrain.model.adapters import ADAPTERS
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path
 from lmtrain.storage.safetensors import SafetensorsReader
 from lmtrain.trees import flat_paths, nest_paths
+
+LORA = ADAPTERS["lora"]  # PEFT's LoRA layout is what this reader converts (its peft_type and tensor names)
 
 # adapter_config.json settings that change what the adapter computes in ways lmtrain's LoRA does not reproduce:
 # (key, the value(s) lmtrain reproduces, what to do).
@@ -92,6 +95,7 @@ class PeftAdapter:
         """Set model.lora_* (and train the modules_to_save) in an lmtrain config."""
         cfg.model.lora_rank, cfg.model.lora_alpha, cfg.model.lora_dropout = self.rank, self.alpha, self.dropout
         cfg.model.lora_targets = self.targets
+        cfg.model.adapter = LORA.name
         if self.saved:
             cfg.optimizer.param_rules = tuple(cfg.optimizer.param_rules) + tuple(
                 (f"^{re.escape(p)}$", "train") for p in sorted(self.saved))
@@ -104,7 +108,7 @@ class PeftAdapter:
         for path, (a, b) in self.lora.items():
             parent, name = path.rsplit("/", 1)
             for factor, value in (("a", a), ("b", b)):
-                key = f"{parent}/lora_{name}/{factor}"
+                key = f"{parent}/{model_cfg.adapter_method.prefix}{name}/{factor}"
                 if shapes[key].shape != value.shape:  # a conversion bug, not the user's input
                     raise AssertionError(f"{key}: built {value.shape}, the model wants {shapes[key].shape}")
                 flat[key] = place(value.astype(shapes[key].dtype), flat_shardings[key])
@@ -130,7 +134,7 @@ def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike)
         raise HFInteropError(f"{directory} has no {ADAPTER_WEIGHTS}{pickle}.")
     config = read_json(config_path, "a PEFT adapter configuration (an object)")
     where = str(config_path)
-    if config.get("peft_type") != "LORA":
+    if config.get("peft_type") != LORA.peft.peft_type:  # the adapter method this reader converts
         raise HFInteropError(f"{where}: peft_type is {config.get('peft_type')!r}; lmtrain imports LoRA adapters "
                              "(peft_type 'LORA').")
     for key, allowed, why in _UNSUPPORTED:
@@ -184,9 +188,10 @@ def read_peft_adapter(adapter_dir: str | os.PathLike, hf_dir: str | os.PathLike)
         want_in = math.prod(factor_dims(cfg, proj.targets[0])[0])
         for layer in range(cfg.n_layers):
             name = proj.name(layer)
-            a, b = tensor(f"{name}.lora_A.weight"), tensor(f"{name}.lora_B.weight")
+            a_name, b_name = (f"{name}.{suffix}" for suffix in LORA.peft.tensor_names)
+            a, b = tensor(a_name), tensor(b_name)
             if a is None or b is None:
-                raise HFInteropError(f"{weights}: tensor '{PEFT_PREFIX}{name}.lora_{'A' if a is None else 'B'}.weight' "
+                raise HFInteropError(f"{weights}: tensor '{PEFT_PREFIX}{a_name if a is None else b_name}' "
                                      f"is missing; target_modules in {ADAPTER_CONFIG} adapts {name}.")
             if a.ndim != 2 or b.ndim != 2 or a.shape != (module_r, want_in) or b.shape != (sum(outs), module_r):
                 raise HFInteropError(

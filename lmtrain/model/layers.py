@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.model.adapters import adapter_method, adapter_of, attach
 from lmtrain.model.attention import attend
-from lmtrain.model.lora import maybe_lora
 from lmtrain.parallel.partitioning import constrain
 from lmtrain.param_rules import resolve_targets
 
@@ -62,6 +62,7 @@ class ModelConfig:
     lora_alpha: float = 16.0  # adapter scale alpha / rank
     lora_dropout: float = 0.0  # dropout on an adapter's input (training only)
     lora_targets: tuple = ()  # projections to adapt: q, k, v, o, gate, up, down (or family names: q_proj, c_attn, ...)
+    adapter: str = "lora"  # the adapter method (lmtrain.model.adapters.ADAPTERS) when lora_rank > 0
 
     @classmethod
     def from_config(cls, model_cfg) -> ModelConfig:
@@ -73,7 +74,10 @@ class ModelConfig:
             values["lora_targets"] = resolve_targets(tuple(values.get("lora_targets") or ()), values.get("mlp", "swiglu"))
         else:
             values["lora_targets"] = ()
-        return cls(**values)
+        cfg = cls(**values)
+        if cfg.lora_rank:
+            adapter_method(cfg).check(cfg)  # an unknown model.adapter is a ConfigError here
+        return cfg
 
     def for_training(self) -> ModelConfig:
         """Training keeps float32 master weights (and optimizer state) whatever the storage dtype;
@@ -83,6 +87,11 @@ class ModelConfig:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def adapter_method(self):
+        """The `model.adapter` method (lmtrain.model.adapters), which param_rules asks what trains."""
+        return adapter_method(self)
 
     @property
     def padded_vocab(self) -> int:
@@ -161,13 +170,12 @@ def _dropout(x, rate: float, key):
 
 def dense(x, kernel: nnx.Param, equation: str, dtype, bias: nnx.Param | None = None, adapter=None, key=None):
     """Every projection of the model goes through here: `einsum(equation, x, kernel)` in the compute
-    dtype, plus an optional bias and an optional adapter (LoRA: its low-rank update, with `key` for
-    its dropout). A new kind of adapter wraps this one function, not each einsum."""
-    y = jnp.einsum(equation, x, kernel[...].astype(dtype))
-    if bias is not None:
-        y = y + bias[...].astype(dtype)
-    if adapter is not None:
-        y = y + adapter(x, dtype, key)
+    dtype, plus an optional bias and an optional adapter's contribution (`lmtrain.model.adapters`; `key`
+    drives its dropout). A new adapter method wraps this one function, not each einsum."""
+    base = jnp.einsum(equation, x, kernel[...].astype(dtype))
+    y = base if bias is None else base + bias[...].astype(dtype)
+    if adapter is not None:  # the adapter sees the input and the bias-free projection (IA3-like methods scale it)
+        y = y + adapter(x, base, dtype, key)
     return y
 
 
@@ -192,17 +200,17 @@ class Attention(nnx.Module):
         self.bk = _param(None, (nkv, hd), ("kv_heads", "head_dim"), 0, dt) if qkv_bias else None
         self.bv = _param(None, (nkv, hd), ("kv_heads", "head_dim"), 0, dt) if qkv_bias else None
         self.bo = _param(None, (d,), ("embed",), 0, dt) if cfg.use_bias else None
-        self.lora_wq = maybe_lora(cfg, "q", (d, nh, hd), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
-        self.lora_wk = maybe_lora(cfg, "k", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), "bld,dkh->blkh", rngs)
-        self.lora_wv = maybe_lora(cfg, "v", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), "bld,dkh->blkh", rngs)
-        self.lora_wo = maybe_lora(cfg, "o", (nh, hd, d), ("heads", "head_dim", "embed"), "blnh,nhd->bld", rngs)
+        attach(self, "wq", cfg, "q", (d, nh, hd), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
+        attach(self, "wk", cfg, "k", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), "bld,dkh->blkh", rngs)
+        attach(self, "wv", cfg, "v", (d, nkv, hd), ("embed", "kv_heads", "head_dim"), "bld,dkh->blkh", rngs)
+        attach(self, "wo", cfg, "o", (nh, hd, d), ("heads", "head_dim", "embed"), "blnh,nhd->bld", rngs)
 
     def project_qkv(self, x_BxLxD, positions_BxL, key=None):
         cfg, dtype = self.cfg, self.cfg.compute_dtype
         kq, kk, kv = _keys(key, 3)
-        q_BxLxNxH = dense(x_BxLxD, self.wq, "bld,dnh->blnh", dtype, self.bq, self.lora_wq, kq)
-        k_BxLxKxH = dense(x_BxLxD, self.wk, "bld,dkh->blkh", dtype, self.bk, self.lora_wk, kk)
-        v_BxLxKxH = dense(x_BxLxD, self.wv, "bld,dkh->blkh", dtype, self.bv, self.lora_wv, kv)
+        q_BxLxNxH = dense(x_BxLxD, self.wq, "bld,dnh->blnh", dtype, self.bq, adapter_of(self, "wq"), kq)
+        k_BxLxKxH = dense(x_BxLxD, self.wk, "bld,dkh->blkh", dtype, self.bk, adapter_of(self, "wk"), kk)
+        v_BxLxKxH = dense(x_BxLxD, self.wv, "bld,dkh->blkh", dtype, self.bv, adapter_of(self, "wv"), kv)
         if cfg.pos_embedding == "rope":
             inv_freq = rope_inverse_frequencies(cfg)
             q_BxLxNxH = apply_rope(q_BxLxNxH, positions_BxL, inv_freq)
@@ -213,7 +221,7 @@ class Attention(nnx.Module):
         return q_BxLxNxH, k_BxLxKxH, v_BxLxKxH
 
     def project_out(self, out_BxLxNxH, key=None):
-        y_BxLxD = dense(out_BxLxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, self.bo, self.lora_wo, key)
+        y_BxLxD = dense(out_BxLxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, self.bo, adapter_of(self, "wo"), key)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
     def __call__(self, x_BxLxD, positions_BxL, segment_ids_BxL=None, kv=None, key=None, probs_key=None):
@@ -245,21 +253,21 @@ class MLP(nnx.Module):
         self.w_out = _param(rngs.params(), (f, d), ("mlp", "embed"), out_std, dt)
         self.b_in = _param(None, (f,), ("mlp",), 0, dt) if cfg.use_bias else None
         self.b_out = _param(None, (d,), ("embed",), 0, dt) if cfg.use_bias else None
-        self.lora_w_in = maybe_lora(cfg, "up", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
-        self.lora_w_gate = maybe_lora(cfg, "gate", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
-        self.lora_w_out = maybe_lora(cfg, "down", (f, d), ("mlp", "embed"), "blf,fd->bld", rngs)
+        attach(self, "w_in", cfg, "up", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
+        attach(self, "w_gate", cfg, "gate", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
+        attach(self, "w_out", cfg, "down", (f, d), ("mlp", "embed"), "blf,fd->bld", rngs)
 
     def __call__(self, x_BxLxD, key=None):
         dtype = self.cfg.compute_dtype
         k_in, k_gate, k_out = _keys(key, 3)
-        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, self.b_in, self.lora_w_in, k_in)
+        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, self.b_in, adapter_of(self, "w_in"), k_in)
         if self.w_gate is not None:
-            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype, None, self.lora_w_gate, k_gate)
+            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype, None, adapter_of(self, "w_gate"), k_gate)
             h_BxLxF = jax.nn.silu(gate_BxLxF) * h_BxLxF
         else:
             h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=self.cfg.mlp != "gelu_exact")
         h_BxLxF = constrain(h_BxLxF, ("batch", "length", "act_mlp"))
-        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, self.b_out, self.lora_w_out, k_out)
+        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, self.b_out, adapter_of(self, "w_out"), k_out)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
 

@@ -1,6 +1,6 @@
 """The T5-family encoder-decoder's hyper-parameters: its own dataclass, beside (not inside) ModelConfig.
 
-It also answers the handful of attributes the shared building blocks read (`Norm`, `maybe_lora`): `norm`,
+It also answers the handful of attributes the shared building blocks read (`Norm`, the adapters): `norm`,
 `use_bias`, `compute_dtype`, `weight_dtype`, so those blocks serve both model kinds unchanged.
 """
 
@@ -11,6 +11,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from lmtrain.errors import ConfigError
+from lmtrain.model.adapters import adapter_method
 from lmtrain.param_rules import TARGETS
 
 MLPS = ("relu", "gated-gelu")  # T5 v1.0 and T5 v1.1 / Flan-T5 feed-forwards, as transformers' feed_forward_proj
@@ -50,6 +51,7 @@ class T5Config:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: tuple = ()  # canonical targets (q, k, v, o, gate, up, down) after `from_config`
+    adapter: str = "lora"  # the adapter method (lmtrain.model.adapters.ADAPTERS) when lora_rank > 0
 
     # What the shared blocks (lmtrain.model.layers.Norm) read: T5's norm is RMSNorm without bias or centring.
     norm = "rmsnorm"
@@ -66,7 +68,10 @@ class T5Config:
         values = {k: v for k, v in model_cfg.items() if k in fields}
         values["lora_targets"] = resolve_lora_targets(values.get("lora_targets") or (), values.get("mlp", "gated-gelu")) \
             if values.get("lora_rank") else ()
-        return cls(**values)
+        cfg = cls(**values)
+        if cfg.lora_rank:
+            adapter_method(cfg).check(cfg)  # an unknown model.adapter is a ConfigError here
+        return cfg
 
     @property
     def decoder_layers(self) -> int:
@@ -75,6 +80,11 @@ class T5Config:
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim
+
+    @property
+    def adapter_method(self):
+        """The `model.adapter` method (lmtrain.model.adapters), which param_rules asks what trains."""
+        return adapter_method(self)
 
     @property
     def padded_vocab(self) -> int:

@@ -1,8 +1,8 @@
 """The T5 block's parts: relative position buckets, unscaled attention with an additive bias, the ReLU and
 gated-GELU feed-forwards, and the encoder / decoder block.
 
-Built from the shared pieces of lmtrain.model.layers: every projection goes through `dense()` (so LoRA wraps
-it), the norms are the shared `Norm` in its RMSNorm form, and every parameter carries logical axes.
+Built from the shared pieces of lmtrain.model.layers: every projection goes through `dense()` (so an adapter
+wraps it), the norms are the shared `Norm` in its RMSNorm form, and every parameter carries logical axes.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lmtrain.model.adapters import adapter_of, attach
 from lmtrain.model.encdec.config import T5Config
 from lmtrain.model.layers import Norm, _dropout, _keys, _param, dense
-from lmtrain.model.lora import maybe_lora
 from lmtrain.parallel.partitioning import constrain
 
 
@@ -66,25 +66,25 @@ class T5Attention(nnx.Module):
         self.wk = _param(rngs.params(), (d, n, h), ("embed", "heads", "head_dim"), d ** -0.5, dt)
         self.wv = _param(rngs.params(), (d, n, h), ("embed", "heads", "head_dim"), d ** -0.5, dt)
         self.wo = _param(rngs.params(), (n, h, d), ("heads", "head_dim", "embed"), (n * h) ** -0.5, dt)
-        self.lora_wq = maybe_lora(cfg, "q", (d, n, h), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
-        self.lora_wk = maybe_lora(cfg, "k", (d, n, h), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
-        self.lora_wv = maybe_lora(cfg, "v", (d, n, h), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
-        self.lora_wo = maybe_lora(cfg, "o", (n, h, d), ("heads", "head_dim", "embed"), "blnh,nhd->bld", rngs)
+        attach(self, "wq", cfg, "q", (d, n, h), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
+        attach(self, "wk", cfg, "k", (d, n, h), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
+        attach(self, "wv", cfg, "v", (d, n, h), ("embed", "heads", "head_dim"), "bld,dnh->blnh", rngs)
+        attach(self, "wo", cfg, "o", (n, h, d), ("heads", "head_dim", "embed"), "blnh,nhd->bld", rngs)
 
     def query(self, x_BxTxD, key=None):
-        q = dense(x_BxTxD, self.wq, "bld,dnh->blnh", self.cfg.compute_dtype, None, self.lora_wq, key)
+        q = dense(x_BxTxD, self.wq, "bld,dnh->blnh", self.cfg.compute_dtype, None, adapter_of(self, "wq"), key)
         return constrain(q, ("batch", "length", "act_heads", None))
 
     def keys_values(self, x_BxSxD, key=None):
         """Keys and values [B, S, N, H] of a sequence: the queries' own, or (cross-attention) the encoder output's."""
         k_key, v_key = _keys(key, 2)
         dtype = self.cfg.compute_dtype
-        k = dense(x_BxSxD, self.wk, "bld,dnh->blnh", dtype, None, self.lora_wk, k_key)
-        v = dense(x_BxSxD, self.wv, "bld,dnh->blnh", dtype, None, self.lora_wv, v_key)
+        k = dense(x_BxSxD, self.wk, "bld,dnh->blnh", dtype, None, adapter_of(self, "wk"), k_key)
+        v = dense(x_BxSxD, self.wv, "bld,dnh->blnh", dtype, None, adapter_of(self, "wv"), v_key)
         return constrain(k, ("batch", "length", "act_heads", None)), constrain(v, ("batch", "length", "act_heads", None))
 
     def out(self, o_BxTxNxH, key=None):
-        y = dense(o_BxTxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, None, self.lora_wo, key)
+        y = dense(o_BxTxNxH, self.wo, "blnh,nhd->bld", self.cfg.compute_dtype, None, adapter_of(self, "wo"), key)
         return constrain(y, ("batch", "length", "act_embed"))
 
 
@@ -98,21 +98,21 @@ class T5MLP(nnx.Module):
         self.w_in = _param(rngs.params(), (d, f), ("embed", "mlp"), d ** -0.5, dt)
         self.w_gate = _param(rngs.params(), (d, f), ("embed", "mlp"), d ** -0.5, dt) if gated else None
         self.w_out = _param(rngs.params(), (f, d), ("mlp", "embed"), f ** -0.5, dt)
-        self.lora_w_in = maybe_lora(cfg, "up", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
-        self.lora_w_gate = maybe_lora(cfg, "gate", (d, f), ("embed", "mlp"), "bld,df->blf", rngs) if gated else None
-        self.lora_w_out = maybe_lora(cfg, "down", (f, d), ("mlp", "embed"), "blf,fd->bld", rngs)
+        attach(self, "w_in", cfg, "up", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)
+        attach(self, "w_gate", cfg, "gate", (d, f), ("embed", "mlp"), "bld,df->blf", rngs)  # no gate: T5Config rejects it
+        attach(self, "w_out", cfg, "down", (f, d), ("mlp", "embed"), "blf,fd->bld", rngs)
 
     def __call__(self, x_BxLxD, key=None):
         dtype = self.cfg.compute_dtype
         k_in, k_gate, k_out, k_drop = _keys(key, 4)
-        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, None, self.lora_w_in, k_in)
+        h_BxLxF = dense(x_BxLxD, self.w_in, "bld,df->blf", dtype, None, adapter_of(self, "w_in"), k_in)
         if self.w_gate is None:
             h_BxLxF = jax.nn.relu(h_BxLxF)
         else:  # transformers' gelu_new: the tanh approximation
-            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype, None, self.lora_w_gate, k_gate)
+            gate_BxLxF = dense(x_BxLxD, self.w_gate, "bld,df->blf", dtype, None, adapter_of(self, "w_gate"), k_gate)
             h_BxLxF = jax.nn.gelu(gate_BxLxF, approximate=True) * h_BxLxF
         h_BxLxF = constrain(_dropout(h_BxLxF, self.cfg.dropout, k_drop), ("batch", "length", "act_mlp"))
-        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, None, self.lora_w_out, k_out)
+        y_BxLxD = dense(h_BxLxF, self.w_out, "blf,fd->bld", dtype, None, adapter_of(self, "w_out"), k_out)
         return constrain(y_BxLxD, ("batch", "length", "act_embed"))
 
 

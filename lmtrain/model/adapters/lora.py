@@ -6,8 +6,9 @@ parallelism shard them like the weight they adapt, the rank axis replicated. B s
 fresh adapter leaves the model unchanged; A starts as PEFT's default (Kaiming-uniform, bound
 1/sqrt(fan_in)), so an exported adapter means the same thing in both libraries.
 
-Which projections an adapter targets, and what LoRA freezes and trains, are parameter rules
-(`lmtrain.param_rules`: one target vocabulary for every family, plus each family's module names).
+`LoRAMethod` is what the adapter registry (`lmtrain.model.adapters.ADAPTERS['lora']`) knows of it: how it
+wraps a projection, how it merges, and its PEFT format. Which projections an adapter targets is a parameter rule
+(`lmtrain.param_rules`: one target vocabulary for every family and method, plus each family's module names).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from lmtrain.model.adapters.base import AdapterMethod, PeftFormat
 
 
 def _split_equation(equation: str) -> tuple[str, str, str]:
@@ -48,7 +51,8 @@ class LoRA(nnx.Module):
         self.down_equation = f"{x_spec},{contracted}r->{x_out}r"
         self.up_equation = f"{x_out}r,r{produced}->{equation.split('->')[1]}"
 
-    def __call__(self, x, dtype, key=None):
+    def __call__(self, x, base, dtype, key=None):
+        """(alpha / r) dropout(x) A B; `base` (the projection's x W) is not needed."""
         if key is not None and self.dropout > 0:
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
@@ -61,33 +65,22 @@ class LoRA(nnx.Module):
         return jnp.tensordot(a, b, axes=1) * self.scale
 
 
-def maybe_lora(cfg, target: str, shape: tuple, axes: tuple, equation: str, rngs: nnx.Rngs) -> LoRA | None:
-    """The adapter for projection `target` when LoRA is on and targets it, else None."""
-    if not cfg.lora_rank or target not in cfg.lora_targets:
-        return None
-    return LoRA(shape, axes, equation, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_dtype, rngs)
+class LoRAMethod(AdapterMethod):
+    """model.adapter='lora': a LoRA adapter of rank model.lora_rank, scale lora_alpha / lora_rank."""
+
+    name, prefix, title = "lora", "lora_", "LoRA"
+    peft = PeftFormat(peft_type="LORA", tensor_names=("lora_A.weight", "lora_B.weight"))
+
+    def build(self, cfg, shape, axes, equation, rngs) -> LoRA:
+        return LoRA(shape, axes, equation, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.weight_dtype, rngs)
+
+    def merge(self, weight: jax.Array, adapter: dict, cfg) -> jax.Array:
+        """W + (alpha / r) A B, in float32, back in the weight's dtype."""
+        a, b = adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32)
+        rank = a.shape[-1]
+        delta = a.reshape(-1, rank) @ b.reshape(rank, -1)
+        scale = cfg.lora_alpha / cfg.lora_rank
+        return (weight.astype(jnp.float32) + scale * delta.reshape(weight.shape)).astype(weight.dtype)
 
 
-def merged_params(params: dict, lora_rank: int, lora_alpha: float) -> dict:
-    """The parameters with every adapter folded into its weight (W + (alpha / r) A B) and the adapters
-    removed: an ordinary model, for export or fast inference."""
-    scale = lora_alpha / lora_rank
-
-    def merge(node: dict) -> dict:
-        out = {k: merge(v) if isinstance(v, dict) else v for k, v in node.items() if not k.startswith("lora_")}
-        for key, adapter in node.items():
-            if not key.startswith("lora_"):
-                continue
-            weight = out[key[len("lora_"):]]
-            a, b = adapter["a"].astype(jnp.float32), adapter["b"].astype(jnp.float32)
-            stacked = weight.ndim == a.ndim + b.ndim - 3  # [L, in..., r] and [L, r, out...] share L
-            if stacked:  # blocks: a leading layers axis on the weight and both factors
-                layers, rank = a.shape[0], a.shape[-1]
-                delta = jnp.einsum("lir,lro->lio", a.reshape(layers, -1, rank), b.reshape(layers, rank, -1))
-            else:
-                rank = a.shape[-1]
-                delta = a.reshape(-1, rank) @ b.reshape(rank, -1)
-            out[key[len("lora_"):]] = (weight.astype(jnp.float32) + scale * delta.reshape(weight.shape)).astype(weight.dtype)
-        return out
-
-    return merge(params)
+METHOD = LoRAMethod()
