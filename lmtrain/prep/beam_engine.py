@@ -30,8 +30,10 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -471,7 +473,7 @@ def run_pipeline(args: argparse.Namespace, build, staging: str) -> dict:
     _clear(staging)
     as_path(staging).mkdir(parents=True, exist_ok=True)
     try:
-        with beam.Pipeline(options=pipeline_options(args)) as p:
+        with beam.Pipeline(options=pipeline_options(args)) as p, _beam_logs_quiet():
             build(p)
     except Exception as e:  # noqa: BLE001 - a runner wraps a worker's error; ours is found and raised as it was
         found = user_error(e)
@@ -481,6 +483,22 @@ def run_pipeline(args: argparse.Namespace, build, staging: str) -> dict:
     return json.loads((as_path(staging) / RESULT).read_text())
 
 
+@contextlib.contextmanager
+def _beam_logs_quiet():
+    """Beam logs a failed bundle's traceback before it raises; the error is reported once, by shard_data (a
+    user's mistake as one line, anything else with its traceback)."""
+    logger = logging.getLogger("apache_beam")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+BEAM_CONTEXT = re.compile(r" \[while running '[^']*'\]$")  # what Beam appends to a worker's error message
+
+
 def user_error(error: BaseException) -> Exception | None:
     """The input error (SourceError, ConfigError) a worker raised, out of the runner's wrapping: the same
     one-line error as the local engine's. A runner that ships only the text of a remote traceback gives
@@ -488,13 +506,13 @@ def user_error(error: BaseException) -> Exception | None:
     seen = error
     while seen is not None:
         if isinstance(seen, SourceError | ConfigError):
-            return seen
+            return type(seen)(BEAM_CONTEXT.sub("", str(seen)))
         seen = seen.__cause__ or seen.__context__
     for line in reversed(str(error).splitlines()):
         for kind in ("ExampleError", "SourceError", "ShardError"):
             marker = f"{kind}: "
             if marker in line:
-                return SourceError(line.split(marker, 1)[1].strip())
+                return SourceError(BEAM_CONTEXT.sub("", line.split(marker, 1)[1].strip()))
     return None
 
 

@@ -141,8 +141,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="local: worker processes on this machine (default); beam: an Apache Beam pipeline\n"
                         "(pip install 'lmtrain[beam]'), run where --beam-options says")
     e.add_argument("--beam-options", default="",
-                   help="Beam pipeline options, e.g. '--runner=DataflowRunner --project=P --region=R\n"
-                        "--temp_location=gs://B/tmp' (default: the DirectRunner on this machine)")
+                   help="Beam pipeline options, after an '=': --beam-options='--runner=DataflowRunner\n"
+                        "--project=P --region=R --temp_location=gs://B/tmp' (default: the DirectRunner here)")
     return p.parse_args(argv)
 
 
