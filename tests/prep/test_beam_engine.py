@@ -21,7 +21,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from lmtrain.data.formats import get_format
 from lmtrain.data.shard_files import MANIFEST
 from lmtrain.data.shards import verify_shards
-from lmtrain.prep import beam_engine, shard_data
+from lmtrain.prep import beam_output, beam_stages, shard_data
 from lmtrain.prep.cleaning import dropped_near_duplicates
 from tests.test_shard_data import make_docs, tokenizer_dir, write_jsonl  # noqa: F401 - tokenizer_dir: a fixture
 
@@ -99,7 +99,7 @@ def test_text_beam_output_equals_local(corpus, tokenizer_dir, tmp_path):  # noqa
     assert comparable(beam) == comparable(local)  # totals, cleaning counts, fingerprint, options
     assert stored_documents(tmp_path / "beam") == stored_documents(tmp_path / "local")  # kept set, tokens, split
     verify_shards(tmp_path / "beam")  # sizes and sha256 as listed
-    assert not (tmp_path / "beam" / beam_engine.STAGING).exists()
+    assert not (tmp_path / "beam" / beam_output.STAGING).exists()
     # the trainer cannot tell them apart: a local run over the Beam output finds it complete
     assert run("local", corpus, tokenizer_dir, tmp_path / "beam", *TEXT_OPTIONS) == 0
     assert manifest_of(tmp_path / "beam") == beam
@@ -170,10 +170,10 @@ def test_record_formats_beam_output_equals_local(fmt, tokenizer_dir, tmp_path): 
 
 def test_worker_failure_is_retried_and_output_still_equal(corpus, tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(beam_engine.FAIL_ONCE, str(marker))
+    monkeypatch.setenv(beam_stages.FAIL_ONCE, str(marker))
     assert run("beam", corpus, tokenizer_dir, tmp_path / "beam", *TEXT_OPTIONS, beam_options=RETRYING) == 0
     assert marker.exists()  # the hook did raise, in the middle of writing a shard
-    monkeypatch.delenv(beam_engine.FAIL_ONCE)
+    monkeypatch.delenv(beam_stages.FAIL_ONCE)
     assert run("local", corpus, tokenizer_dir, tmp_path / "local", *TEXT_OPTIONS) == 0
     assert comparable(manifest_of(tmp_path / "beam")) == comparable(manifest_of(tmp_path / "local"))
     assert stored_documents(tmp_path / "beam") == stored_documents(tmp_path / "local")
@@ -182,7 +182,7 @@ def test_worker_failure_is_retried_and_output_still_equal(corpus, tokenizer_dir,
 def test_failed_pipeline_leaves_no_finished_output_and_a_rerun_completes(corpus, tokenizer_dir, tmp_path,  # noqa: F811
                                                                         monkeypatch):
     marker, out = tmp_path / "failed-once", tmp_path / "beam"
-    monkeypatch.setenv(beam_engine.FAIL_ONCE, str(marker))
+    monkeypatch.setenv(beam_stages.FAIL_ONCE, str(marker))
     args = shard_data.parse_args(["--input", *map(str, corpus), "--tokenizer", str(tokenizer_dir), "--output",
                                   str(out), "--quiet", "--runner", "beam", f"--beam-options={DIRECT}", *TEXT_OPTIONS])
     with pytest.raises(RuntimeError, match="injected"):  # this runner does not retry: the pipeline fails
