@@ -21,6 +21,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from lmtrain.data.formats import get_format
 from lmtrain.data.shard_files import MANIFEST
 from lmtrain.data.shards import verify_shards
+from lmtrain.paths import as_path
 from lmtrain.prep import beam_output, beam_stages, shard_data
 from lmtrain.prep.cleaning import dropped_near_duplicates
 from tests.test_shard_data import make_docs, tokenizer_dir, write_jsonl  # noqa: F401 - tokenizer_dir: a fixture
@@ -29,7 +30,7 @@ DIRECT = "--runner=DirectRunner"
 RETRYING = "--runner=BundleBasedDirectRunner"  # the DirectRunner that retries a failed bundle (up to 4 times)
 
 
-def run(engine: str, inputs: list[Path], tok: Path, out: Path, *extra: str, beam_options: str = DIRECT) -> int:
+def run(engine: str, inputs: list[Path], tok: Path, out: Path | str, *extra: str, beam_options: str = DIRECT) -> int:
     files = [str(p) for p in inputs]
     return shard_data.main(["--input", *files, "--tokenizer", str(tok), "--output", str(out), "--quiet",
                             "--workers", "1", "--runner", engine, f"--beam-options={beam_options}", *extra])
@@ -215,3 +216,22 @@ def test_bad_input_gives_the_local_engines_one_line_error(bad, fmt, tokenizer_di
 def test_runner_beam_is_off_by_default():
     args = shard_data.parse_args(["--builtin", "--tokenizer", "t", "--output", "o"])
     assert args.runner == "local"
+
+
+@pytest.mark.usefixtures("fake_gcs")
+def test_gcs_output_is_staged_by_workers_and_published_manifest_last(fake_gcs, corpus, tokenizer_dir, tmp_path,  # noqa: F811
+                                                                      monkeypatch):
+    remote = f"{fake_gcs.url}/shards"
+    monkeypatch.setenv(beam_stages.FAIL_ONCE, str(tmp_path / "failed-once"))
+    with pytest.raises(RuntimeError, match="injected"):  # a failed run: shards staged, no manifest
+        run("beam", corpus, tokenizer_dir, remote, *TEXT_OPTIONS)
+    names = fake_gcs.object_names()
+    assert "shards/manifest.json" not in names and "shards/.progress.json" in names
+    assert run("beam", corpus, tokenizer_dir, remote, *TEXT_OPTIONS) == 0  # the same command completes
+    names = fake_gcs.object_names()
+    assert "shards/manifest.json" in names and not [n for n in names if "/." in n]  # staging and progress gone
+    verify_shards(remote)
+    monkeypatch.delenv(beam_stages.FAIL_ONCE)
+    assert run("beam", corpus, tokenizer_dir, tmp_path / "local", *TEXT_OPTIONS) == 0
+    on_gcs = json.loads((as_path(remote) / MANIFEST).read_text())
+    assert without_time(on_gcs) == without_time(manifest_of(tmp_path / "local"))  # byte-equal shards, same names
