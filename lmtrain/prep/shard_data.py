@@ -64,6 +64,7 @@ from lmtrain.prep.text_sources import (
     check_spec,
     corpus_from_args,
     expand_files,
+    file_stats,
     iter_documents,
     iter_records,
 )
@@ -269,7 +270,7 @@ def run_fingerprint(args: argparse.Namespace, spec: CorpusSpec, opts: CleaningOp
     """Everything that determines the shards' content; a resumed run must match it exactly."""
     inputs = spec.describe()
     if spec.files:  # a changed input file must not be mixed with shards of the old one
-        inputs["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+        inputs["file_stats"] = file_stats(expand_files(spec.files))
     return {"corpus": inputs, "cleaning": dataclasses.asdict(opts), "val_fraction": args.val_fraction,
             "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp,
             **({"eos_token": args.eos_token} if args.eos_token else {})}  # absent by default: older runs still match
@@ -389,7 +390,7 @@ def _task_source(args: argparse.Namespace):
     check_spec(spec)
     corpus = spec.describe()
     if spec.files:
-        corpus["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+        corpus["file_stats"] = file_stats(expand_files(spec.files))
     val = 0.1 if args.val_fraction is None else args.val_fraction
     test = 0.0 if args.test_fraction is None else args.test_fraction
     return args.format, lambda: iter_records(spec), corpus, val, test
