@@ -6,7 +6,7 @@ differs is only how the whole-corpus decisions are made, each as a group-by inst
 
   read        one element per input file (one for a dataset, the built-in corpus or --max-docs), in parallel;
               every document carries its corpus position (file, document, piece), which stands in for order
-  clean       per document (clean_document), then Reshuffle'd over the workers
+  clean       the documents are Reshuffle'd over the workers, then cleaned one by one (clean_document)
   exact dedup group-by on the content hash (a combiner: one document per hash is held); the earliest survives
   near dedup  group-by on each LSH band key; a bucket yields its near-duplicate pairs, and the pairs, one list
               for the whole corpus, are walked in corpus order (cleaning.dropped_near_duplicates): the same
@@ -16,7 +16,7 @@ differs is only how the whole-corpus decisions are made, each as a group-by inst
   encode      record formats: the format's own encoder (make_encoder), as registered
   shard       group-by on (split, bucket of the position's hash), sized from the split's token total so a
               bucket holds about one shard; a bucket is written in corpus order, cut at --shard-mb
-  publish     by this process, after the pipeline: the staged shards get their final names, manifest last
+  publish     by the launching process, after the pipeline (beam_output): final names, the manifest last
 """
 
 from __future__ import annotations

@@ -135,7 +135,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(replaces its manifest and shards; other files are kept unless a shard has their name)")
     p.add_argument("--staging-dir", default="",
                    help="for a gs:// --output: local directory where shards are written before upload\n"
-                        "(default ~/.cache/lmtrain/shard-staging/<hash of the output>; kept for resume until done)")
+                        "(default ~/.cache/lmtrain/shard-staging/<hash of the output>; kept for resume until done;\n"
+                        "--runner beam stages under OUTPUT/.beam-staging instead, where every worker reaches it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     e = p.add_argument_group("engine (the same stages and output either way)")
     e.add_argument("--runner", default="local", choices=RUNNERS,
