@@ -235,3 +235,17 @@ def test_gcs_output_is_staged_by_workers_and_published_manifest_last(fake_gcs, c
     assert run("beam", corpus, tokenizer_dir, tmp_path / "local", *TEXT_OPTIONS) == 0
     on_gcs = json.loads((as_path(remote) / MANIFEST).read_text())
     assert without_time(on_gcs) == without_time(manifest_of(tmp_path / "local"))  # byte-equal shards, same names
+
+
+@pytest.mark.parametrize("source", [("--builtin", "--max-docs", "40"),
+                                    pytest.param(("--builtin-task", "classify"), marks=pytest.mark.heavy)])  # ~25 s
+def test_builtin_sources_on_beam_equal_local(source, tokenizer_dir, tmp_path):  # noqa: F811
+    """One read for a source that is not files (the built-in corpus, --max-docs, a built-in task)."""
+    common = ["--tokenizer", str(tokenizer_dir), "--quiet", "--workers", "1", *source, "--shard-mb", "0.01"]
+    if source[0] == "--builtin-task":
+        common += ["--seq-len", "32"]
+    for engine in ("local", "beam"):
+        assert shard_data.main([*common, "--output", str(tmp_path / engine), "--runner", engine,
+                                f"--beam-options={DIRECT}"]) == 0
+    assert comparable(manifest_of(tmp_path / "beam")) == comparable(manifest_of(tmp_path / "local"))
+    assert stored_documents(tmp_path / "beam") == stored_documents(tmp_path / "local")
