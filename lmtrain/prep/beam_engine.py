@@ -49,7 +49,7 @@ def run_pipeline(args: argparse.Namespace, build, staging: str) -> dict:
     clear(staging)
     as_path(staging).mkdir(parents=True, exist_ok=True)
     try:
-        with beam.Pipeline(options=pipeline_options(args)) as p, _beam_logs_quiet():
+        with _beam_logs_quiet(), beam.Pipeline(options=pipeline_options(args)) as p:
             build(p)
     except Exception as e:  # noqa: BLE001 - a runner wraps a worker's error; ours is found and raised as it was
         found = user_error(e)
