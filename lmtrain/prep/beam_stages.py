@@ -4,7 +4,8 @@ lmtrain.prep.beam_engine).
 Every stage calls the local engine's own functions (lmtrain.prep.shard_data, cleaning, text_sources); what
 differs is only how the whole-corpus decisions are made, each as a group-by instead of a walk in corpus order:
 
-  read        one element per input file (one for a dataset, the built-in corpus or --max-docs), in parallel;
+  read        one element per input file or range of TFDS records (one for a Hugging Face dataset, the built-in
+              corpus or --max-docs), in parallel;
               every document carries its corpus position (file, document, piece), which stands in for order
   clean       the documents are Reshuffle'd over the workers, then cleaned one by one (clean_document)
   exact dedup group-by on the content hash (a combiner: one document per hash is held); the earliest survives
@@ -47,23 +48,38 @@ from lmtrain.prep.cleaning import (
     near_duplicate,
     split_long_document,
 )
-from lmtrain.prep.text_sources import CorpusSpec, corpus_from_args, expand_files, iter_documents, iter_records
+from lmtrain.prep.text_sources import (
+    CorpusSpec,
+    corpus_from_args,
+    expand_files,
+    iter_documents,
+    iter_records,
+    iter_tfds_range,
+    tfds_length,
+)
 
 RESULT = "result.json"  # the pipeline's shard list and counts, read back by the launching process
 STATS = "stats"  # the tagged output of counts (Counters), summed over the corpus
 FAIL_ONCE = "LMTRAIN_BEAM_FAIL_ONCE"  # test hook: a marker path; the first shard bundle to create it fails once
+TFDS_RANGE = 10_000  # records of a TFDS split read by one worker
 BUCKETS_PER_SHARD = 1.25  # buckets per shard's worth of tokens: a bucket averages 0.8 shard, rarely over one
 
 
 # ----------------------------------------------------------------------------------------------- read
 
 
-def read_units(spec: CorpusSpec) -> list[tuple[int, CorpusSpec]]:
-    """The parallel reads of a corpus: one per file, in the local engine's file order; a single read when
-    --max-docs counts documents across files, or for a dataset or the built-in corpus."""
-    if spec.files and not spec.max_docs:
-        return list(enumerate(dataclasses.replace(spec, files=(str(p),)) for p in expand_files(spec.files)))
-    return [(0, spec)]
+def read_units(spec: CorpusSpec) -> list[tuple[int, CorpusSpec, tuple[int, int] | None]]:
+    """The parallel reads of a corpus, in corpus order: (index, spec, records start..stop or None). One per file;
+    ranges of TFDS_RANGE records of a TFDS split (random access); a single read when --max-docs counts documents
+    across them, or for a Hugging Face dataset (streamed) or the built-in corpus."""
+    if spec.max_docs:
+        return [(0, spec, None)]
+    if spec.files:
+        return [(i, dataclasses.replace(spec, files=(str(p),)), None) for i, p in enumerate(expand_files(spec.files))]
+    if spec.tfds_name:
+        n = tfds_length(spec)
+        return [(i, spec, (start, min(start + TFDS_RANGE, n))) for i, start in enumerate(range(0, n, TFDS_RANGE))]
+    return [(0, spec, None)]
 
 
 def _bundle_stats(tag_counts: Counter):
@@ -77,10 +93,10 @@ class ReadDocuments(beam.DoFn):
     def __init__(self, max_doc_chars: int):
         self.max_doc_chars = max_doc_chars
 
-    def process(self, unit: tuple[int, CorpusSpec]):
-        index, spec = unit
+    def process(self, unit: tuple[int, CorpusSpec, tuple[int, int] | None]):
+        index, spec, span = unit
         counts: Counter = Counter()
-        for number, doc in enumerate(iter_documents(spec)):
+        for number, doc in enumerate(iter_documents(spec) if span is None else iter_tfds_range(spec, *span)):
             pieces = split_long_document(doc, self.max_doc_chars)
             if len(pieces) > 1:
                 counts["split_long"] += 1
@@ -104,8 +120,7 @@ def record_units(args: argparse.Namespace, run: sd.TaskRun):
     if args.builtin_task:
         return [(0, list(run.records()))]
     spec = corpus_from_args(args)
-    units = read_units(spec)
-    return units if spec.files or spec.hf_dataset else [(0, spec)]
+    return [(index, unit) for index, unit, _ in read_units(spec)]  # files, or one read
 
 
 # ----------------------------------------------------------------------------------------------- clean, dedup

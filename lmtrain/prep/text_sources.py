@@ -409,8 +409,25 @@ def _iter_hf_dataset(spec: CorpusSpec) -> Iterator[str]:
         yield _text_of(record, spec.text_field, f"dataset {spec.hf_dataset} split {spec.hf_split} record {index}")
 
 
-def _iter_tfds(spec: CorpusSpec) -> Iterator[str]:
-    """Read a prepared TFDS dataset through tfds.data_source (array_record files; tensorflow not needed)."""
+def _iter_tfds(spec: CorpusSpec, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Read a prepared TFDS dataset through tfds.data_source (array_record files; tensorflow not needed); records
+    start..stop only, when given (a parallel reader's share)."""
+    source = _tfds_source(spec)
+    for index in range(start, len(source) if stop is None else min(stop, len(source))):
+        yield _text_of(source[index], spec.text_field, f"TFDS {spec.tfds_name} split {spec.tfds_split} record {index}")
+
+
+def tfds_length(spec: CorpusSpec) -> int:
+    """The number of records of the TFDS split: random access lets parallel readers each take a range."""
+    return len(_tfds_source(spec))
+
+
+def iter_tfds_range(spec: CorpusSpec, start: int, stop: int) -> Iterator[str]:
+    """The documents of records start..stop of a TFDS split, as iter_documents gives them."""
+    return _iter_tfds(spec, start, stop)
+
+
+def _tfds_source(spec: CorpusSpec):
     import tensorflow_datasets as tfds
 
     try:
@@ -421,12 +438,10 @@ def _iter_tfds(spec: CorpusSpec) -> Iterator[str]:
         raise SourceError(f"TFDS dataset '{spec.tfds_name}' is not prepared in {builder.data_dir}. Prepare it first "
                           "(e.g. `tfds build --file_format=array_record`).")
     try:
-        source = builder.as_data_source(split=spec.tfds_split)
+        return builder.as_data_source(split=spec.tfds_split)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"TFDS dataset '{spec.tfds_name}' split '{spec.tfds_split}' cannot be read without "
                           f"tensorflow ({e}). Prepare it with file_format=array_record.") from None
-    for index in range(len(source)):
-        yield _text_of(source[index], spec.text_field, f"TFDS {spec.tfds_name} split {spec.tfds_split} record {index}")
 
 
 def _iter_builtin(max_docs: int) -> Iterator[str]:

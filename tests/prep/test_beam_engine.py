@@ -249,3 +249,35 @@ def test_builtin_sources_on_beam_equal_local(source, tokenizer_dir, tmp_path):  
                                 f"--beam-options={DIRECT}"]) == 0
     assert comparable(manifest_of(tmp_path / "beam")) == comparable(manifest_of(tmp_path / "local"))
     assert stored_documents(tmp_path / "beam") == stored_documents(tmp_path / "local")
+
+
+def test_tfds_split_is_read_in_ranges_and_equals_local(tokenizer_dir, tmp_path, monkeypatch):  # noqa: F811
+    tfds = pytest.importorskip("tensorflow_datasets")
+    docs = make_docs(30, seed=9) + make_docs(5, seed=9)  # exact duplicates across ranges
+
+    class LmtrainBeamTinyText(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, d in enumerate(docs):
+                yield i, {"text": d}
+
+    LmtrainBeamTinyText(data_dir=str(tmp_path / "tfds"), file_format="array_record").download_and_prepare()
+    monkeypatch.setattr(beam_stages, "TFDS_RANGE", 8)  # 5 parallel reads of 35 records
+    source = ["--tfds", "lmtrain_beam_tiny_text", "--tfds-data-dir", str(tmp_path / "tfds")]
+    spec = shard_data.corpus_from_args(shard_data.parse_args([*source, "--tokenizer", "t", "--output", "o"]))
+    assert [span for _, _, span in beam_stages.read_units(spec)] == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 35)]
+    for engine in ("local", "beam"):
+        assert shard_data.main([*source, "--tokenizer", str(tokenizer_dir), "--output", str(tmp_path / engine),
+                                "--quiet", "--workers", "1", "--val-fraction", "0.2", "--runner", engine,
+                                f"--beam-options={DIRECT}"]) == 0
+    local = manifest_of(tmp_path / "local")
+    assert local["cleaning"]["removed_exact_dup"] == 5
+    assert comparable(manifest_of(tmp_path / "beam")) == comparable(local)
+    assert stored_documents(tmp_path / "beam") == stored_documents(tmp_path / "local")
