@@ -23,7 +23,7 @@ from lmtrain.data.shard_files import MANIFEST
 from lmtrain.data.shards import verify_shards
 from lmtrain.paths import as_path
 from lmtrain.prep import beam_output, beam_stages, shard_data
-from lmtrain.prep.cleaning import dropped_near_duplicates
+from lmtrain.prep.cleaning import CleanedDocument, CleaningOptions, Deduplicator, dropped_near_duplicates, lsh_bands
 from tests.test_shard_data import make_docs, tokenizer_dir, write_jsonl  # noqa: F401 - tokenizer_dir: a fixture
 
 DIRECT = "--runner=DirectRunner"
@@ -281,3 +281,20 @@ def test_tfds_split_is_read_in_ranges_and_equals_local(tokenizer_dir, tmp_path, 
     assert local["cleaning"]["removed_exact_dup"] == 5
     assert comparable(manifest_of(tmp_path / "beam")) == comparable(local)
     assert stored_documents(tmp_path / "beam") == stored_documents(tmp_path / "local")
+
+
+def test_band_group_by_and_walk_drop_what_the_corpus_order_deduplicator_drops():
+    """Random signatures over a small alphabet: many collisions, chains and clusters of near duplicates."""
+    opts = CleaningOptions(exact_dedup=False, near_dedup=True, near_dup_threshold=0.5, num_perm=16)
+    bands, rows = lsh_bands(opts.num_perm, opts.near_dup_threshold)
+    rng = np.random.default_rng(0)
+    signatures = [rng.integers(0, 3, opts.num_perm).astype(np.uint32) for _ in range(300)]
+    local = Deduplicator(opts)
+    expected = {i for i, s in enumerate(signatures) if local.is_duplicate(CleanedDocument("x", signature=s))}
+    buckets: dict = {}
+    for i, s in enumerate(signatures):  # the band group-by, as the pipeline's "group bands"
+        for key, member in beam_stages.band_items((i, CleanedDocument("x", signature=s), 0), bands, rows):
+            buckets.setdefault(key, []).append(member)
+    edges = {e for bucket in buckets.items() for e in beam_stages.bucket_edges(bucket, opts.near_dup_threshold)}
+    assert 30 < len(expected) < 270  # neither nothing nor everything is a near duplicate
+    assert dropped_near_duplicates(edges) == expected
