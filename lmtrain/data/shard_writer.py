@@ -223,7 +223,9 @@ class RemoteOutput:
         manifest = read_json(remote / MANIFEST)
         self.complete = manifest if manifest is not None and manifest.get("fingerprint") == fingerprint else None
         self._old = manifest if self.complete is None else None
-        if self.complete is None and not force and remote.exists():
+        progress = read_json(remote / PROGRESS)  # a run that writes straight to the prefix (--runner beam)
+        self.resumed = progress if progress is not None and progress.get("fingerprint") == fingerprint else None
+        if self.complete is None and self.resumed is None and not force and remote.exists():
             names = sorted(p.name for p in remote.iterdir())
             if names:
                 what = "holds shards made from other inputs or options" if manifest is not None else (

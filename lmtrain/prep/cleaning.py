@@ -123,6 +123,35 @@ def lsh_bands(num_perm: int, threshold: float) -> tuple[int, int]:
     return best[1], best[2]
 
 
+def band_keys(signature: np.ndarray, bands: int, rows: int) -> list[bytes]:
+    """The LSH band keys of a signature: documents sharing one are candidate near duplicates."""
+    return [signature[i * rows : (i + 1) * rows].tobytes() for i in range(bands)]
+
+
+def near_duplicate(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
+    """Whether two MinHash signatures estimate a Jaccard similarity of at least `threshold`."""
+    return bool(np.mean(a == b) >= threshold)
+
+
+def dropped_near_duplicates(edges) -> set:
+    """The near-duplicate rule of `Deduplicator`, decided from the whole corpus at once: the documents
+    (any ordered keys, e.g. corpus positions) that a near duplicate drops.
+
+    `edges` are the pairs (earlier, later) of candidate documents (sharing a band key) that are near
+    duplicates. Walking the documents in corpus order, one is dropped when it is a near duplicate of
+    an earlier document that was kept, exactly as the corpus-order Deduplicator decides; a document
+    with no edge is always kept, so only the documents with an edge need to be held here.
+    """
+    earlier: dict = {}
+    for a, b in edges:
+        earlier.setdefault(b, set()).add(a)
+    dropped: set = set()
+    for doc in sorted(earlier):
+        if any(a not in dropped for a in earlier[doc]):
+            dropped.add(doc)
+    return dropped
+
+
 @dataclasses.dataclass
 class CleanedDocument:
     text: str | None  # None when a filter dropped it
@@ -141,6 +170,11 @@ def clean_document(text: str, opts: CleaningOptions) -> CleanedDocument:
     digest = text_hash(text) if opts.exact_dedup else b""
     signature = minhash_signature(text, opts.num_perm, opts.shingle_words) if opts.near_dedup else None
     return CleanedDocument(text, "", digest, signature)
+
+
+def clean_or_keep(text: str, opts: CleaningOptions) -> CleanedDocument:
+    """`clean_document`, or the document as it is when every cleaning rule is off (--no-clean)."""
+    return clean_document(text, opts) if opts.enabled() else CleanedDocument(text)
 
 
 def clean_batch(texts: list[str], opts: CleaningOptions) -> list[CleanedDocument]:
@@ -170,10 +204,10 @@ class Deduplicator:
             if doc.digest in self._seen:
                 return "exact_dup"
         if self.opts.near_dedup:
-            keys = [doc.signature[i * self._rows : (i + 1) * self._rows].tobytes() for i in range(self._bands)]
+            keys = band_keys(doc.signature, self._bands, self._rows)
             candidates = {c for band, key in zip(self._buckets, keys, strict=True) for c in band.get(key, ())}
             for c in candidates:
-                if np.mean(self._signatures[c] == doc.signature) >= self.opts.near_dup_threshold:
+                if near_duplicate(self._signatures[c], doc.signature, self.opts.near_dup_threshold):
                     return "near_dup"
             index = len(self._signatures)
             self._signatures.append(doc.signature)

@@ -29,7 +29,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,7 @@ from lmtrain.prep.cleaning import (
     CleaningReport,
     Deduplicator,
     clean_batch,
+    clean_or_keep,
     split_long_document,
 )
 from lmtrain.prep.text_sources import (
@@ -63,10 +64,13 @@ from lmtrain.prep.text_sources import (
     check_spec,
     corpus_from_args,
     expand_files,
+    file_stats,
     iter_documents,
     iter_records,
 )
 
+RUNNERS = ("local", "beam")
+ENGINE_OPTIONS = ("runner", "beam_options")  # how the shards were made, not what they hold: not in manifests
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
 
@@ -131,8 +135,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(replaces its manifest and shards; other files are kept unless a shard has their name)")
     p.add_argument("--staging-dir", default="",
                    help="for a gs:// --output: local directory where shards are written before upload\n"
-                        "(default ~/.cache/lmtrain/shard-staging/<hash of the output>; kept for resume until done)")
+                        "(default ~/.cache/lmtrain/shard-staging/<hash of the output>; kept for resume until done;\n"
+                        "--runner beam stages under OUTPUT/.beam-staging instead, where every worker reaches it)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    e = p.add_argument_group("engine (the same stages and output either way)")
+    e.add_argument("--runner", default="local", choices=RUNNERS,
+                   help="local: worker processes on this machine (default); beam: an Apache Beam pipeline\n"
+                        "(pip install 'lmtrain[beam]'), run where --beam-options says")
+    e.add_argument("--beam-options", default="",
+                   help="Beam pipeline options, after an '=': --beam-options='--runner=DataflowRunner\n"
+                        "--project=P --region=R --temp_location=gs://B/tmp' (default: the DirectRunner here)")
     return p.parse_args(argv)
 
 
@@ -181,7 +193,7 @@ def cleaned_batches(spec: CorpusSpec, opts: CleaningOptions, workers: int, batch
     batches = _batches(docs, batch_docs)
     if workers <= 1 or not opts.enabled():
         for batch in batches:
-            yield clean_batch(batch, opts) if opts.enabled() else [CleanedDocument(t) for t in batch]
+            yield [clean_or_keep(t, opts) for t in batch]
         return
     # spawn: the parent may hold threads (JAX, the tokenizer's pool) that fork would copy in a bad state.
     with multiprocessing.get_context("spawn").Pool(workers) as pool:
@@ -259,7 +271,7 @@ def run_fingerprint(args: argparse.Namespace, spec: CorpusSpec, opts: CleaningOp
     """Everything that determines the shards' content; a resumed run must match it exactly."""
     inputs = spec.describe()
     if spec.files:  # a changed input file must not be mixed with shards of the old one
-        inputs["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+        inputs["file_stats"] = file_stats(expand_files(spec.files))
     return {"corpus": inputs, "cleaning": dataclasses.asdict(opts), "val_fraction": args.val_fraction,
             "shard_mb": args.shard_mb, "max_doc_chars": args.max_doc_chars, "tokenizer_fingerprint": tokenizer_fp,
             **({"eos_token": args.eos_token} if args.eos_token else {})}  # absent by default: older runs still match
@@ -379,7 +391,7 @@ def _task_source(args: argparse.Namespace):
     check_spec(spec)
     corpus = spec.describe()
     if spec.files:
-        corpus["file_stats"] = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in expand_files(spec.files)]
+        corpus["file_stats"] = file_stats(expand_files(spec.files))
     val = 0.1 if args.val_fraction is None else args.val_fraction
     test = 0.0 if args.test_fraction is None else args.test_fraction
     return args.format, lambda: iter_records(spec), corpus, val, test
@@ -396,62 +408,39 @@ def _pad_id(tokenizer_dir: str, tokenizer, eos_id: int) -> int:
     return eos_id if pad_id is None else int(pad_id)
 
 
-def _first_pass(args: argparse.Namespace, fmt: ExampleFormat, encoder, records, key_of, val: float, test: float):
-    """Check every record before anything is written (fields, turns, labels); return the classes of a format
-    with a label vocabulary (classify, ner).
+@dataclasses.dataclass
+class TaskRun:
+    """What a run of a record format settles before reading its records; both engines start from it."""
 
-    The classes are --labels, or --labels-from's, or the training split's labels sorted. A label of
-    the validation or test split that is not a class is an error naming the example.
-    """
-    classify = bool(fmt.label_vocab)
-    first_seen: dict = {}
-    train_labels: set = set()
-    seen: list[tuple[object, str, str]] = []
-    for record, where in records():
-        found = encoder.validate(record, where)
-        split = split_of_example(key_of(record), val, test)
-        for label in found if fmt.label_vocab == "token" else [found]:  # ner: every tag of the record
-            first_seen.setdefault(label, where)
-            if split == "train":
-                train_labels.add(label)
-            seen.append((label, split, where))
-    if eval_only(val, test):
-        if classify and not (args.labels_from or args.labels):
-            flag = "--val-fraction 1" if val == 1 else "--test-fraction 1"
-            raise SourceError(f"an evaluation-only set ({flag}) takes its classes, in their order, from the training "
-                              "data: pass --labels-from TRAIN_SHARDS (or --labels).")
-    elif not any(split == "train" for _, split, _ in seen):
-        raise SourceError(f"no training examples: all {len(seen)} examples fall into validation or test "
-                          f"(--val-fraction {val}, --test-fraction {test}).")
-    if not classify:
-        return None
-    if args.labels_from:
-        manifest = load_manifest(args.labels_from)
-        if "labels" not in manifest:
-            raise SourceError(f"--labels-from {args.labels_from}: those shards are not classification data "
-                              "(no labels in the manifest).")
-        labels, origin = manifest["labels"], f"the labels of {args.labels_from}"
-    elif args.labels:
-        labels, origin = [x.strip() for x in args.labels.split(",") if x.strip()], "--labels"
-    else:
-        labels = ordered_labels(train_labels, lambda v: first_seen[v])
-        origin = "the training split's labels"
-    names = [str(v) for v in labels]
-    if len(set(names)) != len(names) or len(names) < 2:
-        raise SourceError(f"{origin} must be at least 2 distinct labels; got {labels}.")
-    for label, split, where in seen:
-        if str(label) not in names:
-            if origin == "the training split's labels":
-                raise ExampleError(f"{where}: label {label!r} ({split} split) never occurs in the training split, so "
-                                   "a model trained on it cannot predict it. Fix the label, or list every class with "
-                                   "--labels.")
-            raise ExampleError(f"{where}: label {label!r} is not one of {origin} ({', '.join(names)}).")
-    return labels
+    args: argparse.Namespace
+    example_format: str
+    fmt: ExampleFormat
+    records: Callable[[], Iterator[tuple[dict, str]]]
+    corpus: dict
+    val: float
+    test: float
+    tok: ShardTokenizer
+    encoder: object
+    dtype: np.dtype
+
+    def split_of(self, record: dict) -> str:
+        return split_of_example(_example_key(self.fmt, record, self.args), self.val, self.test)
+
+    def labels_found(self, record: dict, where: str) -> list[tuple[object, str, str]]:
+        """Check a record before anything is written; (label, split, where) of each class label it holds."""
+        found = self.encoder.validate(record, where)
+        if not self.fmt.label_vocab:
+            return []
+        split = self.split_of(record)
+        return [(label, split, where) for label in (found if self.fmt.label_vocab == "token" else [found])]
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return SPLITS + (("test",) if self.test > 0 else ())  # an evaluation-only set still lists an empty train
 
 
-def shard_examples(args: argparse.Namespace) -> dict:
-    """The formats made from records (sft, chat, classify, ner, a plugin's): records -> examples -> shards,
-    with a manifest like text's. The format makes the encoder and says what a shard stores of an example."""
+def prepare_task(args: argparse.Namespace) -> TaskRun:
+    """The checks and the tokenizer of a record format's run, before any record is read."""
     example_format, records, corpus, val, test = _task_source(args)
     fmt = get_format(example_format)
     if args.seq_len <= 1:
@@ -462,62 +451,196 @@ def shard_examples(args: argparse.Namespace) -> dict:
     if val < 0 or test < 0 or (val + test >= 1 and not eval_only(val, test)):
         raise SourceError(f"--val-fraction {val} and --test-fraction {test} must be >= 0 and sum to less than 1 (or "
                           "one of them 1, the other 0: an evaluation-only set).")
+    tok, encoder = task_encoder(args, fmt)
+    return TaskRun(args, example_format, fmt, records, corpus, val, test, tok, encoder, token_dtype(tok.vocab_size))
+
+
+def task_encoder(args: argparse.Namespace, fmt: ExampleFormat) -> tuple[ShardTokenizer, object]:
+    """The tokenizer (extended by --add-special-tokens) and the format's record encoder."""
     tok = load_tokenizer(args.tokenizer, args.eos_token)
-    tokenizer, eos_id = tok.backend, tok.eos_id
     encoder = fmt.make_encoder(tok, args)
     tok.extend(args.add_special_tokens, getattr(encoder, "chat_template", None))
-    vocab_size, tokenizer_fp = tok.vocab_size, tok.fingerprint
-    dtype = token_dtype(vocab_size)
+    return tok, encoder
 
-    def key_of(record: dict) -> str:
-        return _example_key(fmt, record, args)
 
-    labels = _first_pass(args, fmt, encoder, records, key_of, val, test)
+def check_has_train(any_train: bool, examples: int, val: float, test: float) -> None:
+    if not eval_only(val, test) and not any_train:
+        raise SourceError(f"no training examples: all {examples} examples fall into validation or test "
+                          f"(--val-fraction {val}, --test-fraction {test}).")
+
+
+def check_eval_only_classes(args: argparse.Namespace, fmt: ExampleFormat, val: float, test: float) -> None:
+    if fmt.label_vocab and eval_only(val, test) and not (args.labels_from or args.labels):
+        flag = "--val-fraction 1" if val == 1 else "--test-fraction 1"
+        raise SourceError(f"an evaluation-only set ({flag}) takes its classes, in their order, from the training "
+                          "data: pass --labels-from TRAIN_SHARDS (or --labels).")
+
+
+def class_labels(args: argparse.Namespace, train_labels: set, where_first: Callable[[object], str], val: float,
+                 test: float) -> tuple[list, str]:
+    """The classes of a label format, in class-id order, and where they came from: --labels-from's, or
+    --labels, or the training split's labels sorted."""
+    if args.labels_from:
+        manifest = load_manifest(args.labels_from)
+        if "labels" not in manifest:
+            raise SourceError(f"--labels-from {args.labels_from}: those shards are not classification data "
+                              "(no labels in the manifest).")
+        labels, origin = manifest["labels"], f"the labels of {args.labels_from}"
+    elif args.labels:
+        labels, origin = [x.strip() for x in args.labels.split(",") if x.strip()], "--labels"
+    else:
+        labels, origin = ordered_labels(train_labels, where_first), TRAIN_LABELS
+    names = [str(v) for v in labels]
+    if len(set(names)) != len(names) or len(names) < 2:
+        raise SourceError(f"{origin} must be at least 2 distinct labels; got {labels}.")
+    return labels, origin
+
+
+TRAIN_LABELS = "the training split's labels"
+
+
+def check_label(label, split: str, where: str, labels: list, origin: str) -> None:
+    """A label of a record must be one of the classes; the error names the record."""
+    names = [str(v) for v in labels]
+    if str(label) in names:
+        return
+    if origin == TRAIN_LABELS:
+        raise ExampleError(f"{where}: label {label!r} ({split} split) never occurs in the training split, so "
+                           "a model trained on it cannot predict it. Fix the label, or list every class with "
+                           "--labels.")
+    raise ExampleError(f"{where}: label {label!r} is not one of {origin} ({', '.join(names)}).")
+
+
+def _first_pass(run: TaskRun):
+    """Check every record before anything is written (fields, turns, labels); return the classes of a format
+    with a label vocabulary (classify, ner), or None.
+
+    A label of the validation or test split that is not a class is an error naming the example.
+    """
+    first_seen: dict = {}
+    train_labels: set = set()
+    seen: list[tuple[object, str, str]] = []
+    any_train, examples = False, 0
+    for record, where in run.records():
+        examples += 1
+        any_train = any_train or run.split_of(record) == "train"
+        for label, split, at in run.labels_found(record, where):
+            first_seen.setdefault(label, at)
+            if split == "train":
+                train_labels.add(label)
+            seen.append((label, split, at))
+    check_eval_only_classes(run.args, run.fmt, run.val, run.test)
+    check_has_train(any_train, examples, run.val, run.test)
+    if not run.fmt.label_vocab:
+        return None
+    labels, origin = class_labels(run.args, train_labels, first_seen.__getitem__, run.val, run.test)
+    for label, split, where in seen:
+        check_label(label, split, where, labels, origin)
+    return labels
+
+
+def task_fingerprint(run: TaskRun, labels: list | None) -> tuple[dict, dict]:
+    """(fingerprint, options) of a record format's run: what its shards' content depends on."""
+    options = {k: v for k, v in vars(run.args).items()
+               if k not in ("quiet", "force", "staging_dir", "output", "workers", "batch_docs", *ENGINE_OPTIONS)}
+    fingerprint = {"corpus": run.corpus, "example_format": run.example_format, "options": options,
+                   "val_fraction": run.val, "test_fraction": run.test, "labels": labels,
+                   "tokenizer_fingerprint": run.tok.fingerprint,
+                   "chat_template": getattr(run.encoder, "chat_template", None)}
+    return fingerprint, options
+
+
+def new_task_totals(splits: tuple[str, ...], labels: list | None) -> dict[str, dict]:
+    return {s: {"documents": 0, "tokens": 0, "target_tokens": 0, "label_counts": [0] * len(labels or [])}
+            for s in splits}
+
+
+def count_example(info: dict, fmt: ExampleFormat, arrays: dict) -> bool:
+    """Add a stored example to its split's totals; whether the format counts trained-on tokens."""
+    info["documents"] += 1
+    info["tokens"] += len(arrays["tokens"])
+    targets = fmt.target_tokens(arrays)
+    if targets is not None:
+        info["target_tokens"] += targets
+    for class_id in fmt.class_ids(arrays):
+        info["label_counts"][class_id] += 1
+    return targets is not None
+
+
+def check_kept_examples(totals: dict[str, dict], read: int, val: float, test: float) -> None:
+    if not totals["train"]["documents"] and not eval_only(val, test):
+        raise SourceError(f"no training examples: {read} records read, {sum(t['documents'] for t in totals.values())}"
+                          f" kept, none in the training split (--val-fraction {val}, --test-fraction {test}).")
+
+
+def task_manifest(run: TaskRun, labels: list | None, fingerprint: dict, options: dict, totals: dict[str, dict],
+                  counts_targets: bool, read: int, counts: Counter, shards: dict[str, list[dict]],
+                  seconds: float) -> dict:
+    """The manifest of a record format's shards (the same from either engine)."""
+    args = run.args
+    for info in totals.values():
+        if labels is None:
+            del info["label_counts"]
+        if not counts_targets:  # a classifier's examples do not count trained-on tokens
+            del info["target_tokens"]
+    manifest = {
+        "format": FORMAT,
+        "example_format": run.example_format,
+        "seq_len": args.seq_len,
+        "token_dtype": run.dtype.name,
+        "vocab_size": run.tok.vocab_size,
+        "eos_id": run.tok.eos_id,
+        "pad_id": _pad_id(args.tokenizer, run.tok.backend, run.tok.eos_id),
+        "tokenizer": run.tok.manifest_entry(args.output),
+        "fingerprint": fingerprint,
+        "options": options,
+        "examples": {"read": read, "kept": sum(t["documents"] for t in totals.values()),
+                     "truncated": counts["truncated"], "dropped_too_long": counts["dropped_too_long"],
+                     "too_long_policy": args.too_long, "train_on_prompt": bool(args.train_on_prompt)},
+        "splits": {s: {**totals[s], "shards": shards[s]} for s in run.splits},
+        "seconds": round(seconds, 2),
+    }
+    if labels is not None:
+        manifest["labels"] = labels
+    _check_totals(manifest)
+    return manifest
+
+
+def shard_examples(args: argparse.Namespace) -> dict:
+    """The formats made from records (sft, chat, classify, ner, a plugin's): records -> examples -> shards,
+    with a manifest like text's. The format makes the encoder and says what a shard stores of an example."""
+    run = prepare_task(args)
+    fmt, encoder = run.fmt, run.encoder
+    labels = _first_pass(run)
     label_ids = {str(v): i for i, v in enumerate(labels or [])}
-    splits = SPLITS + (("test",) if test > 0 else ())  # an evaluation-only set still lists an empty train split
-    options = {k: v for k, v in vars(args).items() if k not in ("quiet", "force", "staging_dir", "output", "workers",
-                                                                "batch_docs")}
-    fingerprint = {"corpus": corpus, "example_format": example_format, "options": options, "val_fraction": val,
-                   "test_fraction": test, "labels": labels, "tokenizer_fingerprint": tokenizer_fp,
-                   "chat_template": getattr(encoder, "chat_template", None)}
-    remote, output, done = open_output(args.output, fingerprint, splits, args.force, args.staging_dir)
+    fingerprint, options = task_fingerprint(run, labels)
+    remote, output, done = open_output(args.output, fingerprint, run.splits, args.force, args.staging_dir)
     if done is not None:
         return done
     out = output.out
     finished = output.finished_shards()
     shard_bytes = max(1, int(args.shard_mb * 2**20))
-    writers = {s: SplitWriter(out, s, dtype, shard_bytes, finished[s], output.claim, output.run_id, fmt)
-               for s in splits}
-    totals = {s: {"documents": 0, "tokens": 0, "target_tokens": 0, "label_counts": [0] * len(label_ids)}
-              for s in splits}
-    counts_targets = False  # whether the format counts trained-on tokens (a classifier's examples do not)
+    writers = {s: SplitWriter(out, s, run.dtype, shard_bytes, finished[s], output.claim, output.run_id, fmt)
+               for s in run.splits}
+    totals = new_task_totals(run.splits, labels)
+    counts_targets = False
     read = 0
     start = time.time()
     bar = _progress_bar(args.quiet)
     try:
-        for record, where in records():
+        for record, where in run.records():
             read += 1
             bar.update(1)
             example = encoder.encode(record, where)
             if example is None:
                 continue
-            split = split_of_example(key_of(record), val, test)
+            split = run.split_of(record)
             arrays = fmt.arrays(example, label_ids)
-            info = totals[split]
-            info["documents"] += 1
-            info["tokens"] += len(arrays["tokens"])
-            targets = fmt.target_tokens(arrays)
-            if targets is not None:
-                info["target_tokens"] += targets
-                counts_targets = True
-            for class_id in fmt.class_ids(arrays):
-                info["label_counts"][class_id] += 1
+            counts_targets = count_example(totals[split], fmt, arrays) or counts_targets
             if writers[split].wants() and writers[split].write(**arrays) is not None:
                 output.save_progress(writers)
         bar.close()
-        if not totals["train"]["documents"] and not eval_only(val, test):
-            raise SourceError(f"no training examples: {read} records read, {sum(t['documents'] for t in totals.values())}"
-                              f" kept, none in the training split (--val-fraction {val}, --test-fraction {test}).")
+        check_kept_examples(totals, read, run.val, run.test)
         for w in writers.values():
             w.close()
     except BaseException:
@@ -525,43 +648,29 @@ def shard_examples(args: argparse.Namespace) -> dict:
             w.abort()
         output.discard_temporaries()
         raise
-    for info in totals.values():
-        if labels is None:
-            del info["label_counts"]
-        if not counts_targets:
-            del info["target_tokens"]
-    counts = encoder.counts
-    manifest = {
-        "format": FORMAT,
-        "example_format": example_format,
-        "seq_len": args.seq_len,
-        "token_dtype": dtype.name,
-        "vocab_size": vocab_size,
-        "eos_id": eos_id,
-        "pad_id": _pad_id(args.tokenizer, tokenizer, eos_id),
-        "tokenizer": tok.manifest_entry(args.output),
-        "fingerprint": fingerprint,
-        "options": options,
-        "examples": {"read": read, "kept": sum(t["documents"] for t in totals.values()),
-                     "truncated": counts["truncated"], "dropped_too_long": counts["dropped_too_long"],
-                     "too_long_policy": args.too_long, "train_on_prompt": bool(args.train_on_prompt)},
-        "splits": {s: {**totals[s], "shards": writers[s].finished} for s in splits},
-        "seconds": round(time.time() - start, 2),
-    }
-    if labels is not None:
-        manifest["labels"] = labels
-    _check_totals(manifest)
-    tok.save_beside(out)
+    manifest = task_manifest(run, labels, fingerprint, options, totals, counts_targets, read, encoder.counts,
+                             {s: w.finished for s, w in writers.items()}, time.time() - start)
+    run.tok.save_beside(out)
     output.finish(manifest)
     if remote is not None:
         remote.publish(manifest)
     return manifest
 
 
-def shard_corpus(args: argparse.Namespace) -> dict:
-    """Run the whole pipeline; return the manifest."""
-    if args.builtin_task or not get_format(args.format).from_corpus:
-        return shard_examples(args)
+@dataclasses.dataclass
+class TextRun:
+    """What a text run settles before reading its documents; both engines start from it."""
+
+    args: argparse.Namespace
+    spec: CorpusSpec
+    opts: CleaningOptions
+    tok: ShardTokenizer
+    dtype: np.dtype
+    fingerprint: dict
+
+
+def prepare_text(args: argparse.Namespace) -> TextRun:
+    """The checks and the tokenizer of a text run, before any document is read."""
     args.val_fraction = 0.01 if args.val_fraction is None else args.val_fraction
     if args.test_fraction:
         raise SourceError("--test-fraction is for task formats (--format sft, chat, classify); text has train and "
@@ -575,17 +684,71 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     opts = cleaning_options(args)
     tok = load_tokenizer(args.tokenizer, args.eos_token)
     tok.extend(args.add_special_tokens, None)
-    tokenizer, eos_id, dtype = tok.backend, tok.eos_id, token_dtype(tok.vocab_size)
-    fingerprint = run_fingerprint(args, spec, opts, tok.fingerprint)
-    remote, output, done = open_output(args.output, fingerprint, SPLITS, args.force, args.staging_dir)
+    return TextRun(args, spec, opts, tok, token_dtype(tok.vocab_size), run_fingerprint(args, spec, opts, tok.fingerprint))
+
+
+def document_tokens(tokenizer, eos_id: int, docs: list[tuple[str, str]]) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, tokens) of each (split, cleaned text): its ids, then the EOS that ends every document."""
+    for split, ids in tokenize_in_chunks(tokenizer, docs):
+        yield split, np.append(ids, eos_id)
+
+
+def check_kept_documents(report: CleaningReport, documents_total: dict[str, int], val_fraction: float) -> None:
+    if not report["kept"]:
+        raise SourceError(f"the corpus is empty after cleaning: {_removed_text(report.summary())}.")
+    if not documents_total["train"]:
+        raise SourceError(f"no training documents: all {report['kept']} kept documents fell into validation "
+                          f"(--val-fraction {val_fraction}).")
+
+
+def text_manifest(run: TextRun, report: CleaningReport, split_counts: Counter, documents_total: dict[str, int],
+                  tokens_total: dict[str, int], shards: dict[str, list[dict]], seconds: float) -> dict:
+    """The manifest of text shards (the same from either engine)."""
+    args = run.args
+    manifest = {
+        "format": FORMAT,
+        "token_dtype": run.dtype.name,
+        "vocab_size": run.tok.vocab_size,
+        "eos_id": run.tok.eos_id,
+        "tokenizer": run.tok.manifest_entry(args.output),
+        "fingerprint": run.fingerprint,
+        "options": {k: v for k, v in vars(args).items() if k not in ("quiet", *ENGINE_OPTIONS)},
+        "cleaning": report.summary(),
+        "long_documents": {"max_doc_chars": args.max_doc_chars, "split": split_counts["split_long"],
+                           "pieces": split_counts["split_long_pieces"]},
+        "splits": {s: {"documents": documents_total[s], "tokens": tokens_total[s], "shards": shards[s]}
+                   for s in SPLITS},
+        "seconds": round(seconds, 2),
+    }
+    _check_totals(manifest)
+    return manifest
+
+
+def shard_corpus(args: argparse.Namespace) -> dict:
+    """Run the whole pipeline on the engine --runner names; return the manifest."""
+    if getattr(args, "runner", "local") == "beam":
+        # apache_beam is a heavy optional package (the [beam] extra, 2 s to import): only a Beam run loads it
+        from lmtrain.prep import beam_engine
+
+        return beam_engine.shard_with_beam(args)
+    if args.builtin_task or not get_format(args.format).from_corpus:
+        return shard_examples(args)
+    return shard_text(args)
+
+
+def shard_text(args: argparse.Namespace) -> dict:
+    """The text pipeline on this machine: read -> clean (worker processes) -> dedup -> split -> tokenize -> shards."""
+    run = prepare_text(args)
+    opts, tok = run.opts, run.tok
+    tokenizer, eos_id = tok.backend, tok.eos_id
+    remote, output, done = open_output(args.output, run.fingerprint, SPLITS, args.force, args.staging_dir)
     if done is not None:
         return done
     out = output.out
     finished = output.finished_shards()
-    claim_output = output.claim
-
     shard_bytes = max(1, int(args.shard_mb * 2**20))
-    writers = {s: SplitWriter(out, s, dtype, shard_bytes, finished[s], claim_output, output.run_id) for s in SPLITS}
+    writers = {s: SplitWriter(out, s, run.dtype, shard_bytes, finished[s], output.claim, output.run_id)
+               for s in SPLITS}
     report = CleaningReport()
     dedup = Deduplicator(opts)
     tokens_total = {s: sum(e["tokens"] for e in finished[s]) for s in SPLITS}
@@ -594,7 +757,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
     bar = _progress_bar(args.quiet)
     try:
         split_counts: Counter = Counter()
-        for batch in read_ahead(cleaned_batches(spec, opts, args.workers, args.batch_docs, args.max_doc_chars,
+        for batch in read_ahead(cleaned_batches(run.spec, opts, args.workers, args.batch_docs, args.max_doc_chars,
                                                 split_counts)):
             to_tokenize: list[tuple[str, str]] = []
             for doc in batch:
@@ -612,8 +775,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
                 documents_total[split] += 1
                 if writers[split].wants():
                     to_tokenize.append((split, doc.text))
-            for split, ids in tokenize_in_chunks(tokenizer, to_tokenize):
-                tokens = np.append(ids, eos_id)
+            for split, tokens in document_tokens(tokenizer, eos_id, to_tokenize):
                 tokens_total[split] += len(tokens)
                 if writers[split].write(tokens) is not None:
                     output.save_progress(writers)
@@ -621,11 +783,7 @@ def shard_corpus(args: argparse.Namespace) -> dict:
             seconds = max(time.time() - start, 1e-9)
             bar.set_postfix_str(f"{sum(tokens_total.values()) / seconds:,.0f} tok/s", refresh=False)
         bar.close()
-        if not report["kept"]:
-            raise SourceError(f"the corpus is empty after cleaning: {_removed_text(report.summary())}.")
-        if not documents_total["train"]:
-            raise SourceError(f"no training documents: all {report['kept']} kept documents fell into validation "
-                              f"(--val-fraction {args.val_fraction}).")
+        check_kept_documents(report, documents_total, args.val_fraction)
         for s in SPLITS:
             writers[s].close()
     except BaseException:
@@ -633,23 +791,8 @@ def shard_corpus(args: argparse.Namespace) -> dict:
             w.abort()
         output.discard_temporaries()
         raise
-
-    manifest = {
-        "format": FORMAT,
-        "token_dtype": dtype.name,
-        "vocab_size": tok.vocab_size,
-        "eos_id": eos_id,
-        "tokenizer": tok.manifest_entry(args.output),
-        "fingerprint": fingerprint,
-        "options": {k: v for k, v in vars(args).items() if k not in ("quiet",)},
-        "cleaning": report.summary(),
-        "long_documents": {"max_doc_chars": args.max_doc_chars, "split": split_counts["split_long"],
-                           "pieces": split_counts["split_long_pieces"]},
-        "splits": {s: {"documents": documents_total[s], "tokens": tokens_total[s], "shards": writers[s].finished}
-                   for s in SPLITS},
-        "seconds": round(time.time() - start, 2),
-    }
-    _check_totals(manifest)
+    manifest = text_manifest(run, report, split_counts, documents_total, tokens_total,
+                             {s: w.finished for s, w in writers.items()}, time.time() - start)
     tok.save_beside(out)
     output.finish(manifest)
     if remote is not None:

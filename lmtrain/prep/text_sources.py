@@ -12,6 +12,7 @@ import argparse
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from lmtrain.data.builtin_corpus import builtin_documents
 from lmtrain.data.examples import SourceError
+from lmtrain.paths import as_path, is_remote
 
 FILE_FORMATS = {".txt": "txt", ".text": "txt", ".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                 ".csv": "csv"}
@@ -62,7 +64,7 @@ def add_corpus_args(parser: argparse.ArgumentParser) -> None:
     """Add the input flags shared by the data tools."""
     g = parser.add_argument_group("input corpus (choose one source)")
     g.add_argument("--input", nargs="+", default=[], metavar="PATH_OR_GLOB",
-                   help="local .txt, .jsonl, .parquet or .csv files or glob patterns of them")
+                   help=".txt, .jsonl, .parquet or .csv files or glob patterns of them (local or gs://)")
     g.add_argument("--text-field", default="text", help="field holding the text (jsonl/parquet/csv/datasets)")
     g.add_argument("--txt-unit", default="paragraph", choices=TXT_UNITS,
                    help="what one document is in a .txt file (default: blank-line separated paragraph)")
@@ -94,11 +96,12 @@ def expand_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
     files: list[Path] = []
     for pattern in patterns:
         if glob.has_magic(pattern):
-            matches = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            matches = _remote_matches(pattern) if is_remote(pattern) else sorted(
+                Path(p) for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not matches:
                 raise SourceError(f"input pattern '{pattern}' matches no file.")
         else:
-            path = Path(pattern)
+            path = as_path(pattern) if is_remote(pattern) else Path(pattern)
             if not path.exists():
                 raise SourceError(f"input file {path} does not exist.")
             if path.is_dir():
@@ -108,11 +111,33 @@ def expand_files(patterns: tuple[str, ...] | list[str]) -> list[Path]:
             if path.suffix.lower() not in FILE_FORMATS:
                 raise SourceError(f"input file {path}: unsupported extension '{path.suffix}'. "
                                   f"Use one of {', '.join(sorted(FILE_FORMATS))}.")
-            if not os.access(path, os.R_OK):
+            if not is_remote(path) and not os.access(path, os.R_OK):
                 raise SourceError(f"input file {path} is not readable.")
             if path not in files:
                 files.append(path)
     return files
+
+
+def _remote_matches(pattern: str) -> list:
+    """The files a gs:// glob matches, sorted: the pattern's parts from the first one with a wildcard on are
+    matched under the prefix before it."""
+    parts = pattern.split("/")
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    base, rest = "/".join(parts[:first]), "/".join(parts[first:])
+    return sorted((p for p in as_path(base).glob(rest) if p.is_file()), key=str)
+
+
+def file_stats(files: list) -> list[list]:
+    """[path, size, modification time] of each input file: a changed file must not be mixed with shards of the
+    old one (a gs:// object's time is in seconds)."""
+    stats = []
+    for path in files:
+        if is_remote(path):
+            st = as_path(path).stat()
+            stats.append([str(path), st.length, st.mtime])
+        else:
+            stats.append([str(path), path.stat().st_size, path.stat().st_mtime_ns])
+    return stats
 
 
 def check_spec(spec: CorpusSpec) -> None:
@@ -201,7 +226,7 @@ def _iter_parquet_records(path: Path) -> Iterator[tuple[dict, str]]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(_open_bytes(path) if is_remote(path) else path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise SourceError(f"{path}: not a readable parquet file ({e}).") from None
     row = 0
@@ -247,7 +272,13 @@ def _iter_files(files: list[Path], text_field: str, txt_unit: str) -> Iterator[s
 
 
 def _open_text(path: Path):
+    if is_remote(path):
+        return io.TextIOWrapper(as_path(path).open("rb"), encoding="utf-8", errors="strict", newline="")
     return open(path, encoding="utf-8", errors="strict", newline="")
+
+
+def _open_bytes(path: Path):
+    return as_path(path).open("rb") if is_remote(path) else open(path, "rb")
 
 
 def _decode_guard(path: Path, lines: Iterator[str]) -> Iterator[tuple[int, str]]:
@@ -265,7 +296,7 @@ def _not_utf8(path: Path, error: UnicodeDecodeError) -> SourceError:
     neither the line being read nor the error's offset tells where the bad byte is: the file is
     scanned again, line by line, on this error path only.
     """
-    with open(path, "rb") as f:
+    with _open_bytes(path) as f:
         for number, raw in enumerate(f, 1):
             try:
                 raw.decode("utf-8")
@@ -311,7 +342,7 @@ def _iter_parquet(path: Path, text_field: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(_open_bytes(path) if is_remote(path) else path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise SourceError(f"{path}: not a readable parquet file ({e}).") from None
     names = parquet.schema_arrow.names
@@ -378,8 +409,25 @@ def _iter_hf_dataset(spec: CorpusSpec) -> Iterator[str]:
         yield _text_of(record, spec.text_field, f"dataset {spec.hf_dataset} split {spec.hf_split} record {index}")
 
 
-def _iter_tfds(spec: CorpusSpec) -> Iterator[str]:
-    """Read a prepared TFDS dataset through tfds.data_source (array_record files; tensorflow not needed)."""
+def _iter_tfds(spec: CorpusSpec, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Read a prepared TFDS dataset through tfds.data_source (array_record files; tensorflow not needed); records
+    start..stop only, when given (a parallel reader's share)."""
+    source = _tfds_source(spec)
+    for index in range(start, len(source) if stop is None else min(stop, len(source))):
+        yield _text_of(source[index], spec.text_field, f"TFDS {spec.tfds_name} split {spec.tfds_split} record {index}")
+
+
+def tfds_length(spec: CorpusSpec) -> int:
+    """The number of records of the TFDS split: random access lets parallel readers each take a range."""
+    return len(_tfds_source(spec))
+
+
+def iter_tfds_range(spec: CorpusSpec, start: int, stop: int) -> Iterator[str]:
+    """The documents of records start..stop of a TFDS split, as iter_documents gives them."""
+    return _iter_tfds(spec, start, stop)
+
+
+def _tfds_source(spec: CorpusSpec):
     import tensorflow_datasets as tfds
 
     try:
@@ -390,12 +438,10 @@ def _iter_tfds(spec: CorpusSpec) -> Iterator[str]:
         raise SourceError(f"TFDS dataset '{spec.tfds_name}' is not prepared in {builder.data_dir}. Prepare it first "
                           "(e.g. `tfds build --file_format=array_record`).")
     try:
-        source = builder.as_data_source(split=spec.tfds_split)
+        return builder.as_data_source(split=spec.tfds_split)
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"TFDS dataset '{spec.tfds_name}' split '{spec.tfds_split}' cannot be read without "
                           f"tensorflow ({e}). Prepare it with file_format=array_record.") from None
-    for index in range(len(source)):
-        yield _text_of(source[index], spec.text_field, f"TFDS {spec.tfds_name} split {spec.tfds_split} record {index}")
 
 
 def _iter_builtin(max_docs: int) -> Iterator[str]:
