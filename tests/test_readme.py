@@ -41,6 +41,7 @@ SECTIONS = {
     "Training": (SYNOPSIS, ""),
     "Your own data": (RUN, ""),
     "Preparing data for a task (fine-tuning)": (RUN, ""),
+    "Preparing data on a cluster": (CHECK, "a Dataflow project or a Flink cluster; tests/prep runs --runner beam"),
     "Fine-tune for a task": (RUN, ""),
     "The parameter-rules table": (CHECK, "`--config ...` placeholder"),
     "LoRA": (CHECK, "`--config ...` and BASE_WORKDIR placeholders"),
