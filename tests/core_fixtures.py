@@ -1,9 +1,5 @@
-"""Fixtures shared by the trainer-core tests (checkpoints, errors, logs, optimizer, configs).
-
-`compile_cache` points JAX's persistent compilation cache at one directory for the session: the
-tests start many short runs of the same tiny model, and on a busy 2-core machine compiling dominates
-(a 4-step run takes ~100 s cold and ~14 s warm). Subprocess runs get it through the environment.
-"""
+"""Helpers shared by the trainer-core tests (checkpoints, errors, logs, optimizer, configs): the run config,
+the CLI runner and its environment, tmpfs mounts, tree digests. Their fixtures live in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -14,54 +10,12 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import pytest
 
 from tests.helpers import small_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 MAX_DOCS = 40  # the fewest builtin documents that still leave a validation split
-
-
-@pytest.fixture(scope="session")
-def compile_cache_dir(tmp_path_factory) -> str:
-    return os.environ.get("LMTRAIN_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
-
-
-@pytest.fixture(scope="module", autouse=False)
-def compile_cache(compile_cache_dir):
-    """Enable the persistent compilation cache for one module, and restore the settings after it."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", compile_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield compile_cache_dir
-    for k, v in old.items():
-        jax.config.update(k, v)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_512(tmp_path_factory) -> str:
-    """A 512-token BPE trained on the builtin documents the runs use (trained once per session)."""
-    from lmtrain.data.builtin_corpus import builtin_documents
-    from lmtrain.data.tokenizer import train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("tok512") / "tokenizer"
-    train_bpe_tokenizer(builtin_documents(MAX_DOCS), 512, out)
-    return str(out)
-
-
-@pytest.fixture(scope="session")
-def tokenizer_4096(tmp_path_factory) -> str:
-    """The vocabulary size of the configs' `runlocal` forms, trained on the documents the config runs use."""
-    from lmtrain.data.builtin_corpus import builtin_documents
-    from lmtrain.data.tokenizer import train_bpe_tokenizer
-
-    out = tmp_path_factory.mktemp("tok4096") / "tokenizer"
-    train_bpe_tokenizer(builtin_documents(CONFIG_RUN_DOCS), 4096, out)
-    return str(out)
 
 
 CONFIG_RUN_DOCS = 80

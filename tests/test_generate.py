@@ -15,8 +15,8 @@ from lmtrain.interop import hf_import
 from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelDef
 from lmtrain.model.decode import GenerationError, SamplingConfig, generate, sample_logits
-from tests.test_hf_import import VOCAB, random_hf_model
-from tests.test_tokenizer_families import remote_code_tokenizer
+from tests.data.test_tokenizer_families import remote_code_tokenizer
+from tests.interop.test_hf_import import VOCAB, random_hf_model
 
 N_NEW = 20
 
@@ -225,8 +225,8 @@ def test_a_workdir_trained_on_chat_shards_stops_at_the_templates_end_of_turn(tmp
 
 
 def test_generate_on_a_classifier_prints_the_label_and_class_probabilities(tmp_path, capsys):
-    from tests.test_hf_classifier import LABELS, random_hf_classifier
-    from tests.test_hf_import import tiny_tokenizer
+    from tests.interop.test_hf_classifier import LABELS, random_hf_classifier
+    from tests.interop.test_hf_import import tiny_tokenizer
 
     hf_dir, workdir = tmp_path / "hf", tmp_path / "work"
     model = random_hf_classifier("qwen2", hf_dir)

@@ -16,11 +16,8 @@ import pytest
 from lmtrain.config import to_json
 from lmtrain.locking import LOCK_NAME, DirectoryInUse, DirLock
 from lmtrain.train import trainer
-from tests import core_fixtures
 from tests.core_fixtures import REPO, cli, run_config
 
-compile_cache, compile_cache_dir, tokenizer_512 = (
-    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_512)
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 HOLD = """

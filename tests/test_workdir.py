@@ -13,10 +13,7 @@ from lmtrain.config import to_json
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.train.checkpoint import Checkpointer, CheckpointError
 from lmtrain.workdir import Workdir, WorkdirError, is_hf_dir, read_labels
-from tests import core_fixtures
 from tests.helpers import small_config
-
-tokenizer_512 = core_fixtures.tokenizer_512
 
 VAL_LOSS = {1: 3.0, 2: 2.0, 3: 2.5}  # step 2 is the best, step 3 the latest
 

@@ -24,7 +24,7 @@ from lmtrain.data.shards import verify_shards
 from lmtrain.paths import as_path
 from lmtrain.prep import beam_output, beam_stages, shard_data
 from lmtrain.prep.cleaning import CleanedDocument, CleaningOptions, Deduplicator, dropped_near_duplicates, lsh_bands
-from tests.test_shard_data import make_docs, tokenizer_dir, write_jsonl  # noqa: F401 - tokenizer_dir: a fixture
+from tests.prep.test_shard_data import make_docs, tokenizer_dir, write_jsonl  # noqa: F401 - tokenizer_dir: a fixture
 
 DIRECT = "--runner=DirectRunner"
 RETRYING = "--runner=BundleBasedDirectRunner"  # the DirectRunner that retries a failed bundle (up to 4 times)

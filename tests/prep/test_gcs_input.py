@@ -10,7 +10,7 @@ import pytest
 from lmtrain.paths import as_path
 from lmtrain.prep import shard_data
 from tests.prep.test_beam_engine import DIRECT, corpus, manifest_of, stored_documents  # noqa: F401 - corpus: a fixture
-from tests.test_shard_data import tokenizer_dir  # noqa: F401 - a fixture
+from tests.prep.test_shard_data import tokenizer_dir  # noqa: F401 - a fixture
 
 
 @pytest.mark.parametrize("engine", ["local", "beam"])

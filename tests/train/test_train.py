@@ -16,7 +16,7 @@ import pytest
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _losses(workdir) -> dict[int, float]:

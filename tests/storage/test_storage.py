@@ -14,7 +14,7 @@ from lmtrain.storage.atomic import atomic_write_json
 from lmtrain.storage.publish import Publisher
 from lmtrain.storage.safetensors import SafetensorsError, SafetensorsReader, write_safetensors, write_tensors
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _tensors() -> dict[str, np.ndarray]:

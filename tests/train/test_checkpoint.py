@@ -21,12 +21,9 @@ from lmtrain.train import checkpoint as ckpt_lib
 from lmtrain.train.actions import TrainingDiverged
 from lmtrain.train.checkpoint import Checkpointer, select_step
 from lmtrain.train.trainer import main, train
-from tests import core_fixtures
 from tests.core_fixtures import REPO, cli, cli_env, run_config, tree_digest
 from tests.helpers import small_config
 
-compile_cache, compile_cache_dir, tokenizer_512 = (
-    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_512)
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 

@@ -17,9 +17,6 @@ from lmtrain.train.trainer import main, train
 from tests import core_fixtures
 from tests.core_fixtures import cli, run_config
 
-compile_cache, compile_cache_dir, tokenizer_512 = (
-    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_512)
-
 
 def _main_error(args: list[str], capsys) -> str:
     """Run trainer.main; assert exit code 2 and a one-line error without a traceback; return that line."""

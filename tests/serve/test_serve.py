@@ -23,7 +23,7 @@ from lmtrain import generate as generate_lib
 from lmtrain.interop import hf_import
 from lmtrain.serve import bench
 from tests.core_fixtures import REPO, cli_env
-from tests.test_hf_import import random_hf_model
+from tests.interop.test_hf_import import random_hf_model
 
 KEY = "sk-test-0123456789abcdef"
 START_SECONDS = 600  # loading and compiling on a busy 2-core machine
@@ -416,8 +416,8 @@ def test_bench_serve_reports_percentiles_and_writes_json_and_png(server, tmp_pat
 
 @pytest.mark.heavy  # a classifier server: ~30 s to start on 2 busy cores
 def test_a_classifier_answers_classify_with_labels_and_transformers_probabilities(tmp_path):
-    from tests.test_hf_classifier import LABELS, random_hf_classifier
-    from tests.test_hf_import import tiny_tokenizer
+    from tests.interop.test_hf_classifier import LABELS, random_hf_classifier
+    from tests.interop.test_hf_import import tiny_tokenizer
 
     hf_dir = tmp_path / "clf"
     model = random_hf_classifier("qwen2", hf_dir)

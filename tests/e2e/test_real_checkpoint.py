@@ -30,10 +30,8 @@ from transformers import (
 from lmtrain import cli as lmtrain_cli
 from lmtrain.data.shards import decode_record, load_manifest, split_source
 from lmtrain.prep import shard_data
-from tests import core_fixtures
-from tests.test_tokenizer_families import FAMILIES, MINILM, packaged_minilm
+from tests.data.test_tokenizer_families import FAMILIES, MINILM, packaged_minilm
 
-compile_cache, compile_cache_dir = core_fixtures.compile_cache, core_fixtures.compile_cache_dir
 pytestmark = pytest.mark.usefixtures("compile_cache")
 TOLERANCE = 1e-4
 VAL_FRACTION, TEST_FRACTION = 0.2, 0.25

@@ -14,11 +14,8 @@ import pytest
 from lmtrain.config import to_json
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.trainer import train
-from tests import core_fixtures
 from tests.core_fixtures import cli, run_config
 
-compile_cache, compile_cache_dir, tokenizer_512 = (
-    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_512)
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 

@@ -20,7 +20,7 @@ from lmtrain.paths import as_path
 from lmtrain.storage import publish
 from tests.helpers import small_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 99
 
 

@@ -18,7 +18,7 @@ from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.train.state import create_sharded_state
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
-from tests.test_tasks import task_shards  # noqa: F401 - the built-in task shards, a fixture
+from tests.tasks.test_tasks import task_shards  # noqa: F401 - the built-in task shards, a fixture
 
 ALL = ("q", "k", "v", "o", "up", "down")
 

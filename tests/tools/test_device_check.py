@@ -20,7 +20,7 @@ from tests.test_setup_tpu import shellcheck_binary
 from tools import device_check
 from tools.device_check import Measurement
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "device_check.sh"
 FEATURES = {"dpo_vs_sft_step"}  # not in this version: listed as not available
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHORT_ARGS = ("runlocal", "smoke")  # the configs' test variants, in order of preference
 IMPORTED_RUN_SHORT = ["--config.train.steps=6", "--config.optimizer.warmup_steps=2", "--config.train.eval_every=6",
                       "--config.train.eval_batches=2", "--config.task.eval_generate_examples=4",
@@ -45,14 +45,14 @@ SECTIONS = {
     "Fine-tune for a task": (RUN, ""),
     "The parameter-rules table": (CHECK, "`--config ...` placeholder"),
     "LoRA": (CHECK, "`--config ...` and BASE_WORKDIR placeholders"),
-    "Export and import of a LoRA run": (CHECK, "RUN/OUT/BASE placeholders; tests/test_lora_interop.py runs them"),
+    "Export and import of a LoRA run": (CHECK, "RUN/OUT/BASE placeholders; tests/interop/test_lora_interop.py runs them"),
     "Evaluate": (SYNOPSIS, ""),
     "Before and after fine-tuning": (CHECK, "the walkthrough's eval commands, run there"),
     "Tune hyperparameters": (SYNOPSIS, ""),
     "Retrain as new data arrives": (CHECK, "needs a finished run in runs/v1 and a new month of data"),
     "Pretrain with masked language modelling, then fine-tune": (RUN, ""),
     "Hugging Face models": (RUN, ""),
-    "Deploy": (CHECK, "starts a server that runs until stopped; tests/test_serve.py runs it"),
+    "Deploy": (CHECK, "starts a server that runs until stopped; tests/serve/test_serve.py runs it"),
     "1. One-time set-up on your workstation": (CHECK, "a Google Cloud account"),
     "2. Data and tokenizer, into the bucket": (CHECK, "a Google Cloud bucket"),
     "3. The TPU: `setup_tpu.sh`": (CHECK, "a Google Cloud project; tests/test_setup_tpu.py runs it on a fake gcloud"),
@@ -196,7 +196,7 @@ def small_tokenizer(out: Path) -> Path:
 
 def test_every_section_with_a_bash_block_is_run_or_checked():
     found = {title for title, blocks in sections().items() if any(lang == "bash" for lang, _ in blocks)}
-    assert found - set(SECTIONS) == set(), "classify these README sections in tests/test_readme.py SECTIONS"
+    assert found - set(SECTIONS) == set(), "classify these README sections in tests/e2e/test_readme.py SECTIONS"
     assert set(SECTIONS) - found == set(), "SECTIONS lists sections the README no longer has"
 
 

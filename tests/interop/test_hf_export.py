@@ -15,9 +15,9 @@ from lmtrain.interop.hf_import import load_hf_model
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.train.trainer import train
 from lmtrain.workdir import restore_params
+from tests.data.test_tokenizer_families import remote_code_tokenizer
 from tests.helpers import small_config
-from tests.test_hf_import import VOCAB
-from tests.test_tokenizer_families import remote_code_tokenizer
+from tests.interop.test_hf_import import VOCAB
 
 TOLERANCE = 1e-4
 
@@ -146,7 +146,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 def test_the_training_chat_template_and_end_of_turn_eos_are_exported(tmp_path):
     """The template the model was trained with becomes the export's (tokenizer_config.json's chat_template, which
     apply_chat_template uses), over one the tokenizer had; generation_config.json stops at <|im_end|> and EOS."""
-    from tests.test_hf_import import tiny_tokenizer
+    from tests.interop.test_hf_import import tiny_tokenizer
 
     tok = tiny_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})

@@ -22,10 +22,8 @@ from lmtrain.train.checkpoint import load_init_params, save_init_params
 from lmtrain.train.optimizer import learning_rate_schedule, make_optimizer
 from lmtrain.train.state import create_sharded_state, init_state_fn
 from lmtrain.train.trainer import Components, main
-from tests import core_fixtures
 from tests.helpers import small_config as _small_config
 
-compile_cache, compile_cache_dir = core_fixtures.compile_cache, core_fixtures.compile_cache_dir
 pytestmark = pytest.mark.usefixtures("compile_cache")
 
 

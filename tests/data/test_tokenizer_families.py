@@ -248,7 +248,7 @@ def test_every_from_pretrained_call_in_the_package_refuses_remote_code():
     """An ast sweep of lmtrain/ and tools/: each `X.from_pretrained(...)` passes trust_remote_code=False literally,
     so no model or tokenizer directory can run its own Python (nor ask whether it may). Tokenizers load in one
     place, lmtrain.data.tokenizer.load_tokenizer (export and generate used to call AutoTokenizer themselves)."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     calls, unsafe, tokenizer_loads = 0, [], []
     for path in sorted([*(root / "lmtrain").rglob("*.py"), *(root / "tools").rglob("*.py")]):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

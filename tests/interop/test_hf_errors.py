@@ -10,7 +10,7 @@ import pytest
 from etils import epath
 
 from lmtrain.interop import hf_export, hf_import
-from tests.test_hf_import import random_hf_model
+from tests.interop.test_hf_import import random_hf_model
 
 
 @pytest.fixture(scope="module")
@@ -276,7 +276,7 @@ def test_export_path_mistakes(tmp_path, capsys):
 def test_unwritable_export_parent_is_named(tmp_path, monkeypatch):
     from lmtrain.interop.families import HFInteropError
     from lmtrain.interop.hf_export import export_params
-    from tests.test_hf_export_target import _cfg, _params
+    from tests.interop.test_hf_export_target import _cfg, _params
 
     def refuse(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", os.fspath(self))

@@ -28,11 +28,11 @@ from lmtrain.train import trainer
 from lmtrain.train.checkpoint import load_init_params, save_init_params
 from lmtrain.train.state import init_params_fn
 from lmtrain.workdir import restore_params, start_params
+from tests.data.test_tokenizer_families import FAMILIES
 from tests.helpers import small_config
-from tests.test_tokenizer_families import FAMILIES
 from tools import shard_data
 
-TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 MARKERS = ["<|im_start|>", "<|im_end|>"]
 SEQ_LEN = 128
 CONVERSATIONS = [[{"role": "user", "content": f"the cat sat {i}"}, {"role": "assistant", "content": f"on a mat {i}"}]

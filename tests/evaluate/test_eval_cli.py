@@ -17,8 +17,8 @@ from lmtrain.evaluate import examples as examples_lib
 from lmtrain.evaluate.metrics import bleu, chrf, exact_match, rouge_l
 from lmtrain.evaluate.model import load_eval_model
 from lmtrain.paths import as_path
+from tests.data.test_tokenizer_families import FAMILIES
 from tests.helpers import small_config
-from tests.test_tokenizer_families import FAMILIES
 from tools import shard_data
 
 LN2 = math.log(2.0)
@@ -374,7 +374,7 @@ def test_lmtrain_commands_do_not_print_the_pytorch_not_found_warning():
 
     def stderr_of(code: str) -> str:
         done = subprocess.run([sys.executable, "-c", hide_torch + code], capture_output=True, text=True, env=env,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+                              cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), timeout=120)
         assert done.returncode == 0, done.stderr
         return done.stderr
 

@@ -16,7 +16,7 @@ from lmtrain.interop import hf_import
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.model.attention import _dense_attention, dropout_attention
 from lmtrain.tasks.base import dropout_key
-from tests.test_encoder import encoder_config
+from tests.tasks.test_encoder import encoder_config
 
 
 def _classifier(**changes):
@@ -104,7 +104,7 @@ def test_a_dropout_rate_of_one_or_more_is_refused_naming_the_key(tmp_path, capsy
 
 
 def test_a_decoder_import_keeps_the_base_optimizer_and_plain_text_steps(tmp_path, capsys):
-    from tests.test_hf_import import random_hf_model
+    from tests.interop.test_hf_import import random_hf_model
 
     random_hf_model("gpt2", tmp_path / "hf")
     assert hf_import.main([str(tmp_path / "hf"), str(tmp_path / "work")]) == 0

@@ -22,7 +22,7 @@ from lmtrain.evaluate import examples as eval_examples
 from lmtrain.prep.shard_data import split_of_example
 from tools import shard_data, train_tokenizer
 
-TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+TEMPLATES = Path(__file__).resolve().parents[1] / "fixtures" / "chat_templates"
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "[INST]", "[/INST]"]
 WORDS = "the of and to in is for on with as by at from train model token data alpha beta gamma delta user".split()
 SEQ_LEN = 48

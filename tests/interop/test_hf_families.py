@@ -7,7 +7,7 @@ import pathlib
 from lmtrain.interop import families
 from lmtrain.param_rules import FAMILY_NAMES
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 INTEROP = ROOT / "lmtrain" / "interop"
 
 

@@ -10,9 +10,6 @@ from lmtrain.model import ModelConfig, ModelDef
 from tests import core_fixtures
 from tests.helpers import small_config
 
-compile_cache, compile_cache_dir, tokenizer_4096 = (
-    core_fixtures.compile_cache, core_fixtures.compile_cache_dir, core_fixtures.tokenizer_4096)
-
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
 EXPECTED_PARAMS_M = {"gpt2_small": (124, 125), "gpt2_medium": (354, 356), "llama_1b": (1200, 1300),
                      "llama2_7b": (6700, 6800)}
