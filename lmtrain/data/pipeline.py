@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from lmtrain.config import ConfigError
+from lmtrain.errors import ConfigError
 from lmtrain.data import packing
 from lmtrain.data.cleaning import is_validation_doc
 from lmtrain.data.tokenizer import eos_id, load_tokenizer, train_bpe_tokenizer
@@ -239,8 +239,37 @@ def check_labels(run_labels: list, data_labels: list | None, shards_dir) -> None
 SOURCES = {"builtin": _builtin_data, "shards": _shards_data}
 
 
-def make_data(cfg, workdir: str | os.PathLike, data_index: int = 0, data_count: int = 1) -> DataBundle:
-    """The data of `cfg.data.source` for data slice `data_index` of `data_count` of the global batch."""
+def make_data(cfg, workdir: str | os.PathLike, data_index: int = 0, data_count: int = 1,
+              formats: tuple[str, ...] | None = None) -> DataBundle:
+    """The data of `cfg.data.source` for data slice `data_index` of `data_count` of the global batch; with
+    `formats`, shards (or the builtin text) of another example format are refused."""
     if cfg.data.source not in SOURCES:
         raise ConfigError(f"data.source='{cfg.data.source}' is unknown. Choose one of: {', '.join(SOURCES)}.")
+    if formats is not None:  # interface stub until the format registry lands: the task's formats decide
+        _check_formats(cfg, formats)
+        cfg = _without_task(cfg)
     return SOURCES[cfg.data.source](cfg, as_path(workdir), data_index, data_count)
+
+
+def _check_formats(cfg, formats) -> None:
+    from lmtrain.data import shards
+
+    d = cfg.data
+    found = "text"
+    if d.source == "shards" and d.shards_dir and as_path(d.shards_dir).exists():
+        found = shards.example_format(shards.load_manifest(d.shards_dir))
+    if found not in formats:
+        if cfg.task.name in {*FORMAT_TASKS.values(), *SHARED_FORMATS}:
+            check_task(cfg, found, d.shards_dir if d.source == "shards" else "")  # the built-in tasks' own words
+        where = f"data.shards_dir={d.shards_dir} holds {found} shards" if d.source == "shards" else (
+            "data.source=builtin is plain text")
+        raise ConfigError(f"task.name={cfg.task.name} reads the formats {', '.join(formats)}, but {where}. Make "
+                          f"shards of one of them with tools/shard_data.py --format.")
+
+
+def _without_task(cfg):
+    """The config with no task name, so check_task (below the format check) checks nothing more."""
+    view = cfg.copy_and_resolve_references()
+    with view.unlocked():
+        del view["task"]
+    return view

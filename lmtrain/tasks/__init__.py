@@ -1,11 +1,12 @@
-"""Tasks: what is trained. The registry maps `task.name` to its module; a new task (dpo, mlm, ...)
-is one new module and one line here."""
+"""Tasks: what is trained. The registry maps `task.name` to its class; a new task is one module and one line
+here, or, from outside the package, one `register_task(name, cls)` call in a plugin module
+(lmtrain.plugins)."""
 
 from __future__ import annotations
 
 import importlib
 
-from lmtrain.config import ConfigError
+from lmtrain.errors import ConfigError
 from lmtrain.tasks.base import Task
 
 TASKS = {
@@ -15,17 +16,58 @@ TASKS = {
     "mlm": "lmtrain.tasks.mlm:MaskedLanguageModelling",
     "token_classify": "lmtrain.tasks.token_classify:TokenClassification",
 }
+_registered: dict[str, type[Task]] = {}  # plugin tasks, by name
+
+
+def register_task(name: str, cls: type[Task]) -> type[Task]:
+    """Add a task from outside lmtrain (a plugin module calls this when imported). Its `task.name` is `name`."""
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"register_task('{name}', {cls!r}): a task is a subclass of lmtrain.tasks.Task.")
+    if name in TASKS or (name in _registered and _registered[name] is not cls):
+        raise ValueError(f"task '{name}' is registered already; choose another name.")
+    cls.name = name
+    _registered[name] = cls
+    return cls
+
+
+def task_names() -> list[str]:
+    return [*TASKS, *_registered]
 
 
 def task_class(name: str) -> type[Task]:
+    if name in _registered:
+        return _registered[name]
     if name not in TASKS:
-        raise ConfigError(f"task.name='{name}' is unknown. Choose one of: {', '.join(TASKS)}.")
+        raise ConfigError(f"task.name='{name}' is unknown. Choose one of: {', '.join(task_names())} (a plugin task "
+                          "needs its module in LMTRAIN_PLUGINS).")
     module, _, cls = TASKS[name].partition(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def make_task(cfg) -> Task:
     return task_class(cfg.task.name)(cfg)
+
+
+def task_config_defaults() -> dict:
+    """Every known task's own keys under `config.task`, with their defaults (base_config holds them all, so the
+    same config files and --config.task.KEY= overrides work whichever task a config picks)."""
+    defaults: dict = {}
+    for name in task_names():
+        for key, value in task_class(name).config_defaults().items():
+            if key in defaults and defaults[key] != value:
+                raise ConfigError(f"task '{name}' gives config.task.{key} the default {value!r}, another task "
+                                  f"{defaults[key]!r}; a task's own keys need their own names.")
+            defaults[key] = value
+    return defaults
+
+
+def eval_head(kind: str) -> str:
+    """The model head the `lmtrain eval` scorer `kind` needs: the head of the task that declares that scorer."""
+    for name in task_names():
+        cls = task_class(name)
+        if cls.eval_kind == kind:
+            return cls.head
+    raise ConfigError(f"no task declares the evaluation kind '{kind}'.")
 
 
 def workdir_model_config(cfg, workdir):
@@ -44,4 +86,4 @@ def workdir_model_config(cfg, workdir):
     return dataclasses.replace(model_cfg, head=head, num_labels=num_labels)
 
 
-__all__ = ["TASKS", "Task", "make_task"]
+__all__ = ["TASKS", "Task", "eval_head", "make_task", "register_task", "task_class", "task_config_defaults"]

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain.config import ConfigError
-from lmtrain.data.pipeline import make_data
+from lmtrain.data.tokenizer import load_tokenizer
+from lmtrain.errors import ConfigError
 from lmtrain.model import ModelDef
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import token_loss_sums
@@ -105,8 +105,21 @@ def _eval_key(seed: int, tokens_BxL) -> jax.Array:
 
 class MaskedLanguageModelling(Task):
     name = "mlm"
+    formats = ("text",)
     head = "mlm"
     METRIC_MODES = {"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}
+
+    @classmethod
+    def config_defaults(cls) -> dict:
+        return {
+            "mask_prob": 0.15,  # share of tokens predicted; of them 80% become the mask token, 10% random, 10% kept
+            "whole_word_mask": False,  # choose whole words (all of a word's WordPiece pieces together)
+        }
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if not 0.0 < cfg.task.mask_prob < 1.0:
+            raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must lie in (0, 1); BERT uses 0.15.")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -122,8 +135,6 @@ class MaskedLanguageModelling(Task):
     @property
     def tables(self) -> MaskingTables:
         if self._tables is None:
-            from lmtrain.data.tokenizer import load_tokenizer
-
             where = f"data.tokenizer_dir={self.cfg.data.tokenizer_dir}"
             tables = MaskingTables.from_tokenizer(load_tokenizer(self.cfg.data.tokenizer_dir),
                                                   self.cfg.model.vocab_size, where)
@@ -132,9 +143,6 @@ class MaskedLanguageModelling(Task):
                                   "continuations; use a WordPiece tokenizer (tools/train_tokenizer.py --bert).")
             self._tables = tables
         return self._tables
-
-    def make_data(self, workdir, data_index: int, data_count: int):
-        return make_data(self.cfg, workdir, data_index, data_count)
 
     def _masked(self, model_def: ModelDef):
         tables, vocab = self.tables, model_def.cfg.vocab_size

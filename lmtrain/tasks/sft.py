@@ -9,16 +9,31 @@ global batch: gradient accumulation equals one big batch, however the completion
 
 from __future__ import annotations
 
-from lmtrain.config import ConfigError
+from lmtrain.errors import ConfigError
+from lmtrain.evaluate.metrics import EvalError
+from lmtrain.evaluate.scoring import ValidationGeneration
 from lmtrain.tasks.lm import LanguageModelling
 
 
 class SupervisedFineTuning(LanguageModelling):
     name = "sft"
+    formats = ("sft", "chat")
     head = "lm"
+    eval_kind = "sft"  # lmtrain eval: perplexity on the completions, and scores of greedy generations
     METRIC_MODES = {**LanguageModelling.METRIC_MODES, "val_bleu": "max", "val_chrf": "max", "val_rouge_l": "max",
                     "val_exact_match": "max"}
     _generation = None  # lmtrain.evaluate.scoring.ValidationGeneration, built at the first evaluation
+
+    @classmethod
+    def config_defaults(cls) -> dict:
+        # At each evaluation, generate greedily (KV cache) for the first N validation examples and log val_bleu,
+        # val_chrf, val_rouge_l and val_exact_match against their completions; 0 disables.
+        return {"eval_generate_examples": 16}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if cfg.task.eval_generate_examples < 0:
+            raise ConfigError(f"task.eval_generate_examples={cfg.task.eval_generate_examples} must not be negative.")
 
     def extra_eval(self, model_def, params, data) -> dict[str, float]:
         """BLEU, chrF, ROUGE-L and exact match of greedy generations for the first task.eval_generate_examples
@@ -26,12 +41,8 @@ class SupervisedFineTuning(LanguageModelling):
         n = self.cfg.task.eval_generate_examples
         if not n:
             return {}
-        from lmtrain.evaluate.metrics import EvalError
-
         try:
             if self._generation is None:
-                from lmtrain.evaluate.scoring import ValidationGeneration
-
                 self._generation = ValidationGeneration(self.cfg, model_def, data.tokenizer, n)
             return self._generation(params)
         except EvalError as e:

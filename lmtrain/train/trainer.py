@@ -4,6 +4,7 @@
 
 The loop dispatches step N and then reads step N-1's metrics, so the device never waits on the
 host. SIGTERM/SIGINT (a TPU preemption) saves a checkpoint and exits 0; the same command resumes.
+The trainer knows no task: what differs between tasks is asked of the task (lmtrain.tasks.base.Task).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.param_rules import ParamPlan, param_paths
 from lmtrain.paths import as_path, is_remote
 from lmtrain.storage.atomic import atomic_write_text
-from lmtrain.tasks import make_task
+from lmtrain.tasks import Task, make_task
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.actions import (
     Checkpoint,
@@ -208,6 +209,7 @@ class Run:
         self.cfg, self.workdir, self.task, self.model_def = cfg, workdir, task, model_def
         self.mesh, self.layout, self.data, self.ckpt = mesh, layout, data, ckpt
         self.writer, self.progress, self.step_fn, self.eval_fn = writer, progress, step_fn, eval_fn
+        self.prepare = lambda batch: batch  # the task's prepare(aux, batch), jitted, when it has aux
         self.state = None
         self.step = 0
         self.tokens_seen = 0
@@ -286,6 +288,34 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
             log(f"lmtrain: starting from parameters {cfg.train.init_from}"
                 + (f"; new: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
     return shardings
+
+
+def _has_aux(task) -> bool:
+    """Whether the task declares extra state (its class overrides init_aux); the others skip building it."""
+    return type(task).init_aux is not Task.init_aux
+
+
+def start_params(cfg, model_def: ModelDef, shardings: dict) -> dict:
+    """All the parameters training began with, built afresh: the seed's initialisation, then every parameter
+    train.init_from holds. The same on a fresh run and on every resume, so a task's aux is too."""
+    full = ParamPlan.merge(shardings["params"], shardings["frozen"])
+    params = jax.jit(init_params_fn(model_def, cfg.train.seed), out_shardings=full)()
+    if cfg.train.init_from:
+        target = abstract_with_shardings(jax.eval_shape(init_params_fn(model_def, cfg.train.seed)), full)
+        loaded, _, _ = load_init_params(cfg.train.init_from, target, _which(cfg.train.init_from_which),
+                                        cfg.model.vocab_size, model_def.logical_axes)
+        params = ParamPlan.merge(loaded, params)
+    return params
+
+
+def prepared_steps(task, model_def: ModelDef, aux, replicated):
+    """(prepare(batch), eval_fn(params, batch)): the task's prepare with its aux, jitted, run before the train
+    step; and the eval step run after it. aux is an argument, not a constant baked into the programs."""
+    prepare = jax.jit(task.prepare)
+    eval_step = task.eval_step(model_def)
+    eval_jit = jax.jit(lambda params, aux_, batch: eval_step(params, task.prepare(aux_, batch)),
+                       out_shardings=replicated)
+    return (lambda batch: prepare(aux, batch)), (lambda params, batch: eval_jit(params, aux, batch))
 
 
 def _paths(tree: dict) -> list[str]:
@@ -419,6 +449,9 @@ def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_s
         run.step_fn = jax.jit(parts.train_step, in_shardings=(shardings, None),
                               out_shardings=(shardings, replicated), donate_argnums=0)
         run.eval_fn = jax.jit(task.eval_step(model_def), out_shardings=replicated)
+        aux = task.init_aux(model_def, start_params(cfg, model_def, shardings)) if _has_aux(task) else None
+        if aux is not None:
+            run.prepare, run.eval_fn = prepared_steps(task, model_def, aux, replicated)
         run.writer = metrics_lib.MetricsWriter(workdir, cfg.logging.tensorboard, enabled=is_main, resume_step=run.step)
         run.progress = metrics_lib.ProgressBar(cfg.train.steps, run.step, enabled=is_main,
                                                bar=show_progress, log_every=cfg.train.log_every)
@@ -451,7 +484,7 @@ def _loop(run: Run, schedule, stop: StopSignal, stop_at_step, on_eval) -> None:
             break
         local = next(run.data.train)
         check_batch(local, cfg.model.vocab_size, cfg.model.max_seq_len, source)
-        run.state, step_metrics = run.step_fn(run.state, run.global_batch(local))
+        run.state, step_metrics = run.step_fn(run.state, run.prepare(run.global_batch(local)))
         run.step += 1
         real, slots, row_len = metrics_lib.batch_tokens(local, run.layout.data_count)
         run.tokens_seen += slots
@@ -499,7 +532,7 @@ def _finish(run: Run) -> TrainResult:
         if run.last_eval:
             print(f"lmtrain: done at step {run.step}. "
                   + ", ".join(f"{k} {v:.4g}" for k, v in run.last_eval.items() if "/" not in k))
-    if cfg.train.sample_tokens and run.task.head == "lm":
+    if cfg.train.sample_tokens and run.task.generates_text:
         sample = sample_text(run.model_def, run.params(), run.data.tokenizer, cfg.train.sample_prompt,
                              cfg.train.sample_tokens, cfg.train.seed)  # every host takes part
         if is_main:
