@@ -13,12 +13,17 @@ import sys
 import jax
 import numpy as np
 
+from lmtrain import config as config_lib
+from lmtrain.config import DEFAULT_AXIS_RULES, ConfigError, resolve_mesh_shape
+from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.evaluate.metrics import EvalError
+from lmtrain.interop.hf_import import load_hf_model, read_hf_labels
 from lmtrain.model import ModelDef
+from lmtrain.parallel.mesh import make_mesh
+from lmtrain.parallel.partitioning import axis_rules, param_shardings
 from lmtrain.paths import as_path, local_dir
+from lmtrain.tasks import task_class, workdir_model_config
 from lmtrain.trees import flat_keys, nest_keys
-
-EVAL_TASKS = ("lm", "sft", "classify")  # the WORKDIR tasks whose models `lmtrain eval` scores
 
 
 @dataclasses.dataclass
@@ -28,7 +33,7 @@ class EvalModel:
     params: dict
     tokenizer: object  # a transformers tokenizer
     tokenizer_dir: object  # its directory (epath), for the shards' fingerprint check
-    task: str  # what it was trained for: lm, sft or classify
+    task: str  # what it was trained for: its config's task.name (a Hugging Face directory: lm or classify)
     labels: list[str] | None  # a classifier's classes in class-id order
     checkpoint: str  # which parameters, in words
     metrics_jsonl: str = ""  # the training log, for the report's loss curve
@@ -48,8 +53,6 @@ class EvalModel:
         """Where the model runs: its mesh's axis rules (activation sharding), or nothing on one device."""
         if self.mesh is None:
             return contextlib.nullcontext()
-        from lmtrain.parallel.partitioning import axis_rules
-
         return axis_rules(self.mesh, self.rules)
 
 
@@ -90,10 +93,6 @@ def load_eval_model(path: str, which: str | int = "latest", mesh_shape: tuple[in
 def _mesh_and_shardings(model_def: ModelDef, mesh_cfg, rules, mesh_shape, where: str):
     """(mesh, param shardings) over the training mesh (or `mesh_shape`); (None, one device) when it is a single
     device or does not fit the devices here."""
-    from lmtrain.config import ConfigError, resolve_mesh_shape
-    from lmtrain.parallel.mesh import make_mesh
-    from lmtrain.parallel.partitioning import param_shardings
-
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     single = (None, jax.tree.map(lambda _: one, model_def.shapes))
     n = jax.device_count()
@@ -128,19 +127,12 @@ def _target(model_def: ModelDef, shardings) -> dict:
 
 
 def _load_workdir(path: str, root, raw: dict, which, mesh_shape) -> EvalModel:
-    from lmtrain import config as config_lib
-    from lmtrain.data.tokenizer import load_tokenizer
-
     cfg = config_lib.config_from_dict(raw, str(root / "config.json"))
     task = cfg.task.name
-    if task not in EVAL_TASKS:
-        raise EvalError(f"{path} was trained for task '{task}'; lmtrain eval scores {', '.join(EVAL_TASKS)} models.")
     labels = read_labels(root / "labels.json")
-    if task == "classify" and not labels:
+    if task_class(task).has_labels and not labels:
         raise EvalError(f"{path} is a classifier with no labels.json (its classes in class order); train it with "
                         "lmtrain train, which writes the file, or import it with lmtrain import.")
-    from lmtrain.tasks import workdir_model_config
-
     model_def = ModelDef(workdir_model_config(cfg, root))
     mesh, shardings = _mesh_and_shardings(model_def, cfg.mesh, cfg.mesh.axis_rules, mesh_shape, path)
     params, checkpoint = _workdir_params(root, cfg, model_def, _target(model_def, shardings), which)
@@ -221,9 +213,6 @@ def _select(full: dict, like: dict) -> dict:
 
 
 def _load_hf(path: str, root, which, mesh_shape) -> EvalModel:
-    from lmtrain.data.tokenizer import load_tokenizer
-    from lmtrain.interop.hf_import import load_hf_model, read_hf_labels
-
     if which not in ("latest", None):
         raise EvalError(f"{path} is a Hugging Face directory: it has one set of weights, so --which {which} does "
                         "not apply.")
@@ -245,8 +234,6 @@ def _load_hf(path: str, root, which, mesh_shape) -> EvalModel:
 
 
 def _default_rules() -> tuple:
-    from lmtrain.config import DEFAULT_AXIS_RULES
-
     return tuple(tuple(r) for r in DEFAULT_AXIS_RULES)
 
 

@@ -68,6 +68,10 @@ class Task:
         checkpoints and resume stays exact. It is never differentiated nor optimized."""
         return None
 
+    def uses_aux(self) -> bool:
+        """Whether the task declares extra state (its class overrides init_aux); for the others none is built."""
+        return type(self).init_aux is not Task.init_aux
+
     def prepare(self, aux, batch: dict) -> dict:
         """A pure function of (aux, batch) -> batch, run (jitted) on every batch before the train step and the
         eval step when `init_aux` gives aux: e.g. a reference model's log-probabilities added as a batch key.

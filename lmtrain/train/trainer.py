@@ -31,7 +31,7 @@ from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.param_rules import ParamPlan, param_paths
 from lmtrain.paths import as_path, is_remote
 from lmtrain.storage.atomic import atomic_write_text
-from lmtrain.tasks import Task, make_task
+from lmtrain.tasks import make_task
 from lmtrain.train import metrics as metrics_lib
 from lmtrain.train.actions import (
     Checkpoint,
@@ -290,11 +290,6 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
     return shardings
 
 
-def _has_aux(task) -> bool:
-    """Whether the task declares extra state (its class overrides init_aux); the others skip building it."""
-    return type(task).init_aux is not Task.init_aux
-
-
 def start_params(cfg, model_def: ModelDef, shardings: dict) -> dict:
     """All the parameters training began with, built afresh: the seed's initialisation, then every parameter
     train.init_from holds. The same on a fresh run and on every resume, so a task's aux is too."""
@@ -449,7 +444,7 @@ def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_s
         run.step_fn = jax.jit(parts.train_step, in_shardings=(shardings, None),
                               out_shardings=(shardings, replicated), donate_argnums=0)
         run.eval_fn = jax.jit(task.eval_step(model_def), out_shardings=replicated)
-        aux = task.init_aux(model_def, start_params(cfg, model_def, shardings)) if _has_aux(task) else None
+        aux = task.init_aux(model_def, start_params(cfg, model_def, shardings)) if task.uses_aux() else None
         if aux is not None:
             run.prepare, run.eval_fn = prepared_steps(task, model_def, aux, replicated)
         run.writer = metrics_lib.MetricsWriter(workdir, cfg.logging.tensorboard, enabled=is_main, resume_step=run.step)
