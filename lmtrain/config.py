@@ -17,7 +17,7 @@ import ml_collections
 
 from lmtrain.errors import ConfigError
 from lmtrain.param_rules import DEFAULT_PARAM_RULES, check_lora, check_param_rules, freeze_presets
-from lmtrain.tasks import task_class, task_config_defaults, task_names
+from lmtrain.tasks import task_config_defaults, validate_task_config
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -466,9 +466,7 @@ def _check_ranges(cfg) -> None:
         raise ConfigError(f"train.early_stopping.mode='{cfg.train.early_stopping.mode}' must be 'min', 'max' or "
                           "empty (the task's own direction for the metric).")
     check_param_rules(o.param_rules)
-    task_class(cfg.task.name)  # a known task (a plugin's after lmtrain.plugins.load_plugins)
-    for name in task_names():  # each task's own keys hold valid values, whichever task trains
-        task_class(name).validate(cfg)
+    validate_task_config(cfg)  # a known task (a plugin's after lmtrain.plugins.load_plugins) and its keys
 
 
 def config_arg(arg: str, allowed: tuple[str, ...], name: str) -> str:

@@ -16,6 +16,7 @@ from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.tasks import TASKS, Task, eval_head, make_task, task_class, task_config_defaults
 from lmtrain.tasks.lm import LanguageModelling
 from lmtrain.tasks.losses import cross_entropy_and_log_z, token_loss_sums
+from lmtrain.tasks.options import TaskOptions
 from lmtrain.train.checkpoint import select_step
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
@@ -265,18 +266,19 @@ def test_task_keys_live_with_their_task_and_are_checked_by_it():
             validate(small_config("llama", **{key: bad}), 1)
 
 
-class _ToyTask(Task):
-    formats = ("text",)
-    METRIC_MODES = {"val_loss": "min"}
-
-    @classmethod
-    def config_defaults(cls):
-        return {"toy_scale": 1.0}
+class _ToyOptions(TaskOptions):
+    defaults = {"toy_scale": 1.0}
 
     @classmethod
     def validate(cls, cfg):
         if cfg.task.toy_scale <= 0:
             raise ConfigError(f"task.toy_scale={cfg.task.toy_scale} must be positive.")
+
+
+class _ToyTask(Task):
+    formats = ("text",)
+    options = _ToyOptions
+    METRIC_MODES = {"val_loss": "min"}
 
 
 @pytest.fixture
@@ -302,6 +304,8 @@ def test_a_registered_task_brings_its_config_keys_checks_and_name(registry):
         registry.register_task("lm", _ToyTask)
     with pytest.raises(TypeError, match="subclass of lmtrain.tasks.Task"):
         registry.register_task("other", object)
+    with pytest.raises(ConfigError, match="task.name='other' is unknown"):
+        validate(small_config("llama", **{"task.name": "other"}), 1)
 
 
 def test_a_task_reads_only_its_formats(registry, tmp_path):

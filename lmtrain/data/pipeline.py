@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from lmtrain.errors import ConfigError
+from lmtrain.config import ConfigError
 from lmtrain.data import packing
 from lmtrain.data.cleaning import is_validation_doc
 from lmtrain.data.tokenizer import eos_id, load_tokenizer, train_bpe_tokenizer

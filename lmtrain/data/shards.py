@@ -27,7 +27,7 @@ import numpy as np
 import xxhash
 from etils import epath
 
-from lmtrain.errors import ConfigError
+from lmtrain.config import ConfigError
 from lmtrain.data.packing import (
     DataError,
     ExamplePacker,

@@ -16,7 +16,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from lmtrain.errors import ConfigError
+from lmtrain.config import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

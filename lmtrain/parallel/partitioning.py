@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lmtrain.errors import ConfigError
+from lmtrain.config import ConfigError
 
 AxisRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 

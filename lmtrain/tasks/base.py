@@ -2,7 +2,7 @@
 `lmtrain eval` know no task; they call these.
 
 - `formats`: the registered example formats (lmtrain.data.formats) it reads; `make_data` refuses others.
-- `config_defaults()` and `validate(cfg)`: its own keys under `config.task` and their checks.
+- `options`: its own keys under `config.task`, their defaults and checks (lmtrain.tasks.options).
 - `head`: the model head it trains; `generates_text`: whether the end of training samples text from it.
 - its loss, its evaluation sums and metrics (below), and `eval_kind`: the `lmtrain eval` scorer of its
   models (lmtrain.evaluate.metrics: 'lm', 'sft', 'classify'), or None for the generic scoring: its own
@@ -26,6 +26,7 @@ import jax
 from lmtrain.data.pipeline import make_data
 from lmtrain.errors import ConfigError
 from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.tasks.options import TaskOptions
 
 
 class Task:
@@ -40,16 +41,7 @@ class Task:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    @classmethod
-    def config_defaults(cls) -> dict:
-        """The task's own keys under `config.task` and their defaults (base_config holds every task's)."""
-        return {}
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        """Check the values of the task's own config keys; a ConfigError names the key. config.validate calls it
-        for every known task, whichever one trains (a mistyped value is an error even while it is unused);
-        checks that depend on the task training belong in __init__."""
+    options: type[TaskOptions] = TaskOptions  # its own config.task keys (checks that need the data: __init__)
 
     def model_config(self) -> ModelConfig:
         """The model this task trains: `config.model` with the task's head (training keeps fp32 masters)."""

@@ -30,6 +30,7 @@ from lmtrain.paths import as_path
 from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import class_cross_entropy
+from lmtrain.tasks.options import ClassifyOptions
 
 LABELS_FILE = "labels.json"
 
@@ -51,6 +52,7 @@ class Classification(Task):
     head = "classify"
     has_labels = True
     eval_kind = "classify"  # lmtrain eval: accuracy, macro and per-class scores, the confusion matrix
+    options = ClassifyOptions  # task.class_weights
     METRIC_MODES = {"val_loss": "min", "val_accuracy": "max", "val_f1_macro": "max",
                     "val_precision_macro": "max", "val_recall_macro": "max"}
 
@@ -61,15 +63,6 @@ class Classification(Task):
                               "--format classify (or --builtin-task classify for the demo).")
         self.labels = read_manifest_labels(cfg.data.shards_dir)
         self.class_weights = self._class_weights(cfg)
-
-    @classmethod
-    def config_defaults(cls) -> dict:
-        return {"class_weights": ()}  # one loss weight per class, in the data's class order; () for equal weights
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        if any(w < 0 for w in cfg.task.class_weights):
-            raise ConfigError("task.class_weights must not be negative.")
 
     def _class_weights(self, cfg) -> np.ndarray:
         if cfg.model.num_labels and cfg.model.num_labels != len(self.labels):

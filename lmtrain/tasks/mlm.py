@@ -27,6 +27,7 @@ from lmtrain.errors import ConfigError
 from lmtrain.model import ModelDef
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import token_loss_sums
+from lmtrain.tasks.options import MlmOptions
 
 MASK_TOKEN_RATE, RANDOM_TOKEN_RATE = 0.8, 0.1  # of the chosen tokens; the rest stay unchanged
 
@@ -109,17 +110,7 @@ class MaskedLanguageModelling(Task):
     head = "mlm"
     METRIC_MODES = {"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}
 
-    @classmethod
-    def config_defaults(cls) -> dict:
-        return {
-            "mask_prob": 0.15,  # share of tokens predicted; of them 80% become the mask token, 10% random, 10% kept
-            "whole_word_mask": False,  # choose whole words (all of a word's WordPiece pieces together)
-        }
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        if not 0.0 < cfg.task.mask_prob < 1.0:
-            raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must lie in (0, 1); BERT uses 0.15.")
+    options = MlmOptions  # task.mask_prob, task.whole_word_mask
 
     def __init__(self, cfg):
         super().__init__(cfg)

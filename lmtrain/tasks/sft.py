@@ -13,6 +13,7 @@ from lmtrain.errors import ConfigError
 from lmtrain.evaluate.metrics import EvalError
 from lmtrain.evaluate.scoring import ValidationGeneration
 from lmtrain.tasks.lm import LanguageModelling
+from lmtrain.tasks.options import SftOptions
 
 
 class SupervisedFineTuning(LanguageModelling):
@@ -24,16 +25,7 @@ class SupervisedFineTuning(LanguageModelling):
                     "val_exact_match": "max"}
     _generation = None  # lmtrain.evaluate.scoring.ValidationGeneration, built at the first evaluation
 
-    @classmethod
-    def config_defaults(cls) -> dict:
-        # At each evaluation, generate greedily (KV cache) for the first N validation examples and log val_bleu,
-        # val_chrf, val_rouge_l and val_exact_match against their completions; 0 disables.
-        return {"eval_generate_examples": 16}
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        if cfg.task.eval_generate_examples < 0:
-            raise ConfigError(f"task.eval_generate_examples={cfg.task.eval_generate_examples} must not be negative.")
+    options = SftOptions  # task.eval_generate_examples
 
     def extra_eval(self, model_def, params, data) -> dict[str, float]:
         """BLEU, chrF, ROUGE-L and exact match of greedy generations for the first task.eval_generate_examples

@@ -25,21 +25,23 @@ from lmtrain.errors import ConfigError
 from lmtrain.tasks import Task, register_task
 from lmtrain.tasks.base import dropout_key
 from lmtrain.tasks.losses import token_loss_sums
+from lmtrain.tasks.options import TaskOptions
 
 
-class ToyWeightedLM(Task):
-    formats = ("text",)
-    head = "lm"
-    METRIC_MODES = {"val_loss": "min", "val_top1": "max"}
-
-    @classmethod
-    def config_defaults(cls):
-        return {"toy_late_weight": 2.0}
+class ToyOptions(TaskOptions):
+    defaults = {"toy_late_weight": 2.0}
 
     @classmethod
     def validate(cls, cfg):
         if not cfg.task.toy_late_weight > 0:
             raise ConfigError(f"task.toy_late_weight={cfg.task.toy_late_weight} must be positive.")
+
+
+class ToyWeightedLM(Task):
+    formats = ("text",)
+    head = "lm"
+    options = ToyOptions
+    METRIC_MODES = {"val_loss": "min", "val_top1": "max"}
 
     def loss_fn(self, model_def):
         late, vocab = self.cfg.task.toy_late_weight, model_def.cfg.vocab_size
