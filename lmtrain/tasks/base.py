@@ -2,6 +2,7 @@
 `lmtrain eval` know no task; they call these.
 
 - `formats`: the registered example formats (lmtrain.data.formats) it reads; `make_data` refuses others.
+- `name`: its `task.name`, set by the registry (lmtrain.tasks: TASKS, or register_task for a plugin).
 - `options`: its own keys under `config.task`, their defaults and checks (lmtrain.tasks.options).
 - `head`: the model head it trains; `generates_text`: whether the end of training samples text from it.
 - its loss, its evaluation sums and metrics (below), and `eval_kind`: the `lmtrain eval` scorer of its
@@ -36,12 +37,11 @@ class Task:
     generates_text: bool = False  # the model writes text: training ends with a sample of it
     has_labels: bool = False  # the model's classes come from the data (WORKDIR/labels.json)
     eval_kind: str | None = None  # the `lmtrain eval` scorer; None: the generic one (eval_step, eval_metrics)
+    options: type[TaskOptions] = TaskOptions  # its own config.task keys (checks that need the data: __init__)
     METRIC_MODES: dict[str, str] = {"val_loss": "min"}
 
     def __init__(self, cfg):
         self.cfg = cfg
-
-    options: type[TaskOptions] = TaskOptions  # its own config.task keys (checks that need the data: __init__)
 
     def model_config(self) -> ModelConfig:
         """The model this task trains: `config.model` with the task's head (training keeps fp32 masters)."""
