@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.task = tk = ml_collections.ConfigDict()
     tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion), 'classify', ... or a plugin's
-    tk.update(task_config_defaults())  # each task's own keys: lmtrain/tasks/<task>.py says what they do
+    tk.update(task_config_defaults())  # each task's own keys: lmtrain/tasks/options.py says what they do
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "builtin"  # 'builtin': text that ships with Python, no download; 'shards': tools/shard_data.py output
