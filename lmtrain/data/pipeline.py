@@ -252,7 +252,7 @@ def make_data(cfg, workdir: str | os.PathLike, data_index: int = 0, data_count: 
 
 
 def _check_formats(cfg, formats) -> None:
-    from lmtrain.data import shards
+    from lmtrain.data import shards  # as in _shards_data: Grain loads only for a shard source
 
     d = cfg.data
     found = "text"
