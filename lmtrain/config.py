@@ -17,6 +17,7 @@ import ml_collections
 
 from lmtrain.errors import ConfigError
 from lmtrain.param_rules import DEFAULT_PARAM_RULES, check_lora, check_param_rules, freeze_presets
+from lmtrain.tasks import task_config_defaults, validate_task_config
 
 OPTIMIZERS = ("adamw", "adafactor", "lion", "sgd")
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
@@ -96,13 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     m.pooling = "last"  # classify head: 'last' real token (decoders) or 'cls': first token through dense+tanh (BERT)
 
     c.task = tk = ml_collections.ConfigDict()
-    tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion) or 'classify'
-    tk.class_weights = ()  # classify: one loss weight per class, in the data's class order; () for equal weights
-    # sft: at each evaluation, generate greedily (KV cache) for the first N validation examples and log val_bleu,
-    # val_chrf, val_rouge_l and val_exact_match against their completions; 0 disables
-    tk.eval_generate_examples = 16
-    tk.mask_prob = 0.15  # mlm: share of tokens predicted; of them 80% become the mask token, 10% random, 10% kept
-    tk.whole_word_mask = False  # mlm: choose whole words (all of a word's WordPiece pieces together)
+    tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion), 'classify', ... or a plugin's
+    tk.update(task_config_defaults())  # each task's own keys: lmtrain/tasks/options.py says what they do
 
     c.data = d = ml_collections.ConfigDict()
     d.source = "builtin"  # 'builtin': text that ships with Python, no download; 'shards': tools/shard_data.py output
@@ -414,7 +410,7 @@ _POSITIVE = (
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.num_labels", "model.type_vocab_size", "data.max_docs", "optimizer.weight_decay",
-    "optimizer.clip_norm", "task.eval_generate_examples",
+    "optimizer.clip_norm",
     "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
     "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
 )
@@ -467,12 +463,11 @@ def _check_ranges(cfg) -> None:
     if cfg.data.cv_folds and not 0 <= cfg.data.cv_fold < cfg.data.cv_folds:
         raise ConfigError(f"data.cv_fold={cfg.data.cv_fold} is not one of the {cfg.data.cv_folds} folds "
                           f"(0 to {cfg.data.cv_folds - 1}).")
-    if not 0.0 < cfg.task.mask_prob < 1.0:
-        raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must lie in (0, 1); BERT uses 0.15.")
     if cfg.train.early_stopping.mode not in ("", "min", "max"):
         raise ConfigError(f"train.early_stopping.mode='{cfg.train.early_stopping.mode}' must be 'min', 'max' or "
                           "empty (the task's own direction for the metric).")
     check_param_rules(o.param_rules)
+    validate_task_config(cfg)  # a known task (a plugin's after lmtrain.plugins.load_plugins) and its keys
 
 
 def config_arg(arg: str, allowed: tuple[str, ...], name: str) -> str:

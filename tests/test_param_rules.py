@@ -34,7 +34,8 @@ def test_config_validates_lora_and_rules_without_loading_the_model_code():
     assert done.returncode == 0, done.stderr[-2000:]
     error, loaded = done.stdout.strip().splitlines()
     assert error.startswith("ConfigError model.lora_targets: 'qq' matches no projection"), error
-    assert loaded == "['lmtrain.config', 'lmtrain.errors', 'lmtrain.param_rules', 'lmtrain.trees']", loaded
+    assert loaded == ("['lmtrain.config', 'lmtrain.errors', 'lmtrain.param_rules', 'lmtrain.tasks', "
+                      "'lmtrain.tasks.options', 'lmtrain.trees']"), loaded  # the tasks' config keys, not their code
 
 
 def test_a_run_s_plan_is_its_named_rules_in_order_lora_then_presets_then_param_rules():

@@ -8,7 +8,9 @@ report, optionally next to a baseline model evaluated on the same examples.
 The task comes from the data: text (shards of --format text, or raw .txt/.jsonl/.parquet/.csv files) gives
 perplexity and bits per byte; sft/chat shards (or --format sft records) give perplexity on the completions and,
 from batched greedy KV-cache generation, BLEU, chrF, ROUGE-L and exact match; classify shards (or --format
-classify records) give accuracy, macro and per-class precision/recall/F1 and the confusion matrix.
+classify records) give accuracy, macro and per-class precision/recall/F1 and the confusion matrix. A WORKDIR
+whose task has no scorer of its own (a plugin task, mlm, token_classify) is scored by its task: its eval step
+summed over a split of the shard directory --data, and its metrics.
 """
 
 from __future__ import annotations
@@ -18,15 +20,16 @@ import json
 import sys
 import time
 
+import jax
 import numpy as np
 
 from lmtrain.evaluate import examples as examples_lib
-from lmtrain.evaluate import scoring
+from lmtrain.evaluate import scoring, task_eval
 from lmtrain.evaluate.metrics import METRICS, EvalError, check_metrics, compute_metrics
+from lmtrain.evaluate.model import load_eval_model
 from lmtrain.evaluate.report import EvalResult, read_json, write_reports
 from lmtrain.paths import as_path, is_remote
-
-HEADS = {"lm": "lm", "sft": "lm", "classify": "classify"}  # eval kind -> the model head it needs
+from lmtrain.tasks import eval_head
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -95,7 +98,7 @@ def scoring_row_len(enc: examples_lib.Encoded, kind: str, max_seq_len: int) -> i
 def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Namespace, log=print) -> EvalResult:
     """Score one loaded model (lmtrain.evaluate.model.EvalModel) on the eval set."""
     kind = eval_set.kind
-    if model.head != HEADS[kind]:
+    if model.head != eval_head(kind):
         if kind == "classify":
             raise EvalError(f"{model.path} has no classification head, and {eval_set.describe()} is classification "
                             "data. To score the classifier as fine-tuning began (its base with a fresh head), use the "
@@ -157,8 +160,6 @@ def top_probabilities(probs, labels: list[str], top: int = 5) -> dict[str, float
 
 
 def _load_and_evaluate(path: str, which, eval_set, names, args, mesh_shape, role: str) -> EvalResult:
-    from lmtrain.evaluate.model import load_eval_model
-
     t0 = time.perf_counter()
     model = load_eval_model(path, which, mesh_shape)
     print(f"lmtrain eval: {role} {path}, {model.checkpoint}; scoring {len(eval_set)} examples of "
@@ -168,15 +169,22 @@ def _load_and_evaluate(path: str, which, eval_set, names, args, mesh_shape, role
     return result
 
 
+def _baseline_json(args, task: str) -> EvalResult | None:
+    """An earlier eval.json named by --baseline, of the same task (None when --baseline names a model)."""
+    path = as_path(args.baseline)
+    if not (path.suffix == ".json" and path.is_file()):
+        return None
+    baseline, _ = read_json(path)
+    if baseline.task != task:
+        raise EvalError(f"--baseline {args.baseline} holds a '{baseline.task}' evaluation; this one is '{task}'.")
+    return baseline
+
+
 def _baseline(args, eval_set, names, mesh_shape) -> EvalResult | None:
     if not args.baseline:
         return None
-    path = as_path(args.baseline)
-    if path.suffix == ".json" and path.is_file():
-        baseline, _ = read_json(path)
-        if baseline.task != eval_set.kind:
-            raise EvalError(f"--baseline {args.baseline} holds a '{baseline.task}' evaluation; this one is "
-                            f"'{eval_set.kind}'.")
+    baseline = _baseline_json(args, eval_set.kind)
+    if baseline is not None:
         return baseline
     return _load_and_evaluate(args.baseline, _which(args.baseline_which), eval_set, names, args, mesh_shape,
                               "baseline")
@@ -248,23 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_examples < 0 or args.batch_size < 1 or args.max_new_tokens < 1:
             raise EvalError("--max-examples must be >= 0, --batch-size and --max-new-tokens >= 1.")
         mesh_shape = _mesh(args.mesh)
-        fields = {"text": args.text_field, "prompt": args.prompt_field, "completion": args.completion_field,
-                  "label": args.label_field}
-        if is_remote(args.data) and not examples_lib.is_shard_dir(args.data):
-            raise EvalError(f"--data {args.data}: raw files are read locally; shard directories may be on gs://.")
-        eval_set = examples_lib.read_eval_set(args.data, args.split, args.max_examples, args.format, fields)
-        names = metric_names(eval_set.kind, args.metrics)
-        if not eval_set.has_references:
-            raise EvalError(f"the metrics {', '.join(names)} need references, and {eval_set.describe()} has none (no "
-                            f"'{args.completion_field}' field); give each example its completion, or set "
-                            "--completion-field.")
-        result = _load_and_evaluate(args.model, _which(args.which), eval_set, names, args, mesh_shape, "model")
-        baseline = _baseline(args, eval_set, names, mesh_shape)
-        import jax
-
+        if task_eval.generic_task_config(args.model) is not None:
+            result, baseline, split = _task_evaluation(args, mesh_shape)
+        else:
+            result, baseline, split = _scorer_evaluation(args, mesh_shape)
         if jax.process_index() != 0:  # every process of a multi-host job scores; the first one writes
             return 0
-        out = args.out or default_out(args.model, result, eval_set.split)
+        out = args.out or default_out(args.model, result, split)
         kept = keep_earlier(out)
         json_path, html_path = write_reports(out, result, baseline)
     except (EvalError, ValueError, OSError) as e:  # ConfigError, SourceError, GenerationError are ValueErrors
@@ -276,6 +274,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain eval: the earlier result is kept as {kept}")
     print(f"lmtrain eval: wrote {json_path} and {html_path}")
     return 0
+
+
+def _task_evaluation(args, mesh_shape) -> tuple[EvalResult, EvalResult | None, str]:
+    """A WORKDIR of a task with no scorer of its own, scored by its task (lmtrain.evaluate.task_eval)."""
+    if not examples_lib.is_shard_dir(args.data):
+        raise EvalError(f"--data {args.data}: {args.model} is scored by its task's own eval step, which reads a "
+                        "shard directory (tools/shard_data.py output); give one.")
+    names = None if args.metrics is None else tuple(n.strip() for n in args.metrics.split(",") if n.strip())
+
+    def score(path, which):
+        return task_eval.evaluate_workdir(path, which, args.data, args.split, names, args.batch_size,
+                                          args.max_examples, mesh_shape)
+
+    result = score(args.model, _which(args.which))
+    baseline = None
+    if args.baseline:
+        baseline = _baseline_json(args, result.task) or score(args.baseline, _which(args.baseline_which))
+    return result, baseline, result.extra["split"]
+
+
+def _scorer_evaluation(args, mesh_shape) -> tuple[EvalResult, EvalResult | None, str]:
+    """The scorer of the data's kind (lm, sft, classify) on a WORKDIR or a Hugging Face directory."""
+    fields = {"text": args.text_field, "prompt": args.prompt_field, "completion": args.completion_field,
+              "label": args.label_field}
+    if is_remote(args.data) and not examples_lib.is_shard_dir(args.data):
+        raise EvalError(f"--data {args.data}: raw files are read locally; shard directories may be on gs://.")
+    eval_set = examples_lib.read_eval_set(args.data, args.split, args.max_examples, args.format, fields)
+    names = metric_names(eval_set.kind, args.metrics)
+    if not eval_set.has_references:
+        raise EvalError(f"the metrics {', '.join(names)} need references, and {eval_set.describe()} has none (no "
+                        f"'{args.completion_field}' field); give each example its completion, or set "
+                        "--completion-field.")
+    result = _load_and_evaluate(args.model, _which(args.which), eval_set, names, args, mesh_shape, "model")
+    baseline = _baseline(args, eval_set, names, mesh_shape)
+    return result, baseline, eval_set.split
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.evaluate.metrics import EvalError
 from lmtrain.interop.hf_import import load_hf_model, read_hf_labels
 from lmtrain.model import ModelDef
+from lmtrain.parallel.partitioning import axis_rules
 from lmtrain.paths import as_path, local_dir
+from lmtrain.tasks import task_class
 from lmtrain.workdir import Workdir, is_hf_dir, place_on_mesh
-
-EVAL_TASKS = ("lm", "sft", "classify")  # the WORKDIR tasks whose models `lmtrain eval` scores
 
 
 @dataclasses.dataclass
@@ -28,7 +28,7 @@ class EvalModel:
     params: dict
     tokenizer: object  # a transformers tokenizer
     tokenizer_dir: object  # its directory (epath), for the shards' fingerprint check
-    task: str  # what it was trained for: lm, sft or classify
+    task: str  # what it was trained for: its config's task.name (a Hugging Face directory: lm or classify)
     labels: list[str] | None  # a classifier's classes in class-id order
     checkpoint: str  # which parameters, in words
     metrics_jsonl: str = ""  # the training log, for the report's loss curve
@@ -48,8 +48,6 @@ class EvalModel:
         """Where the model runs: its mesh's axis rules (activation sharding), or nothing on one device."""
         if self.mesh is None:
             return contextlib.nullcontext()
-        from lmtrain.parallel.partitioning import axis_rules
-
         return axis_rules(self.mesh, self.rules)
 
 
@@ -67,10 +65,8 @@ def load_eval_model(path: str, which: str | int = "latest", mesh_shape: tuple[in
 def _load_workdir(path: str, work: Workdir, which, mesh_shape) -> EvalModel:
     cfg = work.config
     task = cfg.task.name
-    if task not in EVAL_TASKS:
-        raise EvalError(f"{path} was trained for task '{task}'; lmtrain eval scores {', '.join(EVAL_TASKS)} models.")
     labels = work.labels()
-    if task == "classify" and not labels:
+    if task_class(task).has_labels and not labels:
         raise EvalError(f"{path} is a classifier with no labels.json (its classes in class order); train it with "
                         "lmtrain train, which writes the file, or import it with lmtrain import.")
     mesh, shardings = work.place(mesh_shape, "lmtrain eval")

@@ -15,8 +15,11 @@ import jax
 import numpy as np
 
 from lmtrain.data.packing import ExamplePacker, classify_batch, pad_row, rows_dict_to_batch
+from lmtrain.evaluate.examples import encode, read_eval_set
 from lmtrain.evaluate.metrics import METRICS, EvalError, compute_metrics
 from lmtrain.model import ModelDef
+from lmtrain.model.decode import SamplingConfig, make_generate_fn, sampling_values
+from lmtrain.tasks.losses import token_loss_sums
 
 TEXT_METRICS = tuple(name for name, m in METRICS.items() if m.inputs == "text")
 
@@ -35,8 +38,6 @@ def bucket_length(needed: int, cap: int, smallest: int = 16) -> int:
 def loss_sums(model_def: ModelDef, params: dict, pieces: list[tuple[np.ndarray, np.ndarray]], row_len: int,
               batch_rows: int) -> tuple[float, int]:
     """(summed nats, scored tokens) of the pieces' targets, packed whole into rows of row_len as training packs."""
-    from lmtrain.tasks.losses import token_loss_sums
-
     vocab = model_def.cfg.vocab_size
 
     @jax.jit
@@ -90,8 +91,6 @@ class Generator:
 
     def __init__(self, model_def: ModelDef, width: int, max_new_tokens: int, batch_rows: int, eos_id: int | None,
                  pad_id: int):
-        from lmtrain.generate import SamplingConfig, make_generate_fn, sampling_values
-
         if width + max_new_tokens > model_def.cfg.max_seq_len:
             raise EvalError(f"the longest prompt ({width} tokens) plus {max_new_tokens} new tokens exceeds the "
                             f"model's {model_def.cfg.max_seq_len} positions; lower --max-new-tokens.")
@@ -161,8 +160,6 @@ class ValidationGeneration:
     evaluation; every process calls it with the same arguments (the parameters stay sharded where they are)."""
 
     def __init__(self, cfg, model_def: ModelDef, tokenizer, n: int, max_new_tokens: int = 64):
-        from lmtrain.evaluate.examples import encode, read_eval_set
-
         cv = (int(cfg.data.get("cv_folds", 0)), int(cfg.data.get("cv_fold", 0)))
         eval_set = read_eval_set(cfg.data.shards_dir, "validation", n, cv=cv)
         enc = encode(eval_set, tokenizer, None, model_def.cfg.vocab_size, model_def.cfg.max_seq_len + 1)

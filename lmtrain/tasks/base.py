@@ -1,5 +1,15 @@
-"""What a task is: how examples become batches, the loss the step differentiates, and how evaluation
-sums become metrics. The trainer, the step and the model know no task; they call these.
+"""What a task is: everything about it, declared in one class. The trainer, the step, the config and
+`lmtrain eval` know no task; they call these.
+
+- `formats`: the registered example formats (lmtrain.data.formats) it reads; `make_data` refuses others.
+- `name`: its `task.name`, set by the registry (lmtrain.tasks: TASKS, or register_task for a plugin).
+- `options`: its own keys under `config.task`, their defaults and checks (lmtrain.tasks.options).
+- `head`: the model head it trains; `generates_text`: whether the end of training samples text from it.
+- its loss, its evaluation sums and metrics (below), and `eval_kind`: the `lmtrain eval` scorer of its
+  models (lmtrain.evaluate.metrics: 'lm', 'sft', 'classify'), or None for the generic scoring: its own
+  `eval_step` summed over the evaluation split and `eval_metrics`.
+- optionally, extra non-trained state: `init_aux(model_def, start_params)` and a pure `prepare(aux, batch)`
+  that the trainer jits and runs on each batch before the train and eval steps (see `init_aux`).
 
 A task's `loss_fn(params, batch, rng) -> (loss_sum, weight, metric_sums)` returns sums over the batch
 and the weight they are summed over; `eval_step(params, batch) -> sums` is jitted by the trainer and
@@ -14,13 +24,20 @@ from collections.abc import Callable
 
 import jax
 
-from lmtrain.config import ConfigError
+from lmtrain.data.pipeline import make_data
+from lmtrain.errors import ConfigError
 from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.tasks.options import TaskOptions
 
 
 class Task:
     name: str = ""
+    formats: tuple[str, ...] = ()  # the example formats it reads (lmtrain.data.formats names)
     head: str = "lm"  # the model head this task trains (lmtrain.model.heads.HEADS)
+    generates_text: bool = False  # the model writes text: training ends with a sample of it
+    has_labels: bool = False  # the model's classes come from the data (WORKDIR/labels.json)
+    eval_kind: str | None = None  # the `lmtrain eval` scorer; None: the generic one (eval_step, eval_metrics)
+    options: type[TaskOptions] = TaskOptions  # its own config.task keys (checks that need the data: __init__)
     METRIC_MODES: dict[str, str] = {"val_loss": "min"}
 
     def __init__(self, cfg):
@@ -32,8 +49,26 @@ class Task:
         return dataclasses.replace(model_cfg, head=self.head).for_training()
 
     def make_data(self, workdir, data_index: int, data_count: int):
-        """A lmtrain.data.pipeline.DataBundle for this data slice of the global batch."""
-        raise NotImplementedError
+        """A lmtrain.data.pipeline.DataBundle for this data slice of the global batch, of the task's formats."""
+        return make_data(self.cfg, workdir, data_index, data_count, formats=self.formats)
+
+    def init_aux(self, model_def: ModelDef, start_params: dict):
+        """Extra state the task needs and never trains (a frozen reference model's parameters, say), or None.
+
+        Built once per run from the config and `start_params`, the parameters training began with (the seed's
+        initialisation, then train.init_from): a resumed run rebuilds the very same aux, so it is not saved in
+        checkpoints and resume stays exact. It is never differentiated nor optimized."""
+        return None
+
+    def uses_aux(self) -> bool:
+        """Whether the task declares extra state (its class overrides init_aux); for the others none is built."""
+        return type(self).init_aux is not Task.init_aux
+
+    def prepare(self, aux, batch: dict) -> dict:
+        """A pure function of (aux, batch) -> batch, run (jitted) on every batch before the train step and the
+        eval step when `init_aux` gives aux: e.g. a reference model's log-probabilities added as a batch key.
+        The step still takes (params, batch, rng) and knows nothing of aux."""
+        return batch
 
     def loss_fn(self, model_def: ModelDef) -> Callable:
         raise NotImplementedError

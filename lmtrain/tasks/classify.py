@@ -13,27 +13,29 @@ macro and per-class precision/recall/F1 come from it, and the last one is drawn 
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain.config import ConfigError
-from lmtrain.data.pipeline import check_labels, make_data
+from lmtrain.data import shards
+from lmtrain.data.pipeline import check_labels
+from lmtrain.errors import ConfigError
 from lmtrain.evaluate.metrics import classification_metrics_from_counts
+from lmtrain.evaluate.report import confusion_matrix_png
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.paths import as_path
 from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import class_cross_entropy
+from lmtrain.tasks.options import ClassifyOptions
 
 LABELS_FILE = "labels.json"
 
 
 def read_manifest_labels(shards_dir: str) -> list:
-    from lmtrain.data import shards
-
     if not shards_dir:
         raise ConfigError("task.name=classify needs data.source=shards and data.shards_dir made with "
                           "tools/shard_data.py --format classify (or --builtin-task classify for the demo).")
@@ -46,7 +48,11 @@ def read_manifest_labels(shards_dir: str) -> list:
 
 class Classification(Task):
     name = "classify"
+    formats = ("classify",)
     head = "classify"
+    has_labels = True
+    eval_kind = "classify"  # lmtrain eval: accuracy, macro and per-class scores, the confusion matrix
+    options = ClassifyOptions  # task.class_weights
     METRIC_MODES = {"val_loss": "min", "val_accuracy": "max", "val_f1_macro": "max",
                     "val_precision_macro": "max", "val_recall_macro": "max"}
 
@@ -56,6 +62,9 @@ class Classification(Task):
             raise ConfigError("task.name=classify needs data.source=shards: make them with tools/shard_data.py "
                               "--format classify (or --builtin-task classify for the demo).")
         self.labels = read_manifest_labels(cfg.data.shards_dir)
+        self.class_weights = self._class_weights(cfg)
+
+    def _class_weights(self, cfg) -> np.ndarray:
         if cfg.model.num_labels and cfg.model.num_labels != len(self.labels):
             raise ConfigError(f"model.num_labels={cfg.model.num_labels}, but {cfg.data.shards_dir} has "
                               f"{len(self.labels)} classes ({self.labels}). Set model.num_labels=0 to take them from the data.")
@@ -63,15 +72,13 @@ class Classification(Task):
         if weights and len(weights) != len(self.labels):
             raise ConfigError(f"task.class_weights has {len(weights)} values for {len(self.labels)} classes "
                               f"({self.labels}); give one weight per class, in that order.")
-        if any(w < 0 for w in weights):
-            raise ConfigError("task.class_weights must not be negative.")
-        self.class_weights = np.asarray(weights or [1.0] * len(self.labels), np.float32)
+        return np.asarray(weights or [1.0] * len(self.labels), np.float32)
 
     def model_config(self) -> ModelConfig:
         return dataclasses.replace(super().model_config(), num_labels=len(self.labels))
 
     def make_data(self, workdir, data_index: int, data_count: int):
-        data = make_data(self.cfg, workdir, data_index, data_count)
+        data = super().make_data(workdir, data_index, data_count)
         check_labels(self.labels, data.labels, self.cfg.data.shards_dir)
         workdir = as_path(workdir)
         if data_index == 0 and not (workdir / LABELS_FILE).exists():
@@ -122,10 +129,6 @@ class Classification(Task):
         return metrics
 
     def write_eval_artifacts(self, sums: dict, workdir) -> list[str]:
-        import base64
-
-        from lmtrain.evaluate.report import confusion_matrix_png
-
         counts = np.rint(np.asarray(sums["confusion"])).astype(np.int64)
         uri = confusion_matrix_png(counts, [str(label) for label in self.labels], "the last validation")
         path = as_path(workdir) / "confusion_matrix.png"

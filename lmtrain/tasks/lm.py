@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-from lmtrain.data.pipeline import make_data
 from lmtrain.model import ModelDef
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import token_loss_sums
@@ -17,11 +16,11 @@ from lmtrain.tasks.losses import token_loss_sums
 
 class LanguageModelling(Task):
     name = "lm"
+    formats = ("text",)
     head = "lm"
+    generates_text = True
+    eval_kind = "lm"  # lmtrain eval: perplexity and bits per byte
     METRIC_MODES = {"val_loss": "min", "val_perplexity": "min"}
-
-    def make_data(self, workdir, data_index: int, data_count: int):
-        return make_data(self.cfg, workdir, data_index, data_count)
 
     def loss_fn(self, model_def: ModelDef):
         vocab, z_weight = model_def.cfg.vocab_size, self.cfg.train.z_loss

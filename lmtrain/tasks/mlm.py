@@ -22,11 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain.config import ConfigError
-from lmtrain.data.pipeline import make_data
+from lmtrain.data.tokenizer import load_tokenizer
+from lmtrain.errors import ConfigError
 from lmtrain.model import ModelDef
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import token_loss_sums
+from lmtrain.tasks.options import MlmOptions
 
 MASK_TOKEN_RATE, RANDOM_TOKEN_RATE = 0.8, 0.1  # of the chosen tokens; the rest stay unchanged
 
@@ -105,8 +106,11 @@ def _eval_key(seed: int, tokens_BxL) -> jax.Array:
 
 class MaskedLanguageModelling(Task):
     name = "mlm"
+    formats = ("text",)
     head = "mlm"
     METRIC_MODES = {"val_loss": "min", "val_perplexity": "min", "val_accuracy": "max"}
+
+    options = MlmOptions  # task.mask_prob, task.whole_word_mask
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -122,8 +126,6 @@ class MaskedLanguageModelling(Task):
     @property
     def tables(self) -> MaskingTables:
         if self._tables is None:
-            from lmtrain.data.tokenizer import load_tokenizer
-
             where = f"data.tokenizer_dir={self.cfg.data.tokenizer_dir}"
             tables = MaskingTables.from_tokenizer(load_tokenizer(self.cfg.data.tokenizer_dir),
                                                   self.cfg.model.vocab_size, where)
@@ -132,9 +134,6 @@ class MaskedLanguageModelling(Task):
                                   "continuations; use a WordPiece tokenizer (tools/train_tokenizer.py --bert).")
             self._tables = tables
         return self._tables
-
-    def make_data(self, workdir, data_index: int, data_count: int):
-        return make_data(self.cfg, workdir, data_index, data_count)
 
     def _masked(self, model_def: ModelDef):
         tables, vocab = self.tables, model_def.cfg.vocab_size

@@ -9,16 +9,23 @@ global batch: gradient accumulation equals one big batch, however the completion
 
 from __future__ import annotations
 
-from lmtrain.config import ConfigError
+from lmtrain.errors import ConfigError
+from lmtrain.evaluate.metrics import EvalError
+from lmtrain.evaluate.scoring import ValidationGeneration
 from lmtrain.tasks.lm import LanguageModelling
+from lmtrain.tasks.options import SftOptions
 
 
 class SupervisedFineTuning(LanguageModelling):
     name = "sft"
+    formats = ("sft", "chat")
     head = "lm"
+    eval_kind = "sft"  # lmtrain eval: perplexity on the completions, and scores of greedy generations
     METRIC_MODES = {**LanguageModelling.METRIC_MODES, "val_bleu": "max", "val_chrf": "max", "val_rouge_l": "max",
                     "val_exact_match": "max"}
     _generation = None  # lmtrain.evaluate.scoring.ValidationGeneration, built at the first evaluation
+
+    options = SftOptions  # task.eval_generate_examples
 
     def extra_eval(self, model_def, params, data) -> dict[str, float]:
         """BLEU, chrF, ROUGE-L and exact match of greedy generations for the first task.eval_generate_examples
@@ -26,12 +33,8 @@ class SupervisedFineTuning(LanguageModelling):
         n = self.cfg.task.eval_generate_examples
         if not n:
             return {}
-        from lmtrain.evaluate.metrics import EvalError
-
         try:
             if self._generation is None:
-                from lmtrain.evaluate.scoring import ValidationGeneration
-
                 self._generation = ValidationGeneration(self.cfg, model_def, data.tokenizer, n)
             return self._generation(params)
         except EvalError as e:

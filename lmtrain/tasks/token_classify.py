@@ -18,7 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmtrain.config import ConfigError
+from lmtrain.data import shards
+from lmtrain.errors import ConfigError
 from lmtrain.model import ModelDef
 from lmtrain.tasks.base import dropout_key
 from lmtrain.tasks.classify import Classification
@@ -75,14 +76,14 @@ def entity_counts(labels_BxL, preds_BxL, weights_BxL, kind_C, type_C):
 
 class TokenClassification(Classification):
     name = "token_classify"
+    formats = ("ner",)
     head = "token_classify"
+    eval_kind = None  # lmtrain eval: the generic scoring (its eval_step and eval_metrics)
     METRIC_MODES = {"val_loss": "min", "val_accuracy": "max", "val_f1_macro": "max", "val_precision_macro": "max",
                     "val_recall_macro": "max", "val_entity_f1": "max", "val_entity_precision": "max",
                     "val_entity_recall": "max"}
 
     def __init__(self, cfg):
-        from lmtrain.data import shards
-
         if cfg.data.source != "shards" or not cfg.data.shards_dir:
             raise ConfigError("task.name=token_classify needs data.source=shards and data.shards_dir made with "
                               "tools/shard_data.py --format ner (words and one tag per word).")

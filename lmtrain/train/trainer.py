@@ -4,6 +4,7 @@
 
 The loop dispatches step N and then reads step N-1's metrics, so the device never waits on the
 host. SIGTERM/SIGINT (a TPU preemption) saves a checkpoint and exits 0; the same command resumes.
+The trainer knows no task: what differs between tasks is asked of the task (lmtrain.tasks.base.Task).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from lmtrain.data.packing import check_batch
 from lmtrain.data.shards import training_tokenizer_dir
 from lmtrain.locking import DirectoryInUse, DirLock
 from lmtrain.model import ModelDef
+from lmtrain.model.decode import SamplingConfig, generate
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.param_rules import ParamPlan, param_paths
@@ -44,7 +46,7 @@ from lmtrain.train.actions import (
 )
 from lmtrain.train.checkpoint import Checkpointer, CheckpointError
 from lmtrain.train.optimizer import make_optimizer
-from lmtrain.train.state import abstract_with_shardings, init_state_fn, state_shardings
+from lmtrain.train.state import abstract_with_shardings, init_params_fn, init_state_fn, state_shardings
 from lmtrain.train.step import make_train_step
 from lmtrain.trees import flat_paths, nest_paths
 from lmtrain.workdir import overlay_init_from, start_params
@@ -209,6 +211,7 @@ class Run:
         self.cfg, self.workdir, self.task, self.model_def = cfg, workdir, task, model_def
         self.mesh, self.layout, self.data, self.ckpt = mesh, layout, data, ckpt
         self.writer, self.progress, self.step_fn, self.eval_fn = writer, progress, step_fn, eval_fn
+        self.prepare = lambda batch: batch  # the task's prepare(aux, batch), jitted, when it has aux
         self.state = None
         self.step = 0
         self.tokens_seen = 0
@@ -284,6 +287,24 @@ def _restore_or_init(run: Run, tx, plan, rules, log) -> dict:
         log(f"lmtrain: starting from parameters {cfg.train.init_from}"
             + (f"; new: {', '.join(fresh)}" if fresh else "") + (f"; not used: {', '.join(unused)}" if unused else ""))
     return shardings
+
+
+def all_start_params(cfg, model_def: ModelDef, shardings: dict) -> dict:
+    """All the parameters training began with (trained and frozen), built afresh: the seed's initialisation, then
+    every parameter train.init_from holds. The same on a fresh run and on every resume, so a task's aux is too."""
+    full = ParamPlan.merge(shardings["params"], shardings["frozen"])
+    target = abstract_with_shardings(jax.eval_shape(init_params_fn(model_def, cfg.train.seed)), full)
+    return start_params(cfg, model_def, target)
+
+
+def prepared_steps(task, model_def: ModelDef, aux, replicated):
+    """(prepare(batch), eval_fn(params, batch)): the task's prepare with its aux, jitted, run before the train
+    step; and the eval step run after it. aux is an argument, not a constant baked into the programs."""
+    prepare = jax.jit(task.prepare)
+    eval_step = task.eval_step(model_def)
+    eval_jit = jax.jit(lambda params, aux_, batch: eval_step(params, task.prepare(aux_, batch)),
+                       out_shardings=replicated)
+    return (lambda batch: prepare(aux, batch)), (lambda params, batch: eval_jit(params, aux, batch))
 
 
 def _paths(tree: dict) -> list[str]:
@@ -413,6 +434,9 @@ def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_s
         run.step_fn = jax.jit(parts.train_step, in_shardings=(shardings, None),
                               out_shardings=(shardings, replicated), donate_argnums=0)
         run.eval_fn = jax.jit(task.eval_step(model_def), out_shardings=replicated)
+        aux = task.init_aux(model_def, all_start_params(cfg, model_def, shardings)) if task.uses_aux() else None
+        if aux is not None:
+            run.prepare, run.eval_fn = prepared_steps(task, model_def, aux, replicated)
         run.writer = metrics_lib.MetricsWriter(workdir, cfg.logging.tensorboard, enabled=is_main, resume_step=run.step)
         run.progress = metrics_lib.ProgressBar(cfg.train.steps, run.step, enabled=is_main,
                                                bar=show_progress, log_every=cfg.train.log_every)
@@ -445,7 +469,7 @@ def _loop(run: Run, schedule, stop: StopSignal, stop_at_step, on_eval) -> None:
             break
         local = next(run.data.train)
         check_batch(local, cfg.model.vocab_size, cfg.model.max_seq_len, source)
-        run.state, step_metrics = run.step_fn(run.state, run.global_batch(local))
+        run.state, step_metrics = run.step_fn(run.state, run.prepare(run.global_batch(local)))
         run.step += 1
         real, slots, row_len = metrics_lib.batch_tokens(local, run.layout.data_count)
         run.tokens_seen += slots
@@ -493,7 +517,7 @@ def _finish(run: Run) -> TrainResult:
         if run.last_eval:
             print(f"lmtrain: done at step {run.step}. "
                   + ", ".join(f"{k} {v:.4g}" for k, v in run.last_eval.items() if "/" not in k))
-    if cfg.train.sample_tokens and run.task.head == "lm":
+    if cfg.train.sample_tokens and run.task.generates_text:
         sample = sample_text(run.model_def, run.params(), run.data.tokenizer, cfg.train.sample_prompt,
                              cfg.train.sample_tokens, cfg.train.seed)  # every host takes part
         if is_main:
@@ -513,8 +537,6 @@ def sample_text(model_def: ModelDef, params, tokenizer, prompt: str, n_tokens: i
     """A short temperature-0.8, top-p 0.95 sample from the trained model (KV-cache decoding).
 
     Every process calls it with the same arguments: the parameters stay sharded where they are."""
-    from lmtrain.generate import SamplingConfig, generate
-
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
     n_tokens = min(n_tokens, model_def.cfg.max_seq_len - len(ids))
     if n_tokens < 1:

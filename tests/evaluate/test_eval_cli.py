@@ -411,3 +411,30 @@ def test_sft_examples_of_a_tokenizer_without_eos_end_with_its_separator(tmp_path
         assert [tokens[-1] for tokens, _ in enc.pieces] == [tok.sep_token_id] * 2
         assert [list(mask[-3:]) for _, mask in enc.pieces] == [[1, 1, 1]] * 2  # completion + [SEP] are targets
     assert [t.tolist() for t, _ in from_shards.pieces] == [t.tolist() for t, _ in raw.pieces]
+
+
+def test_a_task_with_no_scorer_of_its_own_is_scored_by_its_eval_step(task_data, tmp_path, capsys, monkeypatch):
+    """A WORKDIR whose task declares no lmtrain eval scorer (here a registered task that also has aux state and
+    prepare) is scored by its own eval step, prepared as in training: on training's validation batch, the eval
+    metrics equal the trainer's last evaluation."""
+    from tests.test_tasks import _ReferenceWeightedLM
+
+    from lmtrain import tasks as tasks_lib
+    from lmtrain.train.trainer import train
+
+    monkeypatch.setattr(tasks_lib, "_registered", {})
+    tasks_lib.register_task("ref_weighted_lm", _ReferenceWeightedLM)
+    monkeypatch.setattr(_ReferenceWeightedLM, "eval_kind", None)
+    tok, text, _, _ = task_data
+    workdir = tmp_path / "run"
+    result = train(_cfg(tok, text, **{"task.name": "ref_weighted_lm", "train.steps": 2, "train.eval_every": 2,
+                                      "train.eval_batches": 1, "checkpoint.every": 2}), workdir)
+    doc = run_eval(capsys, workdir, "--data", text, "--split", "validation", "--batch-size", 8, "--max-examples", 8,
+                   "--out", tmp_path / "eval")
+    scored = doc["result"]
+    assert scored["task"] == "ref_weighted_lm" and scored["checkpoint"].startswith("step 2")
+    assert set(scored["metrics"]) == {"loss", "perplexity"} and scored["extra"]["batches"] == 1
+    assert math.isclose(scored["metrics"]["loss"], result.metrics["val_loss"], rel_tol=1e-5)
+    assert (tmp_path / "eval" / "report.html").exists()
+    err = eval_error(capsys, workdir, "--data", text, "--metrics", "bleu")
+    assert "bleu not among task ref_weighted_lm's metrics (loss, perplexity)" in err

@@ -1,4 +1,5 @@
-"""The task seam: sft and classify losses, early stopping, and a classifier started from a language model."""
+"""The task seam: sft and classify losses, early stopping, a classifier started from a language model, what each
+task declares about itself, the registry, and the prepare(aux, batch) seam."""
 
 import dataclasses
 import json
@@ -8,9 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lmtrain import tasks as tasks_lib
+from lmtrain.config import apply_overrides, base_config, validate
+from lmtrain.errors import ConfigError
 from lmtrain.model import ModelConfig, ModelDef
-from lmtrain.tasks import TASKS, make_task
-from lmtrain.tasks.losses import token_loss_sums
+from lmtrain.tasks import TASKS, Task, eval_head, make_task, task_class, task_config_defaults
+from lmtrain.tasks.lm import LanguageModelling
+from lmtrain.tasks.losses import cross_entropy_and_log_z, token_loss_sums
+from lmtrain.tasks.options import TaskOptions
 from lmtrain.train.checkpoint import select_step
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
@@ -36,12 +42,6 @@ def _cfg(task, tok, shards, **kw):
               "optimizer.lr": 3e-3}
     values.update(kw)
     return small_config("llama", **values)
-
-
-def test_a_new_task_is_one_registry_line():
-    assert set(TASKS) >= {"lm", "sft", "classify"}
-    for name, target in TASKS.items():
-        assert target.startswith(f"lmtrain.tasks.{name}:") or ":" in target
 
 
 def test_packed_sft_examples_give_the_same_loss_sum_as_each_example_alone():
@@ -239,3 +239,153 @@ def test_class_weights_weight_each_example_by_its_class_and_a_zero_weight_remove
     masked = {**batch, "weights": batch["weights"] * (labels != 0)}
     np.testing.assert_allclose(loss(only_zero, batch)[:2], loss(plain, masked)[:2], rtol=1e-6)
     assert abs(loss(only_zero, batch)[0] - loss(plain, batch)[0]) > 1e-4
+
+
+# ----------------------------------------------------------------------------- what a task declares
+
+
+BUILTIN_FORMATS = {"text", "sft", "chat", "classify", "ner"}
+
+
+def test_every_task_declares_its_formats_head_and_lmtrain_eval_scorer():
+    declared = {name: task_class(name) for name in TASKS}
+    assert {n: c.formats for n, c in declared.items()} == {
+        "lm": ("text",), "sft": ("sft", "chat"), "classify": ("classify",), "mlm": ("text",),
+        "token_classify": ("ner",)}
+    assert all(set(c.formats) <= BUILTIN_FORMATS for c in declared.values())
+    # lmtrain eval: each scorer's head is the head of the task that declares it; the others use the task's eval
+    assert (eval_head("lm"), eval_head("sft"), eval_head("classify")) == ("lm", "lm", "classify")
+    assert [n for n, c in declared.items() if c.eval_kind is None] == ["mlm", "token_classify"]
+    assert [n for n, c in declared.items() if c.generates_text] == ["lm", "sft"]
+
+
+def test_task_keys_live_with_their_task_and_are_checked_by_it():
+    assert base_config().task.to_dict() == {"name": "lm", **task_config_defaults()}
+    for key, bad in (("task.mask_prob", 1.5), ("task.eval_generate_examples", -1), ("task.class_weights", (1.0, -1.0))):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            validate(small_config("llama", **{key: bad}), 1)
+
+
+class _ToyOptions(TaskOptions):
+    defaults = {"toy_scale": 1.0}
+
+    @classmethod
+    def validate(cls, cfg):
+        if cfg.task.toy_scale <= 0:
+            raise ConfigError(f"task.toy_scale={cfg.task.toy_scale} must be positive.")
+
+
+class _ToyTask(Task):
+    formats = ("text",)
+    options = _ToyOptions
+    METRIC_MODES = {"val_loss": "min"}
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The task registry, emptied of plugin tasks for the test and restored after it."""
+    monkeypatch.setattr(tasks_lib, "_registered", {})
+    return tasks_lib
+
+
+def test_a_registered_task_brings_its_config_keys_checks_and_name(registry):
+    with pytest.raises(ConfigError, match="task.name='toy' is unknown"):
+        registry.task_class("toy")
+    registry.register_task("toy", _ToyTask)
+    assert registry.task_class("toy") is _ToyTask and _ToyTask.name == "toy"
+    cfg = base_config()
+    assert cfg.task.toy_scale == 1.0
+    apply_overrides(cfg, {"task.name": "toy", "task.toy_scale": "2.5"})
+    assert make_task(cfg).cfg.task.toy_scale == 2.5
+    apply_overrides(cfg, {"task.toy_scale": "0"})
+    with pytest.raises(ConfigError, match=r"task\.toy_scale=0\.0 must be positive"):
+        validate(cfg, 1)
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register_task("lm", _ToyTask)
+    with pytest.raises(TypeError, match="subclass of lmtrain.tasks.Task"):
+        registry.register_task("other", object)
+    with pytest.raises(ConfigError, match="task.name='other' is unknown"):
+        validate(small_config("llama", **{"task.name": "other"}), 1)
+
+
+def test_a_task_reads_only_its_formats(registry, tmp_path):
+    class ClassifyOnly(_ToyTask):
+        formats = ("classify",)
+
+    registry.register_task("classify_only", ClassifyOnly)
+    cfg = small_config("llama", **{"task.name": "classify_only"})
+    with pytest.raises(ConfigError, match=r"task.name=classify_only .*classify"):
+        make_task(cfg).make_data(tmp_path, 0, 1)
+
+
+class _ReferenceWeightedLM(LanguageModelling):
+    """Language modelling that weighs each token by how hard a frozen copy of the initial model found it: the
+    reference's per-token cross-entropy is computed by prepare(aux, batch), outside the loss, as DPO's reference
+    log-probabilities will be."""
+
+    prepared = 0  # how many times prepare was traced
+
+    def init_aux(self, model_def, start_params):
+        self.reference = model_def
+        return {"params": start_params}
+
+    def prepare(self, aux, batch):
+        type(self).prepared += 1
+        logits = self.reference.apply(aux["params"], batch["inputs"], batch["positions"], batch["segment_ids"])
+        ce_BxL, _ = cross_entropy_and_log_z(logits, batch["targets"], self.reference.cfg.vocab_size)
+        return {**batch, "ref_weight": 1.0 + ce_BxL / jnp.log(float(self.reference.cfg.vocab_size))}
+
+    def loss_fn(self, model_def):
+        vocab = model_def.cfg.vocab_size
+
+        def loss_fn(params, batch, rng):
+            logits = model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+            w_BxL = batch["loss_mask"] * batch["ref_weight"]
+            ce_sum, _, _ = token_loss_sums(logits, batch["targets"], w_BxL, vocab)
+            return ce_sum, jnp.sum(w_BxL), {"loss": ce_sum}
+
+        return loss_fn
+
+    def eval_step(self, model_def):
+        plain = super().eval_step(model_def)
+
+        def eval_step(params, batch):
+            return {**plain(params, batch), "ref_weight": jnp.sum(batch["ref_weight"] * batch["loss_mask"])}
+
+        return eval_step
+
+
+def test_prepare_adds_frozen_reference_state_to_each_batch_and_resume_equals_straight(registry, tmp_path,
+                                                                                      tokenizer_dir_512):
+    registry.register_task("ref_weighted_lm", _ReferenceWeightedLM)
+
+    def cfg():
+        return small_config("llama", **{
+            "task.name": "ref_weighted_lm", "model.vocab_size": 512, "data.max_docs": 40,
+            "data.tokenizer_dir": tokenizer_dir_512, "optimizer.lr": 3e-3, "train.steps": 4, "train.log_every": 1,
+            "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every": 2, "checkpoint.keep": 1})
+
+    straight = train(cfg(), tmp_path / "straight")
+    assert _ReferenceWeightedLM.prepared >= 2  # before the train step and inside the eval step
+    train(cfg(), tmp_path / "resumed", stop_at_step=2)
+    resumed = train(cfg(), tmp_path / "resumed")
+    a, b = _step_losses(tmp_path / "straight"), _step_losses(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s] == b[s] for s in a), (a, b)
+    assert straight.metrics["val_loss"] == resumed.metrics["val_loss"]
+    assert not list((tmp_path / "resumed" / "checkpoints").rglob("*aux*"))  # rebuilt, never saved
+
+
+def _step_losses(workdir) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir_512(tmp_path_factory):
+    from lmtrain.data.builtin_corpus import builtin_documents
+    from lmtrain.data.tokenizer import train_bpe_tokenizer
+
+    out = tmp_path_factory.mktemp("tok512") / "tokenizer"
+    train_bpe_tokenizer(builtin_documents(40), 512, out)
+    return str(out)

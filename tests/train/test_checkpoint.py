@@ -283,12 +283,12 @@ def test_nan_update_is_never_saved_and_the_error_names_the_last_good_step(tmp_pa
 @pytest.mark.slow
 def test_nan_loss_at_step_1_blames_the_data_not_the_learning_rate(tmp_path, tokenizer_512, monkeypatch):
     """A poisoned first batch (a NaN loss weight): the parameters are finite, the loss is not."""
-    from lmtrain.tasks import lm
+    from lmtrain.tasks import base
 
-    real = lm.make_data
+    real = base.make_data
 
-    def poisoned(cfg, workdir, data_index, data_count):
-        bundle = real(cfg, workdir, data_index, data_count)
+    def poisoned(cfg, workdir, data_index, data_count, **kw):
+        bundle = real(cfg, workdir, data_index, data_count, **kw)
         inner = bundle.train
 
         class Poisoned:
@@ -303,7 +303,7 @@ def test_nan_loss_at_step_1_blames_the_data_not_the_learning_rate(tmp_path, toke
         bundle.train = Poisoned()
         return bundle
 
-    monkeypatch.setattr(lm, "make_data", poisoned)
+    monkeypatch.setattr(base, "make_data", poisoned)
     with pytest.raises(TrainingDiverged) as info:
         train(run_config(tokenizer_512, 4, **{"checkpoint.every": 1}), tmp_path / "run")
     message = str(info.value)
