@@ -14,9 +14,9 @@ import pytest
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.evaluate import cli
 from lmtrain.evaluate import examples as examples_lib
-from lmtrain.evaluate.metrics import bleu, chrf, exact_match, rouge_l
 from lmtrain.evaluate.model import load_eval_model
 from lmtrain.paths import as_path
+from lmtrain.tasks.scores import bleu, chrf, exact_match, rouge_l
 from tests.data.test_tokenizer_families import FAMILIES
 from tests.helpers import small_config
 from tools import shard_data
