@@ -8,6 +8,7 @@ import sys
 
 import lmtrain
 from lmtrain.errors import ConfigError
+from lmtrain.parallel.mesh import maybe_initialize_distributed
 from lmtrain.plugins import load_plugins
 from lmtrain.runtime import apply_xla_defaults
 from lmtrain.train.disk_full import quiet_disk_full_noise
@@ -66,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain {lmtrain.__version__}")
         return 0
     name, rest = argv[0], argv[1:]
-    apply_xla_defaults()  # before any JAX backend starts
+    # Before any JAX backend starts. JAX is imported by now (lmtrain.parallel.mesh), which is fine: XLA reads
+    # XLA_FLAGS when its first backend starts, not at import.
+    apply_xla_defaults()
     if name == "train":
         _hold_stop_signals()
     if name in ("train", "sweep"):  # the commands that save checkpoints
@@ -87,8 +90,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lmtrain {name}: error: {e}", file=sys.stderr)
         return 2
     if name in JOINS_A_JOB:
-        from lmtrain.parallel.mesh import maybe_initialize_distributed  # imports JAX: after apply_xla_defaults
-
         try:  # one process per host: they form one JAX job before touching a checkpoint
             maybe_initialize_distributed()
         except ConfigError as e:

@@ -31,7 +31,7 @@ apply_xla_defaults()  # as the `lmtrain` command does, before JAX starts
 
 
 def lmtrain_side(model, prompts, batch: int, new_tokens: int, repeats: int) -> dict:
-    from lmtrain.evaluate.scoring import Generator
+    from lmtrain.tasks.generation_eval import Generator
 
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else model.tokenizer.eos_token_id
     generator = Generator(model.model_def, max(len(p) for p in prompts), new_tokens, batch, None, pad)

@@ -648,6 +648,18 @@ def split_source(shards_dir, split: str, manifest: dict | None = None, cv_folds:
     return _document_source(shards_dir, split, manifest) if manifest["splits"][split]["shards"] else []
 
 
+
+def read_examples(shards_dir, split: str, max_examples: int = 0, manifest: dict | None = None, cv_folds: int = 0,
+                  cv_fold: int = 0) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
+    """The first `max_examples` (0: all) examples of a split, in file order, decoded as (tokens, loss mask or None,
+    label id); with cross-validation the validation split is the held-out fold, as in split_source."""
+    manifest = manifest or load_manifest(shards_dir)
+    fmt = example_format(manifest)
+    dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
+    source = split_source(shards_dir, split, manifest, cv_folds, cv_fold)
+    n = len(source) if not max_examples else min(max_examples, len(source))
+    return [decode_record(fmt, dtype, r) for r in (source.__getitems__(list(range(n))) if n else [])]
+
 def shard_eval_batches(shards_dir, seq_len: int, global_batch_size: int, data_index: int = 0,
                        data_count: int = 1, max_batches: int = 0, split: str = "validation",
                        cv_folds: int = 0, cv_fold: int = 0, length_buckets: int = 0) -> Iterator[dict[str, np.ndarray]]:

@@ -29,7 +29,7 @@ from lmtrain.evaluate.metrics import METRICS, EvalError, check_metrics, compute_
 from lmtrain.evaluate.model import load_eval_model
 from lmtrain.evaluate.report import EvalResult, read_json, write_reports
 from lmtrain.paths import as_path, is_remote
-from lmtrain.tasks import eval_head
+from lmtrain.tasks import eval_head, generation_eval
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -106,7 +106,7 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
         raise EvalError(f"{model.path} is a classifier ({model.head} head), and {eval_set.describe()} is {kind} data; "
                         "score it on classification data.")
     cfg = model.model_def.cfg
-    rows = scoring.round_up(max(args.batch_size, 1), model.batch_multiple)
+    rows = generation_eval.round_up(max(args.batch_size, 1), model.batch_multiple)
     full_len = cfg.max_seq_len if kind == "classify" else cfg.max_seq_len + 1
     enc = examples_lib.encode(eval_set, model.tokenizer, model.tokenizer_dir, cfg.vocab_size, full_len, model.labels)
     row_len = scoring_row_len(enc, kind, cfg.max_seq_len)
@@ -135,8 +135,8 @@ def evaluate_model(model, eval_set, names: tuple[str, ...], args: argparse.Names
         if text_names:
             eos = model.tokenizer.eos_token_id
             pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (eos or 0)
-            generator = scoring.make_generator(model.model_def, enc.prompts, args.max_new_tokens, rows, eos, pad)
-            generations = scoring.decode_generations(model.tokenizer, generator(model.params, enc.prompts))
+            generator = generation_eval.make_generator(model.model_def, enc.prompts, args.max_new_tokens, rows, eos, pad)
+            generations = generation_eval.decode_generations(model.tokenizer, generator(model.params, enc.prompts))
             for s, g in zip(samples, generations):
                 s["generation"] = g
             kw.update(generations=generations, references=enc.references)

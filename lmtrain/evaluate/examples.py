@@ -33,6 +33,7 @@ from lmtrain.data.tokenizer import eos_id
 from lmtrain.evaluate.metrics import EvalError
 from lmtrain.paths import as_path, is_remote
 from lmtrain.prep.text_sources import CorpusSpec, SourceError, expand_files, iter_documents, iter_records
+from lmtrain.tasks.generation_eval import split_sft_example
 
 KINDS = {"text": "lm", "sft": "sft", "chat": "sft", "classify": "classify"}  # example format -> metrics task
 RAW_FORMATS = ("text", "sft", "classify")
@@ -125,10 +126,7 @@ def _read_shards(shards_dir: str, split: str | None, max_examples: int, cv: tupl
         raise EvalError(f"{shards_dir} has no '{split}' split (it has {', '.join(available)}); re-shard with "
                         "--test-fraction for a test split, or pick another with --split.")
     fmt = shards.example_format(manifest)
-    dtype = np.dtype(manifest["token_dtype"]).newbyteorder("<")
-    source = shards.split_source(shards_dir, split, manifest, *cv)
-    n = len(source) if not max_examples else min(max_examples, len(source))
-    stored = [shards.decode_record(fmt, dtype, r) for r in (source.__getitems__(list(range(n))) if n else [])]
+    stored = shards.read_examples(shards_dir, split, max_examples, manifest, *cv)
     counts = manifest["splits"]["train"].get("label_counts")
     eval_set = EvalSet(KINDS[fmt], shards_dir, split, shards_dir=shards_dir, stored=stored,
                        labels=manifest.get("labels"), label_counts=counts, eos_id=int(manifest["eos_id"]))
@@ -207,20 +205,6 @@ def _raw_lm(eval_set, tokenizer, row_len, labels) -> Encoded:
     texts = [record["text"] for record, _ in eval_set.raw]
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return _lm_from_docs([(i, t) for i, t in zip(ids, texts) if i], tokenizer, row_len)
-
-
-def split_sft_example(tokens: np.ndarray, mask: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt, completion): the tokens before the first masked one, and the first run of masked tokens."""
-    masked = np.flatnonzero(mask)
-    if not len(masked):
-        raise EvalError(f"{where}: an example has no completion tokens (an empty loss mask).")
-    start = int(masked[0])
-    if start == 0:
-        raise EvalError(f"{where}: the loss mask covers the whole example (shards made with --train-on-prompt), so "
-                        "the prompt cannot be told from the completion; re-shard the eval data without it.")
-    gaps = np.flatnonzero(mask[start:] == 0)
-    end = start + int(gaps[0]) if len(gaps) else len(tokens)
-    return tokens[:start], tokens[start:end]
 
 
 def _strip_eos(ids: np.ndarray, eos: int) -> np.ndarray:

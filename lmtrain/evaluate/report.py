@@ -7,19 +7,18 @@ base64, so the file can be mailed or attached to an issue as it is.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime
 import html
-import io
 import json
 import math
 import os
-from collections.abc import Sequence
 
-from lmtrain.evaluate.metrics import METRICS, EvalError, higher_is_better, normalize_whitespace
+from lmtrain.evaluate.metrics import METRICS, EvalError, higher_is_better
 from lmtrain.paths import as_path, is_remote
+from lmtrain.plots import confusion_matrix_png, png_data_uri
 from lmtrain.storage.atomic import atomic_write_text
+from lmtrain.tasks.scores import normalize_whitespace
 
 REPORT_VERSION = 1
 # Keys of `metrics` that are not one number; the report draws them as tables or plots instead.
@@ -116,15 +115,6 @@ def write_reports(out_dir: str | os.PathLike, result: EvalResult, baseline: Eval
 # ----------------------------------------------------------------------------- plots
 
 
-def _png_data_uri(fig) -> str:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def read_metrics_jsonl(path: str | os.PathLike) -> list[dict]:
     """Records of a training log; a line cut short by a kill is skipped, not an error."""
     records = []
@@ -168,33 +158,7 @@ def loss_curve_png(metrics_jsonl: str | os.PathLike, title: str) -> str | None:
         axes[1].grid(alpha=0.3)
         axes[1].legend()
     fig.tight_layout()
-    return _png_data_uri(fig)
-
-
-def confusion_matrix_png(counts: Sequence[Sequence[int]], labels: Sequence[str], title: str) -> str:
-    """Heatmap of counts[true, predicted], coloured by the share of each true class so rare classes show too."""
-    import numpy as np
-    from matplotlib.figure import Figure
-
-    counts_CxC = np.asarray(counts)
-    n = len(labels)
-    row_share = counts_CxC / np.maximum(counts_CxC.sum(axis=1, keepdims=True), 1)
-    side = min(2.5 + 0.55 * n, 12)
-    fig = Figure(figsize=(side + 1.2, side))
-    ax = fig.subplots()
-    im = ax.imshow(row_share, cmap="Blues", vmin=0, vmax=1)
-    short = [lb if len(lb) <= 14 else lb[:13] + "…" for lb in labels]
-    ax.set_xticks(range(n), short, rotation=45 if n > 3 else 0, ha="right" if n > 3 else "center")
-    ax.set_yticks(range(n), short)
-    ax.set(xlabel="predicted", ylabel="true", title=f"Confusion matrix: {title}")
-    if n <= 30:
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, str(int(counts_CxC[i, j])), ha="center", va="center", fontsize=8 if n > 12 else 10,
-                        color="white" if row_share[i, j] > 0.5 else "black")
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    fig.tight_layout()
-    return _png_data_uri(fig)
+    return png_data_uri(fig)
 
 
 # ----------------------------------------------------------------------------- HTML

@@ -19,10 +19,10 @@ from lmtrain import config as config_lib
 from lmtrain.evaluate.metrics import EvalError
 from lmtrain.evaluate.model import EvalModel, load_eval_model
 from lmtrain.evaluate.report import EvalResult
-from lmtrain.evaluate.scoring import round_up
 from lmtrain.parallel.partitioning import logical_to_spec
 from lmtrain.paths import as_path
 from lmtrain.tasks import Task, make_task, task_class
+from lmtrain.tasks.generation_eval import round_up
 from lmtrain.workdir import start_params
 
 

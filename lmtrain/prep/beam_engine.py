@@ -5,6 +5,9 @@ local engine publishes (lmtrain.prep.beam_output): the same shards' content and 
 This process checks the options and inputs, runs the pipeline, then names the shards and writes the manifest
 last. Record formats run two pipelines, as the local engine reads its records twice: the first checks every
 record and gathers the labels (the class list needs all of them), the second encodes and writes.
+
+shard_data imports this module for every run; apache_beam (the [beam] extra, seconds to import) is imported only
+when a pipeline runs, so the base install runs the local engine.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ import shlex
 import tempfile
 import time
 from collections import Counter
-
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from typing import TYPE_CHECKING
 
 from lmtrain.config import ConfigError
 from lmtrain.data.examples import SourceError
@@ -32,11 +33,16 @@ from lmtrain.prep import shard_data as sd
 from lmtrain.prep.beam_output import BeamOutput, clear
 from lmtrain.prep.cleaning import CleaningReport
 
+if TYPE_CHECKING:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
 BEAM_CONTEXT = re.compile(r" \[while running '[^']*'\]$")  # what Beam appends to a worker's error message
 LABELS_STAGING = ".beam-labels"  # a gs:// output's staging of the first pass of a record format
 
 
 def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
     try:
         flags = shlex.split(args.beam_options)
     except ValueError as e:
@@ -46,6 +52,8 @@ def pipeline_options(args: argparse.Namespace) -> PipelineOptions:
 
 def run_pipeline(args: argparse.Namespace, build, staging: str) -> dict:
     """Build and run one pipeline into a fresh staging prefix; its result (shards and counts)."""
+    import apache_beam as beam
+
     clear(staging)
     as_path(staging).mkdir(parents=True, exist_ok=True)
     try:

@@ -18,22 +18,25 @@ differs is only how the whole-corpus decisions are made, each as a group-by inst
   shard       group-by on (split, bucket of the position's hash), sized from the split's token total so a
               bucket holds about one shard; a bucket is written in corpus order, cut at --shard-mb
   publish     by the launching process, after the pipeline (beam_output): final names, the manifest last
+
+apache_beam (the [beam] extra) is a heavy optional package: the stages are plain classes, made Beam DoFns and
+CombineFns (beam_fn) when a pipeline is built, so importing this module (which shard_data does) imports no Beam
+and the base install runs the local engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import uuid
 from collections import Counter
+from typing import TYPE_CHECKING
 
-import apache_beam as beam
 import xxhash
-from apache_beam.transforms.window import GlobalWindow
-from apache_beam.utils.windowed_value import WindowedValue
 
 from lmtrain.data.formats import get_format
 from lmtrain.data.shard_writer import ShardFileWriter
@@ -57,6 +60,9 @@ from lmtrain.prep.text_sources import (
     iter_tfds_range,
     tfds_length,
 )
+
+if TYPE_CHECKING:
+    import apache_beam as beam
 
 RESULT = "result.json"  # the pipeline's shard list and counts, read back by the launching process
 STATS = "stats"  # the tagged output of counts (Counters), summed over the corpus
@@ -82,12 +88,33 @@ def read_units(spec: CorpusSpec) -> list[tuple[int, CorpusSpec, tuple[int, int] 
     return [(0, spec, None)]
 
 
+def _tagged_stats(counts: Counter):
+    import apache_beam as beam
+
+    return beam.pvalue.TaggedOutput(STATS, counts)
+
+
+@functools.cache
+def beam_fn(stage: type) -> type:
+    """A stage class as Beam runs it: a subclass of it and beam.CombineFn (a stage with accumulators) or
+    beam.DoFn. The stage's own methods come first, so Beam calls them as if the stage derived from Beam's class;
+    one class per stage, so every pipeline sees the same type."""
+    import apache_beam as beam
+
+    base = beam.CombineFn if hasattr(stage, "create_accumulator") else beam.DoFn
+    return type(stage.__name__, (stage, base), {"__doc__": stage.__doc__})
+
+
 def _bundle_stats(tag_counts: Counter):
     """A bundle's counts as one element of the STATS output (finish_bundle has no element to attach it to)."""
+    import apache_beam as beam
+    from apache_beam.transforms.window import GlobalWindow
+    from apache_beam.utils.windowed_value import WindowedValue
+
     return beam.pvalue.TaggedOutput(STATS, WindowedValue(Counter(tag_counts), 0, [GlobalWindow()]))
 
 
-class ReadDocuments(beam.DoFn):
+class ReadDocuments:
     """(position, text) of every document of a read unit; a long document becomes pieces, as locally."""
 
     def __init__(self, max_doc_chars: int):
@@ -103,10 +130,10 @@ class ReadDocuments(beam.DoFn):
                 counts["split_long_pieces"] += len(pieces)
             for piece_index, piece in enumerate(pieces):
                 yield (index, number, piece_index), piece
-        yield beam.pvalue.TaggedOutput(STATS, counts)
+        yield _tagged_stats(counts)
 
 
-class ReadRecords(beam.DoFn):
+class ReadRecords:
     """(position, record, where) of every record of a read unit (or of the built-in task's records)."""
 
     def process(self, unit):
@@ -126,7 +153,7 @@ def record_units(args: argparse.Namespace, run: sd.TaskRun):
 # ----------------------------------------------------------------------------------------------- clean, dedup
 
 
-class Clean(beam.DoFn):
+class Clean:
     """clean_document per document; the documents a filter drops are only counted."""
 
     def __init__(self, opts):
@@ -148,7 +175,7 @@ class Clean(beam.DoFn):
         yield _bundle_stats(self.counts)
 
 
-class FirstOccurrence(beam.CombineFn):
+class FirstOccurrence:
     """Per content hash: the earliest document and how many copies there are (memory: one document)."""
 
     def create_accumulator(self):
@@ -189,7 +216,7 @@ def bucket_edges(bucket, threshold: float):
                 yield a, b
 
 
-class Decide(beam.DoFn):
+class Decide:
     """Keep a surviving document (with its copies counted as exact duplicates), or count it and its copies as
     near duplicates, as the local Deduplicator does: a copy of a dropped document is dropped for the same reason."""
 
@@ -212,7 +239,7 @@ class Decide(beam.DoFn):
 # ----------------------------------------------------------------------------------------------- tokenize, encode
 
 
-class Tokenize(beam.DoFn):
+class Tokenize:
     """(split, position, arrays) of a batch of kept documents; the tokenizer is loaded once per worker."""
 
     def __init__(self, args: argparse.Namespace, dtype):
@@ -229,7 +256,7 @@ class Tokenize(beam.DoFn):
             yield split, position, {"tokens": ids.astype(self.dtype)}
 
 
-class RecordLabels(beam.DoFn):
+class RecordLabels:
     """The first pass of a record format: check each record; (label, (position, where, in train)) of its labels."""
 
     def __init__(self, run: sd.TaskRun):
@@ -253,7 +280,7 @@ class RecordLabels(beam.DoFn):
         yield _bundle_stats(self.counts)
 
 
-class LabelSummary(beam.CombineFn):
+class LabelSummary:
     """Per label: where it is first seen, whether the training split has it, and the first record of each split
     that has it (the record an error about it names)."""
 
@@ -284,7 +311,7 @@ class LabelSummary(beam.CombineFn):
         return acc
 
 
-class Encode(beam.DoFn):
+class Encode:
     """(split, position, arrays) of each record, by the format's encoder; its truncated and dropped counts."""
 
     def __init__(self, run: sd.TaskRun, labels: list | None):
@@ -322,7 +349,7 @@ def bucket_of(item, split_tokens: dict, itemsize: int, shard_bytes: int):
     return (split, xxhash.xxh64_intdigest(repr(tuple(position)).encode()) % buckets), (position, arrays)
 
 
-class WriteShards(beam.DoFn):
+class WriteShards:
     """A bucket's examples in corpus order, as staged shards cut at shard_bytes; a retry rewrites the same files."""
 
     def __init__(self, staging: str, dtype, shard_bytes: int, format_name: str, labels: list | None):
@@ -383,12 +410,14 @@ def write_result(_, shards: list, stats: Counter, path: str) -> None:
 def write_shards(examples, stats_parts, staging: str, dtype, shard_bytes: int, format_name: str,
                  labels: list | None):
     """Shard writing and the result file, shared by text and record pipelines."""
+    import apache_beam as beam
+
     split_tokens = (examples | "tokens per split" >> beam.Map(lambda e: (e[0], len(e[2]["tokens"])))
                     | "sum tokens" >> beam.CombinePerKey(sum))
     shards = (examples
               | "bucket" >> beam.Map(bucket_of, beam.pvalue.AsDict(split_tokens), dtype.itemsize, shard_bytes)
               | "group buckets" >> beam.GroupByKey()
-              | "write shards" >> beam.ParDo(WriteShards(staging, dtype, shard_bytes, format_name, labels))
+              | "write shards" >> beam.ParDo(beam_fn(WriteShards)(staging, dtype, shard_bytes, format_name, labels))
               | "list shards" >> beam.combiners.ToList())
     stats = stats_parts | "all stats" >> beam.Flatten() | "sum stats" >> beam.CombineGlobally(sum_counts)
     pipeline = examples.pipeline
@@ -401,14 +430,16 @@ def write_shards(examples, stats_parts, staging: str, dtype, shard_bytes: int, f
 
 
 def text_pipeline(p: beam.Pipeline, run: sd.TextRun, staging: str) -> None:
+    import apache_beam as beam
+
     args, opts = run.args, run.opts
     read = (p | "units" >> beam.Create(read_units(run.spec))
-            | "read" >> beam.ParDo(ReadDocuments(args.max_doc_chars)).with_outputs(STATS, main="docs"))
+            | "read" >> beam.ParDo(beam_fn(ReadDocuments)(args.max_doc_chars)).with_outputs(STATS, main="docs"))
     cleaned = (read.docs | "spread" >> beam.Reshuffle()
-               | "clean" >> beam.ParDo(Clean(opts)).with_outputs(STATS, main="docs"))
+               | "clean" >> beam.ParDo(beam_fn(Clean)(opts)).with_outputs(STATS, main="docs"))
     if opts.exact_dedup:
         reps = (cleaned.docs | "by content hash" >> beam.Map(lambda d: (d[1].digest, d))
-                | "first copy" >> beam.CombinePerKey(FirstOccurrence()) | "drop hash" >> beam.Values())
+                | "first copy" >> beam.CombinePerKey(beam_fn(FirstOccurrence)()) | "drop hash" >> beam.Values())
     else:
         reps = cleaned.docs | "no copies" >> beam.Map(lambda d: (d[0], d[1], 0))
     if opts.near_dedup:
@@ -421,18 +452,20 @@ def text_pipeline(p: beam.Pipeline, run: sd.TextRun, staging: str) -> None:
                    | "survivors" >> beam.Map(dropped_near_duplicates))
     else:
         dropped = p | "none dropped" >> beam.Create([set()])
-    kept = reps | "decide" >> beam.ParDo(Decide(), beam.pvalue.AsSingleton(dropped)).with_outputs(STATS, main="kept")
+    kept = reps | "decide" >> beam.ParDo(beam_fn(Decide)(), beam.pvalue.AsSingleton(dropped)).with_outputs(STATS, main="kept")
     examples = (kept.kept | "batch" >> beam.BatchElements(min_batch_size=1, max_batch_size=max(1, args.batch_docs))
-                | "tokenize" >> beam.ParDo(Tokenize(args, run.dtype)))
+                | "tokenize" >> beam.ParDo(beam_fn(Tokenize)(args, run.dtype)))
     shard_bytes = max(1, int(args.shard_mb * 2**20))
     write_shards(examples, (read[STATS], cleaned[STATS], kept[STATS]), staging, run.dtype, shard_bytes, "text", None)
 
 
 def labels_pipeline(p: beam.Pipeline, args: argparse.Namespace, run: sd.TaskRun, staging: str) -> None:
-    records = (p | "units" >> beam.Create(record_units(args, run)) | "read" >> beam.ParDo(ReadRecords())
+    import apache_beam as beam
+
+    records = (p | "units" >> beam.Create(record_units(args, run)) | "read" >> beam.ParDo(beam_fn(ReadRecords)())
                | "spread" >> beam.Reshuffle())
-    found = records | "check" >> beam.ParDo(RecordLabels(worker_run(run))).with_outputs(STATS, main="labels")
-    labels = found.labels | "per label" >> beam.CombinePerKey(LabelSummary()) | "list labels" >> beam.combiners.ToList()
+    found = records | "check" >> beam.ParDo(beam_fn(RecordLabels)(worker_run(run))).with_outputs(STATS, main="labels")
+    labels = found.labels | "per label" >> beam.CombinePerKey(beam_fn(LabelSummary)()) | "list labels" >> beam.combiners.ToList()
     stats = found[STATS] | "sum stats" >> beam.CombineGlobally(sum_counts)
     _ = (p | "result" >> beam.Create([None])
          | "write result" >> beam.Map(write_result, beam.pvalue.AsSingleton(labels), beam.pvalue.AsSingleton(stats),
@@ -441,9 +474,11 @@ def labels_pipeline(p: beam.Pipeline, args: argparse.Namespace, run: sd.TaskRun,
 
 def records_pipeline(p: beam.Pipeline, args: argparse.Namespace, run: sd.TaskRun, labels: list | None,
                      staging: str) -> None:
-    records = (p | "units" >> beam.Create(record_units(args, run)) | "read" >> beam.ParDo(ReadRecords())
+    import apache_beam as beam
+
+    records = (p | "units" >> beam.Create(record_units(args, run)) | "read" >> beam.ParDo(beam_fn(ReadRecords)())
                | "spread" >> beam.Reshuffle())
-    encoded = records | "encode" >> beam.ParDo(Encode(worker_run(run), labels)).with_outputs(STATS, main="examples")
+    encoded = records | "encode" >> beam.ParDo(beam_fn(Encode)(worker_run(run), labels)).with_outputs(STATS, main="examples")
     shard_bytes = max(1, int(args.shard_mb * 2**20))
     write_shards(encoded.examples, (encoded[STATS],), staging, run.dtype, shard_bytes, run.example_format, labels)
 

@@ -48,7 +48,7 @@ from lmtrain.data.tokenizer import eos_id as hf_eos_id
 from lmtrain.data.tokenizer import load_tokenizer as load_hf_tokenizer
 from lmtrain.paths import as_path, copy_tree, is_remote
 from lmtrain.plugins import load_plugins
-from lmtrain.prep import builtin_tasks
+from lmtrain.prep import beam_engine, builtin_tasks
 from lmtrain.prep.cleaning import (
     CleanedDocument,
     CleaningOptions,
@@ -727,10 +727,7 @@ def text_manifest(run: TextRun, report: CleaningReport, split_counts: Counter, d
 def shard_corpus(args: argparse.Namespace) -> dict:
     """Run the whole pipeline on the engine --runner names; return the manifest."""
     if getattr(args, "runner", "local") == "beam":
-        # apache_beam is a heavy optional package (the [beam] extra, 2 s to import): only a Beam run loads it
-        from lmtrain.prep import beam_engine
-
-        return beam_engine.shard_with_beam(args)
+        return beam_engine.shard_with_beam(args)  # it imports apache_beam (the [beam] extra) only now
     if args.builtin_task or not get_format(args.format).from_corpus:
         return shard_examples(args)
     return shard_text(args)

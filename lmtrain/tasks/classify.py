@@ -23,14 +23,14 @@ import numpy as np
 from lmtrain.data import shards
 from lmtrain.data.pipeline import check_labels
 from lmtrain.errors import ConfigError
-from lmtrain.evaluate.metrics import classification_metrics_from_counts
-from lmtrain.evaluate.report import confusion_matrix_png
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.paths import as_path
+from lmtrain.plots import confusion_matrix_png
 from lmtrain.storage.atomic import atomic_write_text
 from lmtrain.tasks.base import Task, dropout_key
 from lmtrain.tasks.losses import class_cross_entropy
 from lmtrain.tasks.options import ClassifyOptions
+from lmtrain.tasks.scores import classification_metrics_from_counts
 
 LABELS_FILE = "labels.json"
 

@@ -9,9 +9,8 @@ global batch: gradient accumulation equals one big batch, however the completion
 
 from __future__ import annotations
 
-from lmtrain.errors import ConfigError
-from lmtrain.evaluate.metrics import EvalError
-from lmtrain.evaluate.scoring import ValidationGeneration
+from lmtrain.errors import ConfigError, EvalError
+from lmtrain.tasks.generation_eval import ValidationGeneration
 from lmtrain.tasks.lm import LanguageModelling
 from lmtrain.tasks.options import SftOptions
 
@@ -23,7 +22,7 @@ class SupervisedFineTuning(LanguageModelling):
     eval_kind = "sft"  # lmtrain eval: perplexity on the completions, and scores of greedy generations
     METRIC_MODES = {**LanguageModelling.METRIC_MODES, "val_bleu": "max", "val_chrf": "max", "val_rouge_l": "max",
                     "val_exact_match": "max"}
-    _generation = None  # lmtrain.evaluate.scoring.ValidationGeneration, built at the first evaluation
+    _generation = None  # a ValidationGeneration, built at the first evaluation
 
     options = SftOptions  # task.eval_generate_examples
 

@@ -14,9 +14,9 @@ import pytest
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.evaluate import cli
 from lmtrain.evaluate import examples as examples_lib
-from lmtrain.evaluate.metrics import bleu, chrf, exact_match, rouge_l
 from lmtrain.evaluate.model import load_eval_model
 from lmtrain.paths import as_path
+from lmtrain.tasks.scores import bleu, chrf, exact_match, rouge_l
 from tests.data.test_tokenizer_families import FAMILIES
 from tests.helpers import small_config
 from tools import shard_data
@@ -417,10 +417,9 @@ def test_a_task_with_no_scorer_of_its_own_is_scored_by_its_eval_step(task_data, 
     """A WORKDIR whose task declares no lmtrain eval scorer (here a registered task that also has aux state and
     prepare) is scored by its own eval step, prepared as in training: on training's validation batch, the eval
     metrics equal the trainer's last evaluation."""
-    from tests.test_tasks import _ReferenceWeightedLM
-
     from lmtrain import tasks as tasks_lib
     from lmtrain.train.trainer import train
+    from tests.tasks.test_tasks import _ReferenceWeightedLM
 
     monkeypatch.setattr(tasks_lib, "_registered", {})
     tasks_lib.register_task("ref_weighted_lm", _ReferenceWeightedLM)

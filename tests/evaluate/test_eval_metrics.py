@@ -7,6 +7,7 @@ import pytest
 import sklearn.metrics
 
 from lmtrain.evaluate import metrics as M
+from lmtrain.tasks import scores as S
 
 
 def test_perplexity_and_bits_per_byte_by_hand():
@@ -34,7 +35,7 @@ NAMES = ["a", "b", "c"]
 
 
 def test_classification_by_hand():
-    out = M.classification_metrics(LABELS, PREDS, NAMES)
+    out = S.classification_metrics(LABELS, PREDS, NAMES)
     assert out["confusion_matrix"] == [[2, 1, 0], [1, 1, 0], [0, 1, 0]]
     assert out["accuracy"] == pytest.approx(3 / 6)
     pc = out["per_class"]
@@ -50,21 +51,21 @@ def test_classification_by_hand():
 
 
 def test_metrics_from_a_summed_confusion_matrix_equal_the_per_example_ones():
-    counts = M.confusion_matrix(LABELS, PREDS, 3)
-    assert M.classification_metrics_from_counts(counts, NAMES) == M.classification_metrics(LABELS, PREDS, NAMES)
+    counts = S.confusion_matrix(LABELS, PREDS, 3)
+    assert S.classification_metrics_from_counts(counts, NAMES) == S.classification_metrics(LABELS, PREDS, NAMES)
     with pytest.raises(M.EvalError, match=r"a \(3, 3\) confusion matrix does not fit 2 labels"):
-        M.classification_metrics_from_counts(counts, ["a", "b"])
+        S.classification_metrics_from_counts(counts, ["a", "b"])
     with pytest.raises(M.EvalError, match="eval set is empty"):
-        M.classification_metrics_from_counts(np.zeros((3, 3)), NAMES)
+        S.classification_metrics_from_counts(np.zeros((3, 3)), NAMES)
 
 
 def test_class_absent_from_labels_and_predictions():
     # Class 'c' appears nowhere: with zero_division=0 it drags the macro mean down (as scikit-learn's labels=);
     # with NaN it is left out of the macro mean.
-    out = M.classification_metrics([0, 1], [0, 1], NAMES)
+    out = S.classification_metrics([0, 1], [0, 1], NAMES)
     assert out["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert out["f1_macro"] == pytest.approx(2 / 3)
-    out_nan = M.classification_metrics([0, 1], [0, 1], NAMES, zero_division=float("nan"))
+    out_nan = S.classification_metrics([0, 1], [0, 1], NAMES, zero_division=float("nan"))
     assert out_nan["f1_macro"] == 1.0
     assert math.isnan(out_nan["per_class"]["c"]["f1"])
 
@@ -77,7 +78,7 @@ def test_classification_matches_sklearn():
         preds = np.where(rng.random(200) < 0.6, labels, rng.integers(0, n_classes, 200))
         preds[preds == n_classes - 1] = 0  # one class never predicted: exercises zero division
         names = [f"c{i}" for i in range(n_classes)]
-        ours = M.classification_metrics(labels, preds, names)
+        ours = S.classification_metrics(labels, preds, names)
         ids = list(range(n_classes))
         assert ours["accuracy"] == pytest.approx(metrics.accuracy_score(labels, preds))
         p, r, f, s = metrics.precision_recall_fscore_support(labels, preds, labels=ids, zero_division=0)
@@ -92,26 +93,26 @@ def test_classification_matches_sklearn():
 
 def test_classification_bad_input():
     with pytest.raises(M.EvalError, match="empty"):
-        M.classification_metrics([], [], NAMES)
+        S.classification_metrics([], [], NAMES)
     with pytest.raises(M.EvalError, match="3 labels but 2 predictions"):
-        M.classification_metrics([0, 1, 2], [0, 1], NAMES)
+        S.classification_metrics([0, 1, 2], [0, 1], NAMES)
     with pytest.raises(M.EvalError, match="label id 5 is outside the 3 known classes"):
-        M.classification_metrics([0, 5], [0, 1], NAMES)
+        S.classification_metrics([0, 5], [0, 1], NAMES)
 
 
 def test_bleu_by_hand():
     # hyp "the cat sat on the mat" vs ref "the cat sat on a mat" (same length, brevity penalty 1):
     # clipped n-gram precisions 5/6, 3/5, 2/4, 1/3 -> BLEU = 100 * (5/6 * 3/5 * 1/2 * 1/3) ** (1/4).
     expected = 100 * (5 / 6 * 3 / 5 * 1 / 2 * 1 / 3) ** 0.25
-    assert M.bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected, abs=1e-6)
+    assert S.bleu(["the cat sat on the mat"], ["the cat sat on a mat"]) == pytest.approx(expected, abs=1e-6)
     # A second reference that matches exactly makes it perfect; one string or a list per example both work.
-    assert M.bleu(["the cat sat on the mat"], [["the cat sat on a mat", "the cat sat on the mat"]]) == pytest.approx(100)
+    assert S.bleu(["the cat sat on the mat"], [["the cat sat on a mat", "the cat sat on the mat"]]) == pytest.approx(100)
 
 
 def test_chrf():
-    assert M.chrf(["the cat sat"], ["the cat sat"]) == pytest.approx(100)
-    assert M.chrf(["xyz"], ["abc"]) == 0.0
-    close, far = M.chrf(["the cat sat"], ["the cat sits"]), M.chrf(["the dog ran"], ["the cat sits"])
+    assert S.chrf(["the cat sat"], ["the cat sat"]) == pytest.approx(100)
+    assert S.chrf(["xyz"], ["abc"]) == 0.0
+    close, far = S.chrf(["the cat sat"], ["the cat sits"]), S.chrf(["the dog ran"], ["the cat sits"])
     assert 0 < far < close < 100
 
 
@@ -120,15 +121,15 @@ def test_rouge_l_by_hand():
     # example is identical (F = 1); the mean is 0.9.
     gens = ["the cat on mat", "a b c"]
     refs = ["the cat sat on the mat", "a b c"]
-    assert M.rouge_l(gens, refs) == pytest.approx(0.9)
+    assert S.rouge_l(gens, refs) == pytest.approx(0.9)
     # With several references an example takes its best.
-    assert M.rouge_l(["the cat on mat"], [["zzz", "the cat on mat"]]) == pytest.approx(1.0)
+    assert S.rouge_l(["the cat on mat"], [["zzz", "the cat on mat"]]) == pytest.approx(1.0)
 
 
 def test_exact_match_normalises_whitespace_only():
     gens = ["Hello  world\n", "hello world", "Hi"]
     refs = ["Hello world", "Hello world", ["Hey", " Hi "]]
-    assert M.exact_match(gens, refs) == pytest.approx(2 / 3)  # case still counts
+    assert S.exact_match(gens, refs) == pytest.approx(2 / 3)  # case still counts
 
 
 def test_registry_rejects_a_metric_that_does_not_fit_the_task():
@@ -147,9 +148,9 @@ def test_bleu_without_references_is_a_clear_error():
     with pytest.raises(M.EvalError, match="bleu needs references"):
         M.compute_metrics("sft", ["bleu"], generations=["a b c"], references=None)
     with pytest.raises(M.EvalError, match="example 1 has no reference text"):
-        M.bleu(["a", "b"], ["a", []])
+        S.bleu(["a", "b"], ["a", []])
     with pytest.raises(M.EvalError, match="2 generations but 1 references"):
-        M.chrf(["a", "b"], ["a"])
+        S.chrf(["a", "b"], ["a"])
 
 
 def test_empty_eval_set_is_a_clear_error():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -216,6 +218,16 @@ def test_bad_input_gives_the_local_engines_one_line_error(bad, fmt, tokenizer_di
 def test_runner_beam_is_off_by_default():
     args = shard_data.parse_args(["--builtin", "--tokenizer", "t", "--output", "o"])
     assert args.runner == "local"
+
+
+def test_the_local_engine_imports_no_beam():
+    """apache_beam is the [beam] extra: shard_data (and the Beam engine it dispatches to) import it only when a
+    Beam pipeline runs, so the base install runs the local engine. A fresh interpreter, as a user's has."""
+    probe = ("import sys; import lmtrain.prep.shard_data, lmtrain.prep.beam_engine, lmtrain.prep.beam_stages; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'apache_beam'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.strip() == "[]"
 
 
 @pytest.mark.usefixtures("fake_gcs")
