@@ -3,21 +3,17 @@ resume equal to straight (the rollout key is checkpointed), the rewards, and the
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from lmtrain.config import apply_overrides, to_json, validate
+from lmtrain.config import apply_overrides, validate
 from lmtrain.errors import ConfigError
 from lmtrain.tasks import make_task
 from lmtrain.tasks.grpo import first_examples, group_advantages, sampling_key, token_logps, token_objective
 from lmtrain.tasks.rewards import make_reward
 from lmtrain.train.trainer import Components, train
-from tests.core_fixtures import REPO
 from tests.helpers import small_config
 
 G = 4
@@ -45,7 +41,7 @@ def grpo_shards(tokenizer_512, tmp_path_factory):
 
 def _cfg(tok, shards, **kw):
     values = {"task.name": "grpo", "data.source": "shards", "data.tokenizer_dir": tok, "data.shards_dir": shards,
-              "model.vocab_size": 512, "data.seq_len": 16, "model.max_seq_len": 16, "data.batch_size": 4,
+              "model.vocab_size": 512, "data.seq_len": 16, "model.max_seq_len": 16, "data.batch_size": 8,
               "task.grpo_group_size": G, "task.grpo_max_new_tokens": 6, "train.steps": 4, "train.log_every": 1,
               "train.eval_every": 2, "train.eval_batches": 1, "checkpoint.every": 2, "optimizer.lr": 3e-3,
               "task.grpo_eval_prompts": 4, "train.sample_tokens": 0}
@@ -181,7 +177,8 @@ def tok_decode(task, ids):
     return task.tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_resume_equals_straight(grpo_shards, tmp_path):
+@pytest.mark.heavy  # ~60 s: three short runs; the rollout's key from (rng, step) is checked in the default run above
+def test_resume_equals_straight(grpo_shards, tmp_path, compile_cache):
     tok, shards = grpo_shards
     cfg = _cfg(tok, shards)
     straight = train(cfg, tmp_path / "straight")
@@ -223,14 +220,14 @@ def test_bad_settings_are_one_line_errors_naming_the_key(override, match):
         make_task(cfg)
 
 
-def test_a_reward_of_the_wrong_shape_is_a_one_line_error_naming_the_key(grpo_shards, tmp_path):
+def test_a_reward_of_the_wrong_shape_is_an_error_naming_the_key(grpo_shards, tmp_path, monkeypatch):
+    """Raised by the rollout inside the training loop; `lmtrain train` prints a ConfigError as one line, exit 2."""
     tok, shards = grpo_shards
     (tmp_path / "bad_reward.py").write_text("def score(prompts, completions):\n    return [1.0]\n")
-    cfg = _cfg(tok, shards, **{"task.grpo_reward": "bad_reward:score", "train.steps": 1})
-    (tmp_path / "config.json").write_text(to_json(cfg))
-    done = subprocess.run([sys.executable, "-m", "lmtrain.cli", "train", f"--config={tmp_path / 'config.json'}",
-                           f"--workdir={tmp_path / 'w'}"], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "task.grpo_reward='bad_reward:score' returned 1 values for" in lines[0], lines
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parts = Components.from_config(_cfg(tok, shards, **{"task.grpo_reward": "bad_reward:score"}))
+    data = parts.task.make_data(tmp_path, 0, 1)
+    params = parts.model_def.init(jax.random.key(0))
+    with pytest.raises(ConfigError, match=r"^task.grpo_reward='bad_reward:score' returned 1 values for 32 "
+                                          r"completions; return one float per completion.$"):
+        parts.task.rollout_of(parts.model_def, params, params, next(data.train), _key(np.zeros(2, np.uint32), 0))
