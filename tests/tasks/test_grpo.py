@@ -1,6 +1,7 @@
 """GRPO: advantages and the clipped objective against formulas written out here, accumulation equal to one batch,
 resume equal to straight (the rollout key is checkpointed), the rewards, and the one-line errors."""
 
+import dataclasses
 import json
 import math
 
@@ -10,8 +11,18 @@ import pytest
 
 from lmtrain.config import apply_overrides, validate
 from lmtrain.errors import ConfigError
+from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.model.adapters import without_adapters
 from lmtrain.tasks import make_task
-from lmtrain.tasks.grpo import first_examples, group_advantages, sampling_key, token_logps, token_objective
+from lmtrain.tasks.grpo import (
+    GroupRelativePolicyOptimization,
+    adapters_off,
+    first_examples,
+    group_advantages,
+    sampling_key,
+    token_logps,
+    token_objective,
+)
 from lmtrain.tasks.rewards import make_reward
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
@@ -231,3 +242,20 @@ def test_a_reward_of_the_wrong_shape_is_an_error_naming_the_key(grpo_shards, tmp
     with pytest.raises(ConfigError, match=r"^task.grpo_reward='bad_reward:score' returned 1 values for 32 "
                                           r"completions; return one float per completion.$"):
         parts.task.rollout_of(parts.model_def, params, params, next(data.train), _key(np.zeros(2, np.uint32), 0))
+
+
+def test_under_lora_the_reference_is_the_base_bit_for_bit():
+    """Adapters zeroed, not copied: the reference costs no memory, and equals the model without adapters exactly."""
+    lora_cfg = ModelConfig.from_config(small_config("llama", **{"model.lora_rank": 4}).model)
+    with_lora, base = ModelDef(lora_cfg), ModelDef(dataclasses.replace(lora_cfg, lora_rank=0))
+    params = with_lora.init(jax.random.key(0))
+    leaves, treedef = jax.tree.flatten(params)  # random weights and adapters (LoRA's B starts at 0)
+    noise = [np.random.default_rng(i).normal(0, 0.2, x.shape).astype(x.dtype) for i, x in enumerate(leaves)]
+    params = jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise)])
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 256, (2, 12)).astype(np.int32)
+    reference = with_lora.apply(adapters_off(params, lora_cfg), tokens)
+    assert np.abs(np.asarray(with_lora.apply(params, tokens) - reference)).max() > 1e-2
+    np.testing.assert_array_equal(np.asarray(reference),
+                                  np.asarray(base.apply(without_adapters(params, lora_cfg), tokens)))
+    assert GroupRelativePolicyOptimization.init_aux(None, with_lora, params) is None
