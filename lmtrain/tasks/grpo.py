@@ -104,17 +104,18 @@ def adapters_off(params: dict, cfg) -> dict:
 
 
 def first_examples(batch: dict) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompts, references): the first packed example of each row, split where its loss mask starts."""
+    """(prompts, references): the first packed example of each row. Its prompt is its inputs up to the first
+    target in the loss mask; its reference, the targets in the loss mask (the completion and its EOS)."""
     prompts, references = [], []
     for inputs, targets, mask, segments in zip(batch["inputs"], batch["targets"], batch["loss_mask"],
                                                batch["segment_ids"]):
         if segments[0] == 0:  # a padding row (the last validation batch's)
             continue
         n = int(np.argmax(segments != segments[0])) or len(segments)  # the first segment's length
-        tokens = [*inputs[:n].tolist(), int(targets[n - 1])]
-        first = int(np.argmax(mask[:n] > 0)) if mask[:n].any() else n - 1
-        prompts.append(tokens[:first + 1])
-        references.append(tokens[first + 1:])
+        in_loss = mask[:n] > 0
+        first = int(np.argmax(in_loss)) if in_loss.any() else n - 1
+        prompts.append(inputs[:first + 1].tolist())
+        references.append(targets[:n][in_loss].tolist())
     return prompts, references
 
 

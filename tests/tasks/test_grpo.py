@@ -170,6 +170,9 @@ def test_rollouts_sample_groups_from_the_checkpointed_rng_and_score_them(grpo_sh
     other = task.rollout_of(model_def, params, params, batch, _key(rng, 4))
     assert one.completions == again.completions and one.completions != other.completions
     prompts, refs = first_examples(batch)
+    for prompt, ref in zip(prompts, refs):  # the shards' sums: each reference is its prompt's answer
+        a, b = tok_decode(task, prompt).rstrip("=").split("+")
+        assert tok_decode(task, ref) == str(int(a) + int(b)) and ref[-1] == task.tokenizer.eos_token_id
     assert len(one.completions) == G * len(prompts) == one.batch["inputs"].shape[0]
     assert one.prompts[:G] == [tok_decode(task, prompts[0])] * G and one.references[0] == tok_decode(task, refs[0])
     np.testing.assert_array_equal(one.rewards, [float(c.strip() == r.strip())
