@@ -75,13 +75,14 @@ def main(argv=None) -> int:
     tok, shards = make_data(out)
     data = {"data.source": "shards", "data.tokenizer_dir": tok, "data.shards_dir": shards}
     sft = config(**data, **{"task.name": "sft", "train.steps": args.sft_steps, "data.batch_size": 16,
-                            "optimizer.lr": 3e-3, "train.eval_every": args.sft_steps, "task.eval_generate_examples": 0})
+                            "optimizer.lr": 3e-3, "optimizer.warmup_steps": 10, "train.eval_every": args.sft_steps,
+                            "task.eval_generate_examples": 0})
     start = time.perf_counter()
     train(sft, out / "sft")
     sft_seconds = time.perf_counter() - start
 
     grpo = config(**data, **{"task.name": "grpo", "train.steps": args.grpo_steps, "data.batch_size": 16,
-                             "optimizer.lr": 1e-3, "optimizer.warmup_steps": 5, "train.eval_every": args.grpo_steps // 4,
+                             "optimizer.lr": 5e-4, "optimizer.warmup_steps": 5, "train.eval_every": args.grpo_steps // 4,
                              "train.init_from": str(out / "sft"), "task.grpo_group_size": args.group_size,
                              "task.grpo_max_new_tokens": 3, "task.grpo_eval_prompts": 20, "task.grpo_kl_coef": 0.02})
     before = held_out_reward(grpo, out / "sft")

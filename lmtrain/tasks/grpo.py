@@ -104,18 +104,25 @@ def adapters_off(params: dict, cfg) -> dict:
 
 
 def first_examples(batch: dict) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompts, references): the first packed example of each row. Its prompt is its inputs up to the first
+    """(prompts, references) of the first packed example of each row: one prompt per row, so a step's shapes
+    are fixed."""
+    return packed_examples(batch, first_only=True)
+
+
+def packed_examples(batch: dict, first_only: bool = False) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, references) of the packed examples of each row. An example's prompt is its inputs up to the first
     target in the loss mask; its reference, the targets in the loss mask (the completion and its EOS)."""
     prompts, references = [], []
     for inputs, targets, mask, segments in zip(batch["inputs"], batch["targets"], batch["loss_mask"],
                                                batch["segment_ids"]):
-        if segments[0] == 0:  # a padding row (the last validation batch's)
-            continue
-        n = int(np.argmax(segments != segments[0])) or len(segments)  # the first segment's length
-        in_loss = mask[:n] > 0
-        first = int(np.argmax(in_loss)) if in_loss.any() else n - 1
-        prompts.append(inputs[:first + 1].tolist())
-        references.append(targets[:n][in_loss].tolist())
+        for segment in dict.fromkeys(segments.tolist()[:1] if first_only else segments.tolist()):
+            if segment == 0:  # padding
+                continue
+            at = np.flatnonzero(segments == segment)
+            in_loss = mask[at] > 0
+            first = int(np.argmax(in_loss)) if in_loss.any() else len(at) - 1
+            prompts.append(inputs[at[:first + 1]].tolist())
+            references.append(targets[at][in_loss].tolist())
     return prompts, references
 
 
@@ -295,10 +302,10 @@ def rollout_stats(rewards_R: np.ndarray, lengths_R: list[int], group_size: int, 
 
 
 def validation_prompts(data, n: int) -> tuple[list[list[int]], list[list[int]], int]:
-    """(prompts, references, row length) of the first n validation rows' first examples."""
+    """(prompts, references, row length) of the first n validation examples."""
     prompts, references, length = [], [], 0
     for batch in data.eval_batches(0):
-        p, r = first_examples(batch)
+        p, r = packed_examples(batch)
         prompts += p
         references += r
         length = batch["inputs"].shape[1]

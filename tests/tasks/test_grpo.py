@@ -19,6 +19,7 @@ from lmtrain.tasks.grpo import (
     adapters_off,
     first_examples,
     group_advantages,
+    packed_examples,
     sampling_key,
     token_logps,
     token_objective,
@@ -170,7 +171,9 @@ def test_rollouts_sample_groups_from_the_checkpointed_rng_and_score_them(grpo_sh
     other = task.rollout_of(model_def, params, params, batch, _key(rng, 4))
     assert one.completions == again.completions and one.completions != other.completions
     prompts, refs = first_examples(batch)
-    for prompt, ref in zip(prompts, refs):  # the shards' sums: each reference is its prompt's answer
+    every_prompt, every_ref = packed_examples(batch)  # what evaluation scores: all the packed examples
+    assert len(every_prompt) > len(prompts) and set(map(tuple, prompts)) <= set(map(tuple, every_prompt))
+    for prompt, ref in zip(every_prompt, every_ref):  # the shards' sums: each reference is its prompt's answer
         a, b = tok_decode(task, prompt).rstrip("=").split("+")
         assert tok_decode(task, ref) == str(int(a) + int(b)) and ref[-1] == task.tokenizer.eos_token_id
     assert len(one.completions) == G * len(prompts) == one.batch["inputs"].shape[0]
