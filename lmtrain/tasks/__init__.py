@@ -19,6 +19,7 @@ TASKS = {
     "classify": "lmtrain.tasks.classify:Classification",
     "mlm": "lmtrain.tasks.mlm:MaskedLanguageModelling",
     "token_classify": "lmtrain.tasks.token_classify:TokenClassification",
+    "grpo": "lmtrain.tasks.grpo:GroupRelativePolicyOptimization",
 }
 _registered: dict[str, type] = {}  # plugin tasks, by name
 

@@ -10,6 +10,9 @@
   `eval_step` summed over the evaluation split and `eval_metrics`.
 - optionally, extra non-trained state: `init_aux(model_def, start_params)` and a pure `prepare(aux, batch)`
   that the trainer jits and runs on each batch before the train and eval steps (see `init_aux`).
+- an on-policy task (`on_policy = True`, e.g. grpo) builds each training batch from the current parameters
+  instead: the trainer calls `rollout(model_def, aux, params, batch, rng_data, step)` on the host, un-jitted,
+  in place of `prepare` before the train step (evaluation still runs `prepare`).
 
 A task's `loss_fn(params, batch, rng) -> (loss_sum, weight, metric_sums)` returns sums over the batch
 and the weight they are summed over; `eval_step(params, batch) -> sums` is jitted by the trainer and
@@ -69,6 +72,15 @@ class Task:
         eval step when `init_aux` gives aux: e.g. a reference model's log-probabilities added as a batch key.
         The step still takes (params, batch, rng) and knows nothing of aux."""
         return batch
+
+    on_policy: bool = False  # the training batch is sampled from the current parameters: `rollout` makes it
+
+    def rollout(self, model_def: ModelDef, aux, params: dict, batch: dict, rng_data, step: int) -> dict:
+        """An on-policy task's training batch, made on the host from the data's `batch` with the current `params`
+        (all of them, trained and frozen) before step `step` runs. Randomness comes from `rng_data` (the train
+        state's rng key data, saved in every checkpoint) and `step` only, so a resumed run samples what the
+        straight run did. The step still takes (params, batch, rng)."""
+        raise NotImplementedError
 
     def loss_fn(self, model_def: ModelDef) -> Callable:
         raise NotImplementedError

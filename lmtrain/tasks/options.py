@@ -8,6 +8,8 @@ TaskOptions subclass beside it; registering the task brings its keys into every 
 
 from __future__ import annotations
 
+import re
+
 from lmtrain.errors import ConfigError
 
 
@@ -58,4 +60,47 @@ class MlmOptions(TaskOptions):
             raise ConfigError(f"task.mask_prob={cfg.task.mask_prob} must lie in (0, 1); BERT uses 0.15.")
 
 
-BUILTIN_OPTIONS = (SftOptions, ClassifyOptions, MlmOptions)  # the options of the tasks in lmtrain.tasks.TASKS
+class GrpoOptions(TaskOptions):
+    defaults = {
+        "grpo_group_size": 4,  # G: completions sampled per prompt; advantages compare the G with each other
+        "grpo_max_new_tokens": 16,  # tokens sampled per completion (fewer when EOS comes first)
+        "grpo_temperature": 1.0,  # sampling temperature of the rollouts (> 0)
+        "grpo_top_p": 1.0,  # nucleus sampling of the rollouts (1.0: off)
+        "grpo_clip_eps": 0.2,  # the ratio is clipped to [1 - eps, 1 + eps]
+        "grpo_kl_coef": 0.04,  # beta: weight of the KL penalty to the reference model (0: none)
+        "grpo_scale_std": True,  # divide advantages by the group's std (GRPO); False: Dr. GRPO's mean-centred only
+        # 'exact_match', 'regex:PATTERN' (its first match, group 1 if any, equals the reference answer), or
+        # 'module:function' called with (prompts, completions[, references=]) returning one float per completion
+        "grpo_reward": "exact_match",
+        "grpo_eval_prompts": 16,  # validation prompts answered greedily at each evaluation (val_reward); 0: none
+    }
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        t = cfg.task
+        if t.grpo_group_size < 2:
+            raise ConfigError(f"task.grpo_group_size={t.grpo_group_size}: GRPO compares completions within a group, "
+                              "so it needs at least 2 per prompt.")
+        if t.grpo_kl_coef < 0:
+            raise ConfigError(f"task.grpo_kl_coef={t.grpo_kl_coef} must not be negative (0 turns the KL penalty off).")
+        if t.grpo_max_new_tokens < 1:
+            raise ConfigError(f"task.grpo_max_new_tokens={t.grpo_max_new_tokens} must be at least 1.")
+        if not t.grpo_temperature > 0:
+            raise ConfigError(f"task.grpo_temperature={t.grpo_temperature} must be positive: rollouts are sampled.")
+        if not 0 < t.grpo_top_p <= 1:
+            raise ConfigError(f"task.grpo_top_p={t.grpo_top_p} must lie in (0, 1] (1: off).")
+        if not t.grpo_clip_eps > 0:
+            raise ConfigError(f"task.grpo_clip_eps={t.grpo_clip_eps} must be positive.")
+        if t.grpo_eval_prompts < 0:
+            raise ConfigError(f"task.grpo_eval_prompts={t.grpo_eval_prompts} must not be negative.")
+        spec = str(t.grpo_reward)
+        if spec != "exact_match" and not spec.startswith("regex:") and ":" not in spec:
+            raise ConfigError(f"task.grpo_reward='{spec}': give 'exact_match', 'regex:PATTERN' or 'module:function'.")
+        if spec.startswith("regex:"):
+            try:
+                re.compile(spec[len("regex:"):])
+            except re.error as e:
+                raise ConfigError(f"task.grpo_reward='{spec}': not a regular expression ({e}).") from None
+
+
+BUILTIN_OPTIONS = (SftOptions, ClassifyOptions, MlmOptions, GrpoOptions)  # the options of the tasks in lmtrain.tasks.TASKS

@@ -437,6 +437,9 @@ def _run(cfg, workdir, task, mesh_shape, ckpt, es_mode, show_progress, stop_at_s
         aux = task.init_aux(model_def, all_start_params(cfg, model_def, shardings)) if task.uses_aux() else None
         if aux is not None:
             run.prepare, run.eval_fn = prepared_steps(task, model_def, aux, replicated)
+        if task.on_policy:  # the batch is sampled from the current parameters (lmtrain.tasks.base.Task.rollout)
+            run.prepare = lambda batch: run.global_batch(
+                task.rollout(model_def, aux, run.params(), batch, run.state["rng"], run.step))
         run.writer = metrics_lib.MetricsWriter(workdir, cfg.logging.tensorboard, enabled=is_main, resume_step=run.step)
         run.progress = metrics_lib.ProgressBar(cfg.train.steps, run.step, enabled=is_main,
                                                bar=show_progress, log_every=cfg.train.log_every)
