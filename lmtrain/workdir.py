@@ -197,16 +197,21 @@ class Workdir:
 
     # -- files
 
+    def require_config_file(self) -> None:
+        """A directory with a config.json (what every WORKDIR has), checked without reading it: commands check this
+        first, before they look at their outputs or the checkpoints."""
+        if self.path.exists() and not self.path.is_dir():
+            raise WorkdirError(f"{self.path} is a file, not an lmtrain WORKDIR (a directory with config.json and "
+                               "checkpoints/).")
+        if not (self.path / CONFIG).is_file():
+            raise WorkdirError(f"{self.path} has no config.json; is it an lmtrain WORKDIR? Give the --workdir of a "
+                               "training run (or of `lmtrain import`).")
+
     @functools.cached_property
     def config(self):
         """The resolved config the run was trained with (config.json)."""
         path = self.path / CONFIG
-        if self.path.exists() and not self.path.is_dir():
-            raise WorkdirError(f"{self.path} is a file, not an lmtrain WORKDIR (a directory with config.json and "
-                               "checkpoints/).")
-        if not path.is_file():
-            raise WorkdirError(f"{self.path} has no config.json; is it an lmtrain WORKDIR? Give the --workdir of a "
-                               "training run (or of `lmtrain import`).")
+        self.require_config_file()
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

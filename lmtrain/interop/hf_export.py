@@ -374,11 +374,12 @@ def export_workdir(workdir: str | os.PathLike, out_dir: str | os.PathLike, which
     workdir = work.path
     out = as_path(out_dir)
     try:
-        work.select_step(which)  # a WORKDIR with this checkpoint, checked before anything is written
+        work.require_config_file()
         if out == workdir or workdir.is_relative_to(out):
             raise HFInteropError(f"{out} holds the WORKDIR {workdir}; export into a directory of its own "
                                  f"(for example {workdir / 'hf'}).")
-        agree_on_target(out, force)  # before the restore, which can take minutes for a large model
+        agree_on_target(out, force)  # the output is the user's first mistake to name, before any checkpoint
+        work.select_step(which)  # a WORKDIR with this checkpoint, checked before the restore and anything written
         cfg, model_cfg = work.config, work.model_config()
         params = work.load_params(which, export_shardings(cfg, workdir, mesh_shape))
         labels = work.labels() if model_cfg.head in ("classify", "token_classify") else None
