@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from lmtrain.config import CONFIGS_DIR, ConfigError, apply_overrides, load_config, validate
-from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.model import build_model_def, model_config_for
 from tests import core_fixtures
 from tests.helpers import small_config
 
@@ -23,7 +23,7 @@ def test_all_five_configs_ship():
 def test_config_loads_validates_and_builds_abstractly(name):
     cfg = load_config(name)
     validate(cfg, 8)  # as on an 8-device host
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))  # shapes only, nothing allocated
+    model_def = build_model_def(model_config_for(cfg.model))  # shapes only, nothing allocated (T5 for model.arch='t5')
     millions = model_def.num_params() / 1e6
     lo, hi = EXPECTED_PARAMS_M.get(name, (0.1, 50))
     assert lo <= millions <= hi, f"{name}: {millions:.1f}M parameters"
@@ -114,4 +114,32 @@ def test_local_form_trains_on_packed_text_and_the_loss_falls(name, tmp_path, tok
     assert len(losses) == 8
     # At init the loss is ~ln(4096) = 8.3 on every batch; 8 steps at the configs' own lr take off 0.25-0.45.
     assert sum(losses[-2:]) / 2 < losses[0] - 0.15, f"{name}: the loss did not fall: {losses}"
+    assert result.metrics["val_loss"] < losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("compile_cache")
+def test_t5_tiny_local_form_trains_on_the_packed_sft_demo(tmp_path, tokenizer_4096):
+    """configs/t5_tiny.py's CPU form, an encoder-decoder on the seq2seq task, trains on the built-in SFT demo's
+    real text packed whole (tools/shard_data.py --builtin-task sft): finite, and the loss falls in 8 steps."""
+    import json
+
+    from lmtrain.train.trainer import train
+    from tools import shard_data
+
+    shards = tmp_path / "sft_shards"
+    assert shard_data.main(["--builtin-task", "sft", "--tokenizer", tokenizer_4096, "--seq-len", "128",
+                            "--output", str(shards), "--quiet"]) == 0
+    cfg = load_config("t5_tiny:runlocal")
+    apply_overrides(cfg, {
+        "data.tokenizer_dir": tokenizer_4096, "data.shards_dir": str(shards), "train.steps": "8",
+        "optimizer.warmup_steps": "2", "train.log_every": "1", "train.eval_every": "8", "train.eval_batches": "1",
+        "checkpoint.every": "8", "logging.tensorboard": "false", "logging.loss_curve_png": "false",
+        "logging.progress_bar": "false"})
+    result = train(cfg, tmp_path / "t5_tiny")
+    assert result.step == 8
+    records = [json.loads(line) for line in (tmp_path / "t5_tiny" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.15, f"t5_tiny: the loss did not fall: {losses}"
     assert result.metrics["val_loss"] < losses[0]
