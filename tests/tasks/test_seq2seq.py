@@ -12,6 +12,7 @@ import pytest
 
 from lmtrain.data.packing import ExamplePacker, rows_dict_to_batch
 from lmtrain.errors import ConfigError
+from lmtrain.evaluate import cli as eval_cli
 from lmtrain.model import T5ModelDef
 from lmtrain.tasks import make_task
 from lmtrain.train.trainer import train
@@ -91,13 +92,17 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.mark.heavy  # ~2 min on 2 busy CPU cores; the packed-loss test above covers the step's batch and loss
 @pytest.mark.usefixtures("compile_cache")
-def test_a_few_steps_lower_the_loss_and_resume_equals_straight(sft_shards, tmp_path):
+def test_a_few_steps_lower_the_loss_resume_equals_straight_and_lmtrain_eval_scores_it(sft_shards, tmp_path, capsys):
     tok, shards = sft_shards
     straight = train(_cfg(tok, shards), tmp_path / "straight")
     losses = _losses(tmp_path / "straight")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert sum(losses[s] for s in (5, 6)) / 2 < losses[1] - 0.3, losses
     assert straight.metrics["val_loss"] < losses[1]
+    capsys.readouterr()
+    # lmtrain eval: the generic path, this task's eval step summed over the split
+    assert eval_cli.main([str(tmp_path / "straight"), "--data", shards, "--split", "validation"]) == 0
+    assert "val_loss" in capsys.readouterr().out
 
     train(_cfg(tok, shards), tmp_path / "resumed", stop_at_step=2)
     resumed = train(_cfg(tok, shards), tmp_path / "resumed")
