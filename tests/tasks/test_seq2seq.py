@@ -92,17 +92,18 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.mark.heavy  # ~2 min on 2 busy CPU cores; the packed-loss test above covers the step's batch and loss
 @pytest.mark.usefixtures("compile_cache")
-def test_a_few_steps_lower_the_loss_resume_equals_straight_and_lmtrain_eval_scores_it(sft_shards, tmp_path, capsys):
+def test_a_few_steps_lower_the_loss_resume_equals_straight_and_lmtrain_eval_scores_it(sft_shards, tmp_path):
     tok, shards = sft_shards
     straight = train(_cfg(tok, shards), tmp_path / "straight")
     losses = _losses(tmp_path / "straight")
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
     assert sum(losses[s] for s in (5, 6)) / 2 < losses[1] - 0.3, losses
     assert straight.metrics["val_loss"] < losses[1]
-    capsys.readouterr()
-    # lmtrain eval: the generic path, this task's eval step summed over the split
+    # lmtrain eval: the generic path, this task's eval step summed over the whole split
     assert eval_cli.main([str(tmp_path / "straight"), "--data", shards, "--split", "validation"]) == 0
-    assert "val_loss" in capsys.readouterr().out
+    report = json.loads((tmp_path / "straight" / "eval" / "validation-step6" / "eval.json").read_text())
+    assert report["result"]["task"] == "seq2seq" and 0 < report["result"]["metrics"]["loss"] < losses[1]
+    assert (tmp_path / "straight" / "eval" / "validation-step6" / "report.html").exists()
 
     train(_cfg(tok, shards), tmp_path / "resumed", stop_at_step=2)
     resumed = train(_cfg(tok, shards), tmp_path / "resumed")
