@@ -9,13 +9,17 @@ import json
 import jax
 import numpy as np
 import pytest
+import torch
+from transformers import T5ForConditionalGeneration
 
 from lmtrain.data.packing import ExamplePacker, rows_dict_to_batch
 from lmtrain.errors import ConfigError
 from lmtrain.evaluate import cli as eval_cli
+from lmtrain.interop.hf_export import export_workdir
 from lmtrain.model import T5ModelDef
 from lmtrain.tasks import make_task
 from lmtrain.train.trainer import train
+from lmtrain.workdir import Workdir
 from tests.helpers import small_config
 
 T5_MODEL = {"model.arch": "t5", "model.mlp": "gated-gelu", "model.n_layers": 2, "model.n_decoder_layers": 2,
@@ -92,7 +96,7 @@ def _losses(workdir) -> dict[int, float]:
 
 @pytest.mark.heavy  # ~2 min on 2 busy CPU cores; the packed-loss test above covers the step's batch and loss
 @pytest.mark.usefixtures("compile_cache")
-def test_a_few_steps_lower_the_loss_resume_equals_straight_and_lmtrain_eval_scores_it(sft_shards, tmp_path):
+def test_a_few_steps_lower_the_loss_resume_equals_straight_and_eval_and_export_read_it(sft_shards, tmp_path):
     tok, shards = sft_shards
     straight = train(_cfg(tok, shards), tmp_path / "straight")
     losses = _losses(tmp_path / "straight")
@@ -104,6 +108,16 @@ def test_a_few_steps_lower_the_loss_resume_equals_straight_and_lmtrain_eval_scor
     report = json.loads((tmp_path / "straight" / "eval" / "validation-step6" / "eval.json").read_text())
     assert report["result"]["task"] == "seq2seq" and 0 < report["result"]["metrics"]["loss"] < losses[1]
     assert (tmp_path / "straight" / "eval" / "validation-step6" / "report.html").exists()
+    # lmtrain export: the trained encoder-decoder loads in transformers and computes what lmtrain does
+    work = Workdir(tmp_path / "straight")
+    export_workdir(work.path, tmp_path / "hf")
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
+    prompt, completion = np.arange(5, 12)[None], np.arange(20, 26)[None]
+    dec_in = np.concatenate([[[0]], completion[:, :-1]], axis=1)
+    ours = np.asarray(work.model_def.apply(work.load_params(), prompt, np.ones_like(prompt, bool), dec_in))
+    with torch.no_grad():
+        theirs = hf(input_ids=torch.as_tensor(prompt), decoder_input_ids=torch.as_tensor(dec_in)).logits.numpy()
+    np.testing.assert_allclose(ours[..., :1024], theirs, atol=1e-4, rtol=1e-4)
 
     train(_cfg(tok, shards), tmp_path / "resumed", stop_at_step=2)
     resumed = train(_cfg(tok, shards), tmp_path / "resumed")
