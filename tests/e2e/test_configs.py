@@ -1,5 +1,6 @@
 """Every shipped config loads and validates; each start-up error says what is wrong."""
 
+import json as json_lib
 import pathlib
 
 import jax
@@ -7,8 +8,10 @@ import pytest
 
 from lmtrain.config import CONFIGS_DIR, ConfigError, apply_overrides, load_config, validate
 from lmtrain.model import build_model_def, model_config_for
+from lmtrain.train.trainer import train as train_run
 from tests import core_fixtures
 from tests.helpers import small_config
+from tools import shard_data
 
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
 EXPECTED_PARAMS_M = {"gpt2_small": (124, 125), "gpt2_medium": (354, 356), "llama_1b": (1200, 1300),
@@ -122,11 +125,6 @@ def test_local_form_trains_on_packed_text_and_the_loss_falls(name, tmp_path, tok
 def test_t5_tiny_local_form_trains_on_the_packed_sft_demo(tmp_path, tokenizer_4096):
     """configs/t5_tiny.py's CPU form, an encoder-decoder on the seq2seq task, trains on the built-in SFT demo's
     real text packed whole (tools/shard_data.py --builtin-task sft): finite, and the loss falls in 8 steps."""
-    import json
-
-    from lmtrain.train.trainer import train
-    from tools import shard_data
-
     shards = tmp_path / "sft_shards"
     assert shard_data.main(["--builtin-task", "sft", "--tokenizer", tokenizer_4096, "--seq-len", "128",
                             "--output", str(shards), "--quiet"]) == 0
@@ -136,9 +134,9 @@ def test_t5_tiny_local_form_trains_on_the_packed_sft_demo(tmp_path, tokenizer_40
         "optimizer.warmup_steps": "2", "train.log_every": "1", "train.eval_every": "8", "train.eval_batches": "1",
         "checkpoint.every": "8", "logging.tensorboard": "false", "logging.loss_curve_png": "false",
         "logging.progress_bar": "false"})
-    result = train(cfg, tmp_path / "t5_tiny")
+    result = train_run(cfg, tmp_path / "t5_tiny")
     assert result.step == 8
-    records = [json.loads(line) for line in (tmp_path / "t5_tiny" / "metrics.jsonl").read_text().splitlines()]
+    records = [json_lib.loads(line) for line in (tmp_path / "t5_tiny" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 8
     assert sum(losses[-2:]) / 2 < losses[0] - 0.15, f"t5_tiny: the loss did not fall: {losses}"
