@@ -231,6 +231,10 @@ def load_hf_model(hf_dir: str | os.PathLike, shardings_fn=None, param_dtype: str
     `shardings_fn(model_def)`, when given, returns the params' shardings.
     """
     family, fields, _ = model_config_from_hf(hf_dir, param_dtype)
+    if family.encoder_decoder:
+        raise HFInteropError(f"{hf_dir} holds a {family.architectures[0]}, an encoder-decoder; lmtrain generate and "
+                             "serve run decoder-only models. Import it (lmtrain import) to fine-tune or evaluate it "
+                             "with the seq2seq task.")
     cfg = ModelConfig.from_config(fields)
     shardings = shardings_fn(ModelDef(cfg)) if shardings_fn else None
     return cfg, load_hf_params(hf_dir, cfg, family, shardings)

@@ -12,9 +12,12 @@ import torch
 from transformers import T5Config as HFT5Config
 from transformers import T5ForConditionalGeneration
 
+from lmtrain.generate import load_model
+from lmtrain.interop.families import HFInteropError
 from lmtrain.interop.hf_export import export_params
 from lmtrain.interop.hf_import import import_hf, next_steps
 from lmtrain.model import T5Config
+from lmtrain.model.decode import GenerationError
 from lmtrain.model.encdec import pad_inputs
 from lmtrain.workdir import Workdir
 
@@ -82,3 +85,9 @@ def test_import_then_export_round_trip_equals_transformers(version, tmp_path):
     np.testing.assert_allclose(_hf_logits(back, *batch), want, atol=1e-4, rtol=1e-4)
     if version == "v1.1":  # the untied head came back as its own tensor, not as the embedding
         assert not torch.equal(back.lm_head.weight, back.shared.weight)
+
+    # lmtrain generate and serve run decoder-only models: a T5 (WORKDIR or HF directory) is one line, not a traceback
+    with pytest.raises(GenerationError, match="encoder-decoder"):
+        load_model(workdir)
+    with pytest.raises(HFInteropError, match="T5ForConditionalGeneration, an encoder-decoder"):
+        load_model(tmp_path / "hf")
