@@ -95,6 +95,16 @@ def base_config() -> ml_collections.ConfigDict:
     m.norm_position = "pre"  # 'pre' (GPT-2, Llama): x + f(norm(x)) and a final norm; 'post' (BERT): norm(x + f(x))
     m.embed_norm = False  # a norm over the summed input embeddings (BERT)
     m.pooling = "last"  # classify head: 'last' real token (decoders) or 'cls': first token through dense+tanh (BERT)
+    # Encoder-decoders (T5): model.arch='t5' builds lmtrain.model.encdec from the fields above (n_layers: encoder
+    # blocks; mlp: 'relu' (T5 v1.0) or 'gated-gelu' (v1.1, Flan-T5); head_dim: T5's d_kv) and these; see configs/t5_tiny.py.
+    m.arch = "transformer"  # 'transformer' (GPT-2, Llama, BERT) or 't5' (encoder-decoder: tasks seq2seq, span_corruption)
+    m.n_decoder_layers = 0  # T5: decoder blocks (0: as many as the encoder)
+    m.relative_buckets = 32  # T5: relative position buckets per stack
+    m.relative_max_distance = 128  # T5: distance beyond which positions share the last bucket
+    m.scale_decoder_outputs = False  # T5 v1.0: scale the decoder output by d_model**-0.5 before the (tied) head
+    m.pad_id = 0  # T5: the padding token id
+    m.eos_id = 1  # T5: the end-of-sequence token id; generation stops at it
+    m.decoder_start_id = 0  # T5: the token the decoder starts from (T5's pad)
 
     c.task = tk = ml_collections.ConfigDict()
     tk.name = "lm"  # what is trained: 'lm' (next token), 'sft' (prompt -> completion), 'classify', ... or a plugin's
@@ -379,7 +389,8 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, 
     choices = {
         "model.pos_embedding": (m.pos_embedding, ("learned", "rope")),
         "model.norm": (m.norm, ("layernorm", "rmsnorm")),
-        "model.mlp": (m.mlp, ("gelu", "gelu_exact", "swiglu")),
+        "model.arch": (m.arch, ("transformer", "t5")),
+        "model.mlp": (m.mlp, ("relu", "gated-gelu") if m.arch == "t5" else ("gelu", "gelu_exact", "swiglu")),
         "model.norm_position": (m.norm_position, ("pre", "post")),
         "model.pooling": (m.pooling, ("last", "cls")),
         "model.remat": (m.remat, REMAT_POLICIES),
@@ -406,11 +417,12 @@ def validate(cfg: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, 
 _POSITIVE = (
     "model.vocab_size", "model.d_model", "model.n_layers", "model.n_heads", "model.n_kv_heads", "model.d_ff",
     "model.max_seq_len", "data.seq_len", "data.batch_size", "train.steps", "train.grad_accum", "train.log_every",
-    "train.preemption_check_every", "checkpoint.every", "checkpoint.keep",
+    "train.preemption_check_every", "checkpoint.every", "checkpoint.keep", "model.relative_buckets",
+    "model.relative_max_distance",
 )
 _NON_NEGATIVE = (
     "model.head_dim", "model.num_labels", "model.type_vocab_size", "data.max_docs", "optimizer.weight_decay",
-    "optimizer.clip_norm",
+    "optimizer.clip_norm", "model.n_decoder_layers", "model.pad_id", "model.eos_id", "model.decoder_start_id",
     "optimizer.warmup_steps", "optimizer.eps", "train.eval_every", "train.eval_batches", "train.sample_tokens",
     "train.z_loss", "train.early_stopping.patience", "train.early_stopping.min_delta",
 )

@@ -20,6 +20,7 @@ from lmtrain.data.packing import classify_batch
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop.hf_export import _EOS_NAMES, end_of_turn_tokens, workdir_chat_template
 from lmtrain.interop.hf_import import load_hf_model, read_hf_labels
+from lmtrain.model import T5Config
 from lmtrain.model.decode import GenerationError, SamplingConfig, check_sampling, generate
 from lmtrain.model.transformer import ModelDef
 from lmtrain.paths import as_path, local_dir
@@ -68,6 +69,9 @@ def load_model(path, which: str | int = "latest"):
             cfg, params = load_hf_model(local)
         return ModelDef(cfg), params, path
     work = Workdir(path)
+    if isinstance(work.model_config(), T5Config):
+        raise GenerationError(f"{path} holds an encoder-decoder (model.arch='t5'); lmtrain generate and serve run "
+                              "decoder-only models. Score it with lmtrain eval, or export it to transformers.")
     # Sharded over the training mesh when this job's devices fit it (a model larger than one device).
     _, shardings = work.place(command="lmtrain generate")
     params = work.load_params(which, shardings)

@@ -24,7 +24,7 @@ import jax
 from lmtrain.config import config_from_dict, resolve_mesh_shape
 from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.errors import ConfigError
-from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.model import ModelConfig, ModelDef, T5Config, build_model_def, model_config_for
 from lmtrain.parallel.mesh import make_mesh
 from lmtrain.parallel.partitioning import param_shardings
 from lmtrain.paths import as_path
@@ -137,9 +137,11 @@ def start_params(cfg, model_def: ModelDef, target: dict) -> dict:
     return overlay_init_from(cfg, model_def, params, target)[0]
 
 
-def workdir_model_config(cfg, workdir) -> ModelConfig:
+def workdir_model_config(cfg, workdir) -> ModelConfig | T5Config:
     """The model a WORKDIR's checkpoints hold, from the WORKDIR alone (its config.json and labels.json), without
-    the training data."""
+    the training data; an encoder-decoder (model.arch='t5') has neither head nor labels."""
+    if cfg.model.get("arch", "transformer") != "transformer":
+        return model_config_for(cfg.model).for_training()
     model_cfg = ModelConfig.from_config(cfg.model).for_training()
     head = task_class(cfg.task.name).head
     labels = read_labels(as_path(workdir) / LABELS)
@@ -260,12 +262,12 @@ class Workdir:
 
     # -- the model
 
-    def model_config(self) -> ModelConfig:
+    def model_config(self) -> ModelConfig | T5Config:
         return workdir_model_config(self.config, self.path)
 
     @functools.cached_property
     def model_def(self) -> ModelDef:
-        return ModelDef(self.model_config())
+        return build_model_def(self.model_config())
 
     def place(self, mesh_shape=None, command: str = "lmtrain"):
         """(mesh, param shardings) on the training mesh (or `mesh_shape`); (None, None) for one device."""

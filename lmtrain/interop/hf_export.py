@@ -56,7 +56,7 @@ from lmtrain.interop.hf_import import (
     TOKENIZER_FILES,
     read_json,
 )
-from lmtrain.model import ModelDef
+from lmtrain.model import build_model_def
 from lmtrain.model.layers import ModelConfig
 from lmtrain.paths import as_path, is_remote
 from lmtrain.storage.safetensors import write_safetensors
@@ -94,7 +94,7 @@ def _tensor_plan(cfg: ModelConfig, family: Family) -> list[tuple[str, object, in
     """(HF name, rule, layer) in the order the tensors are written."""
     plan = []
     for rule in family.rules(cfg):
-        for layer in range(cfg.n_layers) if rule.per_layer else [None]:
+        for layer in range(rule.n_layers(cfg)) if rule.per_layer else [None]:
             plan.append((rule.hf_name(layer), rule, layer))
     return plan
 
@@ -350,7 +350,7 @@ def export_shardings(cfg, workdir, mesh_shape: tuple[int, int, int] | None = Non
     A single process whose devices do not fit the training mesh (a model trained on a pod, exported on a
     workstation) restores onto one device instead, with a note.
     """
-    model_def = ModelDef(workdir_model_config(cfg, workdir))
+    model_def = build_model_def(workdir_model_config(cfg, workdir))
     try:
         return place_on_mesh(model_def, cfg.mesh, cfg.mesh.axis_rules, mesh_shape, "the WORKDIR",
                              "lmtrain export")[1]

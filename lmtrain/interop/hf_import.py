@@ -37,6 +37,7 @@ from lmtrain.data.tokenizer import load_tokenizer
 from lmtrain.interop.families import Family, HFInteropError, TensorRule, classifier_labels, family_for_hf_config
 from lmtrain.interop.hf_model import hf_model_dir, model_config_from_hf, place, read_hf_config, read_json
 from lmtrain.interop.lora_import import read_peft_adapter, write_source_config
+from lmtrain.model import build_model_def, model_config_for
 from lmtrain.model.layers import ModelConfig
 from lmtrain.model.transformer import ModelDef
 from lmtrain.parallel.mesh import make_mesh
@@ -106,7 +107,7 @@ def safetensors_files(hf_dir: epath.Path) -> list[epath.Path]:
     raise HFInteropError(f"{hf_dir} has no model.safetensors or model.safetensors.index.json.")
 
 
-def _check_tensors(reader: SafetensorsReader, family: Family, rules: list[TensorRule], n_layers: int,
+def _check_tensors(reader: SafetensorsReader, family: Family, rules: list[TensorRule], cfg,
                    hf_dir: epath.Path) -> dict[str, str]:
     """Map canonical HF names to the names in the files; every tensor present, none extra, every shape right."""
     present = reader.names()
@@ -118,7 +119,7 @@ def _check_tensors(reader: SafetensorsReader, family: Family, rules: list[Tensor
 
     expected: dict[str, tuple[str, tuple[int, ...]]] = {}
     for rule in rules:
-        for layer in range(n_layers) if rule.per_layer else [None]:
+        for layer in range(rule.n_layers(cfg)) if rule.per_layer else [None]:
             canonical = rule.hf_name(layer)
             expected[canonical] = (in_file(canonical), rule.hf_shape)
     wanted = {name for name, _ in expected.values()}
@@ -168,11 +169,18 @@ def read_hf_labels(hf_dir: str | os.PathLike) -> list[str] | None:
     return classifier_labels(hf) if family.is_classifier(hf) or family.is_token_classifier(hf) else None
 
 
+def _tensor_reader(hf_dir: epath.Path):
+    """read(name): a checkpoint tensor (as numpy), or None when the files do not hold it."""
+    reader = SafetensorsReader(safetensors_files(hf_dir), error=HFInteropError)
+    names = reader.names()
+    return lambda name: reader.read(name) if name in names else None
+
+
 def checked_checkpoint(hf_dir: epath.Path, cfg: ModelConfig, family: Family) -> tuple[SafetensorsReader, dict[str, str]]:
     """(reader, canonical HF name -> name in the files) once the files, their headers and every tensor's name,
     shape and dtype are checked against `cfg`: what an import refuses, it refuses here, before it writes."""
     reader = SafetensorsReader(safetensors_files(hf_dir), error=HFInteropError)
-    return reader, _check_tensors(reader, family, family.rules(cfg), cfg.n_layers, hf_dir)
+    return reader, _check_tensors(reader, family, family.rules(cfg), cfg, hf_dir)
 
 
 def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, shardings=None) -> dict:
@@ -182,7 +190,7 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
     holds more than one HF tensor.
     """
     hf_dir = hf_model_dir(hf_dir)
-    model_def = ModelDef(cfg)
+    model_def = build_model_def(cfg)
     shapes = flat_paths(model_def.shapes)
     if shardings is None:
         shardings = jax.tree.map(lambda _: SingleDeviceSharding(jax.devices()[0]), model_def.shapes)
@@ -204,7 +212,7 @@ def load_hf_params(hf_dir: str | os.PathLike, cfg: ModelConfig, family: Family, 
                 params[path] = place(host, flat_shardings[path])
             continue
         layers: dict[str, list[jax.Array]] = {p: [] for p in rule.lm}
-        for i in range(cfg.n_layers):
+        for i in range(rule.n_layers(cfg)):
             for path, host in zip(rule.lm, convert(rule, i), strict=True):
                 layers[path].append(place(host, _layer_sharding(flat_shardings[path])))
         for path in rule.lm:
@@ -223,6 +231,10 @@ def load_hf_model(hf_dir: str | os.PathLike, shardings_fn=None, param_dtype: str
     `shardings_fn(model_def)`, when given, returns the params' shardings.
     """
     family, fields, _ = model_config_from_hf(hf_dir, param_dtype)
+    if family.encoder_decoder:
+        raise HFInteropError(f"{hf_dir} holds a {family.architectures[0]}, an encoder-decoder; lmtrain generate and "
+                             "serve run decoder-only models. Import it (lmtrain import) to fine-tune or evaluate it "
+                             "with the seq2seq task.")
     cfg = ModelConfig.from_config(fields)
     shardings = shardings_fn(ModelDef(cfg)) if shardings_fn else None
     return cfg, load_hf_params(hf_dir, cfg, family, shardings)
@@ -295,6 +307,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
     family, fields, notes = model_config_from_hf(hf_dir, param_dtype)
     for note in notes:
         print(f"lmtrain import: note: {note}")
+    if family.settle_config is not None:
+        fields = family.settle_config(fields, _tensor_reader(hf_dir))
 
     head = fields.pop("head", "lm")
     cfg = base_config()
@@ -305,13 +319,16 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
         cfg.task.name = "classify"
     if head in ENCODER_TASKS:  # a bare encoder (the 'pool' head) continues masked-LM pretraining
         cfg.task.name = ENCODER_TASKS[head]
+    if family.encoder_decoder:  # input -> target fine-tuning on prompt/completion records
+        cfg.model.arch, cfg.task.name = "t5", "seq2seq"
     for key, value in fields.items():
         cfg.model[key] = value
     if adapter is not None:
         adapter.configure(cfg)
         for note in adapter.notes:
             print(f"lmtrain import: note: {note}")
-    cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
+    if "max_seq_len" in fields:  # T5's relative positions have no table to outgrow
+        cfg.data.seq_len = min(cfg.data.seq_len, fields["max_seq_len"])
     recipe = FINE_TUNING_RECIPES.get(family.name)
     if recipe:  # the optimizer the model's authors fine-tuned it with (printed by next_steps)
         for key, value in recipe.settings.items():
@@ -322,8 +339,8 @@ def import_hf(hf_dir: str | os.PathLike, workdir: str | os.PathLike, fsdp: int =
     cfg.data.source, cfg.data.shards_dir, cfg.data.tokenizer_dir = "shards", "", ""
     cfg.mesh.fsdp, cfg.mesh.tensor = fsdp, tensor
     cfg.train.init_from = str(workdir / "init_params")
-    model_cfg = dataclasses.replace(ModelConfig.from_config(cfg.model), head=head)
-    model_def = ModelDef(model_cfg)
+    model_cfg = model_config_for(cfg.model, head)
+    model_def = build_model_def(model_cfg)
     try:
         mesh = make_mesh(resolve_mesh_shape(cfg.mesh, jax.device_count()))
         shardings = param_shardings(model_def.logical_axes, mesh, cfg.mesh.axis_rules, model_def.shapes)
@@ -418,6 +435,15 @@ def next_steps(workdir: epath.Path) -> str:
             f"{workdir / LABELS}). Fine-tune it with the {task} task on data with the same labels "
             f"(README: 'Fine-tune for a task'), or export it with lmtrain export {workdir} OUT.", *recipe])
     config = workdir / "config.json"
+    if cfg["model"].get("arch") == "t5":
+        return "\n".join([
+            "Fine-tune this encoder-decoder on input -> target pairs in two steps:", *_tokenizer_step(workdir, tokenizer),
+            "  1. tokenize .jsonl records with 'prompt' (the encoder's input) and 'completion' (the target) fields "
+            "with the model's own tokenizer:",
+            f"     python tools/shard_data.py --input 'data/*.jsonl' --format sft --tokenizer {tokenizer} "
+            f"--output {shards}",
+            "  2. train the seq2seq task from the imported weights on those shards:",
+            f"     lmtrain train --config {config} --workdir {workdir} --config.data.shards_dir={shards}"])
     if not cfg["model"]["causal"]:
         return "\n".join([
             "Fine-tune this encoder as a text classifier in two steps:", *_tokenizer_step(workdir, tokenizer),

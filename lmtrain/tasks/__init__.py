@@ -20,6 +20,8 @@ TASKS = {
     "mlm": "lmtrain.tasks.mlm:MaskedLanguageModelling",
     "token_classify": "lmtrain.tasks.token_classify:TokenClassification",
     "grpo": "lmtrain.tasks.grpo:GroupRelativePolicyOptimization",
+    "seq2seq": "lmtrain.tasks.seq2seq:SequenceToSequence",  # encoder-decoder (model.arch='t5')
+    "span_corruption": "lmtrain.tasks.span_corruption:SpanCorruption",  # encoder-decoder (model.arch='t5')
 }
 _registered: dict[str, type] = {}  # plugin tasks, by name
 

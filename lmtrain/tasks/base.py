@@ -48,6 +48,10 @@ class Task:
 
     def model_config(self) -> ModelConfig:
         """The model this task trains: `config.model` with the task's head (training keeps fp32 masters)."""
+        if self.cfg.model.get("arch", "transformer") != "transformer":
+            raise ConfigError(f"model.arch='{self.cfg.model.arch}' builds an encoder-decoder, which task.name="
+                              f"{self.name} does not train; use task.name=seq2seq or span_corruption, or model.arch="
+                              "'transformer'.")
         model_cfg = ModelConfig.from_config(self.cfg.model)
         return dataclasses.replace(model_cfg, head=self.head).for_training()
 

@@ -103,4 +103,20 @@ class GrpoOptions(TaskOptions):
                 raise ConfigError(f"task.grpo_reward='{spec}': not a regular expression ({e}).") from None
 
 
-BUILTIN_OPTIONS = (SftOptions, ClassifyOptions, MlmOptions, GrpoOptions)  # the options of the tasks in lmtrain.tasks.TASKS
+class SpanCorruptionOptions(TaskOptions):
+    defaults = {
+        "noise_density": 0.15,  # span_corruption: share of each row's tokens hidden in spans (T5: 0.15)
+        "mean_noise_span_length": 3.0,  # span_corruption: mean tokens per hidden span, each one sentinel (T5: 3)
+    }
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if not 0.0 < cfg.task.noise_density < 1.0:
+            raise ConfigError(f"task.noise_density={cfg.task.noise_density} must lie in (0, 1); T5 uses 0.15.")
+        if cfg.task.mean_noise_span_length < 1.0:
+            raise ConfigError(f"task.mean_noise_span_length={cfg.task.mean_noise_span_length} must be at least 1; "
+                              "T5 uses 3.")
+
+
+# the options of the tasks in lmtrain.tasks.TASKS
+BUILTIN_OPTIONS = (SftOptions, ClassifyOptions, MlmOptions, GrpoOptions, SpanCorruptionOptions)

@@ -73,7 +73,8 @@ def matmul_params(model_def) -> int:
     shapes = model_def.shapes
     if "pos_embed" in shapes:
         total -= math.prod(shapes["pos_embed"].shape)
-    if shapes.get("head", {}).get("w") is not None:  # untied: the embedding is only a lookup
+    head = shapes.get("head")
+    if hasattr(head, "shape") or (isinstance(head, dict) and head.get("w") is not None):  # untied: the embedding is only a lookup
         total -= math.prod(shapes["embed"].shape)
     return total
 

@@ -25,7 +25,7 @@ from lmtrain import config as config_lib
 from lmtrain.data.packing import check_batch
 from lmtrain.data.shards import training_tokenizer_dir
 from lmtrain.locking import DirectoryInUse, DirLock
-from lmtrain.model import ModelDef
+from lmtrain.model import ModelDef, build_model_def
 from lmtrain.model.decode import SamplingConfig, generate
 from lmtrain.parallel.mesh import make_mesh, maybe_initialize_distributed
 from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
@@ -197,7 +197,7 @@ class Components:
     @classmethod
     def from_config(cls, cfg) -> Components:
         task = make_task(cfg)
-        model_def = ModelDef(task.model_config())
+        model_def = build_model_def(task.model_config())  # a ModelDef, or T5ModelDef for model.arch='t5'
         plan = ParamPlan.for_run(cfg, model_def, task)
         tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, plan, plan.split(model_def.shapes)[0])
         train_step = make_train_step(task.loss_fn(model_def), tx, cfg.train.grad_accum, plan.layer_masks(model_def.shapes))

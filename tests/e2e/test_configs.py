@@ -1,14 +1,17 @@
 """Every shipped config loads and validates; each start-up error says what is wrong."""
 
+import json as json_lib
 import pathlib
 
 import jax
 import pytest
 
 from lmtrain.config import CONFIGS_DIR, ConfigError, apply_overrides, load_config, validate
-from lmtrain.model import ModelConfig, ModelDef
+from lmtrain.model import build_model_def, model_config_for
+from lmtrain.train.trainer import train as train_run
 from tests import core_fixtures
 from tests.helpers import small_config
+from tools import shard_data
 
 CONFIG_NAMES = sorted(p.stem for p in CONFIGS_DIR.glob("*.py") if not p.stem.startswith("_"))
 EXPECTED_PARAMS_M = {"gpt2_small": (124, 125), "gpt2_medium": (354, 356), "llama_1b": (1200, 1300),
@@ -23,7 +26,7 @@ def test_all_five_configs_ship():
 def test_config_loads_validates_and_builds_abstractly(name):
     cfg = load_config(name)
     validate(cfg, 8)  # as on an 8-device host
-    model_def = ModelDef(ModelConfig.from_config(cfg.model))  # shapes only, nothing allocated
+    model_def = build_model_def(model_config_for(cfg.model))  # shapes only, nothing allocated (T5 for model.arch='t5')
     millions = model_def.num_params() / 1e6
     lo, hi = EXPECTED_PARAMS_M.get(name, (0.1, 50))
     assert lo <= millions <= hi, f"{name}: {millions:.1f}M parameters"
@@ -114,4 +117,27 @@ def test_local_form_trains_on_packed_text_and_the_loss_falls(name, tmp_path, tok
     assert len(losses) == 8
     # At init the loss is ~ln(4096) = 8.3 on every batch; 8 steps at the configs' own lr take off 0.25-0.45.
     assert sum(losses[-2:]) / 2 < losses[0] - 0.15, f"{name}: the loss did not fall: {losses}"
+    assert result.metrics["val_loss"] < losses[0]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("compile_cache")
+def test_t5_tiny_local_form_trains_on_the_packed_sft_demo(tmp_path, tokenizer_4096):
+    """configs/t5_tiny.py's CPU form, an encoder-decoder on the seq2seq task, trains on the built-in SFT demo's
+    real text packed whole (tools/shard_data.py --builtin-task sft): finite, and the loss falls in 8 steps."""
+    shards = tmp_path / "sft_shards"
+    assert shard_data.main(["--builtin-task", "sft", "--tokenizer", tokenizer_4096, "--seq-len", "128",
+                            "--output", str(shards), "--quiet"]) == 0
+    cfg = load_config("t5_tiny:runlocal")
+    apply_overrides(cfg, {
+        "data.tokenizer_dir": tokenizer_4096, "data.shards_dir": str(shards), "train.steps": "8",
+        "optimizer.warmup_steps": "2", "train.log_every": "1", "train.eval_every": "8", "train.eval_batches": "1",
+        "checkpoint.every": "8", "logging.tensorboard": "false", "logging.loss_curve_png": "false",
+        "logging.progress_bar": "false"})
+    result = train_run(cfg, tmp_path / "t5_tiny")
+    assert result.step == 8
+    records = [json_lib.loads(line) for line in (tmp_path / "t5_tiny" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 8
+    assert sum(losses[-2:]) / 2 < losses[0] - 0.15, f"t5_tiny: the loss did not fall: {losses}"
     assert result.metrics["val_loss"] < losses[0]

@@ -251,17 +251,19 @@ def test_every_task_declares_its_formats_head_and_lmtrain_eval_scorer():
     declared = {name: task_class(name) for name in TASKS}
     assert {n: c.formats for n, c in declared.items()} == {
         "lm": ("text",), "sft": ("sft", "chat"), "classify": ("classify",), "mlm": ("text",),
-        "token_classify": ("ner",), "grpo": ("sft",)}
+        "token_classify": ("ner",), "grpo": ("sft",), "seq2seq": ("sft",), "span_corruption": ("text",)}
     assert all(set(c.formats) <= BUILTIN_FORMATS for c in declared.values())
     # lmtrain eval: each scorer's head is the head of the task that declares it; the others use the task's eval
     assert (eval_head("lm"), eval_head("sft"), eval_head("classify")) == ("lm", "lm", "classify")
-    assert [n for n, c in declared.items() if c.eval_kind is None] == ["mlm", "token_classify", "grpo"]
+    assert [n for n, c in declared.items() if c.eval_kind is None] == ["mlm", "token_classify", "grpo", "seq2seq",
+                                                                       "span_corruption"]
     assert [n for n, c in declared.items() if c.generates_text] == ["lm", "sft", "grpo"]
 
 
 def test_task_keys_live_with_their_task_and_are_checked_by_it():
     assert base_config().task.to_dict() == {"name": "lm", **task_config_defaults()}
-    for key, bad in (("task.mask_prob", 1.5), ("task.eval_generate_examples", -1), ("task.class_weights", (1.0, -1.0))):
+    for key, bad in (("task.mask_prob", 1.5), ("task.eval_generate_examples", -1), ("task.class_weights", (1.0, -1.0)),
+                     ("task.noise_density", 1.0), ("task.mean_noise_span_length", 0.5)):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             validate(small_config("llama", **{key: bad}), 1)
 

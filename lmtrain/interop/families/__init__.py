@@ -7,7 +7,7 @@ order in which export tries the families that fit a model no imported family is 
 
 from __future__ import annotations
 
-from lmtrain.interop.families import bert, gpt2, llama
+from lmtrain.interop.families import bert, gpt2, llama, t5
 from lmtrain.interop.families.base import Family, HFConfig, HFInteropError, TensorRule, classifier_labels
 from lmtrain.model.layers import ModelConfig
 
@@ -18,6 +18,7 @@ _MODULES = (
     gpt2,
     llama,  # Llama, Mistral, Qwen2
     bert,  # BERT, RoBERTa
+    t5,  # T5 v1.0, T5 v1.1 / Flan-T5 (encoder-decoder)
 )
 FAMILIES: dict[str, Family] = {family.name: family for module in _MODULES for family in module.FAMILIES}
 
@@ -44,7 +45,12 @@ def family_for_hf_config(hf: dict, source: str) -> Family:
 
 def family_for_model(cfg: ModelConfig, preferred: str | None = None) -> Family:
     """The HF family that reproduces an lmtrain model exactly; `preferred` (the imported family) wins if it fits."""
-    candidates = [fam for fam in FAMILIES.values() if fam.causal == cfg.causal]
+    if not isinstance(cfg, ModelConfig):  # an encoder-decoder (lmtrain.model.encdec)
+        for fam in FAMILIES.values():
+            if fam.encoder_decoder and fam.fits(cfg):
+                return fam
+        raise HFInteropError(f"no Hugging Face family reproduces this lmtrain model ({type(cfg).__name__}) exactly.")
+    candidates = [fam for fam in FAMILIES.values() if fam.causal == cfg.causal and not fam.encoder_decoder]
     needs = ", ".join(fam.needs for fam in candidates if fam.needs)
     if not cfg.causal and not any(fam.fits(cfg) for fam in candidates):
         raise HFInteropError(

@@ -86,6 +86,10 @@ class TensorRule:
     def hf_name(self, layer: int | None) -> str:
         return self.hf.format(i=layer) if self.per_layer else self.hf
 
+    def n_layers(self, cfg) -> int:
+        """How many layers a per-layer rule runs over (an encoder-decoder's rules say which stack's)."""
+        return cfg.n_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class Family:
@@ -106,9 +110,15 @@ class Family:
     optional: tuple[str, ...] = ()  # tensors that may be present and are not used (lm_head copy of tied embeddings)
     classifier: str = ""  # the HF *ForSequenceClassification class: lmtrain's 'classify' head
     heads: tuple[tuple[str, str], ...] = ()  # encoders: (lmtrain head, HF class), e.g. ('mlm', 'BertForMaskedLM')
+    encoder_decoder: bool = False  # an lmtrain.model.encdec model (model.arch='t5'), not a ModelConfig transformer
+    # fields the config.json cannot settle and the tensors do: (fields, read) -> fields, where read(name) is the
+    # checkpoint's tensor or None (T5: whether the head is tied)
+    settle_config: Callable[[dict, Callable], dict] | None = dataclasses.field(default=None, hash=False)
 
     def architecture(self, cfg: ModelConfig) -> str:
         """The HF class that holds an lmtrain model with `cfg.head`."""
+        if self.encoder_decoder:
+            return self.architectures[0]
         for head, architecture in self.heads:
             if head == cfg.head:
                 return architecture

@@ -118,9 +118,21 @@ def config_from_hf(hf: dict, tensors: dict[str, np.ndarray] | None = None) -> tu
 
 
 def checkpoint_ties_head(tensors: dict[str, np.ndarray]) -> bool:
-    head = tensors.get("lm_head.weight")
-    return head is None or ("shared.weight" in tensors and np.array_equal(np.asarray(head),
-                                                                           np.asarray(tensors["shared.weight"])))
+    return _ties_head(tensors.get)
+
+
+def _ties_head(read) -> bool:
+    """Whether the head is the shared embedding: no `lm_head.weight`, or one equal to `shared.weight`."""
+    head = read("lm_head.weight")
+    if head is None:
+        return True
+    shared = read("shared.weight")
+    return shared is not None and np.array_equal(np.asarray(head), np.asarray(shared))
+
+
+def settle_config(fields: dict, read) -> dict:
+    """`lmtrain import`: the tying from the tensors, as transformers decides it (`read(name)`: a tensor or None)."""
+    return {**fields, "tie_embeddings": _ties_head(read)}
 
 
 def config_to_hf(cfg: T5Config) -> dict:
@@ -273,5 +285,7 @@ T5 = Family(
     lora_modules=dict(T5_LORA_NAMES),
     ignored_suffixes=IGNORED_SUFFIXES,
     optional=(*TIED_COPIES, "lm_head.weight"),
+    encoder_decoder=True,
+    settle_config=settle_config,
 )
 FAMILIES = (T5,)

@@ -56,6 +56,7 @@ class T5Config:
     # What the shared blocks (lmtrain.model.layers.Norm) read: T5's norm is RMSNorm without bias or centring.
     norm = "rmsnorm"
     use_bias = False
+    head = "seq2seq"  # what export and the LoRA rules read of a model's head: the LM head over the decoder
 
     def __post_init__(self):
         if self.mlp not in MLPS:
@@ -66,12 +67,18 @@ class T5Config:
         """From a `model:` mapping; LoRA targets may be canonical names or T5's PEFT module names."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in model_cfg.items() if k in fields}
+        if not values.get("head_dim"):  # the shared config's 0: d_model // n_heads
+            values["head_dim"] = values["d_model"] // values["n_heads"]
         values["lora_targets"] = resolve_lora_targets(values.get("lora_targets") or (), values.get("mlp", "gated-gelu")) \
             if values.get("lora_rank") else ()
         cfg = cls(**values)
         if cfg.lora_rank:
             adapter_method(cfg).check(cfg)  # an unknown model.adapter is a ConfigError here
         return cfg
+
+    def for_training(self) -> T5Config:
+        """Training keeps float32 master weights whatever the storage dtype (as ModelConfig.for_training)."""
+        return dataclasses.replace(self, param_dtype="float32")
 
     @property
     def decoder_layers(self) -> int:

@@ -89,19 +89,24 @@ class T5(nnx.Module):
         x_BxLxD = jnp.take(self.embed[...], tokens_BxL, axis=0).astype(self.cfg.compute_dtype)
         return constrain(_dropout(x_BxLxD, self.cfg.dropout, dropout_key), ("batch", "length", "act_embed"))
 
-    def encode(self, tokens_BxS, mask_BxS, dropout_key=None):
+    def encode(self, tokens_BxS, mask_BxS, dropout_key=None, segments_BxS=None):
         """The encoder output [B, S, D]. `mask_BxS` is True on real tokens: padding keys are masked out; a padding
-        query still attends to the real tokens (its output is never read), as in transformers."""
+        query still attends to the real tokens (its output is never read), as in transformers. With
+        `segments_BxS` (packed examples), a query sees only the keys of its own segment."""
         k_embed, k_stack = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         x_BxSxD = self.embed_tokens(tokens_BxS, k_embed)
         positions_S = jnp.arange(tokens_BxS.shape[1])
         mask_BxSxS = jnp.broadcast_to(mask_BxS[:, None, :].astype(bool), (*tokens_BxS.shape, tokens_BxS.shape[1]))
+        if segments_BxS is not None:
+            mask_BxSxS = mask_BxSxS & same_segment(segments_BxS, segments_BxS)
         return self.encoder.run(x_BxSxD, self.encoder.bias(positions_S, positions_S), mask_BxSxS,
                                 dropout_key=k_stack)
 
-    def decode(self, tokens_BxT, enc_BxSxD, enc_mask_BxS, mask_BxT=None, dropout_key=None):
+    def decode(self, tokens_BxT, enc_BxSxD, enc_mask_BxS, mask_BxT=None, dropout_key=None, segments_BxT=None,
+               enc_segments_BxS=None):
         """Teacher-forced logits [B, T, padded vocab] of the decoder inputs against the encoder output; `mask_BxT`
-        (optional) masks padding decoder keys besides the causal mask."""
+        (optional) masks padding decoder keys besides the causal mask. With segment ids (packed examples, both
+        given), a decoder query sees only the decoder and encoder keys of its own segment."""
         k_embed, k_stack = (None, None) if dropout_key is None else jax.random.split(dropout_key)
         b, t = tokens_BxT.shape
         x_BxTxD = self.embed_tokens(tokens_BxT, k_embed)
@@ -110,6 +115,9 @@ class T5(nnx.Module):
         if mask_BxT is not None:
             mask_BxTxT = mask_BxTxT & mask_BxT[:, None, :].astype(bool)
         enc_mask_BxTxS = jnp.broadcast_to(enc_mask_BxS[:, None, :].astype(bool), (b, t, enc_mask_BxS.shape[1]))
+        if segments_BxT is not None:
+            mask_BxTxT = mask_BxTxT & same_segment(segments_BxT, segments_BxT)
+            enc_mask_BxTxS = enc_mask_BxTxS & same_segment(segments_BxT, enc_segments_BxS)
         x_BxTxD = self.decoder.run(x_BxTxD, self.decoder.bias(positions_T, positions_T), mask_BxTxT, enc_BxSxD,
                                    enc_mask_BxTxS, k_stack)
         return self.logits(x_BxTxD)
@@ -122,10 +130,17 @@ class T5(nnx.Module):
         logits = jnp.einsum("btd,dv->btv", x_BxTxD, w_DxV, preferred_element_type=jnp.dtype(cfg.logits_dtype))
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def __call__(self, enc_tokens_BxS, enc_mask_BxS, dec_tokens_BxT, dec_mask_BxT=None, dropout_key=None):
+    def __call__(self, enc_tokens_BxS, enc_mask_BxS, dec_tokens_BxT, dec_mask_BxT=None, dropout_key=None,
+                 enc_segments_BxS=None, dec_segments_BxT=None):
         k_enc, k_dec = (None, None) if dropout_key is None else jax.random.split(dropout_key)
-        enc_BxSxD = self.encode(enc_tokens_BxS, enc_mask_BxS, k_enc)
-        return self.decode(dec_tokens_BxT, enc_BxSxD, enc_mask_BxS, dec_mask_BxT, k_dec)
+        enc_BxSxD = self.encode(enc_tokens_BxS, enc_mask_BxS, k_enc, enc_segments_BxS)
+        return self.decode(dec_tokens_BxT, enc_BxSxD, enc_mask_BxS, dec_mask_BxT, k_dec, dec_segments_BxT,
+                           enc_segments_BxS)
+
+
+def same_segment(query_segments_BxT, key_segments_BxS):
+    """[B, T, S]: True where a query and a key belong to the same packed example."""
+    return query_segments_BxT[:, :, None] == key_segments_BxS[:, None, :]
 
 
 def _nested_set(tree: dict, keys, value) -> None:
@@ -166,9 +181,11 @@ class T5ModelDef:
         nnx.replace_by_pure_dict(state, params)
         return nnx.merge(self.graphdef, state)
 
-    def apply(self, params: dict, enc_tokens_BxS, enc_mask_BxS, dec_tokens_BxT, dec_mask_BxT=None, dropout_key=None):
-        """Teacher-forced logits [B, T, padded vocab]."""
-        return self.bind(params)(enc_tokens_BxS, enc_mask_BxS, dec_tokens_BxT, dec_mask_BxT, dropout_key)
+    def apply(self, params: dict, enc_tokens_BxS, enc_mask_BxS, dec_tokens_BxT, dec_mask_BxT=None, dropout_key=None,
+              enc_segments_BxS=None, dec_segments_BxT=None):
+        """Teacher-forced logits [B, T, padded vocab]; segment ids keep packed examples apart."""
+        return self.bind(params)(enc_tokens_BxS, enc_mask_BxS, dec_tokens_BxT, dec_mask_BxT, dropout_key,
+                                 enc_segments_BxS, dec_segments_BxT)
 
     def encode(self, params: dict, enc_tokens_BxS, enc_mask_BxS):
         return self.bind(params).encode(enc_tokens_BxS, enc_mask_BxS)
