@@ -19,6 +19,9 @@ TASKS = {
     "classify": "lmtrain.tasks.classify:Classification",
     "mlm": "lmtrain.tasks.mlm:MaskedLanguageModelling",
     "token_classify": "lmtrain.tasks.token_classify:TokenClassification",
+    "dpo": "lmtrain.tasks.dpo:DirectPreferenceOptimization",
+    "orpo": "lmtrain.tasks.orpo:OddsRatioPreferenceOptimization",
+    "reward": "lmtrain.tasks.reward:RewardModelling",
 }
 _registered: dict[str, type] = {}  # plugin tasks, by name
 
