@@ -48,6 +48,8 @@ class DirectPreferenceOptimization(PreferenceTask):
         return {"params": start_params}
 
     def prepare(self, aux, batch: dict) -> dict:
+        if aux is None:  # LoRA: lmtrain eval still calls prepare; the loss reads the base itself
+            return batch
         chosen_B, rejected_B, _, _ = pair_logps(self._reference, aux["params"], batch)
         return {**batch, "ref_chosen_logp": chosen_B, "ref_rejected_logp": rejected_B}
 
