@@ -87,6 +87,25 @@ def _pairs(vocab, n=4, seed=0):
     return out
 
 
+def test_ipo_compares_per_token_means_and_orpo_adds_the_chosen_nll():
+    """The tasks feed the losses what the papers do: IPO and ORPO per-token mean log-probabilities."""
+    cfg = small_config("llama", **{"task.name": "dpo", "task.dpo_loss": "ipo", "task.dpo_beta": 0.5})
+    task = make_task(cfg)
+    model_def = ModelDef(task.model_config())
+    params = model_def.init(jax.random.key(0))
+    batch = pair_batch(_pairs(cfg.model.vocab_size), cfg.model.max_seq_len, 4)
+    pc, pr, nc, nr = (np.asarray(x, np.float64) for x in pair_logps(model_def, params, batch))
+    ref = {"ref_chosen_logp": np.float32(pc - 3.0), "ref_rejected_logp": np.float32(pr + 2.0)}
+    terms = task.pair_terms(model_def, params, {**batch, **ref}, None)
+    h = (pc / nc - (pc - 3.0) / nc) - (pr / nr - (pr + 2.0) / nr)
+    np.testing.assert_allclose(np.asarray(terms["loss"]), (h - 1 / (2 * 0.5)) ** 2, rtol=1e-4)
+    orpo = make_task(small_config("llama", **{"task.name": "orpo", "task.orpo_lambda": 0.3}))
+    terms = orpo.pair_terms(model_def, params, batch, None)
+    p_c, p_r = np.exp(pc / nc), np.exp(pr / nr)
+    ratio = np.log(p_c / (1 - p_c)) - np.log(p_r / (1 - p_r))
+    np.testing.assert_allclose(np.asarray(terms["loss"]), -pc / nc - 0.3 * _log_sigmoid(ratio), rtol=1e-4)
+
+
 def test_sequence_logps_equal_transformers_on_an_exported_model(tmp_path):
     cfg = ModelConfig.from_config(small_config("llama", **{"model.vocab_size": VOCAB}).model)
     params = _perturbed_params(cfg)
