@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from jax.sharding import NamedSharding, PartitionSpec
 from transformers import AutoModelForCausalLM
 
 from lmtrain.config import ConfigError
@@ -18,9 +19,12 @@ from lmtrain.data.formats.pref import pair_batch
 from lmtrain.interop.hf_export import export_params
 from lmtrain.model import ModelConfig, ModelDef
 from lmtrain.model.adapters import without_adapters
+from lmtrain.parallel.mesh import make_mesh
+from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
 from lmtrain.tasks import make_task, validate_task_config
 from lmtrain.tasks.dpo import pair_logps
 from lmtrain.tasks.preference import dpo_loss, orpo_loss
+from lmtrain.train.state import create_sharded_state
 from lmtrain.train.trainer import Components, train
 from tests.helpers import small_config
 from tests.interop.test_hf_export import _perturbed_params
@@ -188,12 +192,6 @@ def test_dpo_resume_equals_straight_and_reports_pair_metrics(pref_shards, tmp_pa
 
 def _loss_and_grads(cfg, mesh_shape, batch, params):
     """The DPO loss sums and their gradients on a mesh of `mesh_shape`, parameters and batch sharded as in training."""
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    from lmtrain.parallel.mesh import make_mesh
-    from lmtrain.parallel.partitioning import axis_rules, logical_to_spec
-    from lmtrain.train.state import create_sharded_state
-
     mesh = make_mesh(mesh_shape, jax.devices()[: int(np.prod(mesh_shape))])
     rules = cfg.mesh.axis_rules
     parts = Components.from_config(cfg)
