@@ -63,9 +63,9 @@ class Pooler(Dense):
         return jnp.tanh(super().__call__(x_BxLxD[:, 0]))
 
 
-def _check_num_labels(cfg: ModelConfig) -> None:
-    if cfg.num_labels < 2:
-        raise ValueError(f"model.num_labels={cfg.num_labels}: a classification head needs at least 2 classes.")
+def _check_num_labels(cfg: ModelConfig, least: int = 2) -> None:
+    if cfg.num_labels < least:
+        raise ValueError(f"model.num_labels={cfg.num_labels}: a classification head needs at least {least} classes.")
 
 
 class SequenceClassifierHead(nnx.Module):
@@ -74,7 +74,7 @@ class SequenceClassifierHead(nnx.Module):
     (encoders): the first token through the pooler, then `score` with a bias, as BertForSequenceClassification."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        _check_num_labels(cfg)
+        _check_num_labels(cfg, least=1)  # one output: a reward model's score (task.name=reward)
         self.cfg = cfg
         self.score = _param(rngs.params(), (cfg.d_model, cfg.num_labels), ("embed", None), cfg.init_std, cfg.weight_dtype)
         cls = cfg.pooling == "cls"
@@ -120,7 +120,7 @@ class TokenClassifierHead(nnx.Module):
     """Per-token class logits [B, L, num_labels] (named entities), as BertForTokenClassification's classifier."""
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
-        _check_num_labels(cfg)
+        _check_num_labels(cfg, least=1)  # one output: a reward model's score (task.name=reward)
         self.cfg = cfg
         self.score = _param(rngs.params(), (cfg.d_model, cfg.num_labels), ("embed", None), cfg.init_std, cfg.weight_dtype)
         self.bias = _param(None, (cfg.num_labels,), (None,), 0, cfg.weight_dtype)

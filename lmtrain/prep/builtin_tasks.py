@@ -1,13 +1,15 @@
-"""Two fine-tuning demos made from the standard library's source, which ships with Python (no download).
+"""Three fine-tuning demos made from the standard library's source, which ships with Python (no download).
 
 - sft: a public function's signature in, the summary line of its docstring out, e.g. prompt
   "shutil.copyfile(src, dst, *, follow_symlinks=True)\\n" -> completion "Copy data from src to dst in the most
   efficient way possible."
 - classify: which area of the standard library a docstring comes from, 6 balanced classes
   (concurrency, devtools, files, formats, math, network); the majority-class baseline is about 1/6.
+- pref: preference pairs for dpo, orpo and reward: sft's prompt, its own summary as `chosen` and the summary of a
+  function half the list away as `rejected`; a model that knows nothing prefers either half the time.
 
 Sources are parsed (never imported) in sorted order, so the records are the same on every run of the
-same Python version. `tools/shard_data.py --builtin-task sft|classify` shards them with
+same Python version. `tools/shard_data.py --builtin-task sft|classify|pref` shards them with
 train/validation/test splits.
 """
 
@@ -22,7 +24,7 @@ import xxhash
 
 from lmtrain.data.builtin_corpus import _stdlib_files
 
-TASKS = ("sft", "classify")
+TASKS = ("sft", "classify", "pref")
 
 # Top-level stdlib modules (or packages) of each class of the classification demo.
 AREAS = {
@@ -39,6 +41,7 @@ AREAS = {
                 "socketserver", "ssl", "ipaddress", "wsgiref", "mimetypes", "socket"),
 }
 MIN_DOC_CHARS = 40
+MAX_PREF_PROMPT_CHARS = 60  # a pair holds the prompt twice: short ones fit a small --seq-len with both summaries
 MAX_CLASSIFY_CHARS = 600  # the docstring's start: enough to tell the area, short enough for CPU training
 
 
@@ -108,9 +111,23 @@ def classify_records() -> Iterator[tuple[dict, str]]:
             yield {"text": text, "label": area}, by_area[area][text]
 
 
+def pref_records() -> Iterator[tuple[dict, str]]:
+    """(record with prompt/chosen/rejected, where): each sft record, preferring its own summary to the summary of
+    the record half the list away (a fixed pairing, so the pairs are the same on every run)."""
+    records = [(r, where) for r, where in sft_records() if len(r["prompt"]) <= MAX_PREF_PROMPT_CHARS]
+    half = len(records) // 2
+    for k, (record, where) in enumerate(records):
+        other = records[(k + half) % len(records)][0]["completion"]
+        if other != record["completion"]:
+            yield {"prompt": record["prompt"], "chosen": record["completion"], "rejected": other}, where.replace(
+                "builtin sft task", "builtin pref task")
+
+
 def task_records(task: str) -> Iterator[tuple[dict, str]]:
     if task == "sft":
         return sft_records()
+    if task == "pref":
+        return pref_records()
     if task == "classify":
         return classify_records()
     raise ValueError(f"unknown built-in task '{task}'; choose one of {', '.join(TASKS)}.")

@@ -70,7 +70,8 @@ from lmtrain.prep.text_sources import (
 )
 
 RUNNERS = ("local", "beam")
-ENGINE_OPTIONS = ("runner", "beam_options")  # how the shards were made, not what they hold: not in manifests
+ENGINE_OPTIONS = ("runner", "beam_options")
+PREF_OPTIONS = ("chosen_field", "rejected_field")  # how the shards were made, not what they hold: not in manifests
 BATCH_CHARS = 4 << 20  # characters per cleaning/tokenizing batch at most (besides --batch-docs)
 TOKENIZE_CHARS = 1 << 20  # characters encoded by one encode_batch call at most
 
@@ -95,9 +96,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "chat: `messages` rendered with the tokenizer's chat template; classify: text/label records;\n"
                         "ner: words and one tag per word (token classification, e.g. named entities); or a format\n"
                         "a plugin registers (LMTRAIN_PLUGINS)")
-    t.add_argument("--builtin-task", default="", choices=("", "sft", "classify"),
+    t.add_argument("--builtin-task", default="", choices=("", *builtin_tasks.TASKS),
                    help="a demo task made from Python's standard library (no download): sft (signature ->\n"
-                        "docstring summary) or classify (which area of the stdlib a docstring is from)")
+                        "docstring summary), classify (which area of the stdlib a docstring is from) or pref\n"
+                        "(signature -> its own summary preferred to another function's)")
     t.add_argument("--seq-len", type=int, default=0, help="task formats: the data.seq_len to train with; longer "
                    "examples follow --too-long")
     t.add_argument("--too-long", default="truncate", choices=("truncate", "drop"),
@@ -107,6 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "completion / assistant turns")
     t.add_argument("--prompt-field", default="prompt")
     t.add_argument("--completion-field", default="completion")
+    t.add_argument("--chosen-field", default="chosen", help="pref: the preferred completion (text or messages)")
+    t.add_argument("--rejected-field", default="rejected", help="pref: the other completion (text or messages)")
     t.add_argument("--messages-field", default="messages")
     t.add_argument("--label-field", default="label")
     t.add_argument("--tokens-field", default="tokens", help="ner: the list of words")
@@ -379,6 +383,7 @@ def _task_source(args: argparse.Namespace):
             args.text_field, args.label_field = "text", "label"
         else:
             args.prompt_field, args.completion_field = "prompt", "completion"
+            args.chosen_field, args.rejected_field = "chosen", "rejected"
         val = 0.1 if args.val_fraction is None else args.val_fraction
         test = 0.1 if args.test_fraction is None else args.test_fraction
         items = list(builtin_tasks.task_records(args.builtin_task))  # parsed once, read twice
@@ -543,6 +548,8 @@ def task_fingerprint(run: TaskRun, labels: list | None) -> tuple[dict, dict]:
     """(fingerprint, options) of a record format's run: what its shards' content depends on."""
     options = {k: v for k, v in vars(run.args).items()
                if k not in ("quiet", "force", "staging_dir", "output", "workers", "batch_docs", *ENGINE_OPTIONS)}
+    if run.example_format != "pref":  # pref's own options: other formats' fingerprints stay as they were
+        options = {k: v for k, v in options.items() if k not in PREF_OPTIONS}
     fingerprint = {"corpus": run.corpus, "example_format": run.example_format, "options": options,
                    "val_fraction": run.val, "test_fraction": run.test, "labels": labels,
                    "tokenizer_fingerprint": run.tok.fingerprint,

@@ -22,6 +22,9 @@ TASKS = {
     "grpo": "lmtrain.tasks.grpo:GroupRelativePolicyOptimization",
     "seq2seq": "lmtrain.tasks.seq2seq:SequenceToSequence",  # encoder-decoder (model.arch='t5')
     "span_corruption": "lmtrain.tasks.span_corruption:SpanCorruption",  # encoder-decoder (model.arch='t5')
+    "dpo": "lmtrain.tasks.dpo:DirectPreferenceOptimization",
+    "orpo": "lmtrain.tasks.orpo:OddsRatioPreferenceOptimization",
+    "reward": "lmtrain.tasks.reward:RewardModelling",
 }
 _registered: dict[str, type] = {}  # plugin tasks, by name
 

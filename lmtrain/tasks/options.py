@@ -118,5 +118,41 @@ class SpanCorruptionOptions(TaskOptions):
                               "T5 uses 3.")
 
 
+DPO_LOSSES = ("sigmoid", "ipo")
+
+
+class DpoOptions(TaskOptions):
+    defaults = {
+        "dpo_beta": 0.1,  # how far the policy may move from the reference: the scale of the implicit reward
+        # sigmoid: -log sigmoid(beta * margin) (Rafailov et al. 2023); ipo: (margin - 1 / (2 beta))^2 on per-token
+        # mean log-probabilities (Azar et al. 2023), as TRL computes it
+        "dpo_loss": "sigmoid",
+        "dpo_label_smoothing": 0.0,  # sigmoid: the share of pairs assumed mislabelled (conservative DPO)
+    }
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if not cfg.task.dpo_beta > 0:
+            raise ConfigError(f"task.dpo_beta={cfg.task.dpo_beta} must be > 0; 0.1 is the usual value.")
+        if cfg.task.dpo_loss not in DPO_LOSSES:
+            raise ConfigError(f"task.dpo_loss='{cfg.task.dpo_loss}' is unknown; choose one of {', '.join(DPO_LOSSES)}.")
+        if not 0.0 <= cfg.task.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"task.dpo_label_smoothing={cfg.task.dpo_label_smoothing} must lie in [0, 0.5).")
+        if cfg.task.dpo_loss == "ipo" and cfg.task.dpo_label_smoothing:
+            raise ConfigError("task.dpo_label_smoothing applies to task.dpo_loss=sigmoid only; set it to 0 for ipo.")
+
+
+class OrpoOptions(TaskOptions):
+    defaults = {
+        "orpo_lambda": 0.1,  # the weight of the odds-ratio term beside the chosen completions' NLL (Hong et al. 2024)
+    }
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        if not cfg.task.orpo_lambda > 0:
+            raise ConfigError(f"task.orpo_lambda={cfg.task.orpo_lambda} must be > 0; 0.1 is the paper's value.")
+
+
 # the options of the tasks in lmtrain.tasks.TASKS
-BUILTIN_OPTIONS = (SftOptions, ClassifyOptions, MlmOptions, GrpoOptions, SpanCorruptionOptions)
+BUILTIN_OPTIONS = (SftOptions, ClassifyOptions, MlmOptions, GrpoOptions, SpanCorruptionOptions, DpoOptions,
+                   OrpoOptions)

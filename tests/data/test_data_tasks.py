@@ -394,7 +394,7 @@ def test_the_task_must_match_the_shards(tok_dir, tmp_path):
 @pytest.mark.slow
 def test_builtin_task_demos_have_three_splits_and_balanced_classes(builtin_shards, tmp_path, capsys):
     tok, _ = builtin_shards
-    for task in ("sft", "classify"):
+    for task in ("sft", "classify", "pref"):
         out = tmp_path / task
         assert shard_data.main(["--builtin-task", task, "--tokenizer", tok, "--output", str(out), "--seq-len", "128",
                                 "--quiet"]) == 0

@@ -244,20 +244,21 @@ def test_class_weights_weight_each_example_by_its_class_and_a_zero_weight_remove
 # ----------------------------------------------------------------------------- what a task declares
 
 
-BUILTIN_FORMATS = {"text", "sft", "chat", "classify", "ner"}
+BUILTIN_FORMATS = {"text", "sft", "chat", "classify", "ner", "pref"}
 
 
 def test_every_task_declares_its_formats_head_and_lmtrain_eval_scorer():
     declared = {name: task_class(name) for name in TASKS}
     assert {n: c.formats for n, c in declared.items()} == {
         "lm": ("text",), "sft": ("sft", "chat"), "classify": ("classify",), "mlm": ("text",),
-        "token_classify": ("ner",), "grpo": ("sft",), "seq2seq": ("sft",), "span_corruption": ("text",)}
+        "token_classify": ("ner",), "grpo": ("sft",), "seq2seq": ("sft",), "span_corruption": ("text",),
+        "dpo": ("pref",), "orpo": ("pref",), "reward": ("pref",)}
     assert all(set(c.formats) <= BUILTIN_FORMATS for c in declared.values())
     # lmtrain eval: each scorer's head is the head of the task that declares it; the others use the task's eval
     assert (eval_head("lm"), eval_head("sft"), eval_head("classify")) == ("lm", "lm", "classify")
     assert [n for n, c in declared.items() if c.eval_kind is None] == ["mlm", "token_classify", "grpo", "seq2seq",
-                                                                       "span_corruption"]
-    assert [n for n, c in declared.items() if c.generates_text] == ["lm", "sft", "grpo"]
+                                                                       "span_corruption", "dpo", "orpo", "reward"]
+    assert [n for n, c in declared.items() if c.generates_text] == ["lm", "sft", "grpo", "dpo", "orpo"]
 
 
 def test_task_keys_live_with_their_task_and_are_checked_by_it():
