@@ -43,6 +43,8 @@ SECTIONS = {
     "Preparing data for a task (fine-tuning)": (RUN, ""),
     "Preparing data on a cluster": (CHECK, "a Dataflow project or a Flink cluster; tests/prep runs --runner beam"),
     "Fine-tune for a task": (RUN, ""),
+    "Preference and reinforcement fine-tuning: DPO, ORPO, reward models, GRPO": (
+        CHECK, "tests/tasks/test_dpo.py, test_reward.py and test_grpo.py train them"),
     "The parameter-rules table": (CHECK, "`--config ...` placeholder"),
     "LoRA": (CHECK, "`--config ...` and BASE_WORKDIR placeholders"),
     "Export and import of a LoRA run": (CHECK, "RUN/OUT/BASE placeholders; tests/interop/test_lora_interop.py runs them"),
@@ -51,6 +53,7 @@ SECTIONS = {
     "Tune hyperparameters": (SYNOPSIS, ""),
     "Retrain as new data arrives": (CHECK, "needs a finished run in runs/v1 and a new month of data"),
     "Pretrain with masked language modelling, then fine-tune": (RUN, ""),
+    "Encoder-decoder models: T5": (CHECK, "tests/tasks/test_seq2seq.py and tests/e2e/test_configs.py train t5_tiny"),
     "Hugging Face models": (RUN, ""),
     "Deploy": (CHECK, "starts a server that runs until stopped; tests/serve/test_serve.py runs it"),
     "1. One-time set-up on your workstation": (CHECK, "a Google Cloud account"),
