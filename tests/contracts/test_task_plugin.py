@@ -146,3 +146,111 @@ def test_without_the_plugin_its_workdir_is_an_unknown_task_in_one_line(tmp_path)
                 plugins="")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"task.name='{TASK}' is unknown" in proc.stderr
+
+
+# A task that reads a format that is a plugin too (tests/data/test_formats.py's scored_text: one text per row with
+# a per-example score): language modelling on each row, each example's tokens weighted by its score.
+SCORED_TASK = '''
+import jax.numpy as jnp
+
+from lmtrain.tasks import Task, register_task
+from lmtrain.tasks.base import dropout_key
+from lmtrain.tasks.losses import token_loss_sums
+
+
+def _shifted(batch):
+    """Next-token targets within each row, and where they count (both tokens real)."""
+    targets_BxL = jnp.roll(batch["inputs"], -1, axis=1)
+    real_BxL = (batch["segment_ids"] > 0) & (jnp.roll(batch["segment_ids"], -1, axis=1) > 0)
+    return targets_BxL, real_BxL.at[:, -1].set(False).astype(jnp.float32)
+
+
+class ScoreWeightedLM(Task):
+    formats = ("scored_text",)
+    head = "lm"
+    METRIC_MODES = {"val_loss": "min", "val_weighted_loss": "min"}
+
+    def loss_fn(self, model_def):
+        vocab = model_def.cfg.vocab_size
+
+        def loss_fn(params, batch, rng):
+            logits = model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"],
+                                     dropout_key(model_def.cfg, rng))
+            targets_BxL, real_BxL = _shifted(batch)
+            w_BxL = real_BxL * batch["score"][:, None]
+            ce_sum, _, _ = token_loss_sums(logits, targets_BxL, w_BxL, vocab)
+            return ce_sum, jnp.sum(w_BxL), {"loss": ce_sum}
+
+        return loss_fn
+
+    def eval_step(self, model_def):
+        vocab = model_def.cfg.vocab_size
+
+        def eval_step(params, batch):
+            logits = model_def.apply(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+            targets_BxL, real_BxL = _shifted(batch)
+            ce_sum, _, n = token_loss_sums(logits, targets_BxL, real_BxL, vocab)
+            w_BxL = real_BxL * batch["score"][:, None]
+            weighted, _, w = token_loss_sums(logits, targets_BxL, w_BxL, vocab)
+            return {"ce_sum": ce_sum, "tokens": n, "weighted": weighted, "weight": w}
+
+        return eval_step
+
+    def eval_metrics(self, sums):
+        if not float(sums.get("tokens", 0)):
+            return {}
+        return {"val_loss": float(sums["ce_sum"]) / float(sums["tokens"]),
+                "val_weighted_loss": float(sums["weighted"]) / float(sums["weight"])}
+
+
+register_task("score_weighted_lm", ScoreWeightedLM)
+'''
+
+
+@pytest.mark.heavy  # five command-line runs: about 2 minutes on 2 CPU cores; .ci/run runs it
+def test_a_plugin_task_on_a_plugin_format_shards_trains_resumes_and_evaluates(tmp_path, builtin_shards):
+    from tests.data.test_formats import PLUGIN, PLUGIN_SOURCE
+
+    tokenizer, _ = builtin_shards
+    (tmp_path / f"{PLUGIN}.py").write_text(PLUGIN_SOURCE)
+    (tmp_path / "scored_task_plugin.py").write_text(SCORED_TASK)
+    plugins = f"{PLUGIN},scored_task_plugin"
+    records = [{"text": f"note {k}: the {'quick' if k % 2 else 'slow'} fox " + "jumps over the dog " * (1 + k % 3),
+                "score": 0.5 + (k % 4)} for k in range(64)]
+    data = tmp_path / "scored.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    shards = tmp_path / "shards"
+    _run(["tools/shard_data.py", "--input", str(data), "--format", "scored_text", "--tokenizer", tokenizer,
+          "--output", str(shards), "--seq-len", "32", "--val-fraction", "0.25", "--workers", "1", "--quiet"],
+         tmp_path, plugins=plugins)
+    assert json.loads((shards / "manifest.json").read_text())["example_format"] == "scored_text"
+
+    cfg = small_config("llama", **{
+        "task.name": "score_weighted_lm", "data.source": "shards", "data.shards_dir": str(shards),
+        "data.tokenizer_dir": tokenizer, "data.seq_len": 32, "model.vocab_size": 1024, "optimizer.lr": 3e-3,
+        "optimizer.schedule": "constant", "optimizer.warmup_steps": 0, "train.log_every": 1, "train.eval_every": 2,
+        "train.eval_batches": 1, "checkpoint.every": 2, "checkpoint.keep": 1})
+    config = tmp_path / "scored.json"
+    config.write_text(to_json(cfg))
+
+    def train(workdir, steps):
+        return _run(["-m", "lmtrain.cli", "train", f"--config={config}", f"--workdir={workdir}", "--no-progress",
+                     f"--config.train.steps={steps}"], tmp_path, plugins=plugins)
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(straight, 4)
+    train(resumed, 2)
+    assert "resuming" in train(resumed, 4).stdout
+    a, b = _losses(straight), _losses(resumed)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(a[s] == b[s] for s in a), (a, b)
+    evals = {r["step"]: r for r in _records(straight) if "val_weighted_loss" in r}
+    assert sorted(evals) == [2, 4]
+    assert evals[4]["val_weighted_loss"] != evals[4]["val_loss"]  # the scores reached the task: not all equal
+
+    out = tmp_path / "eval"
+    _run(["-m", "lmtrain.cli", "eval", str(resumed), "--data", str(shards), "--out", str(out), "--batch-size", "8",
+          "--max-examples", "8"], tmp_path, plugins=plugins)
+    result = json.loads((out / "eval.json").read_text())["result"]
+    assert result["task"] == "score_weighted_lm" and set(result["metrics"]) == {"loss", "weighted_loss"}
+    assert math.isclose(result["metrics"]["loss"], evals[4]["val_loss"], rel_tol=1e-5)
