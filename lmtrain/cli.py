@@ -8,7 +8,6 @@ import sys
 
 import lmtrain
 from lmtrain.errors import ConfigError
-from lmtrain.parallel.mesh import maybe_initialize_distributed
 from lmtrain.plugins import load_plugins
 from lmtrain.runtime import apply_xla_defaults
 from lmtrain.train.disk_full import quiet_disk_full_noise
@@ -30,6 +29,10 @@ COMMANDS = {
 # Commands that read or write sharded checkpoints: under a multi-process launcher every process joins the
 # job (`train` does it inside, after installing its signal handlers).
 JOINS_A_JOB = ("import", "export", "generate", "eval", "serve")
+# The join itself, loaded like the commands above, by name when it runs: it imports JAX, and this module must not
+# (importing JAX takes a second or more, and a SIGTERM in that second would kill `lmtrain train` with exit 143
+# before _hold_stop_signals runs; tests/train/test_checkpoint.py sends one).
+JOIN_A_JOB = ("lmtrain.parallel.mesh", "maybe_initialize_distributed")
 
 
 def _usage() -> str:
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if name in JOINS_A_JOB:
         try:  # one process per host: they form one JAX job before touching a checkpoint
-            maybe_initialize_distributed()
+            getattr(importlib.import_module(JOIN_A_JOB[0]), JOIN_A_JOB[1])()
         except ConfigError as e:
             print(f"lmtrain {name}: error: {e}", file=sys.stderr)
             return 2
