@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--lora-rank", type=int, default=0, help="also time DPO under LoRA of this rank")
-    p.add_argument("--out", default="", help="write the results here as JSON")
+    p.add_argument("--out", "--json", dest="out", default="",
+                   help="write the results here as JSON (--json: the name tools/device_check.py passes)")
     args = p.parse_args(argv)
     max_seq_len = max(args.seq_len, load_config(args.config).model.max_seq_len)
     common = {"data.batch_size": str(args.batch_size), "data.seq_len": str(args.seq_len),

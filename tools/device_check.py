@@ -7,10 +7,11 @@ Run through tools/device_check.sh (see BENCHMARKS.md, "Device check"):
     tools/device_check.sh --dry-run --out DIR   # the same pipeline on CPU with tiny shapes (seconds a measurement)
 
 Each measurement is one process of an existing tool (tools/benchmark.py, tools/benchmark_lora.py,
-tools/profile_step.py) with the commands and shapes of BENCHMARKS.md's GPU section, so the figures compare with
-the earlier ones. Each has its own timeout and the whole run a budget (default 480 s, install included); a
-failure or a timeout is recorded and the rest go on. Measurements of features this version lacks (the DPO step,
-the serve benchmark) are detected from lmtrain's own registries and listed as not available.
+tools/benchmark_dpo.py, tools/benchmark_serve.py, tools/profile_step.py) with the commands and shapes of
+BENCHMARKS.md's GPU section, so the figures compare with the earlier ones. Each has its own timeout and the whole
+run a budget (default 480 s, install included); a failure or a timeout is recorded and the rest go on. A
+measurement of a feature this version may lack (tool "feature") is detected from lmtrain's own registries and
+listed as not available; none of the current measurements is one.
 
 This file uses the standard library only: it runs before lmtrain's dependencies are installed.
 """
@@ -49,12 +50,12 @@ class Measurement:
 
     name: str
     title: str
-    tool: str  # "benchmark", "lora", "profile", or "feature" (not measured by this version)
+    tool: str  # a key of TOOLS, or "feature" (not measured by this version)
     args: tuple[str, ...] = ()  # on the accelerator: BENCHMARKS.md's commands and shapes
     dry_args: tuple[str, ...] = ()  # --dry-run: the same tool on tiny shapes
     timeout_s: int = 120
     earlier: str = ""  # the figure BENCHMARKS.md has for the same command (H100)
-    feature: tuple[str, str] = ("", "")  # tool "feature": (registry, key), e.g. ("tasks", "dpo")
+    feature: tuple[str, str] = ("", "")  # tool "feature": (registry, key), e.g. ("tasks", "kto")
 
 
 MEASUREMENTS = (
@@ -75,7 +76,10 @@ MEASUREMENTS = (
                 ("--shape", "llama_1b", "--rounds", "3", "--steps", "3"),
                 ("--shape", "llama_1b:runlocal", "--rounds", "1", "--steps", "1", *TINY_LORA), 180,
                 "none on a GPU yet (target: LoRA >= 1.3x full)"),
-    Measurement("dpo_vs_sft_step", "DPO step vs SFT step", "feature", feature=("tasks", "dpo")),
+    Measurement("dpo_vs_sft_step", "gpt2_small, 8 x 1024: DPO step (full and LoRA rank 16) vs SFT step", "dpo",
+                ("--config=gpt2_small", "--batch-size", "8", "--seq-len", "1024", "--steps", "5", "--lora-rank", "16"),
+                ("--config=tiny", "--batch-size", "2", "--seq-len", "32", "--steps", "1", "--lora-rank", "4"), 180,
+                "none on a GPU yet"),
     Measurement("serve_concurrency_16", "lmtrain serve, random GPT-2 124M, concurrency 16, 64 x (128 in, 64 out)",
                 "serve", ("--shape", "gpt2_small", "--concurrency", "16", "--requests", "64"),
                 ("--shape", "tiny", "--vocab-size", "512", "--concurrency", "4", "--requests", "8", "--prompt-len", "16",
@@ -86,7 +90,7 @@ MEASUREMENTS = (
                 "68.7 ms device time per step"),
 )
 TOOLS = {"benchmark": "tools/benchmark.py", "lora": "tools/benchmark_lora.py", "profile": "tools/profile_step.py",
-         "serve": "tools/benchmark_serve.py"}
+         "serve": "tools/benchmark_serve.py", "dpo": "tools/benchmark_dpo.py"}
 
 # Run in a child: the versions, the device and lmtrain's registries, as one JSON line (a hang or a crash in
 # JAX's start-up is then one failed probe, not a dead check).
@@ -207,7 +211,16 @@ def read_serve(path: pathlib.Path) -> dict:
             "details": {"ok": r["ok"], "failed": r["failed"], "ttft_p50_s": r["ttft_p50_s"], "e2e_p50_s": r["e2e_p50_s"]}}
 
 
-READERS = {"benchmark": read_benchmark, "lora": read_lora, "profile": read_profile, "serve": read_serve}
+def read_dpo(path: pathlib.Path) -> dict:
+    r = json.loads(path.read_text())
+    return {"metrics": {"sft_ms_per_step": r["sft_ms_per_step"], "dpo_ms_per_step": r["dpo_ms_per_step"],
+                        "dpo_over_sft": r["dpo_over_sft"], "dpo_lora_ms_per_step": r["dpo_lora_ms_per_step"],
+                        "dpo_lora_over_sft": r["dpo_lora_over_sft"]},
+            "details": {"batch_size": r["batch_size"], "seq_len": r["seq_len"], "reference": r["reference"]}}
+
+
+READERS = {"benchmark": read_benchmark, "lora": read_lora, "profile": read_profile, "serve": read_serve,
+           "dpo": read_dpo}
 
 
 def bad_metrics(metrics: dict) -> list[str]:
@@ -382,6 +395,10 @@ def table_row(name: str, r: dict) -> str:
         cells = [name, "ok", f"{_fmt(m['output_tokens_per_s'])} output", "",
                  f"p95 first token {m['ttft_p95_s'] * 1000:,.0f} ms, p95 end-to-end {m['e2e_p95_s'] * 1000:,.0f} ms",
                  "", f"{m['start_s']:.0f} s to serve", r.get("earlier", ""), r["command"]]
+    elif "dpo_over_sft" in m:
+        cells = [name, "ok", "", "", f"SFT {m['sft_ms_per_step']:,.1f} ms, DPO {m['dpo_ms_per_step']:,.1f} ms "
+                 f"({m['dpo_over_sft']:.2f}x), DPO LoRA {m['dpo_lora_ms_per_step']:,.1f} ms ({m['dpo_lora_over_sft']:.2f}x)",
+                 "", "", r.get("earlier", ""), r["command"]]
     elif "device_ms_per_step" in m:
         top = r["details"]["top"][0] if r["details"]["top"] else {"name": "", "ms_per_step": 0}
         cells = [name, "ok", "", "", f"{m['device_ms_per_step']:.1f} ms device, {m['wall_ms_per_step']:.1f} ms wall",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every accelerator measurement in one time-boxed run (at most 8 minutes on an H100, install included):
 # gpt2_small dense and packed, llama_1b, LoRA against full fine-tuning on llama_1b, a profile of the
-# gpt2_small step, and the DPO and serve measurements where this version has them. Writes
+# gpt2_small step, a DPO step (full and LoRA) against an SFT step, and lmtrain serve. Writes
 # device_check.json, device_check.md (a table for BENCHMARKS.md) and device_check.log into $OUT, or --out DIR.
 #
 #   tools/device_check.sh                           # on the GPU machine: pip install -e .[gpu], then measure

@@ -1,7 +1,8 @@
 """tools/device_check.sh: the accelerator check's pipeline on CPU (--dry-run, tiny shapes), so it cannot rot
 while no GPU is lent: every measurement in the JSON with finite positive numbers, a Markdown row for each,
-features this version lacks detected as not available; a failing, hanging or malformed step is recorded and the
-rest go on; and shellcheck."""
+features this version lacks (a synthetic one: no real measurement is a feature now) detected from lmtrain's
+registries as not available; a failing, hanging or malformed step is recorded and the rest go on; and
+shellcheck."""
 
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ from tools.device_check import Measurement
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "tools" / "device_check.sh"
-FEATURES = {"dpo_vs_sft_step"}  # not in this version: listed as not available
+# A feature no version of lmtrain has: the "feature" mechanism's example, patched into MEASUREMENTS by the tests
+# that need one (every real measurement runs a tool now).
+FAKE_FEATURE = Measurement("kto_step", "KTO step vs SFT step", "feature", feature=("tasks", "kto"))
+FEATURES = {FAKE_FEATURE.name}
+DPO_METRICS = {"sft_ms_per_step", "dpo_ms_per_step", "dpo_over_sft", "dpo_lora_ms_per_step", "dpo_lora_over_sft"}
 
 # A stand-in for tools/benchmark.py: --mode picks its behaviour, --json gets a result line like the real one's.
 FAKE_TOOL = r"""
@@ -51,7 +56,7 @@ def fake_probe(tasks=("lm", "sft"), commands=("train", "eval")) -> str:
 
 
 def check_report(out: pathlib.Path, measured: set[str]) -> dict:
-    """The JSON has every measurement (`measured` ok with finite positive numbers, DPO not available,
+    """The JSON has every measurement (`measured` ok with finite positive numbers, features not available,
     the rest skipped) and the Markdown table one row each."""
     report = json.loads((out / "device_check.json").read_text())
     assert report["complete"] and report["dry_run"]
@@ -62,7 +67,7 @@ def check_report(out: pathlib.Path, measured: set[str]) -> dict:
             assert r["metrics"], name
             for key, value in r["metrics"].items():
                 assert isinstance(value, int | float) and math.isfinite(value) and value > 0, (name, key, value)
-        elif name in FEATURES:
+        elif name in FEATURES | {m.name for m in device_check.MEASUREMENTS if m.tool == "feature"}:
             assert r["status"] == "not_available", (name, r)
             assert "not available in this version" in r["error"]
         else:
@@ -88,14 +93,19 @@ def test_script_passes_shellcheck():
 
 @pytest.mark.slow
 def test_dry_run_measures_with_a_real_tool_and_lists_every_measurement(tmp_path):
-    """DEVICE_CHECK_DRY_RUN=1 (no install), one real tool run: the packed-documents benchmark."""
+    """DEVICE_CHECK_DRY_RUN=1 (no install), two real tool runs: the packed-documents benchmark and the DPO step."""
     proc = run_script(tmp_path, "--only", "gpt2_small_packed,dpo_vs_sft_step",
                       env={"DEVICE_CHECK_DRY_RUN": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = check_report(tmp_path, {"gpt2_small_packed"})
+    report = check_report(tmp_path, {"gpt2_small_packed", "dpo_vs_sft_step"})
     assert report["install"] == {"status": "skipped", "reason": "--dry-run"}
     assert "--segments" in report["measurements"]["gpt2_small_packed"]["command"]
-    assert "| gpt2_small_packed | ok |" in proc.stdout  # the table is printed last, for the device tool's output tail
+    dpo = report["measurements"]["dpo_vs_sft_step"]
+    assert dpo["command"].startswith("python tools/benchmark_dpo.py --config=tiny") and "--lora-rank 4" in dpo["command"]
+    assert set(dpo["metrics"]) == DPO_METRICS
+    assert dpo["details"]["batch_size"] == 2 and dpo["details"]["seq_len"] == 32 and dpo["details"]["reference"]
+    for name in ("gpt2_small_packed", "dpo_vs_sft_step"):
+        assert f"| {name} | ok |" in proc.stdout  # the table is printed last, for the device tool's output tail
     versions = next(line for line in proc.stdout.splitlines() if line.startswith("Python "))  # printed before measuring
     assert proc.stdout.index(versions) < proc.stdout.index("== gpt2_small_packed")
     assert all(f"{name} {report['environment'][name]}" in versions for name in ("jax", "jaxlib", "flax"))
@@ -119,6 +129,7 @@ def _run_fakes(tmp_path, monkeypatch, modes: dict[str, int], budget_s: float = 1
     monkeypatch.setenv("FAKE_CHILD_PID", str(tmp_path / "child.pid"))
     measurements = [Measurement(mode, mode, "benchmark", dry_args=(f"--mode={mode}",), timeout_s=t)
                     for mode, t in modes.items()]
+    monkeypatch.setattr(device_check, "MEASUREMENTS", (*device_check.MEASUREMENTS, FAKE_FEATURE))
     measurements += [m for m in device_check.MEASUREMENTS if m.tool == "feature"]
     args = device_check.parse_args(["--dry-run", "--out", str(tmp_path / "out"), "--budget-s", str(budget_s)])
     return device_check.run(args, measurements), tmp_path / "out"
@@ -188,8 +199,8 @@ def test_without_an_accelerator_the_real_shapes_are_not_started(tmp_path, monkey
 
 
 def test_a_feature_that_exists_now_asks_for_its_measurement(tmp_path, monkeypatch):
-    """When the dpo task lands, the check fails until it measures it (serve has its measurement now)."""
-    report, _ = _run_fakes(tmp_path, monkeypatch, {}, probe=fake_probe(tasks=("lm", "dpo"), commands=("train", "serve")))
+    """When a feature's task lands (as dpo did), the check fails until it measures it."""
+    report, _ = _run_fakes(tmp_path, monkeypatch, {}, probe=fake_probe(tasks=("lm", "kto"), commands=("train", "serve")))
     for name in FEATURES:
         assert report["measurements"][name]["status"] == "failed"
         assert "no measurement for it yet" in report["measurements"][name]["error"]
@@ -217,9 +228,32 @@ def test_no_output_directory_is_a_usage_error(tmp_path):
 def test_out_environment_variable_is_the_default_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("OUT", str(tmp_path / "from_env"))
     monkeypatch.setattr(device_check, "PROBE", fake_probe())
-    args = device_check.parse_args(["--dry-run", "--only", "dpo_vs_sft_step"])
+    monkeypatch.setattr(device_check, "MEASUREMENTS", (*device_check.MEASUREMENTS, FAKE_FEATURE))
+    args = device_check.parse_args(["--dry-run", "--only", FAKE_FEATURE.name])  # nothing is run: a feature check
     device_check.run(args)
     assert (tmp_path / "from_env" / "device_check.json").exists()
+
+
+def test_every_measured_tool_has_a_script_and_a_reader():
+    """A measurement's tool is a feature check or a script that exists with a reader for its JSON."""
+    for m in device_check.MEASUREMENTS:
+        if m.tool != "feature":
+            assert (REPO / device_check.TOOLS[m.tool]).is_file() and m.tool in device_check.READERS, m.name
+            assert m.args and m.dry_args and m.earlier, m.name
+
+
+def test_read_dpo_reads_benchmark_dpo_json(tmp_path):
+    """read_dpo takes what tools/benchmark_dpo.py writes; its table row names each step time and ratio."""
+    result = {"device": "cpu", "batch_size": 8, "seq_len": 1024, "reference": "computed every step",
+              "sft_ms_per_step": 100.0, "dpo_ms_per_step": 250.0, "dpo_lora_ms_per_step": 180.0,
+              "dpo_over_sft": 2.5, "dpo_lora_over_sft": 1.8}
+    path = tmp_path / "dpo.json"
+    path.write_text(json.dumps(result))
+    read = device_check.read_dpo(path)
+    assert read["metrics"] == {k: result[k] for k in DPO_METRICS}
+    assert read["details"] == {"batch_size": 8, "seq_len": 1024, "reference": "computed every step"}
+    row = device_check.table_row("dpo_vs_sft_step", {"status": "ok", "command": "python x", **read})
+    assert "SFT 100.0 ms, DPO 250.0 ms (2.50x), DPO LoRA 180.0 ms (1.80x)" in row
 
 
 def _fake_wheel(folder: pathlib.Path, name: str) -> pathlib.Path:
