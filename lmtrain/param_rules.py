@@ -113,6 +113,9 @@ FAMILY_NAMES = {
     "gpt2": {"c_attn": ("q", "k", "v"), "attn.c_proj": ("o",), "c_fc": ("up",), "mlp.c_proj": ("down",)},
     "bert": {"query": ("q",), "key": ("k",), "value": ("v",), "attention.output.dense": ("o",),
              "intermediate.dense": ("up",), "output.dense": ("down",)},
+    # T5: q, k, v and o name both the self- and the cross-attention projections, in PEFT as in lmtrain
+    "t5": {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "wi": ("up",), "wi_0": ("gate",), "wi_1": ("up",),
+           "wo": ("down",)},
 }
 FAMILY_NAMES["mistral"] = FAMILY_NAMES["qwen2"] = FAMILY_NAMES["llama"]
 FAMILY_NAMES["roberta"] = FAMILY_NAMES["bert"]
@@ -120,6 +123,9 @@ FAMILY_NAMES["roberta"] = FAMILY_NAMES["bert"]
 
 class LoRAError(ValueError):
     """A LoRA setting that cannot apply to this model; the message names it and what to choose."""
+
+
+GATED_MLPS = ("swiglu", "gated-gelu")  # the feed-forwards with a gate projection (decoders; T5 v1.1)
 
 
 def resolve_targets(names, mlp: str) -> tuple[str, ...]:
@@ -137,7 +143,7 @@ def resolve_targets(names, mlp: str) -> tuple[str, ...]:
                 f"model.lora_targets: '{name}' matches no projection. Use q, k, v, o, gate, up, down, or a family's "
                 f"module names ({', '.join(sorted(aliases))}).")
         for part in parts:
-            if part == "gate" and mlp != "swiglu":
+            if part == "gate" and mlp not in GATED_MLPS:
                 raise LoRAError(f"model.lora_targets: '{name}' matches no projection of this model: its MLP "
                                 f"(model.mlp='{mlp}') has no gate projection. Use up and down for the MLP.")
             if part not in out:

@@ -18,8 +18,31 @@ from lmtrain.parallel.partitioning import constrain
 from lmtrain.param_rules import resolve_targets
 
 
+class SharedModelProperties:
+    """What every model kind's config derives the same way from its fields (vocab_size, vocab_pad_multiple, dtype,
+    param_dtype, adapter), for the shared blocks: ModelConfig and the T5 encoder-decoder's T5Config."""
+
+    @property
+    def adapter_method(self):
+        """The `model.adapter` method (lmtrain.model.adapters), which param_rules asks what trains."""
+        return adapter_method(self)
+
+    @property
+    def padded_vocab(self) -> int:
+        m = max(1, self.vocab_pad_multiple)
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(SharedModelProperties):
     """Static model hyper-parameters (hashable, so modules can close over them)."""
 
     vocab_size: int
@@ -88,23 +111,6 @@ class ModelConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.n_heads
 
-    @property
-    def adapter_method(self):
-        """The `model.adapter` method (lmtrain.model.adapters), which param_rules asks what trains."""
-        return adapter_method(self)
-
-    @property
-    def padded_vocab(self) -> int:
-        m = max(1, self.vocab_pad_multiple)
-        return -(-self.vocab_size // m) * m
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
 
 def _param(key, shape, axes, std, dtype) -> nnx.Param:

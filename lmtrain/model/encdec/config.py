@@ -8,22 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
-
 from lmtrain.errors import ConfigError
 from lmtrain.model.adapters import adapter_method
-from lmtrain.param_rules import TARGETS
+from lmtrain.model.layers import SharedModelProperties
+from lmtrain.param_rules import FAMILY_NAMES, LoRAError, resolve_targets
 
 MLPS = ("relu", "gated-gelu")  # T5 v1.0 and T5 v1.1 / Flan-T5 feed-forwards, as transformers' feed_forward_proj
 
-# PEFT's module names for T5's projections (target_modules) -> lmtrain's canonical LoRA targets. 'q', 'k', 'v'
-# and 'o' name both the self- and the cross-attention projections, in PEFT as here.
-T5_LORA_NAMES = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "wi": ("up",), "wi_0": ("gate",),
-                 "wi_1": ("up",), "wo": ("down",)}
+T5_LORA_NAMES = FAMILY_NAMES["t5"]  # PEFT's module names for T5's projections -> lmtrain's LoRA targets
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config:
+class T5Config(SharedModelProperties):
     """Static hyper-parameters of a T5 encoder-decoder (hashable, so modules can close over them)."""
 
     vocab_size: int
@@ -88,34 +84,11 @@ class T5Config:
     def resolved_head_dim(self) -> int:
         return self.head_dim
 
-    @property
-    def adapter_method(self):
-        """The `model.adapter` method (lmtrain.model.adapters), which param_rules asks what trains."""
-        return adapter_method(self)
-
-    @property
-    def padded_vocab(self) -> int:
-        m = max(1, self.vocab_pad_multiple)
-        return -(-self.vocab_size // m) * m
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    @property
-    def weight_dtype(self):
-        return jnp.dtype(self.param_dtype)
 
 
 def resolve_lora_targets(names, mlp: str) -> tuple[str, ...]:
-    """Canonical LoRA targets from canonical or T5 names; the gate exists only in the gated feed-forward."""
-    out: list[str] = []
-    for name in names:
-        parts = (name,) if name in TARGETS else T5_LORA_NAMES.get(name)
-        if parts is None:
-            raise ConfigError(f"model.lora_targets: '{name}' matches no T5 projection. Use {', '.join(TARGETS)} or "
-                             f"T5's module names ({', '.join(T5_LORA_NAMES)}).")
-        if "gate" in parts and mlp != "gated-gelu":
-            raise ConfigError(f"model.lora_targets: '{name}' adapts the gate, which only model.mlp='gated-gelu' has.")
-        out += [p for p in parts if p not in out]
-    return tuple(out)
+    """Canonical LoRA targets from canonical or PEFT module names (T5's among them), as decoders resolve them."""
+    try:
+        return resolve_targets(names, mlp)
+    except LoRAError as e:
+        raise ConfigError(str(e)) from None
